@@ -1,0 +1,22 @@
+"""Residual blocks: the merge, scaling and drop-path, and the blocks of the classic networks.
+
+Every block builds its normalization with :func:`resnorm.norms.make_norm` (any kind, or
+``"none"``) and merges its branch through :class:`ResidualAdd` (``residual=False`` gives
+the plain twin).
+"""
+from .activations import ACTIVATIONS, make_activation
+from .conv import (SHORTCUTS, BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock,
+                   PreActBottleneck, make_shortcut)
+from .dense import DenseBlock, DenseLayer, Transition
+from .mlp import PLACEMENTS, ResidualMLPBlock
+from .residual import (SCALES, DropPath, LayerScale, Residual, ResidualAdd, ScalarGain,
+                       make_branch_scale)
+from .transformer import FeedForward, SelfAttention, TransformerBlock, deepnorm_constants
+
+__all__ = [
+    "ACTIVATIONS", "BasicBlock", "Bottleneck", "DenseBlock", "DenseLayer", "DropPath",
+    "FeedForward", "LayerScale", "PLACEMENTS", "PadShortcut", "PreActBasicBlock",
+    "PreActBottleneck", "Residual", "ResidualAdd", "ResidualMLPBlock", "SCALES", "SHORTCUTS",
+    "ScalarGain", "SelfAttention", "Transition", "TransformerBlock", "deepnorm_constants",
+    "make_activation", "make_branch_scale", "make_shortcut",
+]

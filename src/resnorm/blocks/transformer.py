@@ -1,0 +1,135 @@
+"""Transformer encoder block with pre- or post-normalization, DeepNorm and residual scaling."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_choice, check_float, check_input, check_int
+from ..norms import make_norm
+from ..norms.factory import NormSpec
+from .activations import make_activation
+from .mlp import PLACEMENTS
+from .residual import ResidualAdd
+
+
+def deepnorm_constants(num_layers: int) -> tuple[float, float]:
+    """DeepNorm's ``(alpha, beta)`` for an encoder of ``num_layers`` blocks (Wang et al.,
+    2022, "DeepNet"): ``alpha = (2N)^(1/4)`` weights the skip path, ``beta = (8N)^(-1/4)``
+    scales the initialization of the feed-forward, value and output projections."""
+    check_int("num_layers", num_layers, minimum=1)
+    return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on (N, T, C) with a fused ``qkv`` projection and
+    ``torch.nn.functional.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True,
+                 causal: bool = False) -> None:
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("heads", heads, minimum=1)
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide dim={dim}")
+        self.dim, self.heads, self.causal = dim, heads, bool(causal)
+        self.dropout = check_float("attn_dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(n, t, c))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, causal={self.causal}"
+
+
+class FeedForward(nn.Module):
+    """``Linear(dim, hidden) -> Act -> Dropout -> Linear(hidden, dim)``."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = make_activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class TransformerBlock(nn.Module):
+    r"""A Transformer encoder block on tokens (N, T, dim).
+
+    ``placement="pre"`` (Pre-LN; trains without warm-up, Xiong et al. 2020)::
+
+        x = x + Attn(Norm1(x));   x = x + FFN(Norm2(x))
+
+    ``placement="post"`` (the original Post-LN)::
+
+        x = Norm1(x + Attn(x));   x = Norm2(x + FFN(x))
+
+    ``deepnorm_layers=N`` turns a post-norm block into DeepNorm (Wang et al. 2022):
+    ``x = Norm(alpha * x + f(x))`` with ``alpha = (2N)^(1/4)`` and the feed-forward, value
+    and output projections initialized with Xavier-normal gain ``beta = (8N)^(-1/4)``,
+    where N is the number of blocks in the stack. Any normalization kind works
+    (``norm="rms"``, ``"dyt"``, ``"batch"`` (over batch and tokens), ``"none"``, ...);
+    ``residual=False`` removes both skip paths; ``scale`` and ``drop_path`` configure the
+    merges as in :class:`~resnorm.blocks.ResidualAdd`.
+    """
+
+    def __init__(self, dim: int, heads: int, norm: NormSpec = "layer", placement: str = "pre",
+                 *, mlp_ratio: float = 4.0, activation: str = "gelu", dropout: float = 0.0,
+                 attn_dropout: float = 0.0, residual: bool = True, scale=None,
+                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
+                 deepnorm_layers: int | None = None, causal: bool = False,
+                 norm_options: dict | None = None) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim, minimum=1)
+        self.placement = check_choice("placement", placement, PLACEMENTS)
+        check_float("mlp_ratio", mlp_ratio, low=0.0, low_inclusive=False)
+        options = {"channel_dim": -1, **(norm_options or {})}
+        alpha = 1.0
+        if deepnorm_layers is not None:
+            if placement != "post":
+                raise ValueError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
+                                 f"scheme), got placement={placement!r}")
+            alpha, beta = deepnorm_constants(deepnorm_layers)
+        self.deepnorm_layers = deepnorm_layers
+        self.norm1 = make_norm(norm, dim, **options)
+        self.attn = SelfAttention(dim, heads, dropout=attn_dropout, causal=causal)
+        merge = {"residual": residual, "scale": scale, "channels": dim, "channel_dim": -1,
+                 "layerscale_init": layerscale_init, "alpha": alpha, "drop_path": drop_path}
+        self.merge1 = ResidualAdd(**merge)
+        self.norm2 = make_norm(norm, dim, **options)
+        self.mlp = FeedForward(dim, max(1, round(dim * mlp_ratio)), activation, dropout)
+        self.merge2 = ResidualAdd(**merge)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        if deepnorm_layers is not None:
+            self._deepnorm_init(beta)
+
+    def _deepnorm_init(self, beta: float) -> None:
+        dim = self.dim
+        qkv = self.attn.qkv.weight
+        nn.init.xavier_normal_(qkv[: 2 * dim], gain=1.0)   # query and key
+        nn.init.xavier_normal_(qkv[2 * dim:], gain=beta)   # value
+        for layer in (self.attn.proj, self.mlp.fc1, self.mlp.fc2):
+            nn.init.xavier_normal_(layer.weight, gain=beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("input", x, ndims=(3,), channels=self.dim, channel_dim=-1,
+                    what="TransformerBlock")
+        if self.placement == "pre":
+            x = self.merge1(self.dropout(self.attn(self.norm1(x))), x)
+            return self.merge2(self.dropout(self.mlp(self.norm2(x))), x)
+        x = self.norm1(self.merge1(self.dropout(self.attn(x)), x))
+        return self.norm2(self.merge2(self.dropout(self.mlp(x)), x))
+
+    def extra_repr(self) -> str:
+        text = f"dim={self.dim}, placement={self.placement!r}"
+        return text + (f", deepnorm_layers={self.deepnorm_layers}" if self.deepnorm_layers else "")

@@ -1,0 +1,72 @@
+"""Residual MLPs built from the seed texts' block."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int
+from ..blocks import ResidualMLPBlock, make_activation
+from ..blocks.mlp import PLACEMENTS
+from ..norms import make_norm
+from .common import drop_path_rates
+from .registry import register_model
+
+
+class ResidualMLP(nn.Module):
+    """``Flatten -> input layer -> depth x ResidualMLPBlock -> classifier``.
+
+    The input layer (``Linear(in_features, width)``, then the activation for post-norm
+    blocks) is left out when ``in_features == width``: with ``in_features=128, width=128,
+    depth=1`` this is the seed texts' Keras model ``Input(128) -> residual_block(128) ->
+    Dense(10)`` (34,826 trainable parameters; softmax is left to the loss). Pre-norm stacks
+    end with ``Norm -> Act`` before the classifier, as pre-activation ResNets do.
+    ``drop_path`` is the last block's rate, growing linearly from the first.
+    """
+
+    def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
+                 width: int = 128, norm="batch", placement: str = "post", residual: bool = True,
+                 *, activation: str = "relu", scale=None, layerscale_init: float = 1e-5,
+                 drop_path: float = 0.0, dropout: float = 0.0,
+                 norm_options: dict | None = None) -> None:
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        check_int("num_classes", num_classes, minimum=1)
+        check_int("depth", depth, minimum=0)
+        check_int("width", width, minimum=1)
+        check_choice("placement", placement, PLACEMENTS)
+        if in_features == width:
+            self.stem = nn.Identity()
+        elif placement == "post":
+            self.stem = nn.Sequential(nn.Linear(in_features, width), make_activation(activation))
+        else:
+            self.stem = nn.Linear(in_features, width)
+        rates = drop_path_rates(depth, drop_path) if depth else []
+        self.blocks = nn.Sequential(*[
+            ResidualMLPBlock(width, norm, placement, activation=activation, residual=residual,
+                             scale=scale, layerscale_init=layerscale_init, drop_path=rate,
+                             dropout=dropout, norm_options=norm_options)
+            for rate in rates])
+        if placement == "pre":
+            self.final_norm = make_norm(norm, width, **(norm_options or {}))
+            self.final_act = make_activation(activation)
+        self.placement = placement
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x[0].numel() != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
+                             f"with {self.in_features} features per sample, got {shape}")
+        x = self.blocks(self.stem(x.flatten(1)))
+        if self.placement == "pre":
+            x = self.final_act(self.final_norm(x))
+        return self.head(x)
+
+
+register_model("mlp", ResidualMLP,
+               "residual MLP: depth blocks of Linear-ReLU-Norm-Linear-Norm, add, ReLU")
+register_model("plain_mlp", ResidualMLP, "the residual MLP without its skip connections",
+               residual=False)
+register_model("seed_mlp", ResidualMLP, "the seed texts' Keras model: Input(128) -> "
+               "residual_block(128) -> Dense(10)", fixed={"depth": 1, "placement": "post"},
+               in_features=128, width=128)

@@ -1,0 +1,73 @@
+"""A small Transformer encoder classifier over sequences (MNIST-1D as 40 steps)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int
+from ..blocks import TransformerBlock
+from ..norms import make_norm
+from .common import drop_path_rates
+from .registry import register_model
+
+
+class TransformerClassifier(nn.Module):
+    """``Linear embedding + learned positions -> depth x TransformerBlock -> pool -> fc``.
+
+    Takes (N, L) sequences of scalars or (N, L, C) sequences of C-vectors. Pre-norm stacks
+    end with a final norm (as in GPT-2 and ViT); post-norm and DeepNorm stacks are already
+    normalized. ``deepnorm=True`` builds a DeepNorm stack (post-norm, ``alpha`` and ``beta``
+    from the depth). ``pool`` is ``"mean"`` over tokens or ``"cls"`` (a learned class token).
+    """
+
+    def __init__(self, seq_len: int = 40, in_channels: int = 1, num_classes: int = 10,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
+                 norm="layer", placement: str = "pre", residual: bool = True, *,
+                 deepnorm: bool = False, pool: str = "mean", activation: str = "gelu",
+                 dropout: float = 0.0, scale=None, layerscale_init: float = 1e-5,
+                 drop_path: float = 0.0, causal: bool = False,
+                 norm_options: dict | None = None) -> None:
+        super().__init__()
+        self.seq_len = check_int("seq_len", seq_len, minimum=1)
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
+        check_int("depth", depth, minimum=1)
+        self.pool = check_choice("pool", pool, ("mean", "cls"))
+        if deepnorm and placement != "post":
+            raise ValueError(f"deepnorm=True needs placement='post', got {placement!r}")
+        self.placement = placement
+        self.embed = nn.Linear(in_channels, dim)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len + (pool == "cls"), dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.blocks = nn.Sequential(*[
+            TransformerBlock(dim, heads, norm, placement, mlp_ratio=mlp_ratio,
+                             activation=activation, dropout=dropout, residual=residual,
+                             scale=scale, layerscale_init=layerscale_init, drop_path=rate,
+                             deepnorm_layers=depth if deepnorm else None, causal=causal,
+                             norm_options=norm_options)
+            for rate in drop_path_rates(depth, drop_path)])
+        self.final_norm = (make_norm(norm, dim, channel_dim=-1, **(norm_options or {}))
+                           if placement == "pre" else nn.Identity())
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        if self.cls is not None:
+            nn.init.trunc_normal_(self.cls, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and self.in_channels == 1:
+            x = x.unsqueeze(-1)
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.seq_len
+                or x.shape[2] != self.in_channels):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"TransformerClassifier: input must be (N, {self.seq_len}, "
+                             f"{self.in_channels})" + (f" or (N, {self.seq_len})"
+                                                       if self.in_channels == 1 else "")
+                             + f", got {shape}")
+        x = self.embed(x)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        x = self.final_norm(self.blocks(x + self.pos))
+        return self.head(x[:, 0] if self.cls is not None else x.mean(1))
+
+
+register_model("transformer", TransformerClassifier, "small Transformer encoder classifier "
+               "(pre- or post-norm, DeepNorm) over sequences; MNIST-1D by default")

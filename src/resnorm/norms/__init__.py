@@ -1,0 +1,17 @@
+"""Normalization layers and the ``make_norm`` factory.
+
+Each layer's docstring states the formula it computes. Defaults are PyTorch's; Keras's
+are one ``convention="keras"`` away.
+"""
+from .base import RunningStatsNorm
+from .batch import BatchNorm
+from .conventions import CONVENTIONS
+from .dyt import DyT
+from .factory import NORM_KINDS, default_num_groups, make_norm
+from .group import GroupNorm, InstanceNorm
+from .layer import LayerNorm, LayerNorm2d, RMSNorm
+
+__all__ = [
+    "BatchNorm", "CONVENTIONS", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "LayerNorm2d",
+    "NORM_KINDS", "RMSNorm", "RunningStatsNorm", "default_num_groups", "make_norm",
+]

@@ -1,0 +1,103 @@
+"""Batch normalization (Ioffe & Szegedy, 2015)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_choice, check_float
+from .base import RunningStatsNorm, apply_channels_at, channel_view
+from .conventions import CONVENTIONS, DEFAULT_MOMENTUM, resolve_eps
+
+_DEFAULT = object()  # sentinel: "the convention's default momentum" (None has a meaning)
+
+
+class BatchNorm(RunningStatsNorm):
+    r"""Batch normalization over the batch and spatial dims, one statistic per channel.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    where the mean and the (biased) variance are taken over N and every spatial position,
+    per channel, in training mode, and the running estimates are used in eval mode (or
+    always the batch's own when ``track_running_stats=False``). Accepts (N, C), (N, C, L),
+    (N, C, H, W) and (N, C, D, H, W) inputs; with ``channel_dim=-1`` channels are last,
+    as in (N, T, C) token sequences.
+
+    Running statistics, ``convention="torch"`` (default, ``momentum=0.1``)::
+
+        running = (1 - momentum) * running + momentum * batch_stat   (unbiased variance)
+
+    and ``momentum=None`` gives a cumulative average, as in ``torch.nn``.
+    ``convention="keras"`` (``momentum=0.99``, ``eps=1e-3``) follows Keras 3::
+
+        running = momentum * running + (1 - momentum) * batch_stat   (biased variance)
+
+    Parameters and buffers carry the names of ``torch.nn.BatchNorm{1,2,3}d``
+    (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``);
+    with the torch convention the outputs, gradients and running statistics are those of
+    the ``torch.nn`` layer.
+    """
+
+    def __init__(self, num_features: int, eps: float | None = None, momentum=_DEFAULT,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 convention: str = "torch", channel_dim: int = 1, device=None, dtype=None):
+        check_choice("convention", convention, CONVENTIONS)
+        if momentum is _DEFAULT:
+            momentum = DEFAULT_MOMENTUM[convention]
+        elif momentum is None:
+            if convention != "torch":
+                raise ValueError("momentum=None (cumulative moving average) is only accepted "
+                                 "with convention='torch'")
+        else:
+            momentum = check_float("momentum", momentum, low=0.0, high=1.0)
+        self.convention = convention
+        super().__init__(num_features, resolve_eps("batch", eps, convention), momentum, affine,
+                         track_running_stats, channel_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats and x.numel() // self.num_features <= 1:
+            raise ValueError(
+                f"BatchNorm in training mode needs more than one value per channel, got input "
+                f"shape {tuple(x.shape)}; use a batch of 2 or more, eval mode, or a per-sample "
+                f"normalization such as norm='layer' or norm='group'")
+        return apply_channels_at(x, self.channel_dim, 1, self._forward_channels_first)
+
+    def _forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        if self.convention == "keras" and self.training:
+            return self._keras_train_forward(x)
+        # The same arithmetic as torch.nn.modules.batchnorm._BatchNorm.forward.
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+        use_batch_stats = self.training or not self.track_running_stats
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            use_batch_stats, factor, self.eps)
+
+    def _keras_train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.batch_norm would update the running variance with the unbiased estimate;
+        # Keras uses the biased one, so the statistics are computed here.
+        dims = [0, *range(2, x.dim())]
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
+        if self.track_running_stats:
+            with torch.no_grad():
+                keep = self.momentum
+                self.running_mean.mul_(keep).add_(mean.flatten().to(self.running_mean.dtype),
+                                                  alpha=1 - keep)
+                self.running_var.mul_(keep).add_(var.flatten().to(self.running_var.dtype),
+                                                 alpha=1 - keep)
+                self.num_batches_tracked.add_(1)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * channel_view(self.weight, y.dim(), 1) + channel_view(self.bias, y.dim(), 1)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", convention={self.convention!r}" if self.convention != "torch" else "")

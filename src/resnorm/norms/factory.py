@@ -1,0 +1,83 @@
+"""``make_norm``: one entry point that builds any normalization layer from a kind name."""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+from .._checks import check_choice, check_int
+from .base import CHANNEL_DIMS
+from .batch import BatchNorm
+from .conventions import CONVENTIONS
+from .dyt import DyT
+from .group import GroupNorm, InstanceNorm
+from .layer import LayerNorm, RMSNorm
+
+NORM_KINDS = ("batch", "layer", "rms", "group", "instance", "dyt", "none")
+
+NormSpec = str | None | Callable[..., nn.Module]
+
+
+def default_num_groups(num_channels: int) -> int:
+    """32 groups (Wu & He's default) when they divide the channels, else gcd(32, C)."""
+    return math.gcd(32, num_channels)
+
+
+def _build(cls, options: dict, *args) -> nn.Module:
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{cls.__name__} got unexpected option(s) {', '.join(unknown)}; "
+                        f"accepted: {', '.join(accepted[len(args):])}")
+    return cls(*args, **options)
+
+
+def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
+              convention: str = "torch", **options) -> nn.Module:
+    """Build a normalization layer for inputs with ``num_features`` channels.
+
+    Args:
+        kind: ``"batch"``, ``"layer"``, ``"rms"``, ``"group"``, ``"instance"``, ``"dyt"``,
+            ``"none"`` (or ``None``: an ``nn.Identity``), or a callable called as
+            ``kind(num_features, **options)`` for a norm of your own.
+        num_features: the number of channels C.
+        channel_dim: where the channels are: 1 for (N, C), (N, C, L), (N, C, H, W) (the
+            PyTorch layout), -1 for channels-last inputs such as tokens (N, T, C). Every
+            kind normalizes the same thing whatever the layout: ``"layer"`` and ``"rms"``
+            normalize over the C channels of each sample at each position (as in
+            Transformers and ConvNeXt), ``"batch"`` over the batch and positions, per channel.
+        convention: ``"torch"`` (default) or ``"keras"``: the epsilon (and for batch norm
+            the momentum meaning and running variance) of that library's layers.
+        **options: passed to the layer (``eps``, ``momentum``, ``affine``, ``num_groups``,
+            ``alpha_init``, ...). ``"group"`` defaults to ``default_num_groups(C)`` groups;
+            ``"instance"`` defaults to ``affine=True`` (unlike ``torch.nn``), since inside
+            a block the norm's scale and shift are wanted.
+    """
+    check_int("num_features", num_features, minimum=1)
+    check_choice("channel_dim", channel_dim, CHANNEL_DIMS)
+    check_choice("convention", convention, CONVENTIONS)
+    if callable(kind) and not isinstance(kind, str):
+        return kind(num_features, **options)
+    if kind is None:
+        kind = "none"
+    check_choice("norm", kind, NORM_KINDS)
+    layout = {"channel_dim": channel_dim}
+    with_convention = {**layout, "convention": convention}
+    if kind == "none":
+        if options:
+            raise TypeError(f"norm='none' takes no options, got {', '.join(sorted(options))}")
+        return nn.Identity()
+    if kind == "batch":
+        return _build(BatchNorm, {**with_convention, **options}, num_features)
+    if kind == "layer":
+        return _build(LayerNorm, {**with_convention, **options}, num_features)
+    if kind == "rms":
+        return _build(RMSNorm, {**with_convention, **options}, num_features)
+    if kind == "group":
+        groups = options.pop("num_groups", default_num_groups(num_features))
+        return _build(GroupNorm, {**with_convention, **options}, groups, num_features)
+    if kind == "instance":
+        return _build(InstanceNorm, {"affine": True, **with_convention, **options}, num_features)
+    return _build(DyT, {**layout, **options}, num_features)  # "dyt": no eps, no convention
