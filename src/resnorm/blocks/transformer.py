@@ -116,8 +116,11 @@ class TransformerBlock(nn.Module):
     def _deepnorm_init(self, beta: float) -> None:
         dim = self.dim
         qkv = self.attn.qkv.weight
-        nn.init.xavier_normal_(qkv[: 2 * dim], gain=1.0)   # query and key
-        nn.init.xavier_normal_(qkv[2 * dim:], gain=beta)   # value
+        # The fused qkv holds three (dim, dim) projections; each gets the Xavier std of its
+        # own shape, as the separate q_proj, k_proj and v_proj of the paper do.
+        nn.init.xavier_normal_(qkv[:dim], gain=1.0)            # query
+        nn.init.xavier_normal_(qkv[dim: 2 * dim], gain=1.0)    # key
+        nn.init.xavier_normal_(qkv[2 * dim:], gain=beta)       # value
         for layer in (self.attn.proj, self.mlp.fc1, self.mlp.fc2):
             nn.init.xavier_normal_(layer.weight, gain=beta)
 

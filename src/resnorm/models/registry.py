@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,9 +33,14 @@ def register_model(name: str, builder: Callable[..., nn.Module], description: st
     _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), dict(fixed or {}), description)
 
 
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """The registered model names matching the shell-style ``pattern``, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """The registered model names matching the shell-style ``pattern``, in natural order
+    (``resnet20`` before ``resnet110``)."""
+    return sorted((n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)), key=_natural_key)
 
 
 def get_model_entry(name: str) -> ModelEntry:
@@ -61,13 +67,15 @@ def create_model(name: str, **overrides) -> nn.Module:
     """
     entry = get_model_entry(name)
     accepted = accepted_options(name)
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise TypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
-                        f"accepted: {', '.join(accepted)}")
+    # Fixed arguments first: they are left out of ``accepted``, so the unknown-option check
+    # would otherwise report them as unknown instead of naming the value they are fixed at.
     clash = sorted(set(overrides) & set(entry.fixed))
     if clash:
         fixed = ", ".join(f"{k}={entry.fixed[k]!r}" for k in clash)
         raise TypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
                         f"own name or through its family's generic entry")
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise TypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
+                        f"accepted: {', '.join(accepted)}")
     return entry.builder(**{**entry.defaults, **overrides, **entry.fixed})
