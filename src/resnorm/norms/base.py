@@ -83,12 +83,14 @@ class RunningStatsNorm(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checkpoints written before num_batches_tracked existed (torch < 0.4.1) lack it;
-        # torch.nn fills it with 0 and so do we.
+        # torch.nn then keeps the module's own counter (0 for a new module; a new 0 on the
+        # meta device), and so do we.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long,
-                                           device=self.num_batches_tracked.device)
+            state_dict[key] = (self.num_batches_tracked
+                               if self.num_batches_tracked.device != torch.device("meta")
+                               else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -49,9 +49,14 @@ class GroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("input", x, ndims=range(2, 6), channels=self.num_channels,
                     channel_dim=self.channel_dim, what="GroupNorm")
+        # torch.group_norm, not F.group_norm: the latter first runs batch norm's "more than 1
+        # value per channel" check, which rejects a batch of one sample whose groups hold one
+        # value each (e.g. (1, C) with C groups), although the result (beta) does not depend
+        # on the batch. The arithmetic is the same.
         return apply_channels_at(
             x, self.channel_dim, 1,
-            lambda t: F.group_norm(t, self.num_groups, self.weight, self.bias, self.eps))
+            lambda t: torch.group_norm(t, self.num_groups, self.weight, self.bias, self.eps,
+                                       torch.backends.cudnn.enabled))
 
     def extra_repr(self) -> str:
         text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

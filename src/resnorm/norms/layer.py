@@ -119,8 +119,9 @@ class RMSNorm(_FeatureNorm):
     .. math::
         y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma
 
-    No centring and no bias. ``eps=None`` means ``torch.finfo(x.dtype).eps``, as in
-    ``torch.nn.RMSNorm``, whose parameters and outputs it shares; Keras's default is 1e-6
+    No centring and no bias. ``eps=None`` means the machine epsilon of the computation's
+    dtype, as in ``torch.nn.RMSNorm`` (``finfo(float32).eps`` for float32, bfloat16 and
+    float16 inputs, which are computed in float32), whose parameters and outputs it shares; Keras's default is 1e-6
     (``convention="keras"``). ``channel_dim=1`` normalizes the channels of (N, C, ...).
     """
 
