@@ -68,6 +68,96 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
         console.print(line)
 
 
+def _parse_shape(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes "
+                                 f"(e.g. 3,32,32)") from None
+    if min(shape) < 1:
+        raise click.BadParameter(f"{value!r}: sizes must be >= 1")
+    return shape
+
+
+def _parse_verdicts(ctx, param, value):
+    from .diagnostics import Verdict
+
+    if not value:
+        return ()
+    accepted = [v.value for v in Verdict if v is not Verdict.HEALTHY]
+    chosen = tuple(v.strip() for v in value.split(","))
+    for v in chosen:
+        if v not in accepted:
+            raise click.BadParameter(f"{v!r} is not a verdict; accepted: {', '.join(accepted)}")
+    return chosen
+
+
+@cli.command(short_help="Gradient flow and signal propagation of a model at initialization.")
+@click.argument("model", required=False)
+@click.option("--factory", help="Your own model: 'package.module:function' returning an nn.Module.")
+@click.option("--input-shape", callback=_parse_shape,
+              help="Shape of one input sample, e.g. 3,32,32 (registered models know theirs).")
+@click.option("--norm", help="Normalization kind (batch, layer, rms, group, instance, dyt, none).")
+@click.option("--depth", type=click.IntRange(min=1), help="Depth of the model family.")
+@click.option("--width", type=click.IntRange(min=1), help="Width (MLPs).")
+@click.option("--placement", type=click.Choice(["pre", "post"]), help="Norm placement.")
+@click.option("--residual/--plain", default=None, help="With or without skip connections.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--figure", "figure_path", type=click.Path(dir_okay=False),
+              help="Write the figure (PNG or SVG by suffix).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML page.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON on stdout.")
+@click.option("--fail-on", callback=_parse_verdicts, default="",
+              help="Exit with status 1 when the verdict is one of these "
+                   "(e.g. vanishing,exploding,non-finite).")
+def diagnose(model, factory, input_shape, norm, depth, width, placement, residual, batch_size,
+             seed, figure_path, html_path, as_json, fail_on) -> None:
+    """Measure gradient flow and signal propagation of MODEL (a registered name, see
+    'resnorm models') or of --factory's model, on one random batch, and say whether
+    gradients vanish or explode, where, and what to change.
+
+    \b
+    Examples:
+      resnorm diagnose mlp --depth 48 --plain --norm none
+      resnorm diagnose resnet56 --norm layer --figure diag.png
+      resnorm diagnose --factory mypkg.models:build --input-shape 3,32,32 --fail-on vanishing
+    """
+    from .diagnostics.runner import diagnose_named
+
+    if (model is None) == (factory is None):
+        raise _UserError("give a registered MODEL name or --factory package.module:function")
+    overrides = {k: v for k, v in {"norm": norm, "depth": depth, "width": width,
+                                   "placement": placement, "residual": residual}.items()
+                 if v is not None}
+    result = diagnose_named(model, factory=factory, input_shape=input_shape,
+                            batch_size=batch_size, seed=seed, **overrides)
+    if figure_path:
+        import matplotlib.pyplot as plt
+
+        plt.close(result.figure(figure_path))
+    if html_path:
+        result.write_html(html_path)
+    if as_json:
+        click.echo(result.to_json(indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(result.table())
+        console.print(result.summary())
+        for remedy in result.remedies:
+            console.print(f"  - {remedy}")
+        for path in (figure_path, html_path):
+            if path:
+                console.print(f"wrote {path}")
+    if result.verdict.value in fail_on:
+        raise click.exceptions.Exit(1)
+
+
 @cli.command(name="models", short_help="List the registered models.")
 @click.argument("pattern", default="*")
 @click.option("--params", is_flag=True, help="Build each model and count its parameters.")

@@ -4,12 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .._io import atomic_open
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,8 @@ def cache_key(name: str, **args) -> str:
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     """Write arrays to an ``.npz`` atomically: a temporary file in the same folder, then a
     rename, so a reader never sees half a file and an interrupted write leaves nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray] | None:

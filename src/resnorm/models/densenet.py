@@ -59,6 +59,11 @@ class CifarDenseNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         kaiming_init_convs(self)
 
+    @property
+    def example_input_shape(self) -> tuple[int, ...]:
+        """One sample: a CIFAR image (C, 32, 32), or a sequence (C, 40) when 1-D."""
+        return (self.in_channels, 40) if self.dims == 1 else (self.in_channels, 32, 32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_input(type(self).__name__, x, self.in_channels, self.dims)
         x = self.act(self.final_norm(self.features(self.conv1(x))))

@@ -52,6 +52,11 @@ class ResidualMLP(nn.Module):
         self.placement = placement
         self.head = nn.Linear(width, num_classes)
 
+    @property
+    def example_input_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample."""
+        return (self.in_features,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x[0].numel() != self.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -92,6 +92,11 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(out_channels, num_classes)
         kaiming_init_convs(self)
 
+    @property
+    def example_input_shape(self) -> tuple[int, ...]:
+        """One sample: a CIFAR image (C, 32, 32), or an MNIST-1D sequence (C, 40) when 1-D."""
+        return (self.in_channels, 40) if self.dims == 1 else (self.in_channels, 32, 32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_input(type(self).__name__, x, self.in_channels, self.dims)
         x = self.conv1(x)
@@ -142,6 +147,11 @@ class ImageNetResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(out_channels, num_classes)
         kaiming_init_convs(self)
+
+    @property
+    def example_input_shape(self) -> tuple[int, ...]:
+        """One ImageNet sample, (C, 224, 224)."""
+        return (self.in_channels, 224, 224)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_input(type(self).__name__, x, self.in_channels, 2)

@@ -52,6 +52,11 @@ class TransformerClassifier(nn.Module):
         if self.cls is not None:
             nn.init.trunc_normal_(self.cls, std=0.02)
 
+    @property
+    def example_input_shape(self) -> tuple[int, ...]:
+        """One sequence: (L,) of scalars, or (L, C)."""
+        return (self.seq_len,) if self.in_channels == 1 else (self.seq_len, self.in_channels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == 2 and self.in_channels == 1:
             x = x.unsqueeze(-1)

@@ -1,0 +1,204 @@
+"""Finding the layers and blocks of any ``nn.Module`` and recording what flows through them.
+
+Statistics are computed inside forward hooks, the moment a module returns, so later
+in-place operations (``nn.ReLU(inplace=True)``, ``out += identity``) cannot change what was
+measured; no tensor is kept. Gradients are read from ``.grad`` after ``backward()``, never
+through module backward hooks, which in-place operations break. Hooks are always removed.
+Under ``torch.compile`` the hooks run eagerly, outside the graph: traced, each one would
+break the graph at ``.item()`` and be recompiled for every layer it is registered on.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..blocks import ResidualAdd, TransformerBlock
+from .stats import ActivationSummary, channel_stats, summarize_activation
+
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+ACTIVATIONS = RECTIFIERS + (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
+                            nn.Hardswish, nn.Mish, nn.Softplus)
+TOKEN_BLOCKS = (TransformerBlock, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel,
+                                                nn.DataParallel)):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own a ``weight`` parameter directly, in registration order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The blocks whose outputs the signal-propagation statistics are measured at.
+
+    ``names`` picks them explicitly. Otherwise: every module that merges a skip path
+    through :class:`~resnorm.blocks.ResidualAdd` (all of resnorm's residual blocks, plain
+    twins included); failing that, the children of the deepest container whose children
+    repeat one class (``layer1.0``, ``layer1.1``, ... in torchvision's ResNets;
+    ``encoder.layers.*`` in ``nn.TransformerEncoder``), preferring children that are
+    themselves containers over single layers.
+    """
+    modules = dict(model.named_modules())
+    if names is not None:
+        names = list(names)
+        missing = [n for n in names if n not in modules]
+        if missing:
+            sample = ", ".join(list(modules)[1:8])
+            raise ValueError(f"blocks: no module named {', '.join(map(repr, missing))} in the "
+                             f"model; names look like: {sample}, ...")
+        return [(n, modules[n]) for n in names]
+    ours = [(name, m) for name, m in modules.items()
+            if any(isinstance(c, ResidualAdd) for c in m.children())]
+    if ours:
+        return ours
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    candidates = {True: (-1, []), False: (-1, [])}  # keyed by "the repeated children are blocks"
+    for name, m in modules.items():
+        if not isinstance(m, containers):
+            continue
+        classes = defaultdict(list)
+        for child_name, child in m.named_children():
+            classes[type(child)].append(child_name)
+        repeated = max(classes.values(), key=len, default=[])
+        if len(repeated) < 2:
+            continue
+        prefix = f"{name}." if name else ""
+        entries = [(prefix + c, modules[prefix + c]) for c in repeated]
+        non_leaf = any(True for _ in entries[0][1].children())
+        depth = name.count(".") + 1 if name else 0
+        best_depth, found = candidates[non_leaf]
+        if depth > best_depth:
+            candidates[non_leaf] = (depth, entries)
+        elif depth == best_depth:
+            found += entries
+    return candidates[True][1] or candidates[False][1]
+
+
+@dataclass
+class BlockRecord:
+    name: str
+    channel_dim: int
+    sq_mean: float = float("nan")
+    var: float = float("nan")
+    branch_vars: list[float] = field(default_factory=list)
+    skip_vars: list[float] = field(default_factory=list)
+    residual: bool | None = None
+
+
+class ForwardRecorder:
+    """Context manager: hooks the model, records one forward pass, removes its hooks.
+
+    Records the order in which parameterized layers run, an :class:`ActivationSummary` per
+    layer and activation-module call, and per block the signal-propagation statistics of
+    its output and of its residual branch (and skip path) where it merges through
+    :class:`~resnorm.blocks.ResidualAdd`.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]],
+                 channel_dim: int | None = None) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.channel_dim = channel_dim
+        self.layer_order: list[str] = []
+        self.activations: dict[str, ActivationSummary] = {}
+        self.block_records: dict[str, BlockRecord] = {}
+        self._calls: dict[str, int] = defaultdict(int)
+        self._handles: list = []
+
+    def _block_channel_dim(self, module: nn.Module) -> int:
+        if self.channel_dim is not None:
+            return self.channel_dim
+        return -1 if isinstance(module, TOKEN_BLOCKS) else 1
+
+    def __enter__(self) -> ForwardRecorder:
+        try:
+            self._register()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, hook) -> None:
+        self._handles.append(module.register_forward_hook(torch.compiler.disable(hook)))
+
+    def _register(self) -> None:
+        for name, module in parameterized_layers(self.model):
+            self._hook(module, self._layer_hook(name))
+        for name, module in self.model.named_modules():
+            if isinstance(module, ACTIVATIONS):
+                self._hook(module, self._activation_hook(name, isinstance(module, RECTIFIERS)))
+        for name, block in self.blocks:
+            record = BlockRecord(name, self._block_channel_dim(block))
+            self.block_records[name] = record
+            self._hook(block, self._block_hook(record))
+            for child in block.children():
+                if isinstance(child, ResidualAdd):
+                    record.residual = child.residual
+                    self._hook(child, self._merge_hook(record))
+
+    @staticmethod
+    def _first_tensor(output):
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, (tuple, list)):
+            return next((o for o in output if isinstance(o, torch.Tensor)), None)
+        return None
+
+    def _key(self, name: str) -> str:
+        self._calls[name] += 1
+        count = self._calls[name]
+        return name if count == 1 else f"{name}#{count}"
+
+    def _layer_hook(self, name: str):
+        def hook(module, inputs, output):
+            if name not in self.layer_order:
+                self.layer_order.append(name)
+            out = self._first_tensor(output)
+            if out is not None:
+                self.activations[self._key(name)] = summarize_activation(out, rectified=False)
+        return hook
+
+    def _activation_hook(self, name: str, rectified: bool):
+        def hook(module, inputs, output):
+            out = self._first_tensor(output)
+            if out is not None:
+                self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
+        return hook
+
+    def _block_hook(self, record: BlockRecord):
+        def hook(module, inputs, output):
+            out = self._first_tensor(output)
+            if out is not None and out.dim() >= 2:
+                record.sq_mean, record.var = channel_stats(out, record.channel_dim)
+        return hook
+
+    def _merge_hook(self, record: BlockRecord):
+        def hook(module, inputs, output):
+            branch, skip = inputs[0], inputs[1]
+            record.branch_vars.append(channel_stats(branch, record.channel_dim)[1])
+            if module.residual:
+                record.skip_vars.append(channel_stats(skip, record.channel_dim)[1])
+        return hook

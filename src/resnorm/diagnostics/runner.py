@@ -1,0 +1,80 @@
+"""Building what ``diagnose`` needs from names: a registered model or a user's factory,
+and a batch of N(0, 1) inputs with random labels (Brock et al.'s protocol)."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._checks import check_int
+from ..models import create_model
+from .diagnose import Diagnosis, diagnose
+
+
+def load_factory(spec: str):
+    """The callable named by ``"package.module:function"`` (imported: it runs that code)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"factory={spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"factory={spec!r}: cannot import {module_name!r} ({exc})") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"factory={spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ValueError(f"factory={spec!r} is not callable")
+    return factory
+
+
+def random_batch(model: nn.Module, batch_size: int, input_shape: Sequence[int] | None = None,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """N(0, 1) inputs of ``(batch_size, *input_shape)`` (the model's
+    ``example_input_shape`` by default) and random labels over its outputs."""
+    check_int("batch_size", batch_size, minimum=2)
+    if input_shape is None:
+        input_shape = getattr(model, "example_input_shape", None)
+        if input_shape is None:
+            raise ValueError("the model has no example_input_shape; give input_shape "
+                             "(--input-shape on the command line), e.g. 3,32,32")
+    shape = tuple(input_shape)
+    for size in shape:
+        check_int("input_shape", size, minimum=1)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size, *shape), generator=generator)
+    with torch.no_grad():
+        was_training = model.training
+        out = model.eval()(x[:2])
+        model.train(was_training)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    num_classes = out.shape[-1] if out.dim() >= 2 else 2
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    return x, y
+
+
+def diagnose_named(name: str | None = None, *, factory: str | None = None,
+                   input_shape: Sequence[int] | None = None, batch_size: int = 128,
+                   seed: int = 0, **overrides) -> Diagnosis:
+    """Diagnose a registered model (``create_model(name, **overrides)``) or the model a
+    user's factory returns (``factory="pkg.mod:fn"``, called with ``overrides``), at
+    initialization (seeded), on a random batch."""
+    if (name is None) == (factory is None):
+        raise ValueError("give either a registered model name or factory='pkg.mod:fn'")
+    torch.manual_seed(seed)
+    if factory is not None:
+        model = load_factory(factory)(**overrides)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"factory={factory!r} returned {type(model).__name__}, "
+                             f"not an nn.Module")
+        label = factory
+    else:
+        model = create_model(name, **overrides)
+        label = name + "".join(f" {k}={v}" for k, v in overrides.items())
+    x, y = random_batch(model, batch_size, input_shape, seed)
+    return diagnose(model, x, y, name=label)
