@@ -248,7 +248,8 @@ def test_mlp_block_default_eval_uses_running_stats():
     block.eval()
 
     def bn_eval(h, norm):
-        return (h - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return (h - norm.running_mean) * scale + norm.bias
 
     x = torch.randn(5, 8)
     h = bn_eval(torch.relu(block.fc1(x)), block.norm1)
@@ -266,7 +267,8 @@ def test_mlp_block_pre_placement_by_hand():
     def ln(h, norm):
         return F.layer_norm(h, (12,), norm.weight, norm.bias, norm.eps)
 
-    expected = x + block.fc2(torch.relu(ln(block.fc1(torch.relu(ln(x, block.norm1))), block.norm2)))
+    h = block.fc1(torch.relu(ln(x, block.norm1)))
+    expected = x + block.fc2(torch.relu(ln(h, block.norm2)))
     torch.testing.assert_close(block(x), expected)
 
 
@@ -300,10 +302,10 @@ def test_mlp_block_input_checks():
 @pytest.mark.parametrize("norm", ["batch", "layer", "rms", "group", "dyt", "none"])
 @pytest.mark.parametrize("placement", ["post", "pre"])
 def test_mlp_block_every_norm(norm, placement):
-    block = ResidualMLPBlock(8, norm=norm, placement=placement)
-    x = torch.randn(4, 8, requires_grad=True)
+    block = ResidualMLPBlock(64, norm=norm, placement=placement)
+    x = torch.randn(4, 64, requires_grad=True)
     y = block(x)
-    assert y.shape == (4, 8) and torch.isfinite(y).all()
+    assert y.shape == (4, 64) and torch.isfinite(y).all()
     y.sum().backward()
     assert block.fc1.weight.grad is not None and block.fc1.weight.grad.abs().sum() > 0
 
@@ -517,8 +519,8 @@ def test_basic_block_by_hand_identity_eval_mode():
 
     def bn_eval(h, norm):
         view = (1, -1, 1, 1)
-        return ((h - norm.running_mean.view(view)) / torch.sqrt(norm.running_var.view(view) + norm.eps)
-                * norm.weight.view(view) + norm.bias.view(view))
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return (h - norm.running_mean.view(view)) * scale.view(view) + norm.bias.view(view)
 
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     out = torch.relu(bn_eval(F.conv2d(x, block.conv1.weight, padding=1), block.bn1))
@@ -758,6 +760,10 @@ def test_dense_block_channels_and_passthrough(dims):
     f2 = layers[1](torch.cat([x, f1], 1))
     f3 = layers[2](torch.cat([x, f1, f2], 1))
     torch.testing.assert_close(y, torch.cat([x, f1, f2, f3], 1))
+    # every layer is trained through the concatenation
+    y.square().mean().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_dense_block_plain_twin():

@@ -496,7 +496,7 @@ def test_group_norm_is_the_formula(shape, groups, channel_dim):
 def test_group_norm_of_one_sample_with_one_value_per_group_is_the_bias(shape):
     """Per-sample: a batch of one is fine even when each group holds a single value (torch's
     F.group_norm wrongly applies batch norm's "more than 1 value per channel" check here)."""
-    norm = make_norm("group", 16)  # gcd(32, 16) = 16 groups of one channel
+    norm = GroupNorm(16, 16)  # 16 groups of one channel
     _randomize_affine(norm)
     x = _data(shape, 0, torch.float32).requires_grad_()
     y = norm(x)
@@ -1072,9 +1072,13 @@ def test_make_norm_calls_a_callable_kind():
 
 
 @pytest.mark.parametrize(("channels", "groups"),
-                         [(64, 32), (96, 32), (48, 16), (24, 8), (12, 4), (6, 2), (7, 1), (1, 1)])
+                         [(64, 32), (96, 32), (48, 16), (24, 8), (12, 4), (6, 2), (7, 1), (1, 1),
+                          (32, 16), (16, 8), (8, 4), (2, 1)])
 def test_make_norm_group_defaults_to_gcd_of_32_and_channels(channels, groups):
-    assert default_num_groups(channels) == groups == math.gcd(32, channels)
+    # gcd(32, C), halved where it would leave one channel per group.
+    assert default_num_groups(channels) == groups
+    assert groups == math.gcd(32, channels) or (groups * 2 == channels == math.gcd(32, channels))
+    assert channels // groups >= 2 or channels == 1
     module = make_norm("group", channels)
     assert module.num_groups == groups and module.num_channels == channels
 

@@ -195,7 +195,8 @@ def models_command(pattern, params, as_json) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: usage errors and bad values print one line on stderr and exit 2."""
     try:
-        cli.main(args=argv, prog_name="resnorm", standalone_mode=False)
+        # Without standalone mode click returns (rather than raises) the code of an Exit.
+        code = cli.main(args=argv, prog_name="resnorm", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("resnorm: interrupted", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ NormSpec = str | None | Callable[..., nn.Module]
 
 
 def default_num_groups(num_channels: int) -> int:
-    """32 groups (Wu & He's default) when they divide the channels, else gcd(32, C)."""
-    return math.gcd(32, num_channels)
+    """32 groups (Wu & He's default) when they divide the channels, else gcd(32, C); halved
+    when that would leave one channel per group (C = 16 or 32, ...), since a group of one
+    feature normalizes (N, C) inputs to a constant. Wu & He report 2 channels per group
+    within 0.7 points of their best."""
+    groups = math.gcd(32, num_channels)
+    return groups // 2 if groups == num_channels and num_channels > 1 else groups
 
 
 def _build(cls, options: dict, *args) -> nn.Module:
