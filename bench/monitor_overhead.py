@@ -37,12 +37,19 @@ def _steps(model, optimizer, x, y, steps: int, monitor: Monitor | None) -> list[
     return times
 
 
+VARIANTS = {
+    "every=1": {"every": 1},
+    "every=1, no dead units": {"every": 1, "track_dead_units": False},
+    "every=10": {"every": 10},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40, help="steps per round")
+    parser.add_argument("--steps", type=int, default=40, help="steps per round and variant")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -52,24 +59,25 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(args.batch, 40), torch.randint(0, 10, (args.batch,))
     _steps(model, optimizer, x, y, 10, None)  # warm-up
-    plain, monitored = [], []
+    times: dict[str, list[float]] = {"no monitor": [], **{name: [] for name in VARIANTS}}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            plain += _steps(model, optimizer, x, y, args.steps, None)
-            with Monitor(model, every=1, path=Path(tmp) / "monitor.jsonl") as monitor:
-                monitored += _steps(model, optimizer, x, y, args.steps, monitor)
-    base, with_monitor = statistics.median(plain), statistics.median(monitored)
-    result = {
-        "model": f"mlp depth={args.depth} width={args.width} norm=batch", "batch": args.batch,
-        "threads": torch.get_num_threads(), "steps_each": len(plain),
-        "median_step_ms_without": 1e3 * base, "median_step_ms_with_monitor": 1e3 * with_monitor,
-        "overhead_ratio": with_monitor / base,
-    }
+        for _ in range(args.rounds):  # interleaved, so drifts in machine load hit all alike
+            times["no monitor"] += _steps(model, optimizer, x, y, args.steps, None)
+            for name, options in VARIANTS.items():
+                with Monitor(model, path=Path(tmp) / "monitor.jsonl", **options) as monitor:
+                    times[name] += _steps(model, optimizer, x, y, args.steps, monitor)
+    base = statistics.median(times["no monitor"])
+    rows = {name: {"median_step_ms": 1e3 * statistics.median(t),
+                   "ratio_to_no_monitor": statistics.median(t) / base}
+            for name, t in times.items()}
+    result = {"model": f"mlp depth={args.depth} width={args.width} norm=batch",
+              "batch": args.batch, "threads": torch.get_num_threads(),
+              "steps_each": len(times["no monitor"]), "variants": rows}
     print(f"{result['model']}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{len(plain)} steps each")
-    print(f"  without monitor : {1e3 * base:8.2f} ms/step (median)")
-    print(f"  Monitor(every=1): {1e3 * with_monitor:8.2f} ms/step (median)")
-    print(f"  overhead ratio  : {with_monitor / base:8.3f}")
+          f"{len(times['no monitor'])} steps each, medians")
+    for name, row in rows.items():
+        print(f"  {name:24s} {row['median_step_ms']:8.2f} ms/step   "
+              f"ratio {row['ratio_to_no_monitor']:.3f}")
     if args.out:
         with atomic_open(args.out, "w") as f:
             json.dump(result, f, indent=2)

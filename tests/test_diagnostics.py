@@ -737,6 +737,42 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
     monitor.close()                                    # idempotent
 
 
+@pytest.mark.parametrize("update_sample", [4096, None])
+def test_monitor_update_ratio_on_sampled_rows(update_sample):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(32, 256), torch.randint(0, 4, (32,))
+    with Monitor(model, update_sample=update_sample) as monitor:
+        for step in range(3):
+            if step == 2:  # storage moves (as after model.to(...)): the views must follow
+                model[0].weight.data = model[0].weight.data.clone()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            before = model[0].weight.detach().clone()
+            optimizer.step()
+            record = monitor.step()
+            after = model[0].weight.detach()
+            exact = ((after - before).norm() / after.norm()).item()
+            block = monitor._sample_index[0]
+            if update_sample is None:
+                assert block is None
+                assert record["update_ratio"]["0"] == pytest.approx(exact, rel=1e-4)
+            else:
+                first, rows = block
+                assert rows * 256 >= 4096 and rows < 256          # a block of whole rows
+                sampled = ((after - before)[first:first + rows].norm()
+                           / after[first:first + rows].norm()).item()
+                assert record["update_ratio"]["0"] == pytest.approx(sampled, rel=1e-4)
+                assert record["update_ratio"]["0"] == pytest.approx(exact, rel=0.5)
+            # The small layer (4 x 256 = 1,024 entries) is always exact.
+            small = ((model[2].weight.detach() - monitor_prev_small).norm()
+                     / model[2].weight.norm()).item() if step else None
+            monitor_prev_small = model[2].weight.detach().clone()
+            if small is not None:
+                assert record["update_ratio"]["2"] == pytest.approx(small, rel=1e-4)
+
+
 def test_monitor_nonfinite_and_strict_jsonl(tmp_path):
     model = _dead_relu_model()
     path = tmp_path / "m.jsonl"

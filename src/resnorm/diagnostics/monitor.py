@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -32,127 +33,188 @@ class Monitor:
                 optimizer.step()
                 monitor.step(loss)
 
-    Each record holds the step, the loss, and per layer: the weight-gradient norm, the
-    update-to-weight ratio ``||w_t - w_{t-1}|| / ||w_t||`` (from a copy of the weights
-    taken one step before a recorded step), and per ReLU module the fraction of dead units
-    (zero for the whole batch) in the forward pass of the recorded step; plus a
-    ``nonfinite`` flag. Records are kept in :attr:`records`, appended to ``path`` as JSON
-    lines, and handed to TensorBoard when ``tensorboard`` names a log directory (needs the
-    ``tensorboard`` package). Under DistributedDataParallel the gradients read are the
-    all-reduced ones and only rank 0 writes files.
+    Each record holds the step, the loss, a ``nonfinite`` flag, and per layer:
+
+    - ``grad_norm``: the weight-gradient norm (exact);
+    - ``update_ratio``: ``||w_t - w_{t-1}|| / ||w_t||`` over the step just taken, computed
+      on a fixed, randomly placed block of consecutive rows (output units) of each weight
+      holding about ``update_sample`` entries (all of a smaller weight; every weight
+      exactly with ``update_sample=None``). The block is contiguous in memory, so the cost
+      stays small whatever the model's size; the ratio's order of magnitude, which is what it is read
+      for (about 1e-3 is the usual healthy value), is estimated well;
+    - ``dead_fraction`` per ReLU module: the fraction of units that are zero for the whole
+      batch in the forward pass of the recorded step.
+
+    Records are kept in :attr:`records` and appended to ``path`` as JSON lines (NaN and Inf
+    written as null; flushed at most once a second and on close), and handed to
+    TensorBoard when ``tensorboard`` names a log directory (needs the ``tensorboard``
+    package). Under DistributedDataParallel the gradients read are the all-reduced ones
+    and only rank 0 writes files.
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, tensorboard=None,
-                 track_dead_units: bool = True) -> None:
+                 track_dead_units: bool = True, update_sample: int | None = 4096,
+                 seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.every = check_int("every", every, minimum=1)
+        if update_sample is not None:
+            check_int("update_sample", update_sample, minimum=1)
         self.net = unwrap(model)
         named = parameterized_layers(self.net)
         if not named:
             raise ValueError("the model has no layer with a weight parameter to monitor")
-        self.layer_names = [name for name, _ in named]
-        self._weights = [m.weight for _, m in named]
-        self.records: list[dict] = []
-        self.steps = 0
-        self._snapshot: list[torch.Tensor] | None = None
-        self._dead: dict[str, torch.Tensor] = {}
-        self._calls: dict[str, int] = {}
-        self._armed = self.every == 1
         writes = _is_rank_zero()
-        # Everything that can fail comes before the hooks and the files: a Monitor that
-        # raises here cannot be closed, so it must leave nothing behind.
-        writer_class = None
+        summary_writer = None
         if tensorboard is not None and writes:
             try:
-                from torch.utils.tensorboard import SummaryWriter as writer_class
+                from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ImportError("Monitor(tensorboard=...) needs the tensorboard package: "
                                   "pip install tensorboard") from exc
+            summary_writer = SummaryWriter
+        self.layer_names = [name for name, _ in named]
+        self._weights = [m.weight for _, m in named]
+        self._sample_index = self._choose_samples(update_sample, seed)
+        sizes = [w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
+                 for w, block in zip(self._weights, self._sample_index)]
+        self._segment_sizes = sizes
+        self._views: list[torch.Tensor] = []
+        self._view_pointers: list[int] = []
+        self.records: list[dict] = []
+        self.steps = 0
+        self._previous: torch.Tensor | None = None
+        self._dead_maxima: list[tuple[str, torch.Tensor]] = []
         self._handles = []
         self._file = None
         self._writer = None
+        self._last_flush = time.monotonic()
         try:
-            if path is not None and writes:
-                path = Path(path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = path.open("a", encoding="utf-8")
-            if writer_class is not None:
-                self._writer = writer_class(str(tensorboard))
             if track_dead_units:
                 for name, module in self.net.named_modules():
                     if isinstance(module, RECTIFIERS):
                         self._handles.append(module.register_forward_hook(self._dead_hook(name)))
+            if path is not None and writes:
+                path = Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = path.open("a", encoding="utf-8")
+            if summary_writer is not None:
+                self._writer = summary_writer(str(tensorboard))
         except BaseException:
             self.close()
             raise
-        if self.every == 1:
-            self._take_snapshot()
+        self._armed = self.every == 1
+        if self._armed:
+            self._previous = self._sampled_weights()
+
+    def _choose_samples(self, size: int | None, seed: int) -> list[tuple[int, int] | None]:
+        """Per weight: ``(first row, number of rows)`` of the sampled block, or None for all."""
+        generator = torch.Generator().manual_seed(seed)
+        chosen = []
+        for w in self._weights:
+            rows = w.shape[0] if w.dim() else 1
+            if size is None or w.numel() <= size or rows == 1:
+                chosen.append(None)
+                continue
+            keep = min(rows, max(1, math.ceil(size / (w.numel() // rows))))
+            first = int(torch.randint(0, rows - keep + 1, (1,), generator=generator))
+            chosen.append((first, keep))
+        return chosen
+
+    def _sampled_weights(self) -> torch.Tensor:
+        """The sampled rows of every weight, flattened and concatenated (one copy), float32.
+
+        The views are built once and rebuilt only when a weight's storage moved (after
+        ``model.to(...)``, say): an optimizer updates weights in place."""
+        pointers = [w.data_ptr() for w in self._weights]
+        if pointers != self._view_pointers:
+            self._views = [w.detach().reshape(-1) if block is None
+                           else w.detach().reshape(w.shape[0], -1).narrow(0, *block).reshape(-1)
+                           for w, block in zip(self._weights, self._sample_index)]
+            self._view_pointers = pointers
+        return torch.cat(self._views).float()
+
+    def _update_ratios(self, current: torch.Tensor) -> dict[str, float | None]:
+        """``||current - previous|| / ||current||`` per layer, in one fused norm call."""
+        pieces = (list((current - self._previous).split(self._segment_sizes))
+                  + list(current.split(self._segment_sizes)))
+        norms = torch.stack(torch._foreach_norm(pieces)).tolist()
+        n = len(self._weights)
+        return {name: (d / w if w > 0 else None)
+                for name, d, w in zip(self.layer_names, norms[:n], norms[n:])}
+
+    def _dead_fractions(self) -> dict[str, float]:
+        """Fraction of dead units per recorded ReLU call, from one pass over all maxima."""
+        sizes = [m.numel() for _, m in self._dead_maxima]
+        dead = torch.cat([m.reshape(-1) for _, m in self._dead_maxima]).eq(0).cumsum(0)
+        ends = torch.tensor(sizes).cumsum(0) - 1
+        totals = dead[ends].tolist()
+        counts = [b - a for a, b in zip([0] + totals[:-1], totals)]
+        fractions, calls = {}, {}
+        for (name, _), count, size in zip(self._dead_maxima, counts, sizes):
+            calls[name] = calls.get(name, 0) + 1
+            fractions[name if calls[name] == 1 else f"{name}#{calls[name]}"] = count / size
+        return fractions
 
     def _dead_hook(self, name: str):
+        # Runs in every forward: kept to a flag test and one reduction. A unit is dead if
+        # its maximum over the batch is 0; names and fractions are worked out at record time.
         def hook(module, inputs, output):
             if self._armed and module.training and output.dim() >= 2 and output.shape[0] > 1:
-                calls = self._calls[name] = self._calls.get(name, 0) + 1
-                key = name if calls == 1 else f"{name}#{calls}"
-                with torch.no_grad():
-                    self._dead[key] = (output == 0).all(dim=0).float().mean()
+                self._dead_maxima.append((name, output.detach().amax(dim=0)))
         return hook
-
-    def _take_snapshot(self) -> None:
-        with torch.no_grad():
-            self._snapshot = [w.detach().clone() for w in self._weights]
 
     @torch.no_grad()
     def step(self, loss: torch.Tensor | float | None = None) -> dict | None:
         """Count a step; on every ``every``-th one record and return the record."""
         self.steps += 1
         record = None
+        current = None
         if self.steps % self.every == 0:
-            record = self._record(loss)
+            record, current = self._record(loss)
         # Arm the next recorded step: dead units are seen in its forward pass, and the
-        # weights copied now are the ones its optimizer step will start from.
-        next_recorded = (self.steps + 1) % self.every == 0
-        self._armed = next_recorded
-        if next_recorded:
-            self._dead, self._calls = {}, {}
-        if next_recorded:
-            self._take_snapshot()
+        # weights sampled now are the ones its optimizer step starts from.
+        self._armed = (self.steps + 1) % self.every == 0
+        self._dead_maxima = []
+        if self._armed:
+            self._previous = current if current is not None else self._sampled_weights()
         else:
-            self._snapshot = None
+            self._previous = None
         return record
 
-    def _record(self, loss) -> dict:
+    def _record(self, loss) -> tuple[dict, torch.Tensor]:
         grads = [w.grad for w in self._weights]
         present = [i for i, g in enumerate(grads) if g is not None]
-        grad_norms = [math.nan] * len(grads)
+        grad_norms: list[float | None] = [None] * len(grads)
         if present:
             norms = torch.stack(torch._foreach_norm([grads[i] for i in present])).tolist()
             for i, value in zip(present, norms):
                 grad_norms[i] = value
-        weight_norms = torch.stack(torch._foreach_norm(self._weights)).tolist()
-        update = None
-        if self._snapshot is not None:
-            deltas = torch._foreach_sub([w.detach() for w in self._weights], self._snapshot)
-            delta_norms = torch.stack(torch._foreach_norm(deltas)).tolist()
-            update = {n: (d / w if w > 0 else math.nan)
-                      for n, d, w in zip(self.layer_names, delta_norms, weight_norms)}
+        current = self._sampled_weights()
+        update = self._update_ratios(current) if self._previous is not None else None
+        dead = self._dead_fractions() if self._dead_maxima else None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
         nonfinite = (any(not math.isfinite(grad_norms[i]) for i in present)
                      or (loss_value is not None and not math.isfinite(loss_value)))
         record = {
             "step": self.steps, "loss": loss_value, "nonfinite": nonfinite,
             "grad_norm": dict(zip(self.layer_names, grad_norms)),
-            "update_ratio": update,
-            "dead_fraction": {k: float(v) for k, v in self._dead.items()} or None,
+            "update_ratio": update, "dead_fraction": dead,
         }
         self.records.append(record)
         self._write(record)
-        return record
+        return record, current
 
     def _write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(_strict(record), allow_nan=False) + "\n")
-            self._file.flush()
+            line = json.dumps(record)
+            if "NaN" in line or "Infinity" in line:
+                line = json.dumps(_strict(record), allow_nan=False)
+            self._file.write(line + "\n")
+            now = time.monotonic()
+            if now - self._last_flush >= 1.0:
+                self._file.flush()
+                self._last_flush = now
         if self._writer is not None:
             step = record["step"]
             if record["loss"] is not None:
@@ -163,7 +225,7 @@ class Monitor:
                         self._writer.add_scalar(f"{group}/{name}", value, step)
 
     def close(self) -> None:
-        """Remove the hooks and close the files (idempotent)."""
+        """Remove the hooks, flush and close the files (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
