@@ -182,8 +182,7 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
 
     params = list(net.parameters())
     saved_grads = [p.grad for p in params]
-    saved_buffers = {k: v.detach().clone() for k, v in net.state_dict().items()
-                     if not any(k == n for n, _ in net.named_parameters())}
+    saved_buffers = [(b, b.detach().clone()) for b in net.buffers()]
     # The wrapper's modules too: DDP keeps a training flag of its own.
     was_training = [(m, m.training) for m in model.modules()]
     try:
@@ -212,7 +211,9 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
-        net.load_state_dict(saved_buffers, strict=False)
+        with torch.no_grad():
+            for buffer, saved in saved_buffers:
+                buffer.copy_(saved)
         for m, mode in was_training:
             m.training = mode
 
