@@ -74,7 +74,7 @@ def test_summary_sentences_follow_the_numbers():
     runs = [DemoRun(1, True, 10, 0.80, 0.1, 1.0, False), DemoRun(1, False, 10, 0.75, 0.1, 1.0, False),
             DemoRun(8, True, 20, 0.82, 0.1, 1.0, False), DemoRun(8, False, 20, 0.30, 2.0, 1.0, False)]
     lines = summarize(runs)
-    assert lines[0] == ("At 1 block(s) the residual MLP beats its plain twin by 5.0 points of "
+    assert lines[0] == ("At 1 block the residual MLP beats its plain twin by 5.0 points of "
                         "test accuracy (80.0% vs 75.0%).")
     assert "plain MLP loses 45.0 points" in lines[2]
     assert "residual MLP gains 2.0 points" in lines[3]

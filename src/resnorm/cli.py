@@ -56,9 +56,9 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"MNIST-1D, {epochs} epochs, width {width}, batch norm (post)")
-    for column in ("model", "parameters", "test acc", "final train loss", "seconds"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table = Table(title=f"Seed-text MLP on MNIST-1D: {epochs} epochs, width {width}, batch norm")
+    for column in ("MLP", "parameters", "test acc", "train loss", "seconds"):
+        table.add_column(column, justify="left" if column == "MLP" else "right")
     for r in runs:
         acc = "diverged" if r.diverged else f"{100 * r.test_acc:.1f}%"
         table.add_row(r.label, f"{r.parameters:,}", acc, f"{r.train_loss:.3f}", f"{r.seconds:.1f}")

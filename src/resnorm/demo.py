@@ -22,7 +22,11 @@ class DemoRun:
 
     @property
     def label(self) -> str:
-        return f"{'residual' if self.residual else 'plain'} MLP, {self.depth} block(s)"
+        return f"{'residual' if self.residual else 'plain'}, {_blocks(self.depth)}"
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
 
 
 def run_demo(*, depths: tuple[int, ...] = (1, 16), epochs: int = 10, num_samples: int = 10_000,
@@ -59,7 +63,7 @@ def summarize(runs: list[DemoRun]) -> list[str]:
         if res and plain:
             gap = 100 * (res.test_acc - plain.test_acc)
             verb = "beats" if gap > 0 else "trails"
-            lines.append(f"At {depth} block(s) the residual MLP {verb} its plain twin by "
+            lines.append(f"At {_blocks(depth)} the residual MLP {verb} its plain twin by "
                          f"{abs(gap):.1f} points of test accuracy ({100 * res.test_acc:.1f}% vs "
                          f"{100 * plain.test_acc:.1f}%).")
     if len(depths) >= 2:
