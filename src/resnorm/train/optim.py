@@ -1,0 +1,66 @@
+"""Optimizer, learning-rate schedule and image augmentation for :func:`~resnorm.train.fit`."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the model's parameters. Weight decay skips 1-D parameters
+    (normalization scales and shifts, biases, ReZero gains), as is customary: decaying a
+    norm's scale fights the normalization it exists for."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule described in :class:`TrainConfig`."""
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    milestones = [round(m * total) for m in config.milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if config.schedule == "step":
+            return config.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips, per sample
+    (He et al. 2015's CIFAR augmentation), on a batch (N, C, H, W)."""
+    if x.dim() != 4:
+        raise ValueError(f"augment=True needs image batches (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}; turn augmentation off for this data set")
+    n, c, h, w = x.shape
+    device = x.device
+    if padding:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        x = padded[torch.arange(n, device=device)[:, None, None, None],
+                   torch.arange(c, device=device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
