@@ -87,3 +87,46 @@ def test_seed_model_reaches_published_mlp_accuracy_on_mnist1d():
     runs = run_demo(depths=(1,), epochs=10, progress=False)
     residual = next(r for r in runs if r.residual)
     assert residual.test_acc >= 0.68
+
+
+def test_train_runs_resumes_and_writes_its_files(capsys, tmp_path):
+    argv = ["train", "--model", "mlp", "--depth", "2", "--width", "16", "--dataset", "synthetic",
+            "--epochs", "2", "--out", str(tmp_path / "run"), "--json"]
+    code, out, _ = _run(capsys, *argv)
+    first = json.loads(out)
+    assert code == 0 and first["status"] == "finished" and first["epochs_completed"] == 2
+    assert first["out"] == str(tmp_path / "run")
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "result.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    code, out, _ = _run(capsys, *argv)            # the same command again: nothing retrained
+    again = json.loads(out)
+    assert code == 0 and again["resumed_from_step"] is not None
+    assert [r["test_acc"] for r in again["history"]] == [r["test_acc"] for r in first["history"]]
+    changed = list(argv)
+    changed[changed.index("--epochs") + 1] = "3"
+    code, out, err = _run(capsys, *changed)
+    assert code == 2 and "different configuration" in err  # same folder, other settings
+
+
+def test_train_digits_with_a_conv_net_fills_sizes_from_the_data(capsys, tmp_path):
+    code, out, err = _run(capsys, "train", "--model", "resnet_cifar", "--depth", "8",
+                          "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path),
+                          "--quiet")
+    assert code == 0 and "final test accuracy" in out and "metrics.csv" in out
+    assert err == ""  # --quiet: nothing on stderr
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--model", "nope"], "unknown model 'nope'"),
+    (["train", "--model", "mlp", "--dataset", "nope"], "nope"),
+    (["train", "--model", "mlp", "--dataset", "digits", "--data-root", "/tmp"], "root"),
+    (["train", "--model", "mlp", "--dataset", "cifar10", "--data-root", "/nonexistent/x"],
+     "cifar-10-python.tar.gz"),
+    (["train", "--model", "mlp", "--lr", "-1"], "--lr"),
+    (["train", "--model", "mlp", "--warmup-epochs", "50"], "warmup_epochs"),
+    (["train", "--model", "resnet56", "--depth", "20"], "fixes depth=56"),
+])
+def test_train_bad_input_one_line_exit_2(capsys, argv, fragment):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("resnorm: error:") and fragment in err

@@ -158,6 +158,124 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
         raise click.exceptions.Exit(1)
 
 
+@cli.command(short_help="Train a registered model on a data set, with checkpoints and resume.")
+@click.option("--model", "model_name", required=True, help="A registered model (resnorm models).")
+@click.option("--dataset", default="mnist1d", show_default=True,
+              help="mnist1d, digits, mnist-sample, cifar10, cifar100, mnist, fashion-mnist, "
+                   "synthetic.")
+@click.option("--data-root", type=click.Path(file_okay=False),
+              help="Folder holding a file-based data set's official files.")
+@click.option("--samples", type=click.IntRange(min=10), help="MNIST-1D: samples to generate.")
+@click.option("--norm", help="Normalization kind.")
+@click.option("--depth", type=click.IntRange(min=1))
+@click.option("--width", type=click.IntRange(min=1))
+@click.option("--placement", type=click.Choice(["pre", "post"]))
+@click.option("--residual/--plain", default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--nesterov", is_flag=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine",
+              show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--augment", is_flag=True, help="Random crops with padding and flips (images).")
+@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 on CUDA).")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1),
+              help="Also checkpoint every N steps (every epoch always).")
+@click.option("--monitor-every", type=click.IntRange(min=1),
+              help="Record gradient health every N steps into monitor.jsonl.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run folder [default: runs/MODEL-DATASET-seedS]. Re-running resumes it.")
+@click.option("--restart", is_flag=True, help="Start over even if --out holds a checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
+def train(model_name, dataset, data_root, samples, norm, depth, width, placement, residual,
+          epochs, batch_size, optimizer, lr, momentum, nesterov, weight_decay, schedule,
+          warmup_epochs, label_smoothing, augment, amp, use_compile, device, threads, seed,
+          checkpoint_every, monitor_every, out, restart, as_json, quiet) -> None:
+    """Train MODEL on DATASET; per-epoch metrics go to OUT/metrics.jsonl and metrics.csv,
+    checkpoints to OUT/checkpoint.pt. Run the same command again to resume an interrupted
+    run from its last checkpoint (a finished run is not trained again).
+
+    \b
+    Examples:
+      resnorm train --model mlp --depth 8 --width 256 --norm batch --dataset mnist1d
+      resnorm train --model resnet1d_20 --dataset mnist1d
+      resnorm train --model resnet20 --dataset digits
+      resnorm train --model resnet20 --dataset cifar10 --data-root ~/data --optimizer sgd \\
+          --lr 0.1 --weight-decay 1e-4 --schedule step --augment --epochs 182
+    """
+    from pathlib import Path
+
+    import torch
+
+    from .data import load_dataset
+    from .diagnostics import Monitor
+    from .train import TrainConfig, fit, model_for_data
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         schedule=schedule, warmup_epochs=warmup_epochs,
+                         label_smoothing=label_smoothing, augment=augment, amp=amp,
+                         compile=use_compile, device=device, threads=threads, seed=seed,
+                         checkpoint_every=checkpoint_every)
+    data_options = {}
+    if samples is not None:
+        data_options["num_samples"] = samples
+    if data_root is not None:
+        data_options["root"] = data_root
+    data = load_dataset(dataset, **data_options)
+    overrides = {k: v for k, v in {"norm": norm, "depth": depth, "width": width,
+                                   "placement": placement, "residual": residual}.items()
+                 if v is not None}
+    torch.manual_seed(seed)
+    model = model_for_data(model_name, data, **overrides)
+    out = Path(out) if out else Path("runs") / f"{model_name}-{dataset}-seed{seed}"
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet or as_json, soft_wrap=True)  # chatter: stderr
+    results = Console(soft_wrap=True)                                        # results: stdout
+    console.print(f"{data.summary()}\n{model_name}: "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; run folder {out}")
+
+    def report(row: dict) -> None:
+        console.print(f"epoch {row['epoch']:>3}/{epochs}: train loss {row['train_loss']:.4f} "
+                      f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
+                      f"acc {row['test_acc']:.2%} | {row['seconds']:.1f} s")
+
+    meta = {"model": model_name, "overrides": overrides, "dataset": dataset,
+            "data_options": data_options}
+    monitor = Monitor(model, every=monitor_every, path=out / "monitor.jsonl") if monitor_every else None
+    try:
+        result = fit(model, data, config, out=out, resume=not restart, monitor=monitor,
+                     progress=None if not (quiet or as_json) else False,
+                     description=f"{model_name} on {dataset}", meta=meta, on_epoch=report)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    summary = result.to_dict()
+    if as_json:
+        click.echo(json.dumps({**summary, "out": str(out)}, indent=2, default=str))
+        return
+    if result.resumed_from_step is not None:
+        results.print(f"resumed from step {result.resumed_from_step}")
+    if result.diverged:
+        results.print(f"[red]diverged[/] at step {result.diverged_at_step} (loss not finite)")
+    elif result.history:
+        best = max(r["test_acc"] for r in result.history)
+        results.print(f"final test accuracy {result.final['test_acc']:.2%} (best {best:.2%}) "
+                      f"in {result.seconds:.0f} s")
+    results.print(f"files: {out}/metrics.csv, metrics.jsonl, checkpoint.pt, result.json")
+
+
 @cli.command(name="models", short_help="List the registered models.")
 @click.argument("pattern", default="*")
 @click.option("--params", is_flag=True, help="Build each model and count its parameters.")
@@ -205,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"resnorm: error: {exc.format_message()}", err=True)
         return 2
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        # Bad values, missing data files, missing optional extras: the message says what
+        # to do; one line, no traceback.
         click.echo(f"resnorm: error: {exc}", err=True)
         return 2
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("resnorm: interrupted", err=True)
+        click.echo("resnorm: interrupted (run the same command again to resume a training "
+                   "run from its last checkpoint)", err=True)
         return 130
     return code if isinstance(code, int) else 0
 
