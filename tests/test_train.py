@@ -379,3 +379,14 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     expected = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == expected and len(metrics) == 4
+
+
+def test_compiled_training_matches_eager():
+    data = DataSplit("blobs", *_blobs(n=256, dim=8)[1:5], 3)
+    losses = {}
+    for compiled in (False, True):
+        model = _small_model()
+        result = fit(model, data, TrainConfig(epochs=2, batch_size=64, compile=compiled),
+                     progress=False)
+        losses[compiled] = [row["train_loss"] for row in result.history]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
