@@ -382,7 +382,7 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
 
 
 def test_compiled_training_matches_eager():
-    data = DataSplit("blobs", *_blobs(n=256, dim=8)[1:5], 3)
+    data = _blobs(n=256)
     losses = {}
     for compiled in (False, True):
         model = _small_model()
