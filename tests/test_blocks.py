@@ -237,14 +237,19 @@ def test_mlp_block_default_is_the_keras_seed_block():
     torch.testing.assert_close(block.train()(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_block_default_eval_uses_running_stats():
-    block = ResidualMLPBlock(8)
+def _randomize_batch_norms(*norms):
+    """Running statistics and affine parameters away from their 0/1 defaults."""
     with torch.no_grad():
-        for norm in (block.norm1, block.norm2):
+        for norm in norms:
             norm.running_mean.uniform_(-1, 1)
             norm.running_var.uniform_(0.5, 2)
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
+
+
+def test_mlp_block_default_eval_uses_running_stats():
+    block = ResidualMLPBlock(8)
+    _randomize_batch_norms(block.norm1, block.norm2)
     block.eval()
 
     def bn_eval(h, norm):
@@ -509,12 +514,7 @@ def test_basic_block_by_hand_projection_train_mode():
 def test_basic_block_by_hand_identity_eval_mode():
     block = BasicBlock(4, 4).double()
     assert block.downsample is None
-    with torch.no_grad():
-        for norm in (block.bn1, block.bn2):
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.5, 0.5)
+    _randomize_batch_norms(block.bn1, block.bn2)
     block.eval()
 
     def bn_eval(h, norm):
