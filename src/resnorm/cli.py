@@ -158,6 +158,42 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
         raise click.exceptions.Exit(1)
 
 
+@cli.command(short_help="Run a study (default: depth) and write a report with plots.")
+@click.argument("study", default="depth")
+@click.option("--quick", is_flag=True, help="A small version of the study (a smoke test).")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds per grid point.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes [default: one per core].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def lab(study, quick, seeds, workers, device, out, as_json, quiet) -> None:
+    """Run STUDY, a built-in study (depth, init, batch-size) or a study TOML file, and
+    write report.html, figures, results.csv and results.json into the lab folder.
+    Finished runs are kept: running the same command again resumes an interrupted lab.
+    """
+    from rich.console import Console
+
+    from .lab import run_lab
+    from .lab.report import summarize_findings, summary_table
+
+    result = run_lab(study, out, quick=quick, seeds=seeds, workers=workers, device=device,
+                     progress=False if (quiet or as_json) else None)
+    if as_json:
+        click.echo(json.dumps({"report": str(result.report), "seconds": result.seconds,
+                               "results": result.results}, indent=2, default=str))
+        return
+    console = Console(soft_wrap=True)
+    console.print(summary_table(result.results, result.study.to_dict()))
+    for line in summarize_findings(result.results, result.study.to_dict()):
+        console.print(f"- {line}")
+    failed = sum(r["status"] == "failed" for r in result.results)
+    console.print(f"{len(result.results)} runs ({failed} failed) in {result.seconds:.0f} s")
+    console.print(f"report: {result.report}")
+
+
 @cli.command(short_help="Train a registered model on a data set, with checkpoints and resume.")
 @click.option("--model", "model_name", required=True, help="A registered model (resnorm models).")
 @click.option("--dataset", default="mnist1d", show_default=True,

@@ -1,0 +1,41 @@
+"""``run_lab``: a study from name to report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runner import run_study
+from .study import Study, load_study
+
+
+@dataclass
+class LabResult:
+    study: Study
+    results: list[dict]
+    report: Path
+    out: Path
+    seconds: float
+
+
+def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = False,
+            seeds: int | None = None, workers: int | None = None, device: str = "cpu",
+            progress: bool | None = None) -> LabResult:
+    """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
+
+    ``out`` defaults to ``runs/lab-<study>`` (``-quick`` appended with ``quick``); running
+    again with the same folder reuses finished runs and resumes the others.
+    """
+    from .report import write_report
+
+    start = time.perf_counter()
+    if not isinstance(study, Study):
+        study = load_study(study)
+    if quick:
+        study = study.quick_version()
+    out = Path(out) if out is not None else Path("runs") / (
+        f"lab-{study.name}" + ("-quick" if quick else ""))
+    results = run_study(study, out, seeds=seeds, workers=workers, device=device,
+                        progress=progress)
+    report = write_report(results, study.to_dict(), out)
+    return LabResult(study, results, report, out, time.perf_counter() - start)
