@@ -152,7 +152,7 @@ def test_calibration_remedies_fit_the_structure():
     *_, exploding = _calibration(0, *PLAIN_BATCH)
     *_, healthy = _calibration(0, *RESIDUAL_BATCH)
     assert vanishing.structure == {"has_skip": False, "has_norm": False, "post_norm": False,
-                                   "norm_kinds": []}
+                                   "norm_kinds": [], "closed_gates": 0}
     assert exploding.structure["has_skip"] is False and exploding.structure["has_norm"]
     assert healthy.structure["has_skip"] is True and healthy.structure["post_norm"] is True
     # No normalization: suggest adding it. Plain stacks: no advice that needs a skip path
@@ -1027,3 +1027,16 @@ def test_custom_dead_fraction_threshold_adds_a_finding():
     strict = diagnose(model, x, y, thresholds=Thresholds(dead_fraction=0.4))
     assert any("dead units" in f and "worst: 1" in f for f in strict.findings)
     assert any("dead" in r for r in strict.remedies)
+
+
+def test_zero_initialized_gates_are_not_vanishing_gradients():
+    # ReZero: every branch is multiplied by a gate at 0, so the branch weights get exactly no
+    # gradient at initialization, by design; the verdict must not call that vanishing.
+    torch.manual_seed(0)
+    model = create_model("transformer", depth=2, norm="none", scale="rezero")
+    d = diagnose(model, torch.randn(32, 40), torch.randint(0, 10, (32,)))
+    silent = [layer.name for layer in d.layers if layer.grad_norm == 0]
+    assert silent and all(".attn." in n or ".mlp." in n for n in silent)
+    assert d.verdict is Verdict.HEALTHY
+    assert any("start at zero" in f and f"{len(silent)} layer(s)" in f for f in d.findings)
+    assert d.structure["closed_gates"] == 4

@@ -157,3 +157,44 @@ def test_killed_lab_resumes_and_keeps_finished_runs(tmp_path):
         assert path.stat().st_mtime_ns == stamp      # not run again
     assert all(json.loads(p.read_text())["status"] != "failed"
                for p in out.glob("runs/*/summary.json"))
+
+
+def _write_cifar10(folder, per_batch=8):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_cifar10_resnet_study_quick_runs_on_official_format_files(tmp_path, capsys):
+    from resnorm.cli import main
+
+    _write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
+    code = main(["lab", "cifar10-resnet", "--quick", "--data-root", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "lab"), "--workers", "1", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and (tmp_path / "lab" / "report.html").exists()
+    assert {r["depth"] for r in report["results"]} == {8}
+    assert {r["status"] for r in report["results"]} == {"finished"}
+    assert {r["residual"] for r in report["results"]} == {True, False}
+    assert all(len(r["history"]) == 1 for r in report["results"])
+
+
+def test_lab_report_table_matches_results_for_a_quick_lab(tmp_path):
+    from resnorm.lab import run_lab
+
+    result = run_lab("init", tmp_path, quick=True, workers=1, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["run_id"] for r in saved] == [r["run_id"] for r in result.results]
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    for run in saved:
+        assert run["run_id"] in html

@@ -165,12 +165,15 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes [default: one per core].")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False),
+              help="Folder of the official files of a file-based data set (CIFAR-10).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def lab(study, quick, seeds, workers, device, out, as_json, quiet) -> None:
-    """Run STUDY, a built-in study (depth, init, batch-size) or a study TOML file, and
+def lab(study, quick, seeds, workers, device, data_root, out, as_json, quiet) -> None:
+    """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
+    study TOML file, and
     write report.html, figures, results.csv and results.json into the lab folder.
     Finished runs are kept: running the same command again resumes an interrupted lab.
     """
@@ -180,7 +183,7 @@ def lab(study, quick, seeds, workers, device, out, as_json, quiet) -> None:
     from .lab.report import summarize_findings, summary_table
 
     result = run_lab(study, out, quick=quick, seeds=seeds, workers=workers, device=device,
-                     progress=False if (quiet or as_json) else None)
+                     data_root=data_root, progress=False if (quiet or as_json) else None)
     if as_json:
         click.echo(json.dumps({"report": str(result.report), "seconds": result.seconds,
                                "results": result.results}, indent=2, default=str))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import ResidualAdd, ResidualMLPBlock, TransformerBlock
+from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..norms import BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .probes import ForwardRecorder, find_blocks, parameterized_layers, unwrap
 from .stats import ActivationSummary
@@ -128,7 +128,10 @@ def _structure(net: nn.Module) -> dict:
                for m in net.modules())
     post = post or any(not m.norm_first for m in torch_layers)
     kinds = sorted({type(m).__name__ for m in net.modules() if isinstance(m, NORM_CLASSES)})
-    return {"has_skip": has_skip, "has_norm": bool(kinds), "post_norm": post, "norm_kinds": kinds}
+    closed = sum(1 for m in net.modules() if isinstance(m, (ScalarGain, LayerScale))
+                 and not bool(getattr(m, "gain", getattr(m, "gamma", None)).detach().any()))
+    return {"has_skip": has_skip, "has_norm": bool(kinds), "post_norm": post, "norm_kinds": kinds,
+            "closed_gates": closed}
 
 
 def _forward_order(called: list[str], layers: list[tuple[str, nn.Module]]) -> list[str]:

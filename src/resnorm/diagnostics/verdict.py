@@ -115,7 +115,17 @@ def judge(layers: list[LayerGrad], blocks: list, activations: dict, loss: float,
     # 2. Gradients: ratio between the first and the last layer, and absolute starvation.
     verdict = Verdict.HEALTHY
     start = None
-    relative = [layer.relative for layer in layers if _finite(layer.relative)]
+    # Zero-initialized gates (ReZero, SkipInit) silence their branches' weights at
+    # initialization by design: those zero gradients are not starvation.
+    gated = structure.get("closed_gates", 0) > 0
+    relative = [layer.relative for layer in layers if _finite(layer.relative)
+                and not (gated and layer.grad_norm == 0)]
+    if gated:
+        silent = sum(1 for layer in layers if layer.grad_norm == 0)
+        findings.append(f"{structure['closed_gates']} residual gate(s) start at zero "
+                        f"(ReZero/SkipInit): {silent} layer(s) inside gated branches get no "
+                        f"gradient until the gates move, by design; they are left out of the "
+                        f"verdict.")
     median_relative = statistics.median(relative) if relative else float("nan")
     if len(grads) >= 2 and grads[-1] > 0:
         if ratio < thresholds.vanishing_ratio:

@@ -1,6 +1,7 @@
 """``run_lab``: a study from name to report."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ class LabResult:
 
 def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = False,
             seeds: int | None = None, workers: int | None = None, device: str = "cpu",
-            progress: bool | None = None) -> LabResult:
+            data_root=None, progress: bool | None = None) -> LabResult:
     """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
 
     ``out`` defaults to ``runs/lab-<study>`` (``-quick`` appended with ``quick``); running
-    again with the same folder reuses finished runs and resumes the others.
+    again with the same folder reuses finished runs and resumes the others. ``data_root``
+    is the folder of a file-based data set's official files (CIFAR, MNIST).
     """
     from .report import write_report
 
@@ -33,6 +35,9 @@ def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = Fals
         study = load_study(study)
     if quick:
         study = study.quick_version()
+    if data_root is not None:
+        study = dataclasses.replace(study, dataset_options={**study.dataset_options,
+                                                            "root": str(data_root)})
     out = Path(out) if out is not None else Path("runs") / (
         f"lab-{study.name}" + ("-quick" if quick else ""))
     results = run_study(study, out, seeds=seeds, workers=workers, device=device,

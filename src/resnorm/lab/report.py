@@ -565,6 +565,10 @@ def _init_label(label: str, run: dict, per_variant_depth: bool) -> str:
     return _mpl(label + suffix)
 
 
+def _is_norm_kind(kind: str) -> bool:
+    return "Norm" in kind or kind == "DyT"
+
+
 def _grad_figure(groups: dict, axis: str):
     import matplotlib.pyplot as plt
 
@@ -572,7 +576,11 @@ def _grad_figure(groups: dict, axis: str):
     lines = []
     order = list(groups)
     for label, run in picks.items():
-        points = [(i, max(v, 1e-45)) for i, layer in enumerate(run["init"].get("layers") or [], 1)
+        # Weight layers only (linear, conv, attention): normalization layers' scales sit
+        # between them at another magnitude and would zigzag every line.
+        weights = [layer for layer in run["init"].get("layers") or []
+                   if not _is_norm_kind(layer.get("kind", ""))]
+        points = [(i, max(v, 1e-45)) for i, layer in enumerate(weights, 1)
                   if (v := _finite(layer.get("grad_norm"))) is not None and v >= 0]
         if points:
             lines.append((order.index(label), label, run, points))
@@ -585,7 +593,8 @@ def _grad_figure(groups: dict, axis: str):
                 label=_init_label(label, run, per_variant), **_style(i))
     ax.set_yscale("log")
     ax.set(title=f"Weight-gradient norm by layer at initialization ({where})",
-           xlabel="layer index (forward order)", ylabel="||grad||")
+           xlabel="weight layer (forward order; normalization layers left out)",
+           ylabel="||grad||")
     ax.grid(alpha=0.3, which="both")
     _legend(ax, len(lines))
     return fig, None

@@ -64,14 +64,24 @@ def _compact_init(diagnosis) -> dict:
 
 def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int) -> dict:
     """Diagnose ``spec``'s model at initialization, then train it (unless the study is
-    init-only); write and return its summary. Runs in a worker process."""
+    init-only); write and return its summary. Runs in a worker process (or in the
+    caller's with one worker: the thread count is restored afterwards)."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _execute(spec, study, Path(run_dir), device)
+    finally:  # with one worker the run happens in the caller's process
+        torch.set_num_threads(previous_threads)
+
+
+def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str) -> dict:
     import torch
 
     from ..diagnostics import diagnose
     from ..train import fit, model_for_data
 
-    torch.set_num_threads(threads)
-    run_dir = Path(run_dir)
     start = time.perf_counter()
     summary = {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
                **asdict(spec), "options": dict(spec.options), "dataset": study.dataset,

@@ -28,6 +28,7 @@ A study file looks like this (the built-in ones are in ``resnorm/lab/studies/``)
     batch_sizes = [128]
     options = { width = 128 }   # other keyword arguments of the model
     quick_depths = [2, 8]       # --quick uses these (and quick_batch_sizes) instead
+    label = ""                  # appended to the variant's name (e.g. "DeepNorm")
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ AXES = ("depth", "batch_size")
 _TOP = {"name": str, "description": str, "x": str, "dataset": str, "seeds": int,
         "init_only": bool, "dataset_options": dict, "train": dict, "quick": dict, "grid": list}
 _GRID = {"models": list, "depths": list, "norms": list, "residual": list, "placements": list,
-         "batch_sizes": list, "options": dict, "quick_depths": list, "quick_batch_sizes": list}
+         "batch_sizes": list, "options": dict, "quick_depths": list, "quick_batch_sizes": list,
+         "label": str}
 _QUICK = {"train": dict, "dataset_options": dict}
 
 
@@ -71,6 +73,7 @@ class RunSpec:
     batch_size: int
     seed: int
     options: tuple = ()
+    label: str = ""
 
     @property
     def variant(self) -> str:
@@ -79,6 +82,8 @@ class RunSpec:
                  "no norm" if self.norm == "none" else f"{self.norm} norm"]
         if self.placement == "pre":
             parts.append("pre-norm")
+        if self.label:
+            parts.append(self.label)
         return ", ".join(parts)
 
     @property
@@ -138,7 +143,7 @@ class Study:
                     group["placements"] if takes_placement else [None], group["batch_sizes"],
                     range(seeds or self.seeds)):
                 spec = RunSpec(model, depth, norm, residual, placement, batch, seed,
-                               tuple(sorted(group["options"].items())))
+                               tuple(sorted(group["options"].items())), group.get("label", ""))
                 specs.setdefault(spec.run_id, spec)
         return list(specs.values())
 
@@ -244,7 +249,7 @@ def _check_group(where: str, group: dict) -> dict:
     return group
 
 
-BUILTIN = ("depth", "init", "batch-size")
+BUILTIN = ("depth", "init", "batch-size", "placement", "cifar10-resnet")
 
 
 def load_study(name_or_path) -> Study:
