@@ -373,7 +373,7 @@ def test_summary_table():
     console.print(table)
     text = console.export_text()
     assert "[red]odd[/red] variant" in text   # markup in a name is shown, not interpreted
-    assert "80.5%" in text and "1.0 pts" in text
+    assert "80.5%" in text and "±1.0" in text
     assert "30.0%" in text
     empty = summary_table([], {"name": "none", "x": "depth"})
     assert empty.row_count == 0

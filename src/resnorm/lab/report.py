@@ -378,17 +378,22 @@ def summary_table(results: list[dict], study: dict):
     """A rich ``Table``: one row per variant and value of the swept axis, with the mean
     final test accuracy over finished seeds, the seed spread (max - min, points), the
     diverged/failed count and the initialization verdict."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     axis = _axis(study)
     name = str((study or {}).get("name") or "study")
-    table = Table(title=Text(f"{name}: mean test accuracy over seeds"))
+    # Compact, so that it reads on an 80-column terminal: short headers, a light box, the
+    # variant on one line; the caption says what the columns are.
+    table = Table(title=Text(f"{name}: mean test accuracy over seeds"), box=box.SIMPLE_HEAD,
+                  caption="runs: finished/total; acc: final test accuracy, mean over seeds; "
+                          "±: max - min over seeds (points); bad: diverged or failed; "
+                          "init: verdict at initialization")
     for column, justify in (("variant", "left"), (_AXIS_WORD[axis], "right"),
-                            ("finished", "right"), ("mean test acc", "right"),
-                            ("seed spread", "right"), ("diverged/failed", "right"),
-                            ("init verdict", "left")):
-        table.add_column(column, justify=justify)
+                            ("runs", "right"), ("acc", "right"), ("±", "right"),
+                            ("bad", "right"), ("init", "left")):
+        table.add_column(column, justify=justify, no_wrap=True)
     for label, runs in _groups(list(results or []), axis).items():
         by_x = _by_x(runs, axis)
         for x in sorted(by_x, key=_sort_key):
@@ -399,7 +404,7 @@ def summary_table(results: list[dict], study: dict):
                 Text(label), _fmt_x(x),
                 f"{sum(r.get('status') == 'finished' for r in by_x[x])}/{len(by_x[x])}",
                 f"{point.mean * 100:.1f}%" if point.accs else "-",
-                f"{point.spread:.1f} pts" if len(point.accs) > 1 else "-",
+                f"±{point.spread:.1f}" if len(point.accs) > 1 else "-",
                 str(bad) if bad else "-",
                 Text(_verdict_summary(inits)[0] if inits else "-"))
     if not results:
