@@ -743,6 +743,7 @@ def test_monitor_update_ratio_on_sampled_rows(update_sample):
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = torch.randn(32, 256), torch.randint(0, 4, (32,))
+    previous_small = None
     with Monitor(model, update_sample=update_sample) as monitor:
         for step in range(3):
             if step == 2:  # storage moves (as after model.to(...)): the views must follow
@@ -766,11 +767,11 @@ def test_monitor_update_ratio_on_sampled_rows(update_sample):
                 assert record["update_ratio"]["0"] == pytest.approx(sampled, rel=1e-4)
                 assert record["update_ratio"]["0"] == pytest.approx(exact, rel=0.5)
             # The small layer (4 x 256 = 1,024 entries) is always exact.
-            small = ((model[2].weight.detach() - monitor_prev_small).norm()
-                     / model[2].weight.norm()).item() if step else None
-            monitor_prev_small = model[2].weight.detach().clone()
-            if small is not None:
+            if previous_small is not None:
+                small = ((model[2].weight.detach() - previous_small).norm()
+                         / model[2].weight.norm()).item()
                 assert record["update_ratio"]["2"] == pytest.approx(small, rel=1e-4)
+            previous_small = model[2].weight.detach().clone()
 
 
 def test_monitor_nonfinite_and_strict_jsonl(tmp_path):

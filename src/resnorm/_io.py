@@ -1,7 +1,9 @@
-"""Atomic file writes: a temporary file in the target's folder, then a rename, so a reader
-never sees half a file and an interrupted write leaves the old file (or nothing)."""
+"""Writing files safely: atomically (a temporary file in the target's folder, then a
+rename, so a reader never sees half a file and an interrupted write leaves the old file
+or nothing), and as strict JSON."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -27,3 +29,15 @@ def atomic_open(path, mode: str = "wb") -> IO:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples)
+    replaced by ``None``, so that ``json.dumps(..., allow_nan=False)`` writes strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
+from .._io import json_safe
 from .probes import RECTIFIERS, parameterized_layers, unwrap
 
 
@@ -209,7 +210,7 @@ class Monitor:
         if self._file is not None:
             line = json.dumps(record)
             if "NaN" in line or "Infinity" in line:
-                line = json.dumps(_strict(record), allow_nan=False)
+                line = json.dumps(json_safe(record), allow_nan=False)
             self._file.write(line + "\n")
             now = time.monotonic()
             if now - self._last_flush >= 1.0:
@@ -241,12 +242,3 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _strict(value):
-    """The record with NaN and Inf replaced by None, so every line is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

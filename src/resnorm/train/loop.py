@@ -5,7 +5,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_open
+from .._io import atomic_open, json_safe
 from ..data import DataSplit
 from .checkpoint import CheckpointDir
 from .config import TrainConfig
@@ -272,18 +271,8 @@ def _fit(model, data, config, device, out, resume, monitor, progress, descriptio
     if run is not None:
         if result.diverged:
             save(epoch, step_in_epoch)  # records the divergence; weights are the last finite
-        run.write_json("result.json", _finite(result.to_dict()))
+        run.write_json("result.json", json_safe(result.to_dict()))
     return result
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class _Progress:
