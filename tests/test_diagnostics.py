@@ -694,7 +694,7 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
     path = tmp_path / "logs" / "monitor.jsonl"
     g = torch.Generator().manual_seed(1)
     expected = {}
-    with Monitor(model, every=every, path=path) as monitor:
+    with Monitor(model, every=every, path=path, dead_units_every=1) as monitor:
         for step in range(1, 8):
             x, y = torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
             optimizer.zero_grad()
@@ -735,6 +735,27 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
     _assert_no_hooks(model)
     assert os.path.realpath(path) not in _open_paths()
     monitor.close()                                    # idempotent
+
+
+def test_monitor_counts_dead_units_on_every_tenth_record_by_default():
+    model = _dead_relu_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    counted = []
+    with Monitor(model) as monitor:
+        for step in range(1, 23):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            record = monitor.step()
+            counted.append(record["dead_fraction"] is not None)
+            # Hooks are there only while the next forward's dead units will be counted.
+            assert bool(model[1]._forward_hooks) == (step % 10 == 0)
+    assert [i + 1 for i, c in enumerate(counted) if c] == [1, 11, 21]
+    assert monitor.records[0]["dead_fraction"]["1"] >= 0.5
+    _assert_no_hooks(model)
+    with pytest.raises(ValueError, match="dead_units_every"):
+        Monitor(model, dead_units_every=0)
 
 
 @pytest.mark.parametrize("update_sample", [4096, None])

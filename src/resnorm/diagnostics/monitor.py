@@ -44,7 +44,10 @@ class Monitor:
       stays small whatever the model's size; the ratio's order of magnitude, which is what it is read
       for (about 1e-3 is the usual healthy value), is estimated well;
     - ``dead_fraction`` per ReLU module: the fraction of units that are zero for the whole
-      batch in the forward pass of the recorded step.
+      batch in the forward pass of the recorded step; counted on the first record and on
+      every ``dead_units_every``-th after it (10 by default: dead units change slowly, and
+      the ReLU hooks that count them are the Monitor's largest cost), ``None`` on the
+      others. ``dead_units_every=1`` counts them on every record.
 
     Records are kept in :attr:`records` and appended to ``path`` as JSON lines (NaN and Inf
     written as null; flushed at most once a second and on close), and handed to
@@ -54,11 +57,12 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, tensorboard=None,
-                 track_dead_units: bool = True, update_sample: int | None = 4096,
-                 seed: int = 0) -> None:
+                 track_dead_units: bool = True, dead_units_every: int = 10,
+                 update_sample: int | None = 4096, seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.every = check_int("every", every, minimum=1)
+        self.dead_units_every = check_int("dead_units_every", dead_units_every, minimum=1)
         if update_sample is not None:
             check_int("update_sample", update_sample, minimum=1)
         self.net = unwrap(model)
@@ -90,11 +94,9 @@ class Monitor:
         self._file = None
         self._writer = None
         self._last_flush = time.monotonic()
+        self._rectifiers = ([(name, m) for name, m in self.net.named_modules()
+                             if isinstance(m, RECTIFIERS)] if track_dead_units else [])
         try:
-            if track_dead_units:
-                for name, module in self.net.named_modules():
-                    if isinstance(module, RECTIFIERS):
-                        self._handles.append(module.register_forward_hook(self._dead_hook(name)))
             if path is not None and writes:
                 path = Path(path)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,7 @@ class Monitor:
         self._armed = self.every == 1
         if self._armed:
             self._previous = self._sampled_weights()
+            self._count_dead_units(True)
 
     def _choose_samples(self, size: int | None, seed: int) -> list[tuple[int, int] | None]:
         """Per weight: ``(first row, number of rows)`` of the sampled block, or None for all."""
@@ -158,12 +161,23 @@ class Monitor:
         return fractions
 
     def _dead_hook(self, name: str):
-        # Runs in every forward: kept to a flag test and one reduction. A unit is dead if
-        # its maximum over the batch is 0; names and fractions are worked out at record time.
+        # One reduction per ReLU call: a unit is dead if its maximum over the batch is 0;
+        # names and fractions are worked out at record time.
         def hook(module, inputs, output):
-            if self._armed and module.training and output.dim() >= 2 and output.shape[0] > 1:
+            if module.training and output.dim() >= 2 and output.shape[0] > 1:
                 self._dead_maxima.append((name, output.detach().amax(dim=0)))
         return hook
+
+    def _count_dead_units(self, on: bool) -> None:
+        """Hook the ReLUs only for the forward passes whose dead units are counted: a
+        registered hook slows every call of its module, counted or not."""
+        if on and not self._handles:
+            self._handles = [m.register_forward_hook(self._dead_hook(name))
+                             for name, m in self._rectifiers]
+        elif not on and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     @torch.no_grad()
     def step(self, loss: torch.Tensor | float | None = None) -> dict | None:
@@ -177,6 +191,8 @@ class Monitor:
         # weights sampled now are the ones its optimizer step starts from.
         self._armed = (self.steps + 1) % self.every == 0
         self._dead_maxima = []
+        next_record = (self.steps + 1) // self.every
+        self._count_dead_units(self._armed and (next_record - 1) % self.dead_units_every == 0)
         if self._armed:
             self._previous = current if current is not None else self._sampled_weights()
         else:
