@@ -1,0 +1,367 @@
+// Fused residual add + LayerNorm / RMSNorm for the CPU: one pass over memory per direction.
+//
+// Each row is read once from memory into a float32 scratch row that stays in L1, the
+// statistics are computed from it in two passes (the mean, then the centred sum of
+// squares: no precision is lost to a large mean), and each output is written once. The
+// reductions keep many independent partial sums so that they run at load speed, not at
+// the latency of one chain of additions. Large float32 outputs are written with
+// non-temporal (streaming) stores, which skip the read-for-ownership of the destination
+// line: that is a third of the traffic of a store-bound kernel. Rows are split over
+// PyTorch's own thread pool (at::parallel_for, so torch.set_num_threads applies).
+//
+// Inputs are float32 or bfloat16 (float32 accumulation); rows may have any stride, the
+// elements of a row must be contiguous. The Python side (resnorm/kernels/cpu.py) checks
+// shapes and dtypes and allocates the outputs whose dtype it decides.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 64;  // independent partial sums per reduction
+
+struct bf16 {
+  uint16_t bits;
+};
+struct Absent {};
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline void put(float* p, float v) { *p = v; }
+inline void put(bf16* p, float f) {  // round to nearest even; NaN stays a quiet NaN (as c10)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p->bits = 0x7fc0;
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  p->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// sum(p[j] - shift) and sum((p[j] - shift)^2) with kLanes independent accumulators.
+inline float sum_shifted(const float* __restrict p, int64_t n, float shift, bool square) {
+  float acc[kLanes] = {0.0f};
+  int64_t j = 0;
+  if (square) {
+    for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const float c = p[j + k] - shift;
+        acc[k] += c * c;
+      }
+    }
+  } else {
+    for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += p[j + k] - shift;
+    }
+  }
+  float s = 0.0f;
+  for (; j < n; ++j) {
+    const float c = p[j] - shift;
+    s += square ? c * c : c;
+  }
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// Copies a float32 row to its destination: streaming stores when asked and the row is
+// aligned for them, ordinary stores otherwise.
+inline void write_row(float* __restrict dst, const float* __restrict src, int64_t n, bool stream) {
+#if defined(__AVX512F__)
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+    return;
+  }
+#elif defined(__AVX__)
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void write_row(bf16* __restrict dst, const float* __restrict src, int64_t n, bool) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) put(dst + j, src[j]);
+}
+
+inline void finish_streaming() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();  // streaming stores are weakly ordered: make them visible before returning
+#endif
+}
+
+bool is_bf16(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "resnorm CPU kernel: dtype must be float32 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16;
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
+                  (t.stride(1) == 1 || t.size(1) <= 1),
+              "resnorm CPU kernel: ", name, " must be a (rows, n) tensor with contiguous rows");
+  is_bf16(t);
+}
+
+std::vector<float> as_float_vector(const c10::optional<at::Tensor>& t, int64_t n, float fill) {
+  std::vector<float> out(n, fill);
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK(t->numel() == n, "resnorm CPU kernel: weight/bias must have ", n, " elements");
+    at::Tensor c = t->to(at::kFloat).contiguous();
+    std::memcpy(out.data(), c.data_ptr<float>(), n * sizeof(float));
+  }
+  return out;
+}
+
+// Rows per task: enough work per task that small inputs stay on one thread.
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+template <typename T>
+T* row_ptr(const at::Tensor* t, int64_t i) {
+  return t ? static_cast<T*>(t->data_ptr()) + i * t->stride(0) : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: h = x + residual; y = (h - mean) * rstd * w + b (LayerNorm) or h * rstd * w (RMS).
+
+template <typename TX, typename TR, typename TH>
+void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
+              const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
+              bool stream) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const float inv_n = 1.0f / static_cast<float>(n);
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(n);
+    float* buf = scratch.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const TX* xr = row_ptr<const TX>(&x, i);
+      if constexpr (std::is_same_v<TR, Absent>) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) buf[j] = to_float(xr[j]);
+      } else {
+        const TR* rr = row_ptr<const TR>(res, i);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) buf[j] = to_float(xr[j]) + to_float(rr[j]);
+      }
+      if constexpr (!std::is_same_v<TH, Absent>) write_row(row_ptr<TH>(hout, i), buf, n, stream);
+      const float mu = rms ? 0.0f : sum_shifted(buf, n, 0.0f, false) * inv_n;
+      const float r = 1.0f / std::sqrt(sum_shifted(buf, n, mu, true) * inv_n + eps);
+      if (mean_p) mean_p[i] = mu;
+      rstd_p[i] = r;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) buf[j] = (buf[j] - mu) * r * w[j] + b[j];
+      write_row(row_ptr<TX>(&y, i), buf, n, stream);
+    }
+    finish_streaming();
+  });
+}
+
+template <typename TX, typename TR>
+void fwd_h(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
+           const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
+           bool stream) {
+  if (!hout)
+    fwd_rows<TX, TR, Absent>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+  else if (is_bf16(*hout))
+    fwd_rows<TX, TR, bf16>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+  else
+    fwd_rows<TX, TR, float>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+}
+
+template <typename TX>
+void fwd_r(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
+           const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
+           bool stream) {
+  if (!res)
+    fwd_h<TX, Absent>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+  else if (is_bf16(*res))
+    fwd_h<TX, bf16>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+  else
+    fwd_h<TX, float>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward. With xhat = (h - mean) * rstd and g = dy * w:
+//   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh_in   (RMSNorm: without mean(g))
+//   dw = sum over rows of dy * xhat, db = sum over rows of dy.
+
+template <typename TD, typename TH, typename TI>
+void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
+              const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx,
+              float* partial, bool need_dw, bool need_db, bool stream) {
+  const int64_t rows = h.size(0), n = h.size(1);
+  const float inv_n = 1.0f / static_cast<float>(n);
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * n);
+    float* xh = scratch.data();
+    float* g = xh + n;
+    float* dw_acc = partial + at::get_thread_num() * 2 * n;
+    float* db_acc = dw_acc + n;
+    for (int64_t i = begin; i < end; ++i) {
+      const TH* hr = row_ptr<const TH>(&h, i);
+      const TD* dyr = row_ptr<const TD>(&dy, i);
+      const float mu = mean_p ? mean_p[i] : 0.0f;
+      const float r = rstd_p[i];
+      float c1[kLanes] = {0.0f}, c2[kLanes] = {0.0f};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+        for (int64_t k = 0; k < kLanes; ++k) {
+          const float xv = (to_float(hr[j + k]) - mu) * r;
+          const float gv = to_float(dyr[j + k]);
+          xh[j + k] = xv;
+          g[j + k] = gv;
+          c1[k] += gv * w[j + k] * xv;
+          c2[k] += gv * w[j + k];
+        }
+      }
+      float s1 = 0.0f, s2 = 0.0f;
+      for (; j < n; ++j) {
+        xh[j] = (to_float(hr[j]) - mu) * r;
+        g[j] = to_float(dyr[j]);
+        s1 += g[j] * w[j] * xh[j];
+        s2 += g[j] * w[j];
+      }
+      for (int64_t k = 0; k < kLanes; ++k) {
+        s1 += c1[k];
+        s2 += c2[k];
+      }
+      if (need_dw) {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) dw_acc[q] += g[q] * xh[q];
+      }
+      if (need_db) {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) db_acc[q] += g[q];
+      }
+      s1 *= inv_n;
+      s2 = rms ? 0.0f : s2 * inv_n;
+#pragma omp simd
+      for (int64_t q = 0; q < n; ++q) g[q] = (g[q] * w[q] - (xh[q] * s1 + s2)) * r;
+      if constexpr (!std::is_same_v<TI, Absent>) {
+        const TI* ir = row_ptr<const TI>(dh_in, i);
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) g[q] += to_float(ir[q]);
+      }
+      write_row(row_ptr<TD>(&dx, i), g, n, stream);
+    }
+    finish_streaming();
+  });
+}
+
+template <typename TD, typename TH>
+void bwd_i(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
+           const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx, float* partial,
+           bool need_dw, bool need_db, bool stream) {
+  if (!dh_in)
+    bwd_rows<TD, TH, Absent>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+  else if (is_bf16(*dh_in))
+    bwd_rows<TD, TH, bf16>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+  else
+    bwd_rows<TD, TH, float>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+}
+
+template <typename TD>
+void bwd_h(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
+           const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx, float* partial,
+           bool need_dw, bool need_db, bool stream) {
+  if (is_bf16(h))
+    bwd_i<TD, bf16>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+  else
+    bwd_i<TD, float>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+}
+
+}  // namespace
+
+// Writes y (allocated here, x's dtype), h = x + residual into `h_out` when given, and
+// returns (y, mean, rstd); mean is empty for RMSNorm.
+std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, bool rms, double eps,
+                                     const c10::optional<at::Tensor>& h_out, bool stream) {
+  TORCH_CHECK(x.dim() == 2, "resnorm CPU kernel: x must be (rows, n)");
+  check_rows(x, x, "x");
+  const int64_t rows = x.size(0), n = x.size(1);
+  const at::Tensor* res = residual.has_value() && residual->defined() ? &*residual : nullptr;
+  const at::Tensor* hout = h_out.has_value() && h_out->defined() ? &*h_out : nullptr;
+  if (res) check_rows(*res, x, "residual");
+  if (hout) check_rows(*hout, x, "h_out");
+  at::Tensor y = at::empty({rows, n}, x.options());
+  at::Tensor mean = at::empty({rms ? 0 : rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0 || n == 0) return {y, mean, rstd};
+  const std::vector<float> w = as_float_vector(weight, n, 1.0f);
+  const std::vector<float> b = as_float_vector(bias, n, 0.0f);
+  float* mean_p = rms ? nullptr : mean.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  if (is_bf16(x))
+    fwd_r<bf16>(x, res, hout, y, w.data(), b.data(), rms, epsf, mean_p, rstd.data_ptr<float>(), stream);
+  else
+    fwd_r<float>(x, res, hout, y, w.data(), b.data(), rms, epsf, mean_p, rstd.data_ptr<float>(), stream);
+  return {y, mean, rstd};
+}
+
+// Writes dx (allocated by the caller in dy's dtype): the gradient of h, hence of x and of
+// the residual alike, plus dh_in, the gradient that reached the residual stream output.
+// Returns (dweight, dbias) in float32, undefined when not asked for.
+std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh_in,
+                                     const at::Tensor& h, const c10::optional<at::Tensor>& weight,
+                                     const at::Tensor& mean, const at::Tensor& rstd, bool rms,
+                                     bool need_dw, bool need_db, const at::Tensor& dx, bool stream) {
+  TORCH_CHECK(h.dim() == 2, "resnorm CPU kernel: h must be (rows, n)");
+  check_rows(h, h, "h");
+  check_rows(dy, h, "dy");
+  check_rows(dx, h, "dx");
+  TORCH_CHECK(dx.scalar_type() == dy.scalar_type(), "resnorm CPU kernel: dx must have dy's dtype");
+  const at::Tensor* dhi = dh_in.has_value() && dh_in->defined() ? &*dh_in : nullptr;
+  if (dhi) check_rows(*dhi, h, "dh_in");
+  const int64_t rows = h.size(0), n = h.size(1);
+  TORCH_CHECK(rstd.numel() == rows && (rms || mean.numel() == rows),
+              "resnorm CPU kernel: mean/rstd must have one value per row");
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, 2, n}, h.options().dtype(at::kFloat));
+  if (rows > 0 && n > 0) {
+    const std::vector<float> w = as_float_vector(weight, n, 1.0f);
+    const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+    const float* mean_p = rms ? nullptr : mean_c.data_ptr<float>();
+    if (is_bf16(dy))
+      bwd_h<bf16>(dy, dhi, h, w.data(), mean_p, rstd_c.data_ptr<float>(), rms, dx,
+                  partial.data_ptr<float>(), need_dw, need_db, stream);
+    else
+      bwd_h<float>(dy, dhi, h, w.data(), mean_p, rstd_c.data_ptr<float>(), rms, dx,
+                   partial.data_ptr<float>(), need_dw, need_db, stream);
+  }
+  // Two separate reductions, so that the returned gradients do not share storage.
+  return {need_dw ? partial.select(1, 0).sum(0) : at::Tensor(),
+          need_db ? partial.select(1, 1).sum(0) : at::Tensor()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_norm_fwd", &add_norm_fwd, "fused residual add + layer/RMS norm, forward");
+  m.def("add_norm_bwd", &add_norm_bwd, "fused residual add + layer/RMS norm, backward");
+}

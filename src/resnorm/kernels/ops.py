@@ -1,0 +1,189 @@
+"""``add_norm``: residual add + layer/RMS norm as one PyTorch custom operator.
+
+Two operators are registered with :mod:`torch.library`, ``resnorm::add_norm_fwd`` and
+``resnorm::add_norm_bwd``, with fake (meta) implementations, so ``torch.compile`` traces
+them as single nodes without a graph break, and with an autograd formula, so
+``torch.autograd.gradcheck`` applies. Each picks its kernel by device and dtype from
+:data:`FORWARD_KERNELS` / :data:`BACKWARD_KERNELS`: the compiled CPU kernel for float32 and
+bfloat16 CPU tensors, the pure-PyTorch reference for everything else (float64, float16,
+other devices). A GPU kernel slots in by adding a ``"cuda"`` entry to both tables.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_float
+from . import cpu, reference
+
+KINDS = ("layer", "rms")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _cpu_forward_usable(x, residual, weight, bias, h_dtype) -> bool:
+    return (cpu.supports(x, residual, weight, bias)
+            and (h_dtype is None or h_dtype in cpu.DTYPES) and cpu.load() is not None)
+
+
+# Per device type: (usable(*args) -> bool, kernel); the reference runs when none applies.
+FORWARD_KERNELS = {"cpu": (_cpu_forward_usable, cpu.forward)}
+BACKWARD_KERNELS = {"cpu": (lambda dy, dh, h, weight: cpu.supports(dy, dh, h, weight)
+                            and cpu.load() is not None, cpu.backward)}
+
+
+def kernel_name(x: Tensor) -> str:
+    """Which implementation :func:`add_norm` runs for tensors like ``x``."""
+    entry = FORWARD_KERNELS.get(x.device.type)
+    if entry is not None and entry[0](x, None, None, None, None):
+        return f"compiled {x.device.type}"
+    return "reference"
+
+
+@torch.library.custom_op("resnorm::add_norm_fwd", mutates_args=())
+def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], rms: bool, eps: float,
+                 h_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, mean, rstd) of 2-D (rows, n) inputs; see :func:`reference.forward`."""
+    entry = FORWARD_KERNELS.get(x.device.type)
+    if entry is not None and entry[0](x, residual, weight, bias, h_dtype):
+        return entry[1](x, residual, weight, bias, rms, eps, h_dtype)
+    return reference.forward(x, residual, weight, bias, rms, eps, h_dtype)
+
+
+@add_norm_fwd.register_fake
+def _(x, residual, weight, bias, rms, eps, h_dtype):
+    rows = x.shape[0]
+    stats = reference.stats_dtype(x.dtype)
+    h = x.new_empty(x.shape, dtype=h_dtype) if h_dtype is not None else x.new_empty((0,))
+    return (x.new_empty(x.shape), h, x.new_empty((0 if rms else rows,), dtype=stats),
+            x.new_empty((rows,), dtype=stats))
+
+
+@torch.library.custom_op("resnorm::add_norm_bwd", mutates_args=())
+def add_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, rms: bool, need_dw: bool,
+                 need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); see :func:`reference.backward`."""
+    entry = BACKWARD_KERNELS.get(dy.device.type)
+    if entry is not None and entry[0](dy, dh, h, weight):
+        return entry[1](dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
+    return reference.backward(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
+
+
+@add_norm_bwd.register_fake
+def _(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
+    n = h.shape[1]
+    param_dtype = weight.dtype if weight is not None else dy.dtype
+    return (dy.new_empty(dy.shape), dy.new_empty((n if need_dw else 0,), dtype=param_dtype),
+            dy.new_empty((n if need_db else 0,), dtype=param_dtype))
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    """A tensor whose rows the kernels can walk: contiguous elements, any row stride."""
+    if t is None:
+        return None
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, rms, eps, h_dtype = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h if h_dtype is not None else x, weight, mean, rstd)
+    ctx.rms = rms
+    ctx.has_h = h_dtype is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=ctx.saved_tensors[0].dtype, device=h.device)
+    need = ctx.needs_input_grad
+    dx, dw, db = add_norm_bwd(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, mean,
+                              rstd, ctx.rms, bool(need[2]), bool(need[3]))
+    dres = None
+    if ctx.residual_dtype is not None and need[1]:
+        dres = dx if dx.dtype == ctx.residual_dtype else dx.to(ctx.residual_dtype)
+    return (dx if need[0] else None, dres, dw if need[2] else None, db if need[3] else None,
+            None, None, None)
+
+
+add_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"add_norm: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
+                        "float16, float64")
+    if t.device != x.device:
+        raise ValueError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
+
+
+def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None,
+             bias: Tensor | None = None, kind: str = "layer", eps: float = 1e-5,
+             prenorm: bool = False, residual_in_fp32: bool = False):
+    r"""Residual add and normalization over the last dimension, in one fused pass.
+
+    .. math::
+        h = x + \mathrm{residual}, \qquad
+        y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}}\, w + b
+        \quad\text{(layer)}, \qquad
+        y = \frac{h}{\sqrt{\mathrm{E}[h^2] + \epsilon}}\, w \quad\text{(rms)}
+
+    Args:
+        x: the branch output, shape ``(..., n)``; float32, bfloat16, float16 or float64.
+        residual: the residual stream, same shape (any float dtype); None means h = x.
+        weight, bias: shape ``(n,)``; ``bias`` only with ``kind="layer"``.
+        kind: ``"layer"`` or ``"rms"``.
+        eps: added to the variance (mean square).
+        prenorm: also return ``h``, the new residual stream, for the next block.
+        residual_in_fp32: keep the residual stream ``h`` in float32 whatever x's dtype.
+
+    Returns:
+        ``y`` (x's dtype and shape), or ``(y, h)`` with ``prenorm=True``. ``h`` has the
+        residual's dtype (x's without a residual; float32 with ``residual_in_fp32``); it is
+        x itself when there is no residual and no dtype change. ``h`` is summed and
+        normalized in float32 (float64 for float64 inputs) before any rounding.
+
+    Gradients flow to x, residual, weight and bias, and the gradient reaching ``h`` (through
+    the next block's skip path) is added in the same backward pass. Float32 and bfloat16
+    CPU tensors run the compiled kernel (:mod:`resnorm.kernels.cpu`); other dtypes and
+    devices the pure-PyTorch reference. Inputs may be non-contiguous.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    check_choice("kind", kind, KINDS)
+    eps = check_float("eps", eps, low=0.0)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"add_norm: x must have a non-empty last dimension, got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
+                        "float16, float64")
+    n = x.shape[-1]
+    if residual is not None:
+        _check_tensor("residual", residual, x, tuple(x.shape))
+    if weight is not None:
+        _check_tensor("weight", weight, x, (n,))
+    if bias is not None:
+        if kind == "rms":
+            raise ValueError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
+                             "pass bias=None")
+        _check_tensor("bias", bias, x, (n,))
+    h_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
+    materialize = residual is not None or h_dtype != x.dtype
+    shape = x.shape
+    y, h, _, _ = add_norm_fwd(_rows(x.reshape(-1, n)),
+                              _rows(residual.reshape(-1, n)) if residual is not None else None,
+                              weight, bias, kind == "rms", eps,
+                              h_dtype if materialize else None)
+    y = y.view(shape)
+    if not prenorm:
+        return y
+    return y, (h.view(shape) if materialize else x)
