@@ -83,7 +83,15 @@ class Monitor:
         self._sample_index = self._choose_samples(update_sample, seed)
         sizes = [w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
                  for w, block in zip(self._weights, self._sample_index)]
-        self._segment_sizes = sizes
+        # The sampled blocks are concatenated grouped by size, so that the update ratios of
+        # a whole group are one row-wise norm of a (layers, size) view, not a norm per layer.
+        self._order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+        self._groups: list[tuple[int, int]] = []  # (segment size, number of layers)
+        for i in self._order:
+            if self._groups and self._groups[-1][0] == sizes[i]:
+                self._groups[-1] = (sizes[i], self._groups[-1][1] + 1)
+            else:
+                self._groups.append((sizes[i], 1))
         self._views: list[torch.Tensor] = []
         self._view_pointers: list[int] = []
         self.records: list[dict] = []
@@ -132,20 +140,33 @@ class Monitor:
         ``model.to(...)``, say): an optimizer updates weights in place."""
         pointers = [w.data_ptr() for w in self._weights]
         if pointers != self._view_pointers:
-            self._views = [w.detach().reshape(-1) if block is None
-                           else w.detach().reshape(w.shape[0], -1).narrow(0, *block).reshape(-1)
-                           for w, block in zip(self._weights, self._sample_index)]
+            self._views = [self._weights[i].detach().reshape(-1) if self._sample_index[i] is None
+                           else self._weights[i].detach().reshape(self._weights[i].shape[0], -1)
+                           .narrow(0, *self._sample_index[i]).reshape(-1)
+                           for i in self._order]
             self._view_pointers = pointers
         return torch.cat(self._views).float()
 
     def _update_ratios(self, current: torch.Tensor) -> dict[str, float | None]:
-        """``||current - previous|| / ||current||`` per layer, in one fused norm call."""
-        pieces = (list((current - self._previous).split(self._segment_sizes))
-                  + list(current.split(self._segment_sizes)))
-        norms = torch.stack(torch._foreach_norm(pieces)).tolist()
-        n = len(self._weights)
-        return {name: (d / w if w > 0 else None)
-                for name, d, w in zip(self.layer_names, norms[:n], norms[n:])}
+        """``||current - previous|| / ||current||`` per layer: two row-wise norms per group of
+        equally sized samples (few groups, whatever the number of layers)."""
+        change = current - self._previous
+        norms, offset = [], 0
+        for size, count in self._groups:
+            end = offset + size * count
+            norms += [torch.linalg.vector_norm(t[offset:end].view(count, size), dim=1)
+                      for t in (change, current)]
+            offset = end
+        values = torch.cat(norms).tolist()
+        ratios: dict[str, float | None] = dict.fromkeys(self.layer_names)
+        position = 0
+        order = iter(self._order)
+        for size, count in self._groups:
+            for k in range(count):
+                d, w = values[position + k], values[position + count + k]
+                ratios[self.layer_names[next(order)]] = d / w if w > 0 else None
+            position += 2 * count
+        return ratios
 
     def _dead_fractions(self) -> dict[str, float]:
         """Fraction of dead units per recorded ReLU call, from one pass over all maxima."""
