@@ -6,7 +6,7 @@ from torch import nn
 
 from .._checks import check_choice, check_input, check_int
 from ..norms import make_norm
-from ..norms.factory import NormSpec
+from ..norms.factory import FUSED_KINDS, NormSpec
 from .activations import make_activation
 from .residual import ResidualAdd
 
@@ -28,27 +28,52 @@ class ResidualMLPBlock(nn.Module):
 
     ``residual=False`` drops the ``x +`` (same parameters); ``scale``, ``drop_path`` and
     ``layerscale_init`` configure the merge (see :class:`~resnorm.blocks.ResidualAdd`).
+
+    ``fused=True`` (pre-norm residual blocks with ``norm="layer"`` or ``"rms"``) builds the
+    norms as :class:`~resnorm.norms.FusedAddLayerNorm` / ``FusedAddRMSNorm`` and adds
+    :meth:`stream`, with which a stack hands each block's branch to the next block, whose
+    first norm adds it to the skip path in the same pass as it normalizes
+    (:class:`~resnorm.models.ResidualMLP` does this). Same parameters and results.
     """
 
     def __init__(self, width: int, norm: NormSpec = "batch", placement: str = "post", *,
                  activation: str = "relu", residual: bool = True, scale=None,
                  layerscale_init: float = 1e-5, drop_path: float = 0.0, dropout: float = 0.0,
-                 bias: bool = True, norm_options: dict | None = None) -> None:
+                 bias: bool = True, norm_options: dict | None = None,
+                 fused: bool = False) -> None:
         super().__init__()
         self.width = check_int("width", width, minimum=1)
         self.placement = check_choice("placement", placement, PLACEMENTS)
+        self.fused = bool(fused)
+        if self.fused:
+            check_fusable("ResidualMLPBlock", norm, placement, residual)
         options = dict(norm_options or {})
         self.fc1 = nn.Linear(width, width, bias=bias)
         self.fc2 = nn.Linear(width, width, bias=bias)
-        self.norm1 = make_norm(norm, width, **options)
-        self.norm2 = make_norm(norm, width, **options)
+        self.norm1 = make_norm(norm, width, fused=self.fused, **options)
+        self.norm2 = make_norm(norm, width, fused=self.fused, **options)
         self.act = make_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merge = ResidualAdd(residual=residual, scale=scale, channels=width,
                                  layerscale_init=layerscale_init, drop_path=drop_path)
 
+    def stream(self, x: torch.Tensor, pending: torch.Tensor | None):
+        """Fused pre-norm step: the block applied to ``x + pending`` (``pending``: the previous
+        block's branch, not yet added; None for none). Returns ``(x + pending, branch)``: the
+        block's skip input and its own branch, which the caller adds (or hands on)."""
+        if pending is None:
+            y = self.norm1(x)
+        else:
+            y, x = self.norm1(pending, x, prenorm=True)
+        h = self.fc1(self.act(y))
+        h = self.fc2(self.dropout(self.act(self.norm2(h))))
+        return x, self.merge.branch_term(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("input", x, ndims=(2,), channels=self.width, what="ResidualMLPBlock")
+        if self.fused:
+            x, branch = self.stream(x, None)
+            return x + branch
         if self.placement == "post":
             h = self.norm1(self.act(self.fc1(x)))
             h = self.norm2(self.fc2(self.dropout(h)))
@@ -58,4 +83,14 @@ class ResidualMLPBlock(nn.Module):
         return self.merge(h, x)
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, placement={self.placement!r}"
+        return (f"width={self.width}, placement={self.placement!r}"
+                + (", fused=True" if self.fused else ""))
+
+
+def check_fusable(what: str, norm, placement: str, residual: bool, alpha: float = 1.0) -> None:
+    """Raise unless a block can fuse its residual adds with its norms."""
+    if not (isinstance(norm, str) and norm in FUSED_KINDS):
+        raise ValueError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
+    if placement != "pre" or not residual or alpha != 1.0:
+        raise ValueError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
+                         f"residual=True), got placement={placement!r}, residual={residual}")

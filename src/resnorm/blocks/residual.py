@@ -132,11 +132,17 @@ class ResidualAdd(nn.Module):
                                        layerscale_init=layerscale_init)
         self.drop_path = DropPath(drop_path) if drop_path else None
 
-    def forward(self, branch: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def branch_term(self, branch: torch.Tensor) -> torch.Tensor:
+        """What is added to the skip path: the branch after its scale and drop-path. Fused
+        blocks hand it to the next ``add_norm`` instead of adding it here."""
         if self.scale is not None:
             branch = self.scale(branch)
         if self.drop_path is not None:
             branch = self.drop_path(branch)
+        return branch
+
+    def forward(self, branch: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        branch = self.branch_term(branch)
         if not self.residual:
             return branch
         if self.alpha != 1.0:

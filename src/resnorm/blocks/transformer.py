@@ -9,7 +9,7 @@ from .._checks import check_choice, check_float, check_input, check_int
 from ..norms import make_norm
 from ..norms.factory import NormSpec
 from .activations import make_activation
-from .mlp import PLACEMENTS
+from .mlp import PLACEMENTS, check_fusable
 from .residual import ResidualAdd
 
 
@@ -81,6 +81,12 @@ class TransformerBlock(nn.Module):
     (``norm="rms"``, ``"dyt"``, ``"batch"`` (over batch and tokens), ``"none"``, ...);
     ``residual=False`` removes both skip paths; ``scale`` and ``drop_path`` configure the
     merges as in :class:`~resnorm.blocks.ResidualAdd`.
+
+    ``fused=True`` (pre-norm, ``norm="layer"`` or ``"rms"``) adds each residual branch to
+    the skip path in the same pass as the next norm normalizes the sum
+    (:func:`resnorm.kernels.add_norm`); :meth:`stream` carries the last branch over to the
+    next block's first norm (:class:`~resnorm.models.TransformerClassifier` does this).
+    Same parameters and results.
     """
 
     def __init__(self, dim: int, heads: int, norm: NormSpec = "layer", placement: str = "pre",
@@ -88,10 +94,13 @@ class TransformerBlock(nn.Module):
                  attn_dropout: float = 0.0, residual: bool = True, scale=None,
                  layerscale_init: float = 1e-5, drop_path: float = 0.0,
                  deepnorm_layers: int | None = None, causal: bool = False,
-                 norm_options: dict | None = None) -> None:
+                 norm_options: dict | None = None, fused: bool = False) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, minimum=1)
         self.placement = check_choice("placement", placement, PLACEMENTS)
+        self.fused = bool(fused)
+        if self.fused:
+            check_fusable("TransformerBlock", norm, placement, residual)
         check_float("mlp_ratio", mlp_ratio, low=0.0, low_inclusive=False)
         options = {"channel_dim": -1, **(norm_options or {})}
         alpha = 1.0
@@ -101,12 +110,12 @@ class TransformerBlock(nn.Module):
                                  f"scheme), got placement={placement!r}")
             alpha, beta = deepnorm_constants(deepnorm_layers)
         self.deepnorm_layers = deepnorm_layers
-        self.norm1 = make_norm(norm, dim, **options)
+        self.norm1 = make_norm(norm, dim, fused=self.fused, **options)
         self.attn = SelfAttention(dim, heads, dropout=attn_dropout, causal=causal)
         merge = {"residual": residual, "scale": scale, "channels": dim, "channel_dim": -1,
                  "layerscale_init": layerscale_init, "alpha": alpha, "drop_path": drop_path}
         self.merge1 = ResidualAdd(**merge)
-        self.norm2 = make_norm(norm, dim, **options)
+        self.norm2 = make_norm(norm, dim, fused=self.fused, **options)
         self.mlp = FeedForward(dim, max(1, round(dim * mlp_ratio)), activation, dropout)
         self.merge2 = ResidualAdd(**merge)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -124,9 +133,24 @@ class TransformerBlock(nn.Module):
         for layer in (self.attn.proj, self.mlp.fc1, self.mlp.fc2):
             nn.init.xavier_normal_(layer.weight, gain=beta)
 
+    def stream(self, x: torch.Tensor, pending: torch.Tensor | None):
+        """Fused pre-norm step: the block applied to ``x + pending`` (``pending``: the previous
+        block's last branch, not yet added; None for none). Returns ``(skip, branch)``, whose
+        sum is the block's output, for the caller to add or hand on."""
+        if pending is None:
+            y = self.norm1(x)
+        else:
+            y, x = self.norm1(pending, x, prenorm=True)
+        branch = self.merge1.branch_term(self.dropout(self.attn(y)))
+        y, x = self.norm2(branch, x, prenorm=True)
+        return x, self.merge2.branch_term(self.dropout(self.mlp(y)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("input", x, ndims=(3,), channels=self.dim, channel_dim=-1,
                     what="TransformerBlock")
+        if self.fused:
+            x, branch = self.stream(x, None)
+            return x + branch
         if self.placement == "pre":
             x = self.merge1(self.dropout(self.attn(self.norm1(x))), x)
             return self.merge2(self.dropout(self.mlp(self.norm2(x))), x)
@@ -134,5 +158,5 @@ class TransformerBlock(nn.Module):
         return self.norm2(self.merge2(self.dropout(self.mlp(x)), x))
 
     def extra_repr(self) -> str:
-        text = f"dim={self.dim}, placement={self.placement!r}"
+        text = f"dim={self.dim}, placement={self.placement!r}" + (", fused=True" if self.fused else "")
         return text + (f", deepnorm_layers={self.deepnorm_layers}" if self.deepnorm_layers else "")

@@ -11,3 +11,4 @@ from .ops import KINDS, add_norm, kernel_name
 from .reference import add_norm_reference
 
 __all__ = ["KINDS", "add_norm", "add_norm_reference", "cpu", "kernel_name", "reference"]
+

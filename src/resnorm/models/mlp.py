@@ -21,13 +21,19 @@ class ResidualMLP(nn.Module):
     Dense(10)`` (34,826 trainable parameters; softmax is left to the loss). Pre-norm stacks
     end with ``Norm -> Act`` before the classifier, as pre-activation ResNets do.
     ``drop_path`` is the last block's rate, growing linearly from the first.
+
+    ``fused=True`` runs each residual add with the next norm as one fused pass
+    (:func:`resnorm.kernels.add_norm`; pre-norm residual stacks with ``norm="layer"`` or
+    ``"rms"``); same parameters and results. Off by default: at the lab's sizes (128-wide
+    activations) `resnorm bench` measures no gain on the CPU; it pays off from about a
+    million elements per activation (see docs/kernels.md).
     """
 
     def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
                  width: int = 128, norm="batch", placement: str = "post", residual: bool = True,
                  *, activation: str = "relu", scale=None, layerscale_init: float = 1e-5,
                  drop_path: float = 0.0, dropout: float = 0.0,
-                 norm_options: dict | None = None) -> None:
+                 norm_options: dict | None = None, fused: bool = False) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, minimum=1)
         check_int("num_classes", num_classes, minimum=1)
@@ -40,14 +46,15 @@ class ResidualMLP(nn.Module):
             self.stem = nn.Sequential(nn.Linear(in_features, width), make_activation(activation))
         else:
             self.stem = nn.Linear(in_features, width)
+        self.fused = bool(fused)
         rates = drop_path_rates(depth, drop_path) if depth else []
         self.blocks = nn.Sequential(*[
             ResidualMLPBlock(width, norm, placement, activation=activation, residual=residual,
                              scale=scale, layerscale_init=layerscale_init, drop_path=rate,
-                             dropout=dropout, norm_options=norm_options)
+                             dropout=dropout, norm_options=norm_options, fused=self.fused)
             for rate in rates])
         if placement == "pre":
-            self.final_norm = make_norm(norm, width, **(norm_options or {}))
+            self.final_norm = make_norm(norm, width, fused=self.fused, **(norm_options or {}))
             self.final_act = make_activation(activation)
         self.placement = placement
         self.head = nn.Linear(width, num_classes)
@@ -62,7 +69,14 @@ class ResidualMLP(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
                              f"with {self.in_features} features per sample, got {shape}")
-        x = self.blocks(self.stem(x.flatten(1)))
+        x = self.stem(x.flatten(1))
+        if self.fused:
+            pending = None
+            for block in self.blocks:
+                x, pending = block.stream(x, pending)
+            y = self.final_norm(x) if pending is None else self.final_norm(pending, x)
+            return self.head(self.final_act(y))
+        x = self.blocks(x)
         if self.placement == "pre":
             x = self.final_act(self.final_norm(x))
         return self.head(x)

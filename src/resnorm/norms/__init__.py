@@ -7,11 +7,12 @@ from .base import RunningStatsNorm
 from .batch import BatchNorm
 from .conventions import CONVENTIONS
 from .dyt import DyT
-from .factory import NORM_KINDS, default_num_groups, make_norm
+from .factory import FUSED_KINDS, NORM_KINDS, default_num_groups, make_norm
+from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, LayerNorm2d, RMSNorm
 
 __all__ = [
-    "BatchNorm", "CONVENTIONS", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "LayerNorm2d",
+    "BatchNorm", "CONVENTIONS", "DyT", "FUSED_KINDS", "FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LayerNorm2d",
     "NORM_KINDS", "RMSNorm", "RunningStatsNorm", "default_num_groups", "make_norm",
 ]

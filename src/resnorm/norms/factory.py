@@ -12,10 +12,13 @@ from .base import CHANNEL_DIMS
 from .batch import BatchNorm
 from .conventions import CONVENTIONS
 from .dyt import DyT
+from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, RMSNorm
 
 NORM_KINDS = ("batch", "layer", "rms", "group", "instance", "dyt", "none")
+# The kinds with a fused residual-add twin (make_norm(..., fused=True)).
+FUSED_KINDS = ("layer", "rms")
 
 NormSpec = str | None | Callable[..., nn.Module]
 
@@ -39,7 +42,7 @@ def _build(cls, options: dict, *args) -> nn.Module:
 
 
 def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
-              convention: str = "torch", **options) -> nn.Module:
+              convention: str = "torch", fused: bool = False, **options) -> nn.Module:
     """Build a normalization layer for inputs with ``num_features`` channels.
 
     Args:
@@ -58,6 +61,9 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
             ``alpha_init``, ...). ``"group"`` defaults to ``default_num_groups(C)`` groups;
             ``"instance"`` defaults to ``affine=True`` (unlike ``torch.nn``), since inside
             a block the norm's scale and shift are wanted.
+        fused: for ``"layer"`` and ``"rms"``, the :class:`~resnorm.norms.FusedAddLayerNorm`
+            / :class:`~resnorm.norms.FusedAddRMSNorm` twin, whose ``forward`` also takes the
+            residual stream (same parameters and results).
     """
     check_int("num_features", num_features, minimum=1)
     check_choice("channel_dim", channel_dim, CHANNEL_DIMS)
@@ -67,6 +73,9 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
     if kind is None:
         kind = "none"
     check_choice("norm", kind, NORM_KINDS)
+    if fused and kind not in FUSED_KINDS:
+        raise ValueError(f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, "
+                         f"got {kind!r}")
     layout = {"channel_dim": channel_dim}
     with_convention = {**layout, "convention": convention}
     if kind == "none":
@@ -76,9 +85,11 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
     if kind == "batch":
         return _build(BatchNorm, {**with_convention, **options}, num_features)
     if kind == "layer":
-        return _build(LayerNorm, {**with_convention, **options}, num_features)
+        return _build(FusedAddLayerNorm if fused else LayerNorm, {**with_convention, **options},
+                      num_features)
     if kind == "rms":
-        return _build(RMSNorm, {**with_convention, **options}, num_features)
+        return _build(FusedAddRMSNorm if fused else RMSNorm, {**with_convention, **options},
+                      num_features)
     if kind == "group":
         groups = options.pop("num_groups", default_num_groups(num_features))
         return _build(GroupNorm, {**with_convention, **options}, groups, num_features)

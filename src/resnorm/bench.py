@@ -1,0 +1,193 @@
+"""``resnorm bench``: the fused add+norm kernels against their peers, measured in one run.
+
+For each norm kind and shape (rows x hidden), forward and forward+backward, it times with
+medians over repeats:
+
+- ``resnorm``: :func:`resnorm.kernels.add_norm` (``prenorm=True``: y and the new residual);
+- ``eager``: ``h = x + r`` then ``F.layer_norm(h)`` / ``F.rms_norm(h)`` (stock PyTorch);
+- ``compile``: ``torch.compile`` of the eager function;
+- ``copy``: ``dst.copy_(src)`` of one tensor, the machine's memory bandwidth, the physical
+  limit.
+
+Effective GB/s counts the bytes a single fused pass must move (forward: read x and r, write
+h and y; backward: read dy and h, write dx), so percentages of copy bandwidth compare
+like with like. Every peer runs under each allocator regime asked for (Linux/glibc):
+
+- ``fresh`` (glibc's default): allocations of 32 MiB or more are fresh ``mmap`` pages, so
+  every output pays page faults (the kernel zeroing the pages) each call;
+- ``reuse``: freed memory is kept and reused (``mallopt(M_MMAP_MAX, 0)``), as jemalloc or
+  tcmalloc do; this isolates the kernels' own speed.
+
+End-to-end rows time a training step (forward, backward, AdamW) of the pre-norm residual
+MLP and of the small Transformer, fused vs unfused, same weights.
+"""
+from __future__ import annotations
+
+import ctypes
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .kernels import add_norm, cpu
+
+DEFAULT_SHAPES = ((4096, 768), (16384, 1024), (8192, 4096))
+QUICK_SHAPES = ((256, 64), (512, 256))
+REGIMES = ("fresh", "reuse")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def set_allocator(regime: str) -> bool:
+    """Switch glibc's large-allocation policy; False where it cannot be (not glibc)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if regime == "reuse":
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40))
+    return bool(libc.mallopt(_M_MMAP_MAX, 65536)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _eager(kind: str):
+    if kind == "layer":
+        def fn(x, r, w, b):
+            h = x + r
+            return F.layer_norm(h, (h.shape[-1],), w, b, 1e-5), h
+    else:
+        def fn(x, r, w, b):
+            h = x + r
+            return F.rms_norm(h, (h.shape[-1],), w, 1e-5), h
+    return fn
+
+
+def _fused(kind: str):
+    def fn(x, r, w, b):
+        return add_norm(x, r, w, b if kind == "layer" else None, kind=kind, prenorm=True)
+    return fn
+
+
+def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, repeats: int = 7,
+                use_compile: bool = True, regime: str = "fresh", progress=None) -> list[dict]:
+    """Time every peer at every shape; one dict per (shape, kind, impl, pass)."""
+    rows = []
+    for n, d in shapes:
+        shape = f"{n}x{d}"
+        x, r = torch.randn(n, d), torch.randn(n, d)
+        w, b = torch.rand(d) + 0.5, torch.randn(d)
+        dy = torch.randn(n, d)
+        src, dst = torch.randn(n, d), torch.empty(n, d)
+        nbytes = n * d * x.element_size()
+        copy = median_seconds(lambda: dst.copy_(src), repeats)
+        copy_gbs = 2 * nbytes / copy / 1e9
+        rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
+                     "ms": 1e3 * copy, "GB/s": copy_gbs, "pct_copy": 100.0})
+        for kind in kinds:
+            impls = [("resnorm", _fused(kind)), ("eager", _eager(kind))]
+            if use_compile:
+                impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
+            timed = {}
+            for name, fn in impls:
+                if progress:
+                    progress(f"{regime} {shape} {kind} {name}")
+                fwd = median_seconds(lambda: fn(x, r, w, b), repeats)
+                xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+                wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+
+                def step():
+                    y, _ = fn(xg, rg, wg, bg)
+                    y.backward(dy)
+                    xg.grad = rg.grad = wg.grad = bg.grad = None
+
+                both = median_seconds(step, repeats)
+                timed[name] = {"fwd": fwd, "fwd+bwd": both}
+            for name in timed:
+                for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
+                    seconds = timed[name][pass_]
+                    gbs = moved / seconds / 1e9
+                    row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
+                           "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
+                           "pct_copy": 100 * gbs / copy_gbs}
+                    if name == "resnorm":
+                        for peer in timed:
+                            if peer != name:
+                                row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
+                    rows.append(row)
+    return rows
+
+
+def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) -> list[dict]:
+    """Training-step time of fused vs unfused models with the same weights."""
+    from .models import create_model
+
+    cases = [("mlp", {"depth": 4 if quick else 8, "width": 128 if quick else 1024,
+                      "norm": "layer", "placement": "pre"}, (64 if quick else 256, 40)),
+             ("mlp", {"depth": 4 if quick else 8, "width": 128, "norm": "layer",
+                      "placement": "pre"}, (128, 40)),
+             ("transformer", {"depth": 2 if quick else 4, "dim": 64 if quick else 256,
+                              "heads": 4, "norm": "layer"}, (16 if quick else 64, 40))]
+    rows = []
+    for name, options, shape in cases:
+        if progress:
+            progress(f"end-to-end {name}")
+        torch.manual_seed(0)
+        x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+        timed = {}
+        reference = create_model(name, fused=False, **options)
+        for fused in (False, True):
+            model = create_model(name, fused=fused, **options)
+            model.load_state_dict(reference.state_dict())
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+
+            timed[fused] = median_seconds(step, repeats, warmup=3)
+        described = ", ".join(f"{k}={v}" for k, v in options.items())
+        rows.append({"model": f"{name}({described})", "batch": shape[0],
+                     "unfused_ms": 1e3 * timed[False], "fused_ms": 1e3 * timed[True],
+                     "speedup": timed[False] / timed[True]})
+    return rows
+
+
+def run(*, shapes=DEFAULT_SHAPES, kinds=("layer", "rms"), regimes=REGIMES, repeats: int = 7,
+        use_compile: bool = True, end_to_end: bool = True, quick: bool = False,
+        progress=None) -> dict:
+    """The whole benchmark as one JSON-ready dict."""
+    status = cpu.status()
+    result = {"resnorm": __version__, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "kernel": status, "kernels": [], "end_to_end": [], "regimes": []}
+    for regime in regimes:
+        if not set_allocator(regime):
+            continue
+        result["regimes"].append(regime)
+        result["kernels"] += kernel_rows(shapes, kinds, repeats=repeats, use_compile=use_compile,
+                                         regime=regime, progress=progress)
+    if not result["regimes"]:  # not glibc: the platform's own allocator, once
+        result["regimes"].append("default")
+        result["kernels"] += kernel_rows(shapes, kinds, repeats=repeats, use_compile=use_compile,
+                                         regime="default", progress=progress)
+    set_allocator("fresh")
+    if end_to_end:
+        result["end_to_end"] = end_to_end_rows(repeats=max(5, 3 * repeats), quick=quick,
+                                               progress=progress)
+    return result

@@ -1,0 +1,94 @@
+"""Residual add + normalization in one fused pass: ``FusedAddLayerNorm``, ``FusedAddRMSNorm``.
+
+Drop-in subclasses of :class:`~resnorm.norms.LayerNorm` and :class:`~resnorm.norms.RMSNorm`
+(same parameters, state-dict keys and ``forward(x)``) whose ``forward`` also takes the
+residual stream and can return the new one, as flash-attention's ``layer_norm_fn`` does::
+
+    y = norm(x)                                   # as the parent class
+    y = norm(x, residual)                         # norm(x + residual)
+    y, h = norm(x, residual, prenorm=True)        # h = x + residual, the next skip input
+
+The add and the normalization run as one pass of :func:`resnorm.kernels.add_norm` when the
+normalized dimension is the last one (tokens (N, T, C), features (N, C)); otherwise the add
+and the parent's normalization run separately, with the same results.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import add_norm
+from .layer import LayerNorm, RMSNorm
+
+
+class _FusedAdd:
+    kind = "layer"
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        last = self.channel_dim == -1 or x.dim() == 2
+        return len(self.normalized_shape) == 1 and last
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                prenorm: bool = False):
+        self._check(x)
+        if residual is not None and (not isinstance(residual, torch.Tensor)
+                                     or residual.shape != x.shape):
+            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"{type(self).__name__}: residual must have x's shape "
+                             f"{tuple(x.shape)}, got {shape}")
+        if self._fusable(x):
+            return add_norm(x, residual, self.weight, getattr(self, "bias", None),
+                            kind=self.kind, eps=self._eps_for(x), prenorm=prenorm,
+                            residual_in_fp32=self.residual_in_fp32)
+        h = x if residual is None else x + residual
+        if self.residual_in_fp32 and h.dtype in (torch.bfloat16, torch.float16):
+            h = h.float()
+        y = super().forward(h).to(x.dtype)
+        return (y, h) if prenorm else y
+
+
+class FusedAddLayerNorm(_FusedAdd, LayerNorm):
+    r"""Layer norm of ``x + residual`` in one fused pass (see the module docstring).
+
+    .. math::
+        h = x + r, \qquad y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}} \gamma + \beta
+
+    ``residual_in_fp32=True`` keeps the returned residual stream in float32 for bfloat16
+    or float16 inputs. Other arguments are :class:`~resnorm.norms.LayerNorm`'s.
+    """
+
+    kind = "layer"
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 bias: bool = True, *, residual_in_fp32: bool = False, convention: str = "torch",
+                 channel_dim: int = -1, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, convention=convention,
+                         channel_dim=channel_dim, device=device, dtype=dtype)
+        self.residual_in_fp32 = bool(residual_in_fp32)
+
+    def _eps_for(self, x: torch.Tensor) -> float:
+        return self.eps
+
+
+class FusedAddRMSNorm(_FusedAdd, RMSNorm):
+    r"""RMS norm of ``x + residual`` in one fused pass (see the module docstring).
+
+    .. math::
+        h = x + r, \qquad y = \frac{h}{\sqrt{\mathrm{E}[h^2] + \epsilon}} \gamma
+
+    ``eps=None`` is the machine epsilon of float32 (float64 for float64 inputs), as in
+    ``torch.nn.RMSNorm``. Other arguments are :class:`~resnorm.norms.RMSNorm`'s.
+    """
+
+    kind = "rms"
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 *, residual_in_fp32: bool = False, convention: str = "torch",
+                 channel_dim: int = -1, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, convention=convention,
+                         channel_dim=channel_dim, device=device, dtype=dtype)
+        self.residual_in_fp32 = bool(residual_in_fp32)
+
+    def _eps_for(self, x: torch.Tensor) -> float:
+        if self.eps is not None:
+            return self.eps
+        return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps

@@ -1,0 +1,95 @@
+"""Fused add+norm modules, blocks and models: same parameters and results as unfused."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnorm import create_model
+from resnorm.blocks import ResidualMLPBlock, TransformerBlock
+from resnorm.kernels import ops
+from resnorm.norms import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, make_norm
+
+
+@pytest.fixture
+def always_fused(monkeypatch):
+    """Send every size through the custom operator (small inputs otherwise run eager ops)."""
+    monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+
+
+@pytest.mark.parametrize("cls,twin", [(FusedAddLayerNorm, nn.LayerNorm), (FusedAddRMSNorm, nn.RMSNorm)])
+def test_fused_modules_match_torch_twin_and_load_its_state(always_fused, cls, twin):
+    torch.manual_seed(0)
+    ref = twin(48)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    fused = cls(48, eps=ref.eps if ref.eps is not None else None)
+    fused.load_state_dict(ref.state_dict())          # same keys, weights move both ways
+    x, r = torch.randn(5, 7, 48), torch.randn(5, 7, 48)
+    y, h = fused(x, r, prenorm=True)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, ref(x + r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layer_norm_channels_first_falls_back_to_separate_ops(always_fused):
+    fused = FusedAddLayerNorm(6, channel_dim=1)
+    plain = LayerNorm(6, channel_dim=1)
+    x, r = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    torch.testing.assert_close(fused(x, r), plain(x + r))
+
+
+def test_fused_module_rejects_residual_of_another_shape():
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        FusedAddLayerNorm(8)(torch.randn(2, 8), torch.randn(3, 8))
+
+
+def test_make_norm_fused_only_for_layer_and_rms():
+    assert isinstance(make_norm("layer", 8, fused=True), FusedAddLayerNorm)
+    assert isinstance(make_norm("rms", 8, fused=True), FusedAddRMSNorm)
+    with pytest.raises(ValueError, match="fused=True supports norm kinds"):
+        make_norm("batch", 8, fused=True)
+
+
+@pytest.mark.parametrize("block", ["mlp", "transformer"])
+def test_fused_block_needs_pre_norm_residual_layer_or_rms(block):
+    with pytest.raises(ValueError, match="fused=True needs"):
+        if block == "mlp":
+            ResidualMLPBlock(8, "layer", "post", fused=True)
+        else:
+            TransformerBlock(8, 2, "batch", "pre", fused=True)
+
+
+@pytest.mark.parametrize("name,options,shape", [
+    ("mlp", {"depth": 3, "width": 32, "norm": "layer", "placement": "pre"}, (6, 40)),
+    ("mlp", {"depth": 3, "width": 32, "norm": "rms", "placement": "pre", "scale": "layerscale",
+             "layerscale_init": 0.5}, (6, 40)),
+    ("transformer", {"depth": 2, "dim": 32, "heads": 4, "norm": "layer"}, (3, 40)),
+    ("transformer", {"depth": 2, "dim": 32, "heads": 4, "norm": "rms"}, (3, 40)),
+])
+def test_fused_models_equal_unfused_forward_and_gradients(always_fused, name, options, shape):
+    torch.manual_seed(0)
+    plain = create_model(name, **options)
+    fused = create_model(name, fused=True, **options)
+    fused.load_state_dict(plain.state_dict())
+    assert not plain.fused and fused.fused
+    x = torch.randn(*shape)
+    y_plain, y_fused = plain(x), fused(x)
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)
+    F.cross_entropy(y_plain, torch.arange(shape[0]) % 10).backward()
+    F.cross_entropy(y_fused, torch.arange(shape[0]) % 10).backward()
+    for (pname, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+@pytest.mark.parametrize("block", ["mlp", "transformer"])
+def test_standalone_fused_block_equals_unfused(always_fused, block):
+    torch.manual_seed(0)
+    if block == "mlp":
+        a, b = ResidualMLPBlock(16, "layer", "pre"), ResidualMLPBlock(16, "layer", "pre", fused=True)
+        x = torch.randn(4, 16)
+    else:
+        a, b = TransformerBlock(16, 2), TransformerBlock(16, 2, fused=True)
+        x = torch.randn(2, 5, 16)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
