@@ -93,3 +93,35 @@ def test_standalone_fused_block_equals_unfused(always_fused, block):
         x = torch.randn(2, 5, 16)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_cli_quick_writes_json_with_every_peer(tmp_path):
+    import json
+
+    from resnorm.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--quick", "--no-compile", "--repeats", "1", "--regimes", "reuse",
+                 "--kinds", "layer", "--shapes", "64x32", "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    impls = {(row["impl"], row["pass"]) for row in result["kernels"]}
+    assert {("copy", "-"), ("resnorm", "fwd"), ("eager", "fwd"), ("resnorm", "fwd+bwd"),
+            ("eager", "fwd+bwd")} <= impls
+    fused = [row for row in result["kernels"] if row["impl"] == "resnorm"]
+    assert all(row["ms"] > 0 and row["x_vs_eager"] > 0 for row in fused)
+    assert {row["model"].split("(")[0] for row in result["end_to_end"]} == {"mlp", "transformer"}
+    assert all(row["fused_ms"] > 0 and row["unfused_ms"] > 0 for row in result["end_to_end"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shapes", "12x"], "ROWSxHIDDEN"),
+    (["--kinds", "batch"], "not one of layer, rms"),
+    (["--regimes", "warm"], "not one of fresh, reuse"),
+])
+def test_bench_cli_bad_arguments_exit_2(capsys, args, message):
+    from resnorm.cli import main
+
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
