@@ -124,7 +124,8 @@ def backward(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
     dx = torch.empty(dy.shape, dtype=dy.dtype)
     stream = dx.numel() * dx.element_size() >= STREAM_BYTES
     dw, db = module.add_norm_bwd(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db, dx, stream)
-    param_dtype = weight.dtype if weight is not None else dy.dtype
-    dw = dw.to(param_dtype) if need_dw else dy.new_empty((0,))
-    db = db.to(param_dtype) if need_db else dy.new_empty((0,))
+    # float32, as summed (autograd casts them to each parameter's own dtype); empty when not
+    # asked for, in float32 all the same, as the fake implementation (ops.py) declares.
+    dw = dw if need_dw else dy.new_empty((0,), dtype=torch.float32)
+    db = db if need_db else dy.new_empty((0,), dtype=torch.float32)
     return dx, dw, db

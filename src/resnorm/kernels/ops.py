@@ -82,9 +82,9 @@ def add_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[T
 @add_norm_bwd.register_fake
 def _(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
     n = h.shape[1]
-    param_dtype = weight.dtype if weight is not None else dy.dtype
-    return (dy.new_empty(dy.shape), dy.new_empty((n if need_dw else 0,), dtype=param_dtype),
-            dy.new_empty((n if need_db else 0,), dtype=param_dtype))
+    stats = rstd.dtype  # autograd casts dweight and dbias to each parameter's own dtype
+    return (dy.new_empty(dy.shape), dy.new_empty((n if need_dw else 0,), dtype=stats),
+            dy.new_empty((n if need_db else 0,), dtype=stats))
 
 
 def _rows(t: Tensor | None) -> Tensor | None:

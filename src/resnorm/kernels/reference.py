@@ -82,7 +82,9 @@ def backward(dy, dh, h, weight, mean, rstd, rms: bool, need_dw: bool, need_db: b
         dweight = sum over rows of dy * xhat;  dbias = sum over rows of dy
 
     ``dx`` (the gradient of x and of the residual alike) has dy's dtype; the parameter
-    gradients have the weight's dtype; empty when not asked for.
+    gradients are in the arithmetic dtype (``rstd``'s: float32, or float64), empty when not
+    asked for; autograd casts each to its parameter's own dtype, so that a float32 bias of
+    bfloat16 activations gets a float32 gradient, not one rounded to bfloat16.
     """
     compute = rstd.dtype
     hc, g0 = h.to(compute), dy.to(compute)
@@ -95,7 +97,6 @@ def backward(dy, dh, h, weight, mean, rstd, rms: bool, need_dw: bool, need_db: b
     dx = dx * rstd[:, None]
     if dh is not None:
         dx = dx + dh.to(compute)
-    param_dtype = weight.dtype if weight is not None else dy.dtype
-    dw = (g0 * xhat).sum(dim=0).to(param_dtype) if need_dw else dy.new_empty((0,))
-    db = g0.sum(dim=0).to(param_dtype) if need_db else dy.new_empty((0,))
+    dw = (g0 * xhat).sum(dim=0) if need_dw else dy.new_empty((0,), dtype=compute)
+    db = g0.sum(dim=0) if need_db else dy.new_empty((0,), dtype=compute)
     return dx.to(dy.dtype).contiguous(), dw, db
