@@ -685,8 +685,18 @@ def _dead_relu_model():
     return model
 
 
+def _compiled_or_skip(compiled: bool) -> bool:
+    from resnorm.kernels import cpu
+
+    if compiled and not cpu.status()["available"]:
+        pytest.skip(f"compiled kernel unavailable: {cpu.status()['reason']}")
+    return compiled
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("every", [1, 3])
-def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
+def test_monitor_records_every_kth_step_by_hand(tmp_path, every, compiled):
+    compiled = _compiled_or_skip(compiled)
     model = _dead_relu_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     relu_out = []
@@ -694,7 +704,7 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
     path = tmp_path / "logs" / "monitor.jsonl"
     g = torch.Generator().manual_seed(1)
     expected = {}
-    with Monitor(model, every=every, path=path, dead_units_every=1) as monitor:
+    with Monitor(model, every=every, path=path, dead_units_every=1, compiled=compiled) as monitor:
         for step in range(1, 8):
             x, y = torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
             optimizer.zero_grad()
@@ -715,6 +725,7 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every):
                 "dead": (relu_out[-1] == 0).all(dim=0).float().mean().item(),
             }
             assert record is monitor.records[-1]
+            assert monitor._fast is compiled        # the path under test is the one that ran
         assert monitor.steps == 7
         assert [r["step"] for r in monitor.records] == [s for s in range(1, 8) if s % every == 0]
         assert list(expected) == [r["step"] for r in monitor.records]
@@ -758,14 +769,16 @@ def test_monitor_counts_dead_units_on_every_tenth_record_by_default():
         Monitor(model, dead_units_every=0)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("update_sample", [4096, None])
-def test_monitor_update_ratio_on_sampled_rows(update_sample):
+def test_monitor_update_ratio_on_sampled_rows(update_sample, compiled):
+    compiled = _compiled_or_skip(compiled)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = torch.randn(32, 256), torch.randint(0, 4, (32,))
     previous_small = None
-    with Monitor(model, update_sample=update_sample) as monitor:
+    with Monitor(model, update_sample=update_sample, compiled=compiled) as monitor:
         for step in range(3):
             if step == 2:  # storage moves (as after model.to(...)): the views must follow
                 model[0].weight.data = model[0].weight.data.clone()
@@ -793,6 +806,7 @@ def test_monitor_update_ratio_on_sampled_rows(update_sample):
                          / model[2].weight.norm()).item()
                 assert record["update_ratio"]["2"] == pytest.approx(small, rel=1e-4)
             previous_small = model[2].weight.detach().clone()
+            assert monitor._fast is compiled
 
 
 def test_monitor_nonfinite_and_strict_jsonl(tmp_path):
@@ -1062,3 +1076,43 @@ def test_zero_initialized_gates_are_not_vanishing_gradients():
     assert d.verdict is Verdict.HEALTHY
     assert any("start at zero" in f and f"{len(silent)} layer(s)" in f for f in d.findings)
     assert d.structure["closed_gates"] == 4
+
+
+def test_monitor_flush_writes_pending_records_and_write_errors_surface(tmp_path):
+    model = _dead_relu_model()
+    path = tmp_path / "m.jsonl"
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with Monitor(model, path=path) as monitor:
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            monitor.step()
+        monitor.flush()                                   # written while still open
+        assert [_strict_json(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+        def broken(_line):
+            raise OSError("No space left on device")
+
+        monitor._file.write = broken
+        monitor.step()                                    # the writer thread fails ...
+        with pytest.raises(RuntimeError, match="could not write its records: No space left"):
+            monitor.flush()                               # ... and the error surfaces
+    assert monitor._thread is None                        # close() joined the writer
+
+
+def test_monitor_float64_model_takes_the_pytorch_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    with Monitor(model) as monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            before = model[0].weight.detach().clone()
+            optimizer.step()
+            record = monitor.step()
+        assert monitor._fast is False                 # the compiled statistics are float32 only
+    assert record["grad_norm"]["0"] == pytest.approx(model[0].weight.grad.norm().item(), rel=1e-12)
+    exact = ((model[0].weight - before).norm() / model[0].weight.norm()).item()
+    # The weight samples are kept in float32, whatever the model's dtype.
+    assert record["update_ratio"]["0"] == pytest.approx(exact, rel=1e-5)
