@@ -97,23 +97,46 @@ def _rows(t: Tensor | None) -> Tensor | None:
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, rms, eps, h_dtype = inputs
     _, h, mean, rstd = output
-    ctx.save_for_backward(h if h_dtype is not None else x, weight, mean, rstd)
+    # A stream stored in 16 bits is h rounded; its statistics are those of h before the
+    # rounding. The backward then recomputes h exactly from x and the residual (the same
+    # memory as one float32 copy of h): rows whose spread is below the 16-bit resolution
+    # would otherwise get gradients wrong by O(1).
+    ctx.recompute = (residual is not None and h_dtype is not None
+                     and torch.finfo(h_dtype).bits < 32)
+    if ctx.recompute:
+        ctx.save_for_backward(x, residual, weight, mean, rstd)
+    else:
+        ctx.save_for_backward(h if h_dtype is not None else x, weight, mean, rstd)
     ctx.rms = rms
     ctx.has_h = h_dtype is not None
     ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.x_dtype = x.dtype
 
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
+    if ctx.recompute:
+        x, residual, weight, mean, rstd = ctx.saved_tensors
+        h = x.float() + residual.float()
+    else:
+        h, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros(h.shape, dtype=ctx.saved_tensors[0].dtype, device=h.device)
+        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
     need = ctx.needs_input_grad
+    if (ctx.residual_dtype is not None and need[1]
+            and ctx.residual_dtype.itemsize > dy.dtype.itemsize):
+        # A wider residual stream (float32 beside a bfloat16 branch) gets its gradient in
+        # its own precision: rounding it to the branch's dtype at every block would lose it.
+        dy = dy.to(ctx.residual_dtype)
     dx, dw, db = add_norm_bwd(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, mean,
                               rstd, ctx.rms, bool(need[2]), bool(need[3]))
     dres = None
     if ctx.residual_dtype is not None and need[1]:
         dres = dx if dx.dtype == ctx.residual_dtype else dx.to(ctx.residual_dtype)
-    return (dx if need[0] else None, dres, dw if need[2] else None, db if need[3] else None,
+    if need[0] and dx.dtype != ctx.x_dtype:
+        dx_x = dx.to(ctx.x_dtype)
+    else:
+        dx_x = dx
+    return (dx_x if need[0] else None, dres, dw if need[2] else None, db if need[3] else None,
             None, None, None)
 
 
