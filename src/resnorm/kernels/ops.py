@@ -97,6 +97,9 @@ def _rows(t: Tensor | None) -> Tensor | None:
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, rms, eps, h_dtype = inputs
     _, h, mean, rstd = output
+    # Outputs nobody differentiated (h when the stream's gradient is not used; the
+    # statistics) arrive as None, not as tensors of zeros to allocate, fill and read.
+    ctx.set_materialize_grads(False)
     # A stream stored in 16 bits is h rounded; its statistics are those of h before the
     # rounding. The backward then recomputes h exactly from x and the residual (the same
     # memory as one float32 copy of h): rows whose spread is below the 16-bit resolution

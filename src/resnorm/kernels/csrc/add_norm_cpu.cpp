@@ -217,58 +217,70 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
   const int64_t rows = h.size(0), n = h.size(1);
   const float inv_n = 1.0f / static_cast<float>(n);
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * n);
-    float* xh = scratch.data();
-    float* g = xh + n;
+    std::vector<float> scratch(n);
+    float* out = scratch.data();
     float* dw_acc = partial + at::get_thread_num() * 2 * n;
     float* db_acc = dw_acc + n;
+    const bool need_params = need_dw || need_db;
     for (int64_t i = begin; i < end; ++i) {
       const TH* hr = row_ptr<const TH>(&h, i);
       const TD* dyr = row_ptr<const TD>(&dy, i);
       const float mu = mean_p ? mean_p[i] : 0.0f;
       const float r = rstd_p[i];
+      // Pass 1 (reads h and dy from memory): the two row sums and, while the values are
+      // in registers, the per-thread dweight/dbias partial sums.
       float c1[kLanes] = {0.0f}, c2[kLanes] = {0.0f};
       int64_t j = 0;
       for (; j + kLanes <= n; j += kLanes) {
+        if (need_params) {
 #pragma omp simd
-        for (int64_t k = 0; k < kLanes; ++k) {
-          const float xv = (to_float(hr[j + k]) - mu) * r;
-          const float gv = to_float(dyr[j + k]);
-          xh[j + k] = xv;
-          g[j + k] = gv;
-          c1[k] += gv * w[j + k] * xv;
-          c2[k] += gv * w[j + k];
+          for (int64_t k = 0; k < kLanes; ++k) {
+            const float xv = (to_float(hr[j + k]) - mu) * r;
+            const float gv = to_float(dyr[j + k]);
+            c1[k] += gv * w[j + k] * xv;
+            c2[k] += gv * w[j + k];
+            dw_acc[j + k] += gv * xv;
+            db_acc[j + k] += gv;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < kLanes; ++k) {
+            const float xv = (to_float(hr[j + k]) - mu) * r;
+            const float gv = to_float(dyr[j + k]);
+            c1[k] += gv * w[j + k] * xv;
+            c2[k] += gv * w[j + k];
+          }
         }
       }
       float s1 = 0.0f, s2 = 0.0f;
       for (; j < n; ++j) {
-        xh[j] = (to_float(hr[j]) - mu) * r;
-        g[j] = to_float(dyr[j]);
-        s1 += g[j] * w[j] * xh[j];
-        s2 += g[j] * w[j];
+        const float xv = (to_float(hr[j]) - mu) * r;
+        const float gv = to_float(dyr[j]);
+        s1 += gv * w[j] * xv;
+        s2 += gv * w[j];
+        if (need_params) {
+          dw_acc[j] += gv * xv;
+          db_acc[j] += gv;
+        }
       }
       for (int64_t k = 0; k < kLanes; ++k) {
         s1 += c1[k];
         s2 += c2[k];
       }
-      if (need_dw) {
-#pragma omp simd
-        for (int64_t q = 0; q < n; ++q) dw_acc[q] += g[q] * xh[q];
-      }
-      if (need_db) {
-#pragma omp simd
-        for (int64_t q = 0; q < n; ++q) db_acc[q] += g[q];
-      }
       s1 *= inv_n;
       s2 = rms ? 0.0f : s2 * inv_n;
+      // Pass 2 (h and dy are in cache now): dx.
 #pragma omp simd
-      for (int64_t q = 0; q < n; ++q) g[q] = (g[q] * w[q] - (xh[q] * s1 + s2)) * r;
+      for (int64_t q = 0; q < n; ++q) {
+        const float xv = (to_float(hr[q]) - mu) * r;
+        out[q] = (to_float(dyr[q]) * w[q] - (xv * s1 + s2)) * r;
+      }
       if constexpr (!std::is_same_v<TI, Absent>) {
         const TI* ir = row_ptr<const TI>(dh_in, i);
 #pragma omp simd
-        for (int64_t q = 0; q < n; ++q) g[q] += to_float(ir[q]);
+        for (int64_t q = 0; q < n; ++q) out[q] += to_float(ir[q]);
       }
-      write_row(row_ptr<TD>(&dx, i), g, n, stream);
+      write_row(row_ptr<TD>(&dx, i), out, n, stream);
     }
     finish_streaming();
   });
