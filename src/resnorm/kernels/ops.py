@@ -53,6 +53,10 @@ def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
                  bias: Optional[Tensor], rms: bool, eps: float,
                  h_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, mean, rstd) of 2-D (rows, n) inputs; see :func:`reference.forward`."""
+    return _forward_impl(x, residual, weight, bias, rms, eps, h_dtype)
+
+
+def _forward_impl(x, residual, weight, bias, rms, eps, h_dtype):
     entry = FORWARD_KERNELS.get(x.device.type)
     if entry is not None and entry[0](x, residual, weight, bias, h_dtype):
         return entry[1](x, residual, weight, bias, rms, eps, h_dtype)
@@ -73,6 +77,10 @@ def add_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[T
                  mean: Tensor, rstd: Tensor, rms: bool, need_dw: bool,
                  need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); see :func:`reference.backward`."""
+    return _backward_impl(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
+
+
+def _backward_impl(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
     entry = BACKWARD_KERNELS.get(dy.device.type)
     if entry is not None and entry[0](dy, dh, h, weight):
         return entry[1](dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
@@ -116,7 +124,7 @@ def _setup_context(ctx, inputs, output):
     ctx.x_dtype = x.dtype
 
 
-def _backward(ctx, dy, dh, _dmean, _drstd):
+def _backward(ctx, dy, dh, _dmean, _drstd, backward_op=None):
     if ctx.recompute:
         x, residual, weight, mean, rstd = ctx.saved_tensors
         h = x.float() + residual.float()
@@ -130,7 +138,7 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
         # A wider residual stream (float32 beside a bfloat16 branch) gets its gradient in
         # its own precision: rounding it to the branch's dtype at every block would lose it.
         dy = dy.to(ctx.residual_dtype)
-    dx, dw, db = add_norm_bwd(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, mean,
+    dx, dw, db = (backward_op or add_norm_bwd)(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, mean,
                               rstd, ctx.rms, bool(need[2]), bool(need[3]))
     dres = None
     if ctx.residual_dtype is not None and need[1]:
@@ -144,6 +152,23 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
 
 
 add_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAddNorm(torch.autograd.Function):
+    """The same kernels and autograd formula as the operators, without the custom-operator
+    dispatch (tens of microseconds of Python per call): what :func:`add_norm` runs outside
+    ``torch.compile``. Under ``torch.compile`` the operators run, as single graph nodes."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, rms, eps, h_dtype):
+        output = _forward_impl(x, residual, weight, bias, rms, eps, h_dtype)
+        _setup_context(ctx, (x, residual, weight, bias, rms, eps, h_dtype), output)
+        ctx.mark_non_differentiable(output[2], output[3])
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dh, dmean, drstd):
+        return _backward(ctx, dy, dh, dmean, drstd, backward_op=_backward_impl)
 
 
 def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
@@ -217,7 +242,8 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     h_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
     materialize = residual is not None or h_dtype != x.dtype
     shape = x.shape
-    y, h, _, _ = add_norm_fwd(_rows(x.reshape(-1, n)),
+    op = add_norm_fwd if torch.compiler.is_compiling() else _EagerAddNorm.apply
+    y, h, _, _ = op(_rows(x.reshape(-1, n)),
                               _rows(residual.reshape(-1, n)) if residual is not None else None,
                               weight, bias, kind == "rms", eps,
                               h_dtype if materialize else None)

@@ -55,6 +55,16 @@ inline void put(bf16* p, float f) {  // round to nearest even; NaN stays a quiet
   p->bits = static_cast<uint16_t>(u >> 16);
 }
 
+// The sum of kLanes partial sums, pairwise: log2(kLanes) vector steps, not a chain of
+// kLanes dependent scalar additions (which would dominate short rows).
+inline float reduce_lanes(float* acc) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  return acc[0];
+}
+
 // sum(p[j] - shift) and sum((p[j] - shift)^2) with kLanes independent accumulators.
 inline float sum_shifted(const float* __restrict p, int64_t n, float shift, bool square) {
   float acc[kLanes] = {0.0f};
@@ -78,8 +88,7 @@ inline float sum_shifted(const float* __restrict p, int64_t n, float shift, bool
     const float c = p[j] - shift;
     s += square ? c * c : c;
   }
-  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
+  return s + (n >= kLanes ? reduce_lanes(acc) : 0.0f);
 }
 
 // Copies a float32 row to its destination: streaming stores when asked and the row is
@@ -160,22 +169,52 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
     float* buf = scratch.data();
     for (int64_t i = begin; i < end; ++i) {
       const TX* xr = row_ptr<const TX>(&x, i);
-      if constexpr (std::is_same_v<TR, Absent>) {
+      const TR* rr = row_ptr<const TR>(res, i);
+      TH* hr = row_ptr<TH>(hout, i);
+      TX* yr = row_ptr<TX>(&y, i);
+      // Pass 1: h = x + residual into L1 (and into h_out directly unless streaming), summed.
+      float acc[kLanes] = {0.0f};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) buf[j] = to_float(xr[j]);
-      } else {
-        const TR* rr = row_ptr<const TR>(res, i);
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) buf[j] = to_float(xr[j]) + to_float(rr[j]);
+        for (int64_t k = 0; k < kLanes; ++k) {
+          float v = to_float(xr[j + k]);
+          if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j + k]);
+          if constexpr (!std::is_same_v<TH, Absent>) {
+            if (!stream) put(hr + j + k, v);
+          }
+          buf[j + k] = v;
+          acc[k] += v;
+        }
       }
-      if constexpr (!std::is_same_v<TH, Absent>) write_row(row_ptr<TH>(hout, i), buf, n, stream);
-      const float mu = rms ? 0.0f : sum_shifted(buf, n, 0.0f, false) * inv_n;
+      float s = 0.0f;
+      for (; j < n; ++j) {
+        float v = to_float(xr[j]);
+        if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j]);
+        if constexpr (!std::is_same_v<TH, Absent>) {
+          if (!stream) put(hr + j, v);
+        }
+        buf[j] = v;
+        s += v;
+      }
+      if constexpr (!std::is_same_v<TH, Absent>) {
+        if (stream) write_row(hr, buf, n, true);
+      }
+      if (n >= kLanes) s += reduce_lanes(acc);
+      // Pass 2: the centred sum of squares (two-pass statistics, from L1).
+      const float mu = rms ? 0.0f : s * inv_n;
       const float r = 1.0f / std::sqrt(sum_shifted(buf, n, mu, true) * inv_n + eps);
       if (mean_p) mean_p[i] = mu;
       rstd_p[i] = r;
+      // Pass 3: y, straight to its row (through L1 and streaming stores when streaming).
+      if (stream) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) buf[j] = (buf[j] - mu) * r * w[j] + b[j];
-      write_row(row_ptr<TX>(&y, i), buf, n, stream);
+        for (int64_t q = 0; q < n; ++q) buf[q] = (buf[q] - mu) * r * w[q] + b[q];
+        write_row(yr, buf, n, true);
+      } else {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) put(yr + q, (buf[q] - mu) * r * w[q] + b[q]);
+      }
     }
     finish_streaming();
   });
@@ -263,9 +302,9 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
           db_acc[j] += gv;
         }
       }
-      for (int64_t k = 0; k < kLanes; ++k) {
-        s1 += c1[k];
-        s2 += c2[k];
+      if (n >= kLanes) {
+        s1 += reduce_lanes(c1);
+        s2 += reduce_lanes(c2);
       }
       s1 *= inv_n;
       s2 = rms ? 0.0f : s2 * inv_n;
