@@ -164,6 +164,13 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds per grid point.")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes [default: one per core].")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each run with DistributedDataParallel over N processes (a torchrun "
+                   "launch per run, runs one at a time; not with --workers). The study's "
+                   "batch sizes stay global: each process takes batch/N.")
+@click.option("--sync-bn", is_flag=True,
+              help="With --nproc: synchronized batch norm in the runs that have batch norm, "
+                   "so they train as in one process.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--data-root", type=click.Path(file_okay=False),
               help="Folder of the official files of a file-based data set (CIFAR-10).")
@@ -171,7 +178,8 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
               help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def lab(study, quick, seeds, workers, device, data_root, out, as_json, quiet) -> None:
+def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json,
+        quiet) -> None:
     """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
     study TOML file, and
     write report.html, figures, results.csv and results.json into the lab folder.
@@ -183,7 +191,8 @@ def lab(study, quick, seeds, workers, device, data_root, out, as_json, quiet) ->
     from .lab.report import summarize_findings, summary_table
 
     result = run_lab(study, out, quick=quick, seeds=seeds, workers=workers, device=device,
-                     data_root=data_root, progress=False if (quiet or as_json) else None)
+                     data_root=data_root, progress=False if (quiet or as_json) else None,
+                     nproc=nproc, sync_bn=sync_bn)
     if as_json:
         click.echo(json.dumps({"report": str(result.report), "seconds": result.seconds,
                                "results": result.results}, indent=2, default=str))
@@ -234,12 +243,25 @@ def lab(study, quick, seeds, workers, device, data_root, out, as_json, quiet) ->
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder [default: runs/MODEL-DATASET-seedS]. Re-running resumes it.")
 @click.option("--restart", is_flag=True, help="Start over even if --out holds a checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train with DistributedDataParallel over N processes on this machine "
+                   "(torchrun's launcher; gloo on CPU, nccl on CUDA). --batch-size is per "
+                   "process, as in PyTorch: a step sees N x batch-size samples. For several "
+                   "machines run torchrun -m resnorm train yourself.")
+@click.option("--sync-bn", is_flag=True,
+              help="Synchronized batch norm: statistics of the whole N x batch-size batch, "
+                   "as in one process (without it each process normalizes its own slice). "
+                   "An error if the model has no batch norm.")
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds a worker waits for the others before failing (a hung worker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
-def train(model_name, dataset, data_root, samples, norm, depth, width, placement, residual,
+@click.pass_context
+def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, placement, residual,
           epochs, batch_size, optimizer, lr, momentum, nesterov, weight_decay, schedule,
           warmup_epochs, label_smoothing, augment, amp, use_compile, device, threads, seed,
-          checkpoint_every, monitor_every, out, restart, as_json, quiet) -> None:
+          checkpoint_every, monitor_every, out, restart, nproc, sync_bn, dist_timeout, as_json,
+          quiet) -> None:
     """Train MODEL on DATASET; per-epoch metrics go to OUT/metrics.jsonl and metrics.csv,
     checkpoints to OUT/checkpoint.pt. Run the same command again to resume an interrupted
     run from its last checkpoint (a finished run is not trained again).
@@ -251,6 +273,9 @@ def train(model_name, dataset, data_root, samples, norm, depth, width, placement
       resnorm train --model resnet20 --dataset digits
       resnorm train --model resnet20 --dataset cifar10 --data-root ~/data --optimizer sgd \\
           --lr 0.1 --weight-decay 1e-4 --schedule step --augment --epochs 182
+      resnorm train --model resnet1d_20 --nproc 2 --sync-bn --batch-size 64
+      torchrun --nnodes 2 --node-rank 0 --master-addr HOST --master-port 29500 \\
+          --nproc-per-node 4 -m resnorm train --model resnet20 --device cuda --sync-bn
     """
     from pathlib import Path
 
@@ -258,14 +283,23 @@ def train(model_name, dataset, data_root, samples, norm, depth, width, placement
 
     from .data import load_dataset
     from .diagnostics import Monitor
+    from .norms import has_batch_norm
     from .train import TrainConfig, fit, model_for_data
+    from .train.distributed import (check_nproc, init_distributed, launched_by_torchrun,
+                                    shutdown_distributed, world)
 
+    in_worker = launched_by_torchrun()
+    if nproc > 1 and in_worker:
+        raise _UserError("--nproc starts the worker processes itself; under torchrun, give "
+                         "torchrun --nproc-per-node instead")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                          momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                          schedule=schedule, warmup_epochs=warmup_epochs,
                          label_smoothing=label_smoothing, augment=augment, amp=amp,
                          compile=use_compile, device=device, threads=threads, seed=seed,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, sync_bn=sync_bn)
+    if nproc > 1:
+        check_nproc(nproc, device)
     data_options = {}
     if samples is not None:
         data_options["num_samples"] = samples
@@ -277,11 +311,21 @@ def train(model_name, dataset, data_root, samples, norm, depth, width, placement
                  if v is not None}
     torch.manual_seed(seed)
     model = model_for_data(model_name, data, **overrides)
+    if sync_bn and not has_batch_norm(model):
+        raise _UserError(f"--sync-bn: {model_name} has no batch norm layer here "
+                         f"(norm={overrides.get('norm', 'its default')!r}); drop --sync-bn")
     out = Path(out) if out else Path("runs") / f"{model_name}-{dataset}-seed{seed}"
+    if nproc > 1:  # the data set is cached above, before the workers load it
+        _launch_workers(ctx, nproc, device, out)
+        return
+    if in_worker:
+        init_distributed(device, dist_timeout)
+    rank = world()[0]
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=quiet or as_json, soft_wrap=True)  # chatter: stderr
-    results = Console(soft_wrap=True)                                        # results: stdout
+    console = Console(stderr=True, quiet=quiet or as_json or rank > 0,  # chatter: stderr
+                      soft_wrap=True)
+    results = Console(soft_wrap=True, quiet=rank > 0)                   # results: stdout
     console.print(f"{data.summary()}\n{model_name}: "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; run folder {out}")
 
@@ -297,9 +341,16 @@ def train(model_name, dataset, data_root, samples, norm, depth, width, placement
         result = fit(model, data, config, out=out, resume=not restart, monitor=monitor,
                      progress=None if not (quiet or as_json) else False,
                      description=f"{model_name} on {dataset}", meta=meta, on_epoch=report)
+    except Exception as exc:
+        if in_worker:
+            _worker_error(exc, rank)
+        raise
     finally:
         if monitor is not None:
             monitor.close()
+    shutdown_distributed()
+    if rank > 0:
+        return
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps({**summary, "out": str(out)}, indent=2, default=str))
@@ -313,6 +364,66 @@ def train(model_name, dataset, data_root, samples, norm, depth, width, placement
         results.print(f"final test accuracy {result.final['test_acc']:.2%} (best {best:.2%}) "
                       f"in {result.seconds:.0f} s")
     results.print(f"files: {out}/metrics.csv, metrics.jsonl, checkpoint.pt, result.json")
+
+
+def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
+    """The options of this command as the user gave them (defaults left out), for running
+    the same command in worker processes."""
+    from click.core import ParameterSource
+
+    args: list[str] = []
+    for param in ctx.command.params:
+        if (not isinstance(param, click.Option) or param.name in drop
+                or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT)):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                args.append(param.opts[0])
+        elif value is not None:
+            args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def _launch_workers(ctx: click.Context, nproc: int, device: str, out) -> None:
+    """``resnorm train ... --nproc N`` is ``torchrun --standalone --nproc-per-node N -m
+    resnorm train ...``, run through torchrun's API so that a failure is one line."""
+    from .train import load_checkpoint
+    from .train.distributed import LaunchError, launch
+
+    args = ["-m", "resnorm", "train", *_forwarded_args(ctx, drop=("nproc",))]
+    try:
+        launch(sys.executable, args, nproc=nproc, device=device)
+    except LaunchError as exc:
+        hint = ""
+        if exc.exit_code != 2:
+            try:
+                step = load_checkpoint(out / "checkpoint.pt")["global_step"]
+                hint = f"; run the same command again to resume from step {step}"
+            except (OSError, ValueError):
+                hint = "; no checkpoint was written yet"
+        click.echo(f"resnorm: error: {exc}{hint}", err=True)
+        raise click.exceptions.Exit(exc.exit_code) from None
+
+
+def _worker_error(exc: Exception, rank: int) -> None:
+    """In a torchrun worker: one line for a lost peer, and the rank on other errors (which
+    every process may report)."""
+    import re
+
+    from .train.distributed import is_collective_failure
+
+    if is_collective_failure(exc):
+        # gloo/nccl say it as "[file:line] What happened. Advice...": keep what happened.
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]
+        click.echo(f"resnorm: error: [rank {rank}] lost contact with the other workers "
+                   f"({text})", err=True)
+        raise click.exceptions.Exit(1) from None
+    if rank > 0 and isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
+        raise _UserError(f"[rank {rank}] {exc}") from None
 
 
 @cli.command(name="models", short_help="List the registered models.")

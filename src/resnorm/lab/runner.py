@@ -5,6 +5,10 @@ Every run writes ``runs/<run_id>/`` under the lab's folder: the training files o
 started again with the same folder skips the runs that have a summary and resumes the
 others from their checkpoints. A run that raises is recorded as failed (its traceback in
 ``error.txt``) and the others go on; a diverged run is recorded as diverged.
+
+With ``nproc=N`` each run is instead one torchrun launch of N processes training with
+DistributedDataParallel, one run at a time; the study's batch sizes stay the global
+batch, each process taking batch / N.
 """
 from __future__ import annotations
 
@@ -76,11 +80,31 @@ def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads:
         torch.set_num_threads(previous_threads)
 
 
+def execute_distributed_run(spec: RunSpec, study: Study, run_dir: str, device: str) -> dict:
+    """:func:`execute_run` in one worker of a torchrun launch (the entry point that
+    :func:`run_study` launches with ``nproc``): joins the process group, trains its
+    share, leaves. An error is raised (after writing ``error.txt``) rather than recorded
+    as a failed summary, so that torchrun stops the other workers instead of leaving them
+    waiting for this one."""
+    from ..train.distributed import init_distributed, shutdown_distributed
+
+    init_distributed(device)
+    summary = _execute(spec, study, Path(run_dir), device)
+    shutdown_distributed()
+    return summary
+
+
 def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str) -> dict:
+    import dataclasses
+
     import torch
 
     from ..diagnostics import diagnose
+    from ..norms import has_batch_norm
     from ..train import fit, model_for_data
+    from ..train.distributed import world
+
+    rank, world_size = world()
 
     start = time.perf_counter()
     summary = {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
@@ -100,7 +124,9 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str) -> dict:
         if study.init_only:
             summary["status"] = "finished"
         else:
-            config = study.train_config(spec.batch_size, spec.seed, device)
+            config = study.train_config(spec.batch_size // world_size, spec.seed, device)
+            if config.sync_bn and not has_batch_norm(model):
+                config = dataclasses.replace(config, sync_bn=False)
             result = fit(model, data, config, out=run_dir, progress=False,
                          meta={"model": spec.model, "overrides": spec.model_overrides(),
                                "dataset": study.dataset})
@@ -116,10 +142,13 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(run_dir / "error.txt", "w") as f:
             f.write(traceback.format_exc())
+        if world_size > 1:
+            raise
     summary["seconds"] = time.perf_counter() - start
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(run_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(run_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     return summary
 
 
@@ -134,9 +163,12 @@ def load_summary(run_dir: Path) -> dict | None:
 
 
 def run_study(study: Study, out, *, seeds: int | None = None, workers: int | None = None,
-              device: str = "cpu", progress: bool | None = None) -> list[dict]:
+              device: str = "cpu", progress: bool | None = None,
+              nproc: int | None = None) -> list[dict]:
     """Run every run of ``study`` (those already done in ``out`` are reused) and return
-    their summaries in grid order."""
+    their summaries in grid order. ``nproc > 1``: each run is a torchrun launch of
+    ``nproc`` processes (DistributedDataParallel), one run at a time; it cannot be combined
+    with ``workers > 1``, and must divide the study's batch sizes (global batches)."""
     out = Path(out)
     specs = study.runs(seeds)
     results: dict[str, dict] = {}
@@ -147,10 +179,26 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
             results[spec.run_id] = done
         else:
             todo.append(spec)
+    distributed = nproc is not None and nproc > 1
+    if distributed:
+        _check_distributed_plan(todo, nproc, workers, device)
     n_workers, threads = plan_workers(len(todo), workers)
     show = sys.stderr.isatty() if progress is None else progress
     with _LabProgress(show, len(specs), len(specs) - len(todo)) as bar:
-        if todo and n_workers == 1:
+        if todo and distributed:
+            from ..train.distributed import LaunchError, launch
+
+            for spec in todo:
+                bar.running(1)
+                run_dir = str(out / "runs" / spec.run_id)
+                try:
+                    results[spec.run_id] = launch(execute_distributed_run,
+                                                  (spec, study, run_dir, device), nproc=nproc,
+                                                  device=device)[0]
+                except LaunchError as exc:
+                    results[spec.run_id] = _worker_died(spec, study, f"launch failed: {exc}")
+                bar.finished()
+        elif todo and n_workers == 1:
             for spec in todo:
                 bar.running(1)
                 results[spec.run_id] = execute_run(spec, study, str(out / "runs" / spec.run_id),
@@ -171,7 +219,9 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
                             try:
                                 results[spec.run_id] = future.result()
                             except Exception as exc:  # the worker process itself died
-                                results[spec.run_id] = _worker_died(spec, study, exc)
+                                results[spec.run_id] = _worker_died(
+                                    spec, study,
+                                    f"worker process died: {type(exc).__name__}: {exc}")
                             bar.finished()
                 except BaseException:
                     for future in pending:
@@ -180,10 +230,25 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
     return [results[spec.run_id] for spec in specs]
 
 
-def _worker_died(spec: RunSpec, study: Study, exc: BaseException) -> dict:
+def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None,
+                            device: str) -> None:
+    from ..train.distributed import check_nproc
+
+    check_nproc(nproc, device)
+    if workers is not None and workers > 1:
+        raise ValueError(f"nproc={nproc} and workers={workers} cannot be combined: with nproc "
+                         f"each run takes {nproc} processes and runs go one at a time")
+    uneven = sorted({spec.batch_size for spec in todo if spec.batch_size % nproc})
+    if uneven:
+        raise ValueError(f"nproc={nproc} must divide the study's batch sizes (global batches, "
+                         f"shared out among the processes); it does not divide "
+                         f"{', '.join(map(str, uneven))}")
+
+
+def _worker_died(spec: RunSpec, study: Study, error: str) -> dict:
     return {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
             **asdict(spec), "options": dict(spec.options), "dataset": study.dataset,
-            "status": "failed", "error": f"worker process died: {type(exc).__name__}: {exc}",
+            "status": "failed", "error": error,
             "diverged_at_step": None, "final_test_acc": None, "best_test_acc": None,
             "final_train_loss": None, "parameters": None, "seconds": None, "history": [],
             "init": None}

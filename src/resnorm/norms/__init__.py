@@ -11,8 +11,11 @@ from .factory import FUSED_KINDS, NORM_KINDS, default_num_groups, make_norm
 from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, LayerNorm2d, RMSNorm
+from .sync_batch import (SyncBatchNorm, convert_sync_batchnorm, has_batch_norm,
+                         revert_sync_batchnorm)
 
 __all__ = [
     "BatchNorm", "CONVENTIONS", "DyT", "FUSED_KINDS", "FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LayerNorm2d",
-    "NORM_KINDS", "RMSNorm", "RunningStatsNorm", "default_num_groups", "make_norm",
+    "NORM_KINDS", "RMSNorm", "RunningStatsNorm", "SyncBatchNorm", "convert_sync_batchnorm",
+    "default_num_groups", "has_batch_norm", "make_norm", "revert_sync_batchnorm",
 ]

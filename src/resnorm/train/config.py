@@ -23,6 +23,12 @@ class TrainConfig:
     autocast on the CPU, float16 with a gradient scaler on CUDA. ``checkpoint_every``:
     also checkpoint every that many steps (every epoch always). ``device="auto"`` picks
     CUDA when available.
+
+    Distributed (``fit`` inside a torch.distributed process group of N processes):
+    ``batch_size`` is per process, PyTorch's convention, so a step sees N x
+    ``batch_size`` samples; ``sync_bn`` turns every batch norm into
+    :class:`~resnorm.norms.SyncBatchNorm` for the run, so its statistics are those of the
+    N x ``batch_size`` samples (without it each process normalizes its own slice).
     """
 
     epochs: int = 20
@@ -47,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int | None = None
     eval_batch_size: int = 1024
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
@@ -77,6 +84,8 @@ class TrainConfig:
         if self.checkpoint_every is not None:
             check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        if not isinstance(self.sync_bn, bool):
+            raise TypeError(f"sync_bn must be True or False, got {self.sync_bn!r}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -46,21 +46,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator, *,
+                   offset: int = 0, total: int | None = None) -> torch.Tensor:
     """Random crops of the zero-padded images and random horizontal flips, per sample
-    (He et al. 2015's CIFAR augmentation), on a batch (N, C, H, W)."""
+    (He et al. 2015's CIFAR augmentation), on a batch (N, C, H, W).
+
+    ``x`` may be a slice of a larger batch, its rows ``offset`` to ``offset + N`` of
+    ``total``: the random draws are made for the whole batch and the slice takes its share,
+    so the processes of a distributed run, each with its slice, crop and flip exactly as
+    one process with the whole batch would."""
     if x.dim() != 4:
         raise ValueError(f"augment=True needs image batches (N, C, H, W), got shape "
                          f"{tuple(x.shape)}; turn augmentation off for this data set")
     n, c, h, w = x.shape
+    total = n if total is None else total
+    if not 0 <= offset <= total - n:
+        raise ValueError(f"rows {offset}..{offset + n} do not fit in a batch of total={total}")
+    rows_of_x = slice(offset, offset + n)
     device = x.device
     if padding:
         padded = F.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+        dy = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[rows_of_x].to(device)
+        dx = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[rows_of_x].to(device)
         rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
         x = padded[torch.arange(n, device=device)[:, None, None, None],
                    torch.arange(c, device=device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    flip = (torch.rand(total, generator=generator)[rows_of_x] < 0.5).to(device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
