@@ -220,7 +220,9 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
 @click.option("--placement", type=click.Choice(["pre", "post"]))
 @click.option("--residual/--plain", default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Samples per step, per process under --nproc or torchrun (PyTorch's "
+                   "convention: the global batch is N x batch-size).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
