@@ -49,8 +49,11 @@ def set_allocator(regime: str) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
+    # mallopt takes a C int: 2**31 - 1 is the largest trim threshold (a larger Python int
+    # would wrap around, to 0 for 2**40, and trim the heap at every free).
     if regime == "reuse":
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40))
+        return (bool(libc.mallopt(_M_MMAP_MAX, 0))
+                and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
     return bool(libc.mallopt(_M_MMAP_MAX, 65536)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10))
 
 

@@ -25,6 +25,10 @@
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -121,6 +125,27 @@ inline void write_row(bf16* __restrict dst, const float* __restrict src, int64_t
 inline void finish_streaming() {
 #if defined(__AVX512F__) || defined(__AVX__)
   _mm_sfence();  // streaming stores are weakly ordered: make them visible before returning
+#endif
+}
+
+// Whether the last page of a freshly allocated output is already in memory (not the
+// first: the allocator writes its header there). A large
+// allocation the allocator serves with fresh pages from the OS (glibc: 32 MiB and more) is
+// faulted in, zeroed, on first touch; streaming stores then write around the zeroed lines
+// the fault just put in cache and cost more than they save. Memory the allocator reuses is
+// resident, and there streaming stores save the read-for-ownership.
+bool resident(const at::Tensor& t) {
+#if defined(__linux__)
+  static const long page = sysconf(_SC_PAGESIZE);
+  if (t.numel() == 0) return true;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes() - 1;
+  unsigned char in_core = 0;
+  void* start = reinterpret_cast<void*>(address - address % page);
+  if (mincore(start, 1, &in_core) != 0) return true;
+  return (in_core & 1) != 0;
+#else
+  (void)t;
+  return true;
 #endif
 }
 
@@ -368,6 +393,7 @@ std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at
   if (rows == 0 || n == 0) return {y, mean, rstd};
   const std::vector<float> w = as_float_vector(weight, n, 1.0f);
   const std::vector<float> b = as_float_vector(bias, n, 0.0f);
+  stream = stream && resident(y) && (!hout || resident(*hout));
   float* mean_p = rms ? nullptr : mean.data_ptr<float>();
   const float epsf = static_cast<float>(eps);
   if (is_bf16(x))
@@ -400,6 +426,7 @@ std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<a
     const std::vector<float> w = as_float_vector(weight, n, 1.0f);
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
     const float* mean_p = rms ? nullptr : mean_c.data_ptr<float>();
+    stream = stream && resident(dx);
     if (is_bf16(dy))
       bwd_h<bf16>(dy, dhi, h, w.data(), mean_p, rstd_c.data_ptr<float>(), rms, dx,
                   partial.data_ptr<float>(), need_dw, need_db, stream);
