@@ -847,6 +847,7 @@ def test_streaming_threshold_matches_oracle(rows, streams, kind, only_compiled, 
     """1100 x 1024 float32 outputs (4.3 MiB) are written with streaming stores, 1000 x 1024
     (3.9 MiB) with ordinary ones; both match the oracle."""
     shape = (rows, 1024)
+    monkeypatch.setattr(cpu, "STREAM_BYTES", 4 << 20)    # the mechanism, not the tuned value
     assert (rows * 1024 * 4 >= cpu.STREAM_BYTES) == streams
     spy = _StreamSpy(cpu.load())
     monkeypatch.setitem(cpu._state, "module", spy)
