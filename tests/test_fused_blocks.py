@@ -125,3 +125,14 @@ def test_bench_cli_bad_arguments_exit_2(capsys, args, message):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_fused_channels_first_stream_summed_in_float32_like_the_kernel():
+    # Not fusable (channels first): the separate add must still sum in float32 and keep
+    # the stream in float32 with residual_in_fp32, as add_norm does.
+    norm = FusedAddLayerNorm(4, channel_dim=1, residual_in_fp32=True)
+    x = torch.full((1, 4, 3), 256.0, dtype=torch.bfloat16)
+    r = torch.ones(1, 4, 3, dtype=torch.bfloat16)       # 257 is not a bfloat16 number
+    y, h = norm(x, r, prenorm=True)
+    assert h.dtype == torch.float32 and torch.equal(h, torch.full((1, 4, 3), 257.0))
+    assert y.dtype == torch.bfloat16

@@ -87,10 +87,10 @@ class ResidualMLPBlock(nn.Module):
                 + (", fused=True" if self.fused else ""))
 
 
-def check_fusable(what: str, norm, placement: str, residual: bool, alpha: float = 1.0) -> None:
+def check_fusable(what: str, norm, placement: str, residual: bool) -> None:
     """Raise unless a block can fuse its residual adds with its norms."""
     if not (isinstance(norm, str) and norm in FUSED_KINDS):
         raise ValueError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
-    if placement != "pre" or not residual or alpha != 1.0:
+    if placement != "pre" or not residual:
         raise ValueError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
                          f"residual=True), got placement={placement!r}, residual={residual}")

@@ -105,7 +105,7 @@ class Monitor:
                  for w, block in zip(self._weights, self._sample_index)]
         # The sampled blocks are concatenated grouped by size, so that the update ratios of
         # a whole group are one row-wise norm of a (layers, size) view, not a norm per layer.
-        self._segment_sizes = sizes
+        self._sample_total = sum(sizes)
         self._order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
         self._groups: list[tuple[int, int]] = []  # (segment size, number of layers)
         for i in self._order:
@@ -175,7 +175,7 @@ class Monitor:
         self._refresh_views()
         if self._fast:  # one buffer, rewritten in place: the compiled path diffs against it
             if self._snapshot is None:
-                self._snapshot = torch.empty(sum(self._segment_sizes))
+                self._snapshot = torch.empty(self._sample_total)
             return torch.cat(self._views, out=self._snapshot)
         return torch.cat(self._views).float()
 
@@ -293,7 +293,7 @@ class Monitor:
             for i, value in zip(present, norms):
                 grad_norms[i] = value
         self._refresh_views()  # the weights may have moved (model.to(...)) since the last step
-        if self._fast and self._previous is not None and self._snapshot is self._previous:
+        if self._previous is not None and self._previous is self._snapshot:  # compiled path
             # One pass: ||w - previous||, ||w||, and the snapshot becomes w.
             change, size = self._kernels.update_norms(self._views, self._snapshot, True).tolist()
             update = self._ratios_from(change, size)

@@ -88,7 +88,8 @@ def load(*, quiet: bool = False):
                                         verbose=False)
             _state.update(module=module)
         except Exception as exc:  # no compiler, no headers, ...: fall back, say why once
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            lines = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
             _state.update(error=reason)
             warnings.warn(f"resnorm: the compiled CPU add+norm kernel is unavailable ({reason}); "
                           "using the pure-PyTorch reference", RuntimeWarning, stacklevel=3)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import add_norm
+from ..kernels import add_norm, reference
 from .layer import LayerNorm, RMSNorm
 
 
@@ -39,9 +39,11 @@ class _FusedAdd:
             return add_norm(x, residual, self.weight, getattr(self, "bias", None),
                             kind=self.kind, eps=self._eps_for(x), prenorm=prenorm,
                             residual_in_fp32=self.residual_in_fp32)
-        h = x if residual is None else x + residual
-        if self.residual_in_fp32 and h.dtype in (torch.bfloat16, torch.float16):
-            h = h.float()
+        # The stream as add_norm makes it: summed in float32, stored in its own dtype.
+        stream = reference.residual_dtype(x, residual, self.residual_in_fp32)
+        compute = reference.stats_dtype(x.dtype)
+        h = x if residual is None else (x.to(compute) + residual.to(compute))
+        h = h.to(stream)
         y = super().forward(h).to(x.dtype)
         return (y, h) if prenorm else y
 
