@@ -27,7 +27,10 @@ What is checked, and against what:
 11. bad arguments, with messages that name the argument and what is accepted;
 12. one intra-op thread vs two;
 13. zero rows;
-14. ``prenorm=True`` without a residual returns x itself as h, and gradients still flow.
+14. ``prenorm=True`` without a residual returns x itself as h, and gradients still flow;
+15. the output pool: outputs from it match the oracle and the unpooled kernel bit for bit,
+    freed blocks are reused, the cap and ``empty_cache`` release them, its tensors resize,
+    save and share like any other, and its settings (environment included) are checked.
 
 Tolerances (see ``_Scales``). Each result is compared elementwise with the float64 oracle,
 ``|got - oracle| <= ulp(oracle in the output dtype) + tol * scale``, where ``scale`` is the
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -840,6 +844,9 @@ class _StreamSpy:
         self.calls.append(("bwd", args[-1]))
         return self.module.add_norm_bwd(*args)
 
+    def __getattr__(self, name):  # everything else (the output allocator): the module's
+        return getattr(self.module, name)
+
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows,streams", [(1100, True), (1000, False)])
@@ -1029,3 +1036,141 @@ def test_prenorm_without_residual_returns_x(kind, dtype):
     _check(got, want, sc, x=x, weight=w, what="no residual")
     only_y = _run(add_norm, x, None, w, b, kind=kind, dy=dy, dh=None)
     _assert_close(got.dx, only_y.dx + dh, 2 * _ulp(got.dx, dtype), "dx = dx through y + dh")
+
+
+# --------------------------------------------------------------------------------------------
+# 15. the output pool
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def pool(compiled):
+    """A pool serving outputs of 1 MiB and more (the default is 32 MiB), empty at the start;
+    the process's settings come back afterwards."""
+    before = cpu.pool_stats()
+    cpu.empty_cache()
+    yield cpu.configure_pool(enabled=True, min_bytes=MiB, max_cached=64 * MiB)
+    cpu.configure_pool(enabled=before["min_bytes"] >= 0, min_bytes=cpu.POOL_MIN_BYTES,
+                       max_cached=before["max_cached"])
+    cpu.empty_cache()
+
+
+def _pooled_case(kind, seed=170):
+    x, res, w, b, dy = _case((300, 1024), seed, kind=kind)      # 1.2 MiB per float32 output
+    return x, res, w, b, dy, _data((300, 1024), seed + 1, scale=1.0, shift=0.0)
+
+
+def _counts(stats):
+    return stats["hits"], stats["misses"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pool_outputs_match_oracle_and_unpooled(kind, only_compiled, pool):
+    x, res, w, b, dy, dh = _pooled_case(kind)
+    hits, misses = _counts(pool)
+    got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
+    assert _counts(cpu.pool_stats()) == (hits, misses + 3)     # y, h forward; dx backward
+    hits, misses = _counts(cpu.pool_stats())
+    _check(got, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
+           _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what="pooled")
+    cpu.configure_pool(enabled=False)
+    plain = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
+    assert _counts(cpu.pool_stats()) == (hits, misses)        # off: the pool was not asked
+    for name, a in got.fields().items():
+        _same(a, getattr(plain, name), f"pooled vs PyTorch's allocator: {name}")
+
+
+def test_pool_reuses_freed_blocks_huge_page_aligned(only_compiled, pool):
+    x, res, w, b, _, _ = _pooled_case("layer")
+    hits, misses = _counts(pool)
+    y, h = add_norm(x, res, w, b, prenorm=True)
+    first = {y.data_ptr(), h.data_ptr()}
+    assert all(p % (2 * MiB) == 0 for p in first)  # mapped on huge-page boundaries
+    del y, h
+    stats = cpu.pool_stats()
+    assert stats["cached_blocks"] == 2 and stats["cached_bytes"] == 4 * MiB  # 2 MiB granules
+    y, h = add_norm(x, res, w, b, prenorm=True)
+    assert {y.data_ptr(), h.data_ptr()} == first
+    assert _counts(cpu.pool_stats()) == (hits + 2, misses + 2)
+    assert cpu.pool_stats()["cached_blocks"] == 0
+    torch.testing.assert_close(y, F.layer_norm(x + res, (1024,), w, b), rtol=0, atol=1e-5)
+
+
+def test_pool_cap_and_empty_cache(only_compiled, pool):
+    x, res, w, b, _, _ = _pooled_case("rms")
+    cpu.configure_pool(max_cached=2 * MiB)          # room for one of the two 2 MiB blocks
+    y, h = add_norm(x, res, w, None, kind="rms", prenorm=True)
+    del y, h
+    stats = cpu.pool_stats()
+    assert stats["cached_bytes"] == 2 * MiB
+    assert stats["released_blocks"] == pool["released_blocks"] + 1
+    cpu.configure_pool(max_cached=0)                # lowering the cap releases at once
+    assert cpu.pool_stats()["cached_bytes"] == 0
+    cpu.configure_pool(max_cached=64 * MiB)
+    y, h = add_norm(x, res, w, None, kind="rms", prenorm=True)
+    del y, h
+    assert cpu.pool_stats()["cached_blocks"] == 2
+    cpu.empty_cache()
+    assert cpu.pool_stats()["cached_bytes"] == 0 and cpu.pool_stats()["cached_blocks"] == 0
+
+
+def test_pool_tensors_behave_like_any_other(only_compiled, pool, tmp_path):
+    x, res, w, b, _, _ = _pooled_case("layer")
+    y = add_norm(x, res, w, b)
+    want = y.clone()
+    torch.save(y, tmp_path / "y.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), want,
+                               rtol=0, atol=0)
+    y.resize_(600, 1024)                            # grows: a new block, the old data kept
+    torch.testing.assert_close(y[:300], want, rtol=0, atol=0)
+    y.share_memory_()                               # moved to shared memory; block freed
+    assert y.is_shared()
+    torch.testing.assert_close(y[:300], want, rtol=0, atol=0)
+    z = add_norm(x, res, w, b) * 2 + 1              # pooled outputs feed stock ops
+    torch.testing.assert_close(z, want * 2 + 1, rtol=0, atol=0)
+
+
+def test_pool_settings_checked(compiled):
+    with pytest.raises(ValueError, match=r"configure_pool: min_bytes must be a non-negative "
+                                         r"int, got -1"):
+        cpu.configure_pool(min_bytes=-1)
+    with pytest.raises(ValueError, match=r"max_cached must be a non-negative int, got 1\.5"):
+        cpu.configure_pool(max_cached=1.5)
+    with pytest.raises(TypeError, match=r"enabled must be True, False or None, got 'yes'"):
+        cpu.configure_pool(enabled="yes")
+
+
+@pytest.mark.parametrize("text,value", [("0", 0), ("4096", 4096), ("4K", 4096),
+                                        ("1.5M", 3 << 19), ("2GiB", 2 << 30), ("1gb", 1 << 30),
+                                        ("3 T", 3 << 40)])
+def test_parse_bytes(text, value):
+    assert cpu.parse_bytes("RESNORM_POOL_MAX_CACHED", text) == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "12x", "-1", "1.5.2M", "four"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match=rf"RESNORM_POOL_MAX_CACHED='{re.escape(text)}' is not "
+                                         r"a byte count; accepted: a non-negative number"):
+        cpu.parse_bytes("RESNORM_POOL_MAX_CACHED", text)
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({"RESNORM_POOL": "off", "RESNORM_POOL_MAX_CACHED": "256M"}, "-1 268435456"),
+    ({"RESNORM_POOL": "on"}, f"{32 << 20} "),
+    ({"RESNORM_POOL": "maybe"}, "ValueError: RESNORM_POOL='maybe' is not accepted; accepted: "
+                                "on, off"),
+    ({"RESNORM_POOL_MAX_CACHED": "lots"}, "ValueError: RESNORM_POOL_MAX_CACHED='lots' is not a "
+                                          "byte count"),
+])
+def test_pool_environment(env, expect, compiled):
+    code = ("from resnorm.kernels import cpu\n"
+            "try:\n"
+            "    s = cpu.status()['pool']\n"
+            "    print(s['min_bytes'], s['max_cached'])\n"
+            "except ValueError as e:\n"
+            "    print(f'ValueError: {e}')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(expect), out.stdout

@@ -4,6 +4,8 @@ For each norm kind and shape (rows x hidden), forward and forward+backward, it t
 medians over repeats:
 
 - ``resnorm``: :func:`resnorm.kernels.add_norm` (``prenorm=True``: y and the new residual);
+- ``resnorm-nopool`` (``fresh`` regime only): the same with its output pool turned off, so
+  that its outputs come from PyTorch's allocator as the peers' do;
 - ``eager``: ``h = x + r`` then ``F.layer_norm(h)`` / ``F.rms_norm(h)`` (stock PyTorch);
 - ``compile``: ``torch.compile`` of the eager function;
 - ``copy``: ``dst.copy_(src)`` of one tensor, the machine's memory bandwidth, the physical
@@ -14,7 +16,8 @@ h and y; backward: read dy and h, write dx), so percentages of copy bandwidth co
 like with like. Every peer runs under each allocator regime asked for (Linux/glibc):
 
 - ``fresh`` (glibc's default): allocations of 32 MiB or more are fresh ``mmap`` pages, so
-  every output pays page faults (the kernel zeroing the pages) each call;
+  every output of the peers pays page faults (the OS zeroing the pages) each call, and so
+  does resnorm's without its output pool (:mod:`resnorm.kernels.cpu`);
 - ``reuse``: freed memory is kept and reused (``mallopt(M_MMAP_MAX, 0)``), as jemalloc or
   tcmalloc do; this isolates the kernels' own speed.
 
@@ -102,14 +105,18 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
         rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
                      "ms": 1e3 * copy, "GB/s": copy_gbs, "pct_copy": 100.0})
         for kind in kinds:
-            impls = [("resnorm", _fused(kind)), ("eager", _eager(kind))]
+            impls = [("resnorm", _fused(kind))]
+            if regime == "fresh" and cpu.pool_stats().get("min_bytes", -1) >= 0:
+                # The same kernel with its outputs from PyTorch's allocator: how much of the
+                # fresh-regime speed-up is the output pool's (docs/kernels.md).
+                impls.append(("resnorm-nopool", _fused(kind)))
+            impls += [("eager", _eager(kind))]
             if use_compile:
                 impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
             timed = {}
             for name, fn in impls:
                 if progress:
                     progress(f"{regime} {shape} {kind} {name}")
-                fwd = median_seconds(lambda: fn(x, r, w, b), repeats)
                 xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
                 wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
 
@@ -118,7 +125,14 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
                     y.backward(dy)
                     xg.grad = rg.grad = wg.grad = bg.grad = None
 
-                both = median_seconds(step, repeats)
+                if name == "resnorm-nopool":
+                    cpu.configure_pool(enabled=False)
+                try:
+                    fwd = median_seconds(lambda: fn(x, r, w, b), repeats)
+                    both = median_seconds(step, repeats)
+                finally:
+                    if name == "resnorm-nopool":
+                        cpu.configure_pool(enabled=True)
                 timed[name] = {"fwd": fwd, "fwd+bwd": both}
             for name in timed:
                 for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
@@ -127,9 +141,9 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
                     row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
                            "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
                            "pct_copy": 100 * gbs / copy_gbs}
-                    if name == "resnorm":
+                    if name.startswith("resnorm"):
                         for peer in timed:
-                            if peer != name:
+                            if not peer.startswith("resnorm"):
                                 row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
                     rows.append(row)
     return rows

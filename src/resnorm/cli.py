@@ -542,7 +542,7 @@ def bench(shapes, kinds, regimes, repeats, no_compile, no_end_to_end, quick, out
         vs = [f"{row[key]:.2f}" if key in row else "" for key in ("x_vs_eager", "x_vs_compile")]
         table.add_row(row["regime"], row["shape"], row["kind"], row["impl"], row["pass"],
                       f"{row['ms']:.2f}", f"{row['GB/s']:.1f}", f"{row['pct_copy']:.0f}%", *vs)
-    out_console = Console()
+    out_console = Console(width=max(Console().width, 120))  # a narrow pipe would cut cells
     out_console.print(table)
     if result["end_to_end"]:
         e2e = Table(title="training step (forward, backward, AdamW), medians", box=None)
