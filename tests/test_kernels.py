@@ -25,7 +25,7 @@ What is checked, and against what:
 9. the streaming-store path (outputs >= ``cpu.STREAM_BYTES``) and the normal one;
 10. the fallbacks: float64 and float16 run the reference; ``RESNORM_KERNELS=reference``;
 11. bad arguments, with messages that name the argument and what is accepted;
-12. one intra-op thread vs two;
+12. one intra-op thread vs two; rows in blocks (whole, partial, split between threads);
 13. zero rows;
 14. ``prenorm=True`` without a residual returns x itself as h, and gradients still flow;
 15. the output pool: outputs from it match the oracle and the unpooled kernel bit for bit,
@@ -994,6 +994,23 @@ def test_one_thread_vs_two(kind, threads, compiled):
         _assert_close(two.db, one.db, 1e-5 * sc.db, "dbias: 2 threads vs 1")
     _check(two, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh), sc, x=x, residual=res,
            what="2 threads")
+
+
+@pytest.mark.parametrize("shape", [(2000, 35), (77, 1024), (70, 4096), (5, 40000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2])
+def test_row_blocks(shape, dtype, count, threads, only_compiled):
+    """Each thread walks its rows in blocks of 128 KiB of float32 (936 rows of 35, 32 of
+    1024, 8 of 4096, one row of 40000): whole blocks, a partial last one and blocks split
+    between threads all match the oracle, in both directions."""
+    torch.set_num_threads(count)
+    x, res, w, b, dy = _case(shape, 145, dtype=dtype, kind="layer")
+    dh = _data(shape, 146, dtype, scale=1.0, shift=0.0)
+    got = _run(add_norm, x, res, w, b, kind="layer", dy=dy, dh=dh)
+    torch.set_num_threads(threads)
+    _check(got, _oracle(x, res, w, b, kind="layer", dy=dy, dh=dh),
+           _Scales.of(x, res, w, b, kind="layer", dy=dy, dh=dh), x=x, residual=res,
+           weight=w, what=f"{shape} {dtype}, {count} threads")
 
 
 # --------------------------------------------------------------------------------------------
