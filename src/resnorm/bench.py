@@ -15,7 +15,11 @@ Effective GB/s counts the bytes a single fused pass must move (forward: read x a
 h and y; backward: read dy and h, write dx), so percentages of copy bandwidth compare
 like with like. Every peer runs under each allocator regime asked for (Linux/glibc):
 
-- ``fresh`` (glibc's default): allocations of 32 MiB or more are fresh ``mmap`` pages, so
+Peers are timed in turns (each round times every peer once, in a rotated order) and the
+median of the rounds is reported, so that the drifts of a shared machine hit all alike.
+
+- ``fresh`` (glibc's default, steady state): allocations of 32 MiB or more are fresh
+  ``mmap`` pages, smaller ones come back from the heap, so
   every output of the peers pays page faults (the OS zeroing the pages) each call, and so
   does resnorm's without its output pool (:mod:`resnorm.kernels.cpu`);
 - ``reuse``: freed memory is kept and reused (``mallopt(M_MMAP_MAX, 0)``), as jemalloc or
@@ -41,7 +45,11 @@ from .kernels import add_norm, cpu
 DEFAULT_SHAPES = ((4096, 768), (16384, 1024), (8192, 4096))
 QUICK_SHAPES = ((256, 64), (512, 256))
 REGIMES = ("fresh", "reuse")
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# glibc's default steady state: its mmap threshold starts at 128 KiB and rises to the size
+# of each mapped block freed, up to 32 MiB; the trim threshold follows at twice that.
+# (Any mallopt call freezes the dynamic threshold, so "fresh" sets that state explicitly.)
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def set_allocator(regime: str) -> bool:
@@ -57,7 +65,34 @@ def set_allocator(regime: str) -> bool:
     if regime == "reuse":
         return (bool(libc.mallopt(_M_MMAP_MAX, 0))
                 and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
-    return bool(libc.mallopt(_M_MMAP_MAX, 65536)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10))
+    return (bool(libc.mallopt(_M_MMAP_MAX, 65536))
+            and bool(libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)))
+
+
+def interleaved_medians(peers: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                        around: dict | None = None) -> dict[str, float]:
+    """Median seconds of each peer, timed in turns: every round times each peer once, in a
+    rotated order, so that drifts of a shared, noisy machine fall on all peers alike.
+    ``around[name]`` is an optional (before, after) pair of untimed calls for that peer."""
+    around = around or {}
+    names = list(peers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            before, after = around.get(name, (None, None))
+            if before:
+                before()
+            try:
+                start = time.perf_counter()
+                peers[name]()
+                elapsed = time.perf_counter() - start
+            finally:
+                if after:
+                    after()
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -100,10 +135,7 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
         dy = torch.randn(n, d)
         src, dst = torch.randn(n, d), torch.empty(n, d)
         nbytes = n * d * x.element_size()
-        copy = median_seconds(lambda: dst.copy_(src), repeats)
-        copy_gbs = 2 * nbytes / copy / 1e9
-        rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
-                     "ms": 1e3 * copy, "GB/s": copy_gbs, "pct_copy": 100.0})
+        copy_times, kind_rows = [], []
         for kind in kinds:
             impls = [("resnorm", _fused(kind))]
             if regime == "fresh" and cpu.pool_stats().get("min_bytes", -1) >= 0:
@@ -113,27 +145,32 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
             impls += [("eager", _eager(kind))]
             if use_compile:
                 impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
-            timed = {}
+            fwd_peers, step_peers, around = {}, {}, {}
             for name, fn in impls:
-                if progress:
-                    progress(f"{regime} {shape} {kind} {name}")
                 xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
                 wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
 
-                def step():
+                def step(fn=fn, xg=xg, rg=rg, wg=wg, bg=bg):
                     y, _ = fn(xg, rg, wg, bg)
                     y.backward(dy)
                     xg.grad = rg.grad = wg.grad = bg.grad = None
 
+                fwd_peers[name] = lambda fn=fn: fn(x, r, w, b)
+                step_peers[name] = step
                 if name == "resnorm-nopool":
-                    cpu.configure_pool(enabled=False)
-                try:
-                    fwd = median_seconds(lambda: fn(x, r, w, b), repeats)
-                    both = median_seconds(step, repeats)
-                finally:
-                    if name == "resnorm-nopool":
-                        cpu.configure_pool(enabled=True)
-                timed[name] = {"fwd": fwd, "fwd+bwd": both}
+                    around[name] = (lambda: cpu.configure_pool(enabled=False),
+                                    lambda: cpu.configure_pool(enabled=True))
+            if progress:
+                progress(f"{regime} {shape} {kind}")
+            if use_compile:  # compile outside the timed rounds
+                fwd_peers["compile"]()
+                step_peers["compile"]()
+            fwd = interleaved_medians({**fwd_peers, "copy": lambda: dst.copy_(src)}, repeats,
+                                      around=around)
+            both = interleaved_medians(step_peers, repeats, around=around)
+            copy_times.append(fwd.pop("copy"))
+            copy_gbs = 2 * nbytes / copy_times[-1] / 1e9  # this kind's rounds
+            timed = {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}
             for name in timed:
                 for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
                     seconds = timed[name][pass_]
@@ -145,7 +182,12 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
                         for peer in timed:
                             if not peer.startswith("resnorm"):
                                 row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
-                    rows.append(row)
+                    kind_rows.append(row)
+        copy = statistics.median(copy_times) if copy_times else median_seconds(
+            lambda: dst.copy_(src), repeats)
+        rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
+                     "ms": 1e3 * copy, "GB/s": 2 * nbytes / copy / 1e9, "pct_copy": 100.0})
+        rows += kind_rows
     return rows
 
 
@@ -168,19 +210,20 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
             progress(f"end-to-end {name}")
         torch.manual_seed(0)
         x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
-        timed = {}
+        steps = {}
         reference = create_model(name, fused=False, **options)
         for fused in (False, True):
             model = create_model(name, fused=fused, **options)
             model.load_state_dict(reference.state_dict())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step():
+            def step(model=model, optimizer=optimizer):
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
                 optimizer.step()
 
-            timed[fused] = median_seconds(step, repeats, warmup=3)
+            steps[fused] = step
+        timed = interleaved_medians(steps, repeats, warmup=3)
         described = ", ".join(f"{k}={v}" for k, v in options.items())
         rows.append({"model": f"{name}({described})", "batch": shape[0],
                      "unfused_ms": 1e3 * timed[False], "fused_ms": 1e3 * timed[True],

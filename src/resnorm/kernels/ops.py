@@ -175,8 +175,8 @@ class _EagerAddNorm(torch.autograd.Function):
 def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"add_norm: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.shape != shape:
+        raise ValueError(f"add_norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
                         "float16, float64")
@@ -219,8 +219,10 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    check_choice("kind", kind, KINDS)
-    eps = check_float("eps", eps, low=0.0)
+    if kind not in KINDS:
+        check_choice("kind", kind, KINDS)
+    if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
+        eps = check_float("eps", eps, low=0.0)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"add_norm: x must have a non-empty last dimension, got shape "
                          f"{tuple(x.shape)}")
@@ -229,7 +231,7 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
                         "float16, float64")
     n = x.shape[-1]
     if residual is not None:
-        _check_tensor("residual", residual, x, tuple(x.shape))
+        _check_tensor("residual", residual, x, x.shape)
     if weight is not None:
         _check_tensor("weight", weight, x, (n,))
     if bias is not None:

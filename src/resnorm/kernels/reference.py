@@ -38,16 +38,20 @@ def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", e
     ``y`` has x's dtype.
     """
     compute = stats_dtype(x.dtype)
-    h = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
-    w = None if weight is None else weight.to(compute)
+
+    def cast(t):  # skips the dispatch of a no-op .to(): this path serves small inputs
+        return t if t is None or t.dtype == compute else t.to(compute)
+
+    h = cast(x) if residual is None else cast(x) + cast(residual)
     if kind == "layer":
-        y = F.layer_norm(h, (h.shape[-1],), w, None if bias is None else bias.to(compute), eps)
+        y = F.layer_norm(h, (h.shape[-1],), cast(weight), cast(bias), eps)
     else:
-        y = F.rms_norm(h, (h.shape[-1],), w, eps)
-    y = y.to(x.dtype)
+        y = F.rms_norm(h, (h.shape[-1],), cast(weight), eps)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
     if not prenorm:
         return y
-    return y, h.to(residual_dtype(x, residual, residual_in_fp32))
+    stream = residual_dtype(x, residual, residual_in_fp32)
+    return y, (h if h.dtype == stream else h.to(stream))
 
 
 def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype):
