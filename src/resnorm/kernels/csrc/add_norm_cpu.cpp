@@ -242,7 +242,7 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
               if (!stream) put(hr + j + k, v);
             }
             buf[j + k] = v;
-            acc[k] += v;
+            acc[k] += rms ? v * v : v;  // RMSNorm needs the sum of squares only
           }
         }
         float s = 0.0f;
@@ -253,7 +253,7 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
             if (!stream) put(hr + j, v);
           }
           buf[j] = v;
-          s += v;
+          s += rms ? v * v : v;
         }
         if constexpr (!std::is_same_v<TH, Absent>) {
           if (stream) write_row(hr, buf, n, true);
@@ -265,9 +265,10 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
         float* buf = scratch + (i - i0) * n;
         TX* yr = row_ptr<TX>(&y, i);
         const float s = sums[i - i0];
-        // Pass 2: the centred sum of squares (two-pass statistics, from the block in cache).
+        // Pass 2 (LayerNorm): the centred sum of squares (two-pass statistics, from the block
+        // in cache). RMSNorm has its sum of squares from pass 1, with nothing to centre.
         const float mu = rms ? 0.0f : s * inv_n;
-        const float r = 1.0f / std::sqrt(sum_shifted(buf, n, mu, true) * inv_n + eps);
+        const float r = 1.0f / std::sqrt((rms ? s : sum_shifted(buf, n, mu, true)) * inv_n + eps);
         if (mean_p) mean_p[i] = mu;
         rstd_p[i] = r;
         // Pass 3: y, straight to its row (through L1 and streaming stores when streaming).
