@@ -118,6 +118,8 @@ def _through_the_operator(monkeypatch):
     default path."""
     if hasattr(ops, "EAGER_BELOW"):
         monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+    if hasattr(ops, "STOCK_PLAIN_LAYER_NORM"):  # likewise, layer norm without a residual
+        monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", False)
 
 
 @pytest.fixture
@@ -914,6 +916,27 @@ def test_default_path_small_input():
         monkeypatch.undo()
     _check(got, _oracle(x, res, w, b, dy=dy, dh=dy), _Scales.of(x, res, w, b, dy=dy, dh=dy),
            x=x, residual=res, what="default path")
+
+
+@pytest.mark.parametrize("kind,dtype,stock", [("layer", torch.float32, True),
+                                               ("layer", torch.bfloat16, False),
+                                               ("rms", torch.float32, False)])
+def test_default_path_without_residual(kind, dtype, stock, compiled, monkeypatch):
+    """By default a float32 layer norm with nothing to add runs stock F.layer_norm (the
+    compiled kernel is not called); bfloat16 and RMS norm keep the kernel. Both match the
+    oracle, gradients included."""
+    monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", True)
+    spy = _StreamSpy(cpu.load())
+    monkeypatch.setitem(cpu._state, "module", spy)
+    x, _, w, b, dy = _case((6, 40), 136, dtype=dtype, residual=False, kind=kind)
+    dh = _data((6, 40), 137, dtype, scale=1.0, shift=0.0)
+    assert kernel_name(x, residual=False, kind=kind) == ("eager" if stock else "compiled cpu")
+    assert kernel_name(x, kind=kind) == "compiled cpu"   # with a residual: the kernel
+    got = _run(add_norm, x, None, w, b, kind=kind, dy=dy, dh=dh)
+    assert (spy.calls == []) == stock
+    _check(got, _oracle(x, None, w, b, kind=kind, dy=dy, dh=dh),
+           _Scales.of(x, None, w, b, kind=kind, dy=dy, dh=dh), x=x, weight=w,
+           what=f"{kind} {dtype} without residual")
 
 
 def test_resnorm_kernels_reference_environment():
