@@ -209,6 +209,22 @@ T* row_ptr(const at::Tensor* t, int64_t i) {
   return t ? static_cast<T*>(t->data_ptr()) + i * t->stride(0) : nullptr;
 }
 
+template <typename TH>
+constexpr bool kWritesH = !std::is_same_v<TH, Absent>;
+
+// The float32 row the forward passes work on: h's own row when h is float32 and written
+// through the cache (it is in cache for the passes that follow, and no copy is stored
+// twice), else the thread's scratch row.
+template <typename TH>
+inline float* work_row(TH* hr, float* scratch_row, bool stream) {
+  if constexpr (std::is_same_v<TH, float>) {
+    if (!stream) return hr;
+  }
+  (void)hr;
+  (void)stream;
+  return scratch_row;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward: h = x + residual; y = (h - mean) * rstd * w + b (LayerNorm) or h * rstd * w (RMS).
 
@@ -227,10 +243,11 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
       const int64_t i1 = std::min(end, i0 + block);
       // Pass 1 over the block: h = x + residual, into scratch (and h), summed.
       for (int64_t i = i0; i < i1; ++i) {
-        float* buf = scratch + (i - i0) * n;
         const TX* xr = row_ptr<const TX>(&x, i);
         const TR* rr = row_ptr<const TR>(res, i);
         TH* hr = row_ptr<TH>(hout, i);
+        float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
+        const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         float acc[kLanes] = {0.0f};
         int64_t j = 0;
         for (; j + kLanes <= n; j += kLanes) {
@@ -238,8 +255,8 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
           for (int64_t k = 0; k < kLanes; ++k) {
             float v = to_float(xr[j + k]);
             if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j + k]);
-            if constexpr (!std::is_same_v<TH, Absent>) {
-              if (!stream) put(hr + j + k, v);
+            if constexpr (kWritesH<TH>) {
+              if (!stream && !in_h) put(hr + j + k, v);
             }
             buf[j + k] = v;
             acc[k] += rms ? v * v : v;  // RMSNorm needs the sum of squares only
@@ -249,8 +266,8 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
         for (; j < n; ++j) {
           float v = to_float(xr[j]);
           if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j]);
-          if constexpr (!std::is_same_v<TH, Absent>) {
-            if (!stream) put(hr + j, v);
+          if constexpr (kWritesH<TH>) {
+            if (!stream && !in_h) put(hr + j, v);
           }
           buf[j] = v;
           s += rms ? v * v : v;
@@ -262,7 +279,7 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
         sums[i - i0] = s;
       }
       for (int64_t i = i0; i < i1; ++i) {
-        float* buf = scratch + (i - i0) * n;
+        float* buf = work_row<TH>(row_ptr<TH>(hout, i), scratch + (i - i0) * n, stream);
         TX* yr = row_ptr<TX>(&y, i);
         const float s = sums[i - i0];
         // Pass 2 (LayerNorm): the centred sum of squares (two-pass statistics, from the block
