@@ -403,18 +403,19 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
         const float mu = mean_p ? mean_p[i] : 0.0f;
         const float r = rstd_p[i];
         const float s1 = sums[2 * (i - i0)], s2 = sums[2 * (i - i0) + 1];
-        // Pass 2 (h and dy are in cache now): dx.
+        // Pass 2 (h and dy are in cache now): dx, plus the stream's gradient dh_in, into
+        // dx's own row when it is float32 and written through the cache.
+        TD* dxr = row_ptr<TD>(&dx, i);
+        float* o = work_row<TD>(dxr, out, stream);
+        const TI* ir = row_ptr<const TI>(dh_in, i);
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) {
           const float xv = (to_float(hr[q]) - mu) * r;
-          out[q] = (to_float(dyr[q]) * w[q] - (xv * s1 + s2)) * r;
+          float v = (to_float(dyr[q]) * w[q] - (xv * s1 + s2)) * r;
+          if constexpr (!std::is_same_v<TI, Absent>) v += to_float(ir[q]);
+          o[q] = v;
         }
-        if constexpr (!std::is_same_v<TI, Absent>) {
-          const TI* ir = row_ptr<const TI>(dh_in, i);
-#pragma omp simd
-          for (int64_t q = 0; q < n; ++q) out[q] += to_float(ir[q]);
-        }
-        write_row(row_ptr<TD>(&dx, i), out, n, stream);
+        if (static_cast<void*>(o) != static_cast<void*>(dxr)) write_row(dxr, o, n, stream);
       }
     }
     finish_streaming();
