@@ -1216,3 +1216,34 @@ def test_pool_environment(env, expect, compiled):
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(expect), out.stdout
+
+
+def test_pool_in_forked_child(compiled):
+    """A forked child (a DataLoader worker, say) allocates from the pool it inherited and gets
+    the parent's results; the pool's lock is taken around fork, so a fork cannot leave it
+    held. The child runs one intra-op thread, as DataLoader workers do: GNU OpenMP, under
+    PyTorch's own ops as under this kernel, hangs in a forked child whose parent used it."""
+    code = ("import multiprocessing as mp, torch\n"
+            "from resnorm.kernels import add_norm, cpu, ops\n"
+            "cpu.configure_pool(min_bytes=1 << 20)\n"
+            "torch.manual_seed(0)\n"
+            "x, r = torch.randn(300, 1024), torch.randn(300, 1024)\n"
+            "ops.EAGER_BELOW = 0\n"
+            "def child(_):\n"
+            "    torch.set_num_threads(1)\n"
+            "    y, h = add_norm(x, r, prenorm=True)\n"
+            "    return float(y.double().sum()), float(h.double().sum()), cpu.pool_stats()['hits']\n"
+            "y, h = add_norm(x, r, prenorm=True)\n"
+            "del y, h\n"
+            "y, h = add_norm(x, r, prenorm=True)\n"
+            "want = (float(y.double().sum()), float(h.double().sum()))\n"
+            "del y, h\n"
+            "with mp.get_context('fork').Pool(1) as pool:\n"
+            "    got = pool.map(child, [0, 1])\n"
+            "assert all(g[:2] == want for g in got), (got, want)\n"
+            "assert all(g[2] >= 2 for g in got), got\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok", out.stdout

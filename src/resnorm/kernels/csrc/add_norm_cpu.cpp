@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -461,7 +462,14 @@ constexpr size_t kGranule = size_t(2) << 20;  // block sizes are multiples of th
 class OutputPool final : public c10::Allocator {
  public:
   static OutputPool& instance() {
-    static OutputPool* pool = new OutputPool();  // never destroyed: tensors may outlive exit
+    static OutputPool* pool = [] {
+      auto* created = new OutputPool();  // never destroyed: tensors may outlive exit
+      // A fork (DataLoader workers, multiprocessing) while another thread holds the lock
+      // would leave it locked forever in the child: take it around the fork.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return created;
+    }();
     return *pool;
   }
   c10::DataPtr allocate(size_t n) override {
