@@ -95,17 +95,6 @@ def interleaved_medians(peers: dict[str, Callable[[], object]], repeats: int, wa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _eager(kind: str):
     if kind == "layer":
         def fn(x, r, w, b):
@@ -183,8 +172,8 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
                             if not peer.startswith("resnorm"):
                                 row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
                     kind_rows.append(row)
-        copy = statistics.median(copy_times) if copy_times else median_seconds(
-            lambda: dst.copy_(src), repeats)
+        copy = (statistics.median(copy_times) if copy_times
+                else interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats)["copy"])
         rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
                      "ms": 1e3 * copy, "GB/s": 2 * nbytes / copy / 1e9, "pct_copy": 100.0})
         rows += kind_rows

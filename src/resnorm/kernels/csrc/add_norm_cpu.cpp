@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -106,25 +107,33 @@ inline float sum_shifted(const float* __restrict p, int64_t n, float shift, bool
   return s + (n >= kLanes ? reduce_lanes(acc) : 0.0f);
 }
 
+// One streaming (non-temporal) store of a vector of floats, and how many floats that is
+// (0 where the compiler targets neither AVX-512 nor AVX).
+#if defined(__AVX512F__)
+constexpr int64_t kStreamFloats = 16;
+inline void stream_store(float* dst, const float* src) {
+  _mm512_stream_ps(dst, _mm512_loadu_ps(src));
+}
+#elif defined(__AVX__)
+constexpr int64_t kStreamFloats = 8;
+inline void stream_store(float* dst, const float* src) {
+  _mm256_stream_ps(dst, _mm256_loadu_ps(src));
+}
+#else
+constexpr int64_t kStreamFloats = 0;
+inline void stream_store(float* dst, const float* src) { *dst = *src; }
+#endif
+
 // Copies a float32 row to its destination: streaming stores when asked and the row is
 // aligned for them, ordinary stores otherwise.
 inline void write_row(float* __restrict dst, const float* __restrict src, int64_t n, bool stream) {
-#if defined(__AVX512F__)
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+  if (kStreamFloats > 0 && stream &&
+      reinterpret_cast<uintptr_t>(dst) % (kStreamFloats * sizeof(float)) == 0) {
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+    for (; j + kStreamFloats <= n; j += kStreamFloats) stream_store(dst + j, src + j);
     for (; j < n; ++j) dst[j] = src[j];
     return;
   }
-#elif defined(__AVX__)
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
-    for (; j < n; ++j) dst[j] = src[j];
-    return;
-  }
-#endif
-  (void)stream;
   std::memcpy(dst, src, n * sizeof(float));
 }
 
@@ -210,8 +219,8 @@ T* row_ptr(const at::Tensor* t, int64_t i) {
   return t ? static_cast<T*>(t->data_ptr()) + i * t->stride(0) : nullptr;
 }
 
-template <typename TH>
-constexpr bool kWritesH = !std::is_same_v<TH, Absent>;
+template <typename T>
+constexpr bool kPresent = !std::is_same_v<T, Absent>;  // an optional operand is given
 
 // The float32 row the forward passes work on: h's own row when h is float32 and written
 // through the cache (it is in cache for the passes that follow, and no copy is stored
@@ -255,8 +264,8 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
 #pragma omp simd
           for (int64_t k = 0; k < kLanes; ++k) {
             float v = to_float(xr[j + k]);
-            if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j + k]);
-            if constexpr (kWritesH<TH>) {
+            if constexpr (kPresent<TR>) v += to_float(rr[j + k]);
+            if constexpr (kPresent<TH>) {
               if (!stream && !in_h) put(hr + j + k, v);
             }
             buf[j + k] = v;
@@ -266,14 +275,14 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
         float s = 0.0f;
         for (; j < n; ++j) {
           float v = to_float(xr[j]);
-          if constexpr (!std::is_same_v<TR, Absent>) v += to_float(rr[j]);
-          if constexpr (kWritesH<TH>) {
+          if constexpr (kPresent<TR>) v += to_float(rr[j]);
+          if constexpr (kPresent<TH>) {
             if (!stream && !in_h) put(hr + j, v);
           }
           buf[j] = v;
           s += rms ? v * v : v;
         }
-        if constexpr (!std::is_same_v<TH, Absent>) {
+        if constexpr (kPresent<TH>) {
           if (stream) write_row(hr, buf, n, true);
         }
         if (n >= kLanes) s += reduce_lanes(acc);
@@ -413,7 +422,7 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
         for (int64_t q = 0; q < n; ++q) {
           const float xv = (to_float(hr[q]) - mu) * r;
           float v = (to_float(dyr[q]) * w[q] - (xv * s1 + s2)) * r;
-          if constexpr (!std::is_same_v<TI, Absent>) v += to_float(ir[q]);
+          if constexpr (kPresent<TI>) v += to_float(ir[q]);
           o[q] = v;
         }
         if (static_cast<void*>(o) != static_cast<void*>(dxr)) write_row(dxr, o, n, stream);
@@ -483,23 +492,14 @@ class OutputPool final : public c10::Allocator {
   }
   // Sets the cap on free bytes kept (0: keep none) and trims to it.
   void set_max_cached(size_t bytes) {
-    std::vector<Block> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       max_cached_ = bytes;
-      trim(max_cached_, drop);
     }
-    unmap(drop);
+    trim_to(bytes);
   }
   // Returns every free block to the OS.
-  void empty_cache() {
-    std::vector<Block> drop;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      trim(0, drop);
-    }
-    unmap(drop);
-  }
+  void empty_cache() { trim_to(0); }
   std::map<std::string, int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {{"hits", hits_}, {"misses", misses_}, {"cached_bytes", int64_t(cached_)},
@@ -541,18 +541,20 @@ class OutputPool final : public c10::Allocator {
     ++hits_;
     return data;
   }
-  // Under the lock: moves the largest free blocks to `drop` until at most `keep` bytes stay.
-  void trim(size_t keep, std::vector<Block>& drop) {
-    while (cached_ > keep) {
-      auto it = std::prev(free_.end());
-      drop.push_back({it->second, it->first});
-      cached_ -= it->first;
-      ++released_;
-      free_.erase(it);
+  // Returns the largest free blocks to the OS until at most `keep` bytes stay cached.
+  void trim_to(size_t keep) {
+    std::vector<Block> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (cached_ > keep) {
+        auto it = std::prev(free_.end());
+        drop.push_back({it->second, it->first});
+        cached_ -= it->first;
+        ++released_;
+        free_.erase(it);
+      }
     }
-  }
-  static void unmap(const std::vector<Block>& blocks) {
-    for (const Block& b : blocks) munmap(b.data, b.bytes);
+    for (const Block& b : drop) munmap(b.data, b.bytes);  // outside the lock
   }
   static void* map(size_t bytes) {
     // Over-map by one granule and trim, so that the block starts on a huge-page boundary.
@@ -576,17 +578,17 @@ class OutputPool final : public c10::Allocator {
   int64_t hits_ = 0, misses_ = 0, released_ = 0;
 };
 #endif
+
+std::atomic<int64_t> g_pool_min_bytes{-1};  // outputs of at least this size are pooled; < 0: off
 }  // namespace
 
 // An uninitialized (rows, n) output of `dtype`: from the output pool when it is enabled
-// and the output is at least `pool_min_bytes`, else from PyTorch's allocator.
-namespace {
-int64_t g_pool_min_bytes = -1;  // < 0: pool disabled
-}
+// and the output is at least g_pool_min_bytes, else from PyTorch's allocator.
 at::Tensor empty_output(int64_t rows, int64_t n, at::ScalarType dtype) {
 #if defined(__linux__)
   const int64_t bytes = rows * n * static_cast<int64_t>(c10::elementSize(dtype));
-  if (g_pool_min_bytes >= 0 && bytes >= g_pool_min_bytes) {
+  const int64_t min_bytes = g_pool_min_bytes.load();
+  if (min_bytes >= 0 && bytes >= min_bytes) {
     return at::detail::empty_generic({rows, n}, &OutputPool::instance(),
                                      c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                      c10::nullopt);
@@ -609,7 +611,7 @@ std::map<std::string, int64_t> pool_stats() {
 #else
   std::map<std::string, int64_t> stats;
 #endif
-  stats["min_bytes"] = g_pool_min_bytes;
+  stats["min_bytes"] = g_pool_min_bytes.load();
   return stats;
 }
 
