@@ -1116,3 +1116,38 @@ def test_monitor_float64_model_takes_the_pytorch_path():
     exact = ((model[0].weight - before).norm() / model[0].weight.norm()).item()
     # The weight samples are kept in float32, whatever the model's dtype.
     assert record["update_ratio"]["0"] == pytest.approx(exact, rel=1e-5)
+
+
+def test_fused_relu_norms_count_as_rectifiers(monkeypatch):
+    """A fused pre-norm MLP applies its ReLUs inside the norms (activation="relu"): the
+    Monitor counts their dead units and diagnose() summarizes them as rectified, with the
+    same values as the ReLU modules of the unfused twin."""
+    from resnorm.kernels import ops
+
+    monkeypatch.setattr(ops, "EAGER_BELOW", 0)  # the kernel, not stock ops, at this size
+    torch.manual_seed(0)
+    options = {"depth": 2, "width": 16, "norm": "layer", "placement": "pre"}
+    plain = create_model("mlp", **options)
+    fused = create_model("mlp", fused=True, **options)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # kill a few units: biases far below zero in the first norm
+        for model in (plain, fused):
+            model.blocks[0].norm1.bias[:5] = -50.0
+    x, y = torch.randn(32, 40), torch.randint(0, 10, (32,))
+    fractions = []
+    for model in (plain, fused):
+        with Monitor(model, dead_units_every=1) as monitor:
+            F.cross_entropy(model(x), y).backward()
+            fractions.append(monitor.step()["dead_fraction"])
+    # Unfused: the block's ReLU module runs twice (after norm1, after norm2), then final_act.
+    names = {"blocks.0.act": "blocks.0.norm1", "blocks.0.act#2": "blocks.0.norm2",
+             "blocks.1.act": "blocks.1.norm1", "blocks.1.act#2": "blocks.1.norm2",
+             "final_act": "final_norm"}
+    assert set(fractions[0]) == set(names) and set(fractions[1]) == set(names.values())
+    for old, new in names.items():
+        assert fractions[1][new] == pytest.approx(fractions[0][old]), (old, new)
+    assert fractions[1]["blocks.0.norm1"] >= 5 / 16
+    report = diagnose(fused, x, y)
+    assert report.activations["blocks.0.norm1"].dead_fraction == pytest.approx(
+        fractions[1]["blocks.0.norm1"])
+    assert diagnose(plain, x, y).activations["blocks.0.norm1"].dead_fraction is None

@@ -136,3 +136,53 @@ def test_fused_channels_first_stream_summed_in_float32_like_the_kernel():
     y, h = norm(x, r, prenorm=True)
     assert h.dtype == torch.float32 and torch.equal(h, torch.full((1, 4, 3), 257.0))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cls,twin", [(FusedAddLayerNorm, nn.LayerNorm), (FusedAddRMSNorm, nn.RMSNorm)])
+def test_fused_modules_with_relu_match_twin_then_relu(always_fused, cls, twin):
+    torch.manual_seed(1)
+    ref = twin(48)
+    fused = cls(48, activation="relu")
+    fused.load_state_dict(ref.state_dict())
+    assert "activation='relu'" in repr(fused)
+    x, r = torch.randn(5, 7, 48), torch.randn(5, 7, 48)
+    y, h = fused(x, r, prenorm=True)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, torch.relu(ref(x + r)), rtol=1e-5, atol=1e-5)
+    assert bool((y == 0).any())
+
+
+def test_fused_relu_channels_first_falls_back_to_separate_ops(always_fused):
+    fused = FusedAddLayerNorm(6, channel_dim=1, activation="relu")
+    plain = LayerNorm(6, channel_dim=1)
+    x, r = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    torch.testing.assert_close(fused(x, r), torch.relu(plain(x + r)))
+
+
+def test_fused_module_rejects_unknown_activation():
+    with pytest.raises(ValueError, match=r"activation='gelu' is not supported; accepted values: "
+                                         r"None, 'relu'"):
+        FusedAddLayerNorm(8, activation="gelu")
+
+
+@pytest.mark.parametrize("activation,in_norm", [("relu", True), ("gelu", False)])
+def test_fused_mlp_puts_relu_in_its_norms_only(always_fused, activation, in_norm):
+    """The fused MLP fuses its ReLUs into the norms; other activations stay modules. Either
+    way it equals the unfused model."""
+    torch.manual_seed(0)
+    options = {"depth": 2, "width": 24, "norm": "layer", "placement": "pre",
+               "activation": activation}
+    plain = create_model("mlp", **options)
+    fused = create_model("mlp", fused=True, **options)
+    fused.load_state_dict(plain.state_dict())
+    norms = [fused.final_norm] + [n for b in fused.blocks for n in (b.norm1, b.norm2)]
+    assert all(n.activation == ("relu" if in_norm else None) for n in norms)
+    assert all(b.act_in_norm == in_norm for b in fused.blocks)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1))
+             for m in fused.modules() if isinstance(m, (nn.ReLU, nn.GELU))]
+    x = torch.randn(6, 40)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert (len(calls) == 0) == in_norm  # the activation modules ran only when not fused
+    for h in hooks:
+        h.remove()

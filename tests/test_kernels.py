@@ -31,6 +31,9 @@ What is checked, and against what:
 15. the output pool: outputs from it match the oracle and the unpooled kernel bit for bit,
     freed blocks are reused, the cap and ``empty_cache`` release them, its tensors resize,
     save and share like any other, and its settings (environment included) are checked.
+16. the fused ReLU (``activation="relu"``): y and every gradient against the float64
+    oracle, the backward's mask (recomputed from h) against the forward's output, layouts,
+    gradcheck, the stock path for small inputs, torch.compile, bad values.
 
 Tolerances (see ``_Scales``). Each result is compared elementwise with the float64 oracle,
 ``|got - oracle| <= ulp(oracle in the output dtype) + tol * scale``, where ``scale`` is the
@@ -225,12 +228,14 @@ class Run:
 
 
 def _run(fn, x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5, dy=None,
-         dh=None, residual_in_fp32=False, prenorm=True) -> Run:
+         dh=None, residual_in_fp32=False, prenorm=True, activation=None) -> Run:
     """Call ``fn`` (add_norm or the reference) on leaves sharing the inputs' memory and
     layout, then backpropagate ``dy`` into y and ``dh`` into h (either may be None)."""
     leaves = [None if t is None else t.detach().requires_grad_()
               for t in (x, residual, weight, bias)]
-    out = fn(*leaves, kind=kind, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+    extra = {"activation": activation} if activation is not None else {}
+    out = fn(*leaves, kind=kind, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+             **extra)
     y, h = out if prenorm else (out, None)
     outputs, grads = [], []
     for tensor, grad in ((y, dy), (h, dh)):
@@ -486,14 +491,15 @@ def _opcheck(op, args):
     (torch.float64, torch.float64, torch.float64),
 ])
 @pytest.mark.parametrize("rms", [False, True])
-def test_opcheck(rms, dtype, param_dtype, h_dtype, compiled):
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_opcheck(rms, activation, dtype, param_dtype, h_dtype, compiled):
     """The fake (meta) implementations agree with the real kernels on every output's shape
     and dtype, including the empty outputs (RMS mean, unrequested parameter gradients)."""
     x = _data((5, 24), 60, dtype)
     res = _data((5, 24), 61, dtype) if h_dtype is not None else None
     w, b = _params(24, 62, param_dtype, param_dtype)
     b = None if rms else b
-    args = (x, res, w, b, rms, 1e-5, h_dtype)
+    args = (x, res, w, b, rms, 1e-5, h_dtype, activation)
     _opcheck(torch.ops.resnorm.add_norm_fwd.default, args)
     _, h, mean, rstd = torch.ops.resnorm.add_norm_fwd(*args)
     h = h if h_dtype is not None else x
@@ -501,7 +507,7 @@ def test_opcheck(rms, dtype, param_dtype, h_dtype, compiled):
     dh = _data((5, 24), 64, h.dtype) if h_dtype is not None else None
     for need_dw, need_db in ((True, True), (False, False), (True, False)):
         _opcheck(torch.ops.resnorm.add_norm_bwd.default,
-                 (dy, dh, h, w, mean, rstd, rms, need_dw, need_db and not rms))
+                 (dy, dh, h, w, b, mean, rstd, rms, need_dw, need_db and not rms, activation))
 
 
 # --------------------------------------------------------------------------------------------
@@ -835,17 +841,18 @@ def test_property_matches_float64_oracle(compiled, case):
 
 
 class _StreamSpy:
-    """Wraps the compiled module and records the ``stream`` flag of every call."""
+    """Wraps the compiled module and records the ``stream`` flag of every call (the argument
+    before the last, ``relu``)."""
 
     def __init__(self, module):
         self.module, self.calls = module, []
 
     def add_norm_fwd(self, *args):
-        self.calls.append(("fwd", args[-1]))
+        self.calls.append(("fwd", args[-2]))
         return self.module.add_norm_fwd(*args)
 
     def add_norm_bwd(self, *args):
-        self.calls.append(("bwd", args[-1]))
+        self.calls.append(("bwd", args[-2]))
         return self.module.add_norm_bwd(*args)
 
     def __getattr__(self, name):  # everything else (the output allocator): the module's
@@ -980,6 +987,8 @@ X = torch.zeros(2, 3)
      r"weight has dtype torch\.int32; accepted"),
     ({"x": X, "kind": "batch"}, ValueError,
      r"kind='batch' is not supported; accepted values: 'layer', 'rms'"),
+    ({"x": X, "activation": "gelu"}, ValueError,
+     r"activation='gelu' is not supported; accepted values: 'identity', 'relu'"),
     ({"x": X, "eps": -1e-5}, ValueError, r"eps must be in \[0, inf\], got -1e-05"),
     ({"x": X, "eps": float("nan")}, ValueError, r"eps must be in \[0, inf\], got nan"),
     ({"x": X, "eps": "small"}, TypeError, r"eps must be a number, got 'small'"),
@@ -1247,3 +1256,143 @@ def test_pool_in_forked_child(compiled):
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok", out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 16. the fused ReLU
+
+
+def _masked_reference(mask: Tensor):
+    """The float64 oracle with the ReLU applied through a given mask (the kernel's own, y > 0):
+    where the kernel's mask and the sign of the exact z differ, |z| is within rounding of 0
+    (``_assert_mask_within_rounding``), and the gradients follow the mask the forward used."""
+    def fn(x, residual, weight, bias, *, kind, eps, prenorm, residual_in_fp32):
+        out = add_norm_reference(x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32)
+        y, h = out if prenorm else (out, None)
+        y = y * mask.to(y.dtype)
+        return (y, h) if prenorm else y
+    return fn
+
+
+def _relu_case(shape, seed, *, kind, dtype=torch.float32, residual=True):
+    x, res, w, b, dy = _case(shape, seed, dtype=dtype, residual=residual, kind=kind)
+    # Biases of both signs around 0: z is negative for about half of the elements.
+    return x, res, w, b, dy
+
+
+def _exact_z(x, res, w, b, kind, eps=1e-5):
+    return add_norm_reference(*(None if t is None else t.double() for t in (x, res, w, b)),
+                              kind=kind, eps=eps)
+
+
+def _assert_mask_within_rounding(y: Tensor, z: Tensor, bound: Tensor) -> None:
+    flips = (y > 0) != (z > 0)
+    assert bool((z.abs()[flips] <= bound.expand_as(z)[flips]).all()), \
+        f"{int(flips.sum())} mask flips beyond rounding"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_relu_matches_float64_oracle(kind, with_residual, dtype, only_compiled):
+    shape = (3, 7, 200)  # 21 rows of twelve 16-lane blocks and a tail of 8
+    x, res, w, b, dy = _relu_case(shape, 300, kind=kind, dtype=dtype, residual=with_residual)
+    dh = _data(shape, 301, dtype=_h_dtype(x, res, False), scale=1.0, shift=0.0)
+    got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, activation="relu")
+    z = _exact_z(x, res, w, b, kind)
+    sc = _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh)
+    y_bound = _ulp(z, x.dtype) + Y_TOL * sc.y
+    zeros = float((got.y == 0).double().mean())
+    assert 0.2 < zeros < 0.8, zeros  # both sides of the kink are exercised
+    _assert_close(got.y, torch.relu(z), y_bound, "y vs relu(exact z)")
+    _assert_mask_within_rounding(got.y, z, y_bound)
+    want = _run(_masked_reference((got.y > 0).double()), *(None if t is None else t.double()
+                for t in (x, res, w, b)), kind=kind, dy=dy.double(), dh=dh.double())
+    _check(got, want, sc, x=x, residual=res, weight=w, what=f"relu {kind} {dtype}")
+    # The check has teeth: the gradients without the ReLU's mask are far off.
+    unmasked = _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh)
+    with pytest.raises(AssertionError):
+        _check(got, dataclasses.replace(unmasked, y=want.y), sc, x=x, residual=res, weight=w)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", LAYOUTS)
+def test_relu_layouts_bit_equal(kind, how, only_compiled):
+    shape = (6, 45)
+    x, res, w, b, dy = _relu_case(shape, 310, kind=kind)
+    base = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
+    laid = _run(add_norm, _as_layout(x, how), _as_layout(res, how), w, b, kind=kind,
+                dy=_as_layout(dy, how), dh=_as_layout(dy, how), activation="relu")
+    for name, value in base.fields().items():
+        _same(getattr(laid, name), value, f"{how}: {name}")
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_relu_gradcheck_float64(kind, with_residual, reference_calls):
+    x, res, w, b, _ = _case((3, 8), 320, dtype=torch.float64, residual=with_residual,
+                            kind=kind, param_dtype=torch.float64)
+    names = [name for name, t in (("x", x), ("residual", res), ("weight", w), ("bias", b))
+             if t is not None]
+    inputs = tuple(t.detach().requires_grad_() for t in (x, res, w, b) if t is not None)
+
+    def fn(*tensors):
+        return add_norm(**dict(zip(names, tensors)), kind=kind, eps=1e-3, prenorm=True,
+                        activation="relu")
+
+    y, _ = fn(*inputs)
+    assert bool((y == 0).any()) and bool((y > 0).any())
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert reference_calls["backward"] > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_relu_stock_path_matches_kernel(kind, compiled, monkeypatch):
+    """Small inputs run stock ops (F.layer_norm then F.relu); they agree with the kernel."""
+    x, res, w, b, dy = _relu_case((5, 64), 330, kind=kind)
+    kernel = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
+    monkeypatch.setattr(ops, "EAGER_BELOW", _EAGER_BELOW)
+    assert kernel_name(x, kind=kind, activation="relu") == "eager"
+    stock = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
+    sc = _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dy)
+    _assert_close(stock.y, kernel.y, 2 * Y_TOL * sc.y, "y")
+    assert torch.equal(stock.y > 0, kernel.y > 0)
+    for name, scale in (("dx", sc.dx), ("dres", sc.dx), ("dw", sc.dw), ("db", sc.db)):
+        if getattr(kernel, name) is not None:
+            _assert_close(getattr(stock, name), getattr(kernel, name), 2e-5 * scale, name)
+
+
+def test_relu_plain_layer_norm_runs_the_kernel(compiled, monkeypatch):
+    """Without a residual, a float32 layer norm runs stock F.layer_norm, but not with the
+    ReLU fused: one pass instead of two."""
+    monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", True)
+    monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+    x = torch.zeros(4, 32)
+    assert kernel_name(x, residual=False) == "eager"
+    assert kernel_name(x, residual=False, activation="relu") == "compiled cpu"
+
+
+def _relu_block(x, residual, weight, bias):
+    y, h = add_norm(x, residual, weight, bias, kind="layer", prenorm=True, activation="relu")
+    return y * 2.0 + h
+
+
+def test_relu_compile_one_graph_matches_eager(compiled):
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(_relu_block, backend=counting_backend, fullgraph=True)
+    runs = []
+    for f in (_relu_block, fn):
+        inputs = _compile_inputs()
+        out = f(*inputs)
+        out.backward(_data(out.shape, 340, scale=1.0, shift=0.0))
+        runs.append([out.detach()] + [t.grad for t in inputs])
+    assert len(graphs) == 1
+    for a, b, name in zip(*runs, ("out", "dx", "dres", "dw", "db")):
+        _same(b, a, f"compiled vs eager {name}")
+    torch._dynamo.reset()

@@ -184,9 +184,12 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
     """Training-step time of fused vs unfused models with the same weights."""
     from .models import create_model
 
-    # Activations of 2 million elements (fused), and the lab's MLP (128 x 128: eager ops
-    # below EAGER_BELOW, so the two should tie).
-    cases = [("mlp", {"depth": 4, "width": 128 if quick else 1024, "norm": "layer",
+    # Activations of 2 million elements (fused): 256 wide, where the memory-bound ops are a
+    # fifth of the step, and 1,024 wide, where the matmuls are nearly all of it; and the
+    # lab's MLP (128 x 128: eager ops below EAGER_BELOW, so the two should tie).
+    cases = [("mlp", {"depth": 4 if quick else 8, "width": 64 if quick else 256,
+                      "norm": "layer", "placement": "pre"}, (64 if quick else 8192, 40)),
+             ("mlp", {"depth": 4, "width": 128 if quick else 1024, "norm": "layer",
                       "placement": "pre"}, (64 if quick else 2048, 40)),
              ("mlp", {"depth": 4 if quick else 8, "width": 128, "norm": "layer",
                       "placement": "pre"}, (128, 40)),

@@ -33,7 +33,9 @@ class ResidualMLPBlock(nn.Module):
     norms as :class:`~resnorm.norms.FusedAddLayerNorm` / ``FusedAddRMSNorm`` and adds
     :meth:`stream`, with which a stack hands each block's branch to the next block, whose
     first norm adds it to the skip path in the same pass as it normalizes
-    (:class:`~resnorm.models.ResidualMLP` does this). Same parameters and results.
+    (:class:`~resnorm.models.ResidualMLP` does this). With ``activation="relu"`` the norms
+    also apply the ReLU that follows each of them (``activation="relu"`` of the fused norms;
+    ``self.act`` is then not called). Same parameters and results.
     """
 
     def __init__(self, width: int, norm: NormSpec = "batch", placement: str = "post", *,
@@ -48,6 +50,10 @@ class ResidualMLPBlock(nn.Module):
         if self.fused:
             check_fusable("ResidualMLPBlock", norm, placement, residual)
         options = dict(norm_options or {})
+        # The fused norms apply a ReLU themselves (Norm -> ReLU in one pass).
+        self.act_in_norm = self.fused and activation == "relu"
+        if self.act_in_norm:
+            options["activation"] = "relu"
         self.fc1 = nn.Linear(width, width, bias=bias)
         self.fc2 = nn.Linear(width, width, bias=bias)
         self.norm1 = make_norm(norm, width, fused=self.fused, **options)
@@ -65,8 +71,9 @@ class ResidualMLPBlock(nn.Module):
             y = self.norm1(x)
         else:
             y, x = self.norm1(pending, x, prenorm=True)
-        h = self.fc1(self.act(y))
-        h = self.fc2(self.dropout(self.act(self.norm2(h))))
+        act = (lambda t: t) if self.act_in_norm else self.act
+        h = self.fc1(act(y))
+        h = self.fc2(self.dropout(act(self.norm2(h))))
         return x, self.merge.branch_term(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._checks import check_int
 from ..kernels import cpu as cpu_kernels
-from .probes import RECTIFIERS, parameterized_layers, unwrap
+from .probes import is_rectifier, parameterized_layers, unwrap
 
 
 _OPEN_MONITORS: weakref.WeakSet = weakref.WeakSet()
@@ -56,8 +56,9 @@ class Monitor:
       exactly with ``update_sample=None``). The block is contiguous in memory, so the cost
       stays small whatever the model's size; the ratio's order of magnitude, which is what it is read
       for (about 1e-3 is the usual healthy value), is estimated well;
-    - ``dead_fraction`` per ReLU module: the fraction of units that are zero for the whole
-      batch in the forward pass of the recorded step; counted on the first record and on
+    - ``dead_fraction`` per ReLU module (and per fused norm that applies the ReLU itself,
+      ``activation="relu"``, as fused blocks do): the fraction of units that are zero for
+      the whole batch in the forward pass of the recorded step; counted on the first record and on
       every ``dead_units_every``-th after it (10 by default: dead units change slowly, and
       the ReLU hooks that count them are the Monitor's largest cost), ``None`` on the
       others. ``dead_units_every=1`` counts them on every record.
@@ -137,7 +138,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._write_error: BaseException | None = None
         self._rectifiers = ([(name, m) for name, m in self.net.named_modules()
-                             if isinstance(m, RECTIFIERS)] if track_dead_units else [])
+                             if is_rectifier(m)] if track_dead_units else [])
         try:
             if path is not None and writes:
                 path = Path(path)
@@ -247,6 +248,8 @@ class Monitor:
         # One reduction per ReLU call: a unit is dead if its maximum over the batch is 0;
         # names and fractions are worked out at record time.
         def hook(module, inputs, output):
+            if isinstance(output, tuple):  # a fused norm with prenorm=True: (y, stream)
+                output = output[0]
             if module.training and output.dim() >= 2 and output.shape[0] > 1:
                 self._dead_maxima.append((name, output.detach().amax(dim=0)))
         return hook

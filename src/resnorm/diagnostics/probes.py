@@ -17,12 +17,21 @@ import torch
 from torch import nn
 
 from ..blocks import ResidualAdd, TransformerBlock
+from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
 from .stats import ActivationSummary, channel_stats, summarize_activation
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 ACTIVATIONS = RECTIFIERS + (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
                             nn.Hardswish, nn.Mish, nn.Softplus)
 TOKEN_BLOCKS = (TransformerBlock, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def is_rectifier(module: nn.Module) -> bool:
+    """Whether the module's output is rectified: a ReLU, or a fused norm that applies one
+    (``FusedAddLayerNorm(..., activation="relu")``, which fused blocks use in place of
+    their ReLU modules)."""
+    return isinstance(module, RECTIFIERS) or (
+        isinstance(module, (FusedAddLayerNorm, FusedAddRMSNorm)) and module.activation == "relu")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -146,7 +155,7 @@ class ForwardRecorder:
 
     def _register(self) -> None:
         for name, module in parameterized_layers(self.model):
-            self._hook(module, self._layer_hook(name))
+            self._hook(module, self._layer_hook(name, is_rectifier(module)))
         for name, module in self.model.named_modules():
             if isinstance(module, ACTIVATIONS):
                 self._hook(module, self._activation_hook(name, isinstance(module, RECTIFIERS)))
@@ -172,13 +181,13 @@ class ForwardRecorder:
         count = self._calls[name]
         return name if count == 1 else f"{name}#{count}"
 
-    def _layer_hook(self, name: str):
+    def _layer_hook(self, name: str, rectified: bool = False):
         def hook(module, inputs, output):
             if name not in self.layer_order:
                 self.layer_order.append(name)
             out = self._first_tensor(output)
             if out is not None:
-                self.activations[self._key(name)] = summarize_activation(out, rectified=False)
+                self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
         return hook
 
     def _activation_hook(self, name: str, rectified: bool):

@@ -208,21 +208,23 @@ def supports(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype in DTYPES) for t in tensors)
 
 
-def forward(x, residual, weight, bias, rms, eps, h_dtype):
+def forward(x, residual, weight, bias, rms, eps, h_dtype, activation="identity"):
     """Same contract as :func:`resnorm.kernels.reference.forward`, compiled."""
     module = _state["module"]
     h = module.empty_output(*x.shape, h_dtype) if h_dtype is not None else None
     stream = x.numel() * x.element_size() >= STREAM_BYTES
-    y, mean, rstd = module.add_norm_fwd(x, residual, weight, bias, rms, eps, h, stream)
+    y, mean, rstd = module.add_norm_fwd(x, residual, weight, bias, rms, eps, h, stream,
+                                        activation == "relu")
     return y, (h if h is not None else x.new_empty((0,))), mean, rstd
 
 
-def backward(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
+def backward(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation="identity"):
     """Same contract as :func:`resnorm.kernels.reference.backward`, compiled."""
     module = _state["module"]
     dx = module.empty_output(*dy.shape, dy.dtype)
     stream = dx.numel() * dx.element_size() >= STREAM_BYTES
-    dw, db = module.add_norm_bwd(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db, dx, stream)
+    dw, db = module.add_norm_bwd(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, dx,
+                                 stream, activation == "relu")
     # float32, as summed (autograd casts them to each parameter's own dtype); empty when not
     # asked for, in float32 all the same, as the fake implementation (ops.py) declares.
     dw = dw if need_dw else dy.new_empty((0,), dtype=torch.float32)

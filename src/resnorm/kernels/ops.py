@@ -23,6 +23,8 @@ from .._checks import check_choice, check_float
 from . import cpu, reference
 
 KINDS = ("layer", "rms")
+# Activations fused into the output y (applied after the norm's scale and shift).
+ACTIVATIONS = ("identity", "relu")
 # Below this many elements the tensors stay in cache, the work is not memory-bound and the
 # fused kernel measured no faster than eager (docs/kernels.md): add_norm then runs the
 # same computation as stock eager ops. Under torch.compile the operator is always used.
@@ -42,21 +44,22 @@ def _cpu_forward_usable(x, residual, weight, bias, h_dtype) -> bool:
 
 # Per device type: (usable(*args) -> bool, kernel); the reference runs when none applies.
 FORWARD_KERNELS = {"cpu": (_cpu_forward_usable, cpu.forward)}
-BACKWARD_KERNELS = {"cpu": (lambda dy, dh, h, weight: cpu.supports(dy, dh, h, weight)
+BACKWARD_KERNELS = {"cpu": (lambda dy, dh, h, weight, bias: cpu.supports(dy, dh, h, weight, bias)
                             and cpu.load() is not None, cpu.backward)}
 
 
-def _stock(x: Tensor, residual: Tensor | None, kind: str) -> bool:
+def _stock(x: Tensor, residual: Tensor | None, kind: str, activation: str) -> bool:
     """Whether :func:`add_norm` runs stock eager ops for these arguments."""
     return ((x.numel() < EAGER_BELOW and not torch.compiler.is_compiling())
             or (STOCK_PLAIN_LAYER_NORM and residual is None and kind == "layer"
-                and x.dtype == torch.float32))
+                and activation == "identity" and x.dtype == torch.float32))
 
 
-def kernel_name(x: Tensor, *, residual: bool = True, kind: str = "layer") -> str:
+def kernel_name(x: Tensor, *, residual: bool = True, kind: str = "layer",
+                activation: str | None = None) -> str:
     """Which implementation :func:`add_norm` runs for tensors like ``x`` (with a residual
-    of x's shape unless ``residual=False``, and this ``kind``)."""
-    if _stock(x, x if residual else None, kind):
+    of x's shape unless ``residual=False``, and this ``kind`` and ``activation``)."""
+    if _stock(x, x if residual else None, kind, activation or "identity"):
         return "eager"
     entry = FORWARD_KERNELS.get(x.device.type)
     if entry is not None and entry[0](x, None, None, None, None):
@@ -67,20 +70,21 @@ def kernel_name(x: Tensor, *, residual: bool = True, kind: str = "layer") -> str
 @torch.library.custom_op("resnorm::add_norm_fwd", mutates_args=())
 def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], rms: bool, eps: float,
-                 h_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 h_dtype: Optional[torch.dtype],
+                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, mean, rstd) of 2-D (rows, n) inputs; see :func:`reference.forward`."""
-    return _forward_impl(x, residual, weight, bias, rms, eps, h_dtype)
+    return _forward_impl(x, residual, weight, bias, rms, eps, h_dtype, activation)
 
 
-def _forward_impl(x, residual, weight, bias, rms, eps, h_dtype):
+def _forward_impl(x, residual, weight, bias, rms, eps, h_dtype, activation):
     entry = FORWARD_KERNELS.get(x.device.type)
     if entry is not None and entry[0](x, residual, weight, bias, h_dtype):
-        return entry[1](x, residual, weight, bias, rms, eps, h_dtype)
-    return reference.forward(x, residual, weight, bias, rms, eps, h_dtype)
+        return entry[1](x, residual, weight, bias, rms, eps, h_dtype, activation)
+    return reference.forward(x, residual, weight, bias, rms, eps, h_dtype, activation)
 
 
 @add_norm_fwd.register_fake
-def _(x, residual, weight, bias, rms, eps, h_dtype):
+def _(x, residual, weight, bias, rms, eps, h_dtype, activation):
     rows = x.shape[0]
     stats = reference.stats_dtype(x.dtype)
     h = x.new_empty(x.shape, dtype=h_dtype) if h_dtype is not None else x.new_empty((0,))
@@ -90,21 +94,22 @@ def _(x, residual, weight, bias, rms, eps, h_dtype):
 
 @torch.library.custom_op("resnorm::add_norm_bwd", mutates_args=())
 def add_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
-                 mean: Tensor, rstd: Tensor, rms: bool, need_dw: bool,
-                 need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 bias: Optional[Tensor], mean: Tensor, rstd: Tensor, rms: bool, need_dw: bool,
+                 need_db: bool, activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); see :func:`reference.backward`."""
-    return _backward_impl(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
+    return _backward_impl(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation)
 
 
-def _backward_impl(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
+def _backward_impl(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation):
     entry = BACKWARD_KERNELS.get(dy.device.type)
-    if entry is not None and entry[0](dy, dh, h, weight):
-        return entry[1](dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
-    return reference.backward(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db)
+    if entry is not None and entry[0](dy, dh, h, weight, bias):
+        return entry[1](dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation)
+    return reference.backward(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db,
+                              activation)
 
 
 @add_norm_bwd.register_fake
-def _(dy, dh, h, weight, mean, rstd, rms, need_dw, need_db):
+def _(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation):
     n = h.shape[1]
     stats = rstd.dtype  # autograd casts dweight and dbias to each parameter's own dtype
     return (dy.new_empty(dy.shape), dy.new_empty((n if need_dw else 0,), dtype=stats),
@@ -119,7 +124,7 @@ def _rows(t: Tensor | None) -> Tensor | None:
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, rms, eps, h_dtype = inputs
+    x, residual, weight, bias, rms, eps, h_dtype, activation = inputs
     _, h, mean, rstd = output
     # Outputs nobody differentiated (h when the stream's gradient is not used; the
     # statistics) arrive as None, not as tensors of zeros to allocate, fill and read.
@@ -130,10 +135,13 @@ def _setup_context(ctx, inputs, output):
     # would otherwise get gradients wrong by O(1).
     ctx.recompute = (residual is not None and h_dtype is not None
                      and torch.finfo(h_dtype).bits < 32)
+    # The ReLU's mask is recomputed from h and the statistics (z > 0): only the bias is kept.
+    ctx.activation = activation
+    mask_bias = bias if activation == "relu" else None
     if ctx.recompute:
-        ctx.save_for_backward(x, residual, weight, mean, rstd)
+        ctx.save_for_backward(x, residual, weight, mask_bias, mean, rstd)
     else:
-        ctx.save_for_backward(h if h_dtype is not None else x, weight, mean, rstd)
+        ctx.save_for_backward(h if h_dtype is not None else x, weight, mask_bias, mean, rstd)
     ctx.rms = rms
     ctx.has_h = h_dtype is not None
     ctx.residual_dtype = residual.dtype if residual is not None else None
@@ -142,10 +150,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _dmean, _drstd, backward_op=None):
     if ctx.recompute:
-        x, residual, weight, mean, rstd = ctx.saved_tensors
+        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
         h = x.float() + residual.float()
     else:
-        h, weight, mean, rstd = ctx.saved_tensors
+        h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
     need = ctx.needs_input_grad
@@ -155,14 +163,14 @@ def _backward(ctx, dy, dh, _dmean, _drstd, backward_op=None):
         # its own precision: rounding it to the branch's dtype at every block would lose it.
         dy = dy.to(ctx.residual_dtype)
     backward_op = backward_op or add_norm_bwd
-    dx, dw, db = backward_op(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, mean,
-                             rstd, ctx.rms, bool(need[2]), bool(need[3]))
+    dx, dw, db = backward_op(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, bias,
+                             mean, rstd, ctx.rms, bool(need[2]), bool(need[3]), ctx.activation)
     dres = None
     if ctx.residual_dtype is not None and need[1]:
         dres = dx if dx.dtype == ctx.residual_dtype else dx.to(ctx.residual_dtype)
     dx_x = None if not need[0] else dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
     return (dx_x, dres, dw if need[2] else None, db if need[3] else None,
-            None, None, None)
+            None, None, None, None)
 
 
 add_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -174,9 +182,9 @@ class _EagerAddNorm(torch.autograd.Function):
     ``torch.compile``. Under ``torch.compile`` the operators run, as single graph nodes."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, rms, eps, h_dtype):
-        output = _forward_impl(x, residual, weight, bias, rms, eps, h_dtype)
-        _setup_context(ctx, (x, residual, weight, bias, rms, eps, h_dtype), output)
+    def forward(ctx, x, residual, weight, bias, rms, eps, h_dtype, activation):
+        output = _forward_impl(x, residual, weight, bias, rms, eps, h_dtype, activation)
+        _setup_context(ctx, (x, residual, weight, bias, rms, eps, h_dtype, activation), output)
         ctx.mark_non_differentiable(output[2], output[3])
         return output
 
@@ -199,8 +207,10 @@ def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
 
 def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None,
              bias: Tensor | None = None, kind: str = "layer", eps: float = 1e-5,
-             prenorm: bool = False, residual_in_fp32: bool = False):
-    r"""Residual add and normalization over the last dimension, in one fused pass.
+             prenorm: bool = False, residual_in_fp32: bool = False,
+             activation: str | None = None):
+    r"""Residual add, normalization over the last dimension and, optionally, the activation
+    that follows, in one fused pass.
 
     .. math::
         h = x + \mathrm{residual}, \qquad
@@ -216,6 +226,9 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
         eps: added to the variance (mean square).
         prenorm: also return ``h``, the new residual stream, for the next block.
         residual_in_fp32: keep the residual stream ``h`` in float32 whatever x's dtype.
+        activation: None (or ``"identity"``), or ``"relu"``: ``y = max(norm(h), 0)``, the
+            pre-activation blocks' Norm -> ReLU. Its backward recomputes the ReLU's mask
+            from h and the statistics, so it reads and stores nothing more.
 
     Returns:
         ``y`` (x's dtype and shape), or ``(y, h)`` with ``prenorm=True``. ``h`` has the
@@ -235,6 +248,10 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
         raise TypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if kind not in KINDS:
         check_choice("kind", kind, KINDS)
+    if activation is None:
+        activation = "identity"
+    elif activation not in ACTIVATIONS:
+        check_choice("activation", activation, ACTIVATIONS)
     if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
         eps = check_float("eps", eps, low=0.0)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -253,16 +270,17 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
             raise ValueError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
                              "pass bias=None")
         _check_tensor("bias", bias, x, (n,))
-    if _stock(x, residual, kind):
+    if _stock(x, residual, kind, activation):
         return reference.add_norm_reference(x, residual, weight, bias, kind, eps, prenorm,
-                                            residual_in_fp32)
+                                            residual_in_fp32, activation)
     h_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
     materialize = residual is not None or h_dtype != x.dtype
     shape = x.shape
     op = add_norm_fwd if torch.compiler.is_compiling() else _EagerAddNorm.apply
     y, h, _, _ = op(_rows(x.reshape(-1, n)),
                     _rows(residual.reshape(-1, n)) if residual is not None else None,
-                    weight, bias, kind == "rms", eps, h_dtype if materialize else None)
+                    weight, bias, kind == "rms", eps, h_dtype if materialize else None,
+                    activation)
     y = y.view(shape)
     if not prenorm:
         return y

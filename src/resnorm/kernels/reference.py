@@ -29,8 +29,8 @@ def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None,
 
 
 def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", eps=1e-5,
-                       prenorm=False, residual_in_fp32=False):
-    """``h = x + residual``; ``y = norm(h) * weight + bias``, with stock PyTorch ops.
+                       prenorm=False, residual_in_fp32=False, activation=None):
+    """``h = x + residual``; ``y = act(norm(h) * weight + bias)``, with stock PyTorch ops.
 
     ``h`` is summed in the arithmetic dtype (float32, or float64 for float64 inputs) and
     normalized before any rounding; it is returned (``prenorm=True``) in the residual
@@ -47,6 +47,8 @@ def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", e
         y = F.layer_norm(h, (h.shape[-1],), cast(weight), cast(bias), eps)
     else:
         y = F.rms_norm(h, (h.shape[-1],), cast(weight), eps)
+    if activation == "relu":
+        y = F.relu(y)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     if not prenorm:
         return y
@@ -54,9 +56,11 @@ def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", e
     return y, (h if h.dtype == stream else h.to(stream))
 
 
-def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype):
+def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype,
+            activation: str = "identity"):
     """The kernel contract, forward: ``(y, h, mean, rstd)`` for 2-D ``(rows, n)`` inputs.
 
+    ``y`` is rectified (``max(z, 0)``) with ``activation="relu"``.
     ``h`` is empty when ``h_dtype`` is None (the residual stream is x itself); ``mean`` is
     empty for RMS norm. Statistics are in :func:`stats_dtype`."""
     compute = stats_dtype(x.dtype)
@@ -73,14 +77,19 @@ def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype):
         y = y * weight.to(compute)
     if bias is not None:
         y = y + bias.to(compute)
+    if activation == "relu":
+        y = torch.relu(y)
     h_out = h.to(h_dtype).contiguous() if h_dtype is not None else x.new_empty((0,))
     return y.to(x.dtype).contiguous(), h_out, mean, rstd
 
 
-def backward(dy, dh, h, weight, mean, rstd, rms: bool, need_dw: bool, need_db: bool):
+def backward(dy, dh, h, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_db: bool,
+             activation: str = "identity"):
     """The kernel contract, backward: ``(dx, dweight, dbias)``.
 
-    With ``xhat = (h - mean) * rstd`` and ``g = dy * weight``::
+    With ``xhat = (h - mean) * rstd`` and ``g = dy * weight`` (``dy`` first masked by
+    ``z > 0``, ``z = xhat * weight + bias``, with ``activation="relu"``; ``bias`` is read
+    for that only)::
 
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh   (RMS norm: no mean(g))
         dweight = sum over rows of dy * xhat;  dbias = sum over rows of dy
@@ -93,6 +102,10 @@ def backward(dy, dh, h, weight, mean, rstd, rms: bool, need_dw: bool, need_db: b
     compute = rstd.dtype
     hc, g0 = h.to(compute), dy.to(compute)
     xhat = (hc if rms else hc - mean[:, None]) * rstd[:, None]
+    if activation == "relu":
+        z = xhat if weight is None else xhat * weight.to(compute)
+        z = z if bias is None else z + bias.to(compute)
+        g0 = torch.where(z > 0, g0, 0.0)
     g = g0 if weight is None else g0 * weight.to(compute)
     inner = (g * xhat).mean(dim=1, keepdim=True)
     dx = g - xhat * inner

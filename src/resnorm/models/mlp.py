@@ -22,11 +22,11 @@ class ResidualMLP(nn.Module):
     end with ``Norm -> Act`` before the classifier, as pre-activation ResNets do.
     ``drop_path`` is the last block's rate, growing linearly from the first.
 
-    ``fused=True`` runs each residual add with the next norm as one fused pass
-    (:func:`resnorm.kernels.add_norm`; pre-norm residual stacks with ``norm="layer"`` or
-    ``"rms"``); same parameters and results. Off by default: at the lab's sizes (128-wide
-    activations) `resnorm bench` measures no gain on the CPU; it pays off from about a
-    million elements per activation (see docs/kernels.md).
+    ``fused=True`` runs each residual add with the next norm, and the ReLU after it, as
+    one fused pass (:func:`resnorm.kernels.add_norm`; pre-norm residual stacks with
+    ``norm="layer"`` or ``"rms"``); same parameters and results. Off by default: at the
+    lab's sizes (128-wide activations) `resnorm bench` measures no gain on the CPU; it
+    pays off from about a million elements per activation (see docs/kernels.md).
     """
 
     def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
@@ -54,7 +54,12 @@ class ResidualMLP(nn.Module):
                              dropout=dropout, norm_options=norm_options, fused=self.fused)
             for rate in rates])
         if placement == "pre":
-            self.final_norm = make_norm(norm, width, fused=self.fused, **(norm_options or {}))
+            options = dict(norm_options or {})
+            # Fused: the final norm applies the ReLU itself (see ResidualMLPBlock).
+            self.act_in_norm = self.fused and activation == "relu"
+            if self.act_in_norm:
+                options["activation"] = "relu"
+            self.final_norm = make_norm(norm, width, fused=self.fused, **options)
             self.final_act = make_activation(activation)
         self.placement = placement
         self.head = nn.Linear(width, num_classes)
@@ -75,7 +80,7 @@ class ResidualMLP(nn.Module):
             for block in self.blocks:
                 x, pending = block.stream(x, pending)
             y = self.final_norm(x) if pending is None else self.final_norm(pending, x)
-            return self.head(self.final_act(y))
+            return self.head(y if self.act_in_norm else self.final_act(y))
         x = self.blocks(x)
         if self.placement == "pre":
             x = self.final_act(self.final_norm(x))

@@ -8,20 +8,30 @@ residual stream and can return the new one, as flash-attention's ``layer_norm_fn
     y = norm(x, residual)                         # norm(x + residual)
     y, h = norm(x, residual, prenorm=True)        # h = x + residual, the next skip input
 
-The add and the normalization run as one pass of :func:`resnorm.kernels.add_norm` when the
-normalized dimension is the last one (tokens (N, T, C), features (N, C)); otherwise the add
-and the parent's normalization run separately, with the same results.
+``activation="relu"`` also applies the ReLU that follows the norm in pre-activation blocks
+(Norm -> ReLU -> Linear): ``y = relu(norm(x + residual))``, in the same pass, forward and
+backward. The add, the normalization and the ReLU run as one pass of
+:func:`resnorm.kernels.add_norm` when the normalized dimension is the last one (tokens
+(N, T, C), features (N, C)); otherwise they run separately, with the same results.
 """
 from __future__ import annotations
 
 import torch
 
+from .._checks import check_choice
 from ..kernels import add_norm, reference
 from .layer import LayerNorm, RMSNorm
+
+# What `activation=` accepts: None (the norm alone) or an activation the kernel fuses.
+FUSED_ACTIVATIONS = (None, "relu")
 
 
 class _FusedAdd:
     kind = "layer"
+    activation = None
+
+    def _set_activation(self, activation) -> None:
+        self.activation = check_choice("activation", activation, FUSED_ACTIVATIONS)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         last = self.channel_dim == -1 or x.dim() == 2
@@ -38,14 +48,22 @@ class _FusedAdd:
         if self._fusable(x):
             return add_norm(x, residual, self.weight, getattr(self, "bias", None),
                             kind=self.kind, eps=self._eps_for(x), prenorm=prenorm,
-                            residual_in_fp32=self.residual_in_fp32)
+                            residual_in_fp32=self.residual_in_fp32,
+                            activation=self.activation)
         # The stream as add_norm makes it: summed in float32, stored in its own dtype.
         stream = reference.residual_dtype(x, residual, self.residual_in_fp32)
         compute = reference.stats_dtype(x.dtype)
         h = x if residual is None else (x.to(compute) + residual.to(compute))
         h = h.to(stream)
-        y = super().forward(h).to(x.dtype)
+        y = super().forward(h)
+        if self.activation == "relu":
+            y = torch.relu(y)
+        y = y.to(x.dtype)
         return (y, h) if prenorm else y
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation else "")
 
 
 class FusedAddLayerNorm(_FusedAdd, LayerNorm):
@@ -55,17 +73,20 @@ class FusedAddLayerNorm(_FusedAdd, LayerNorm):
         h = x + r, \qquad y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}} \gamma + \beta
 
     ``residual_in_fp32=True`` keeps the returned residual stream in float32 for bfloat16
-    or float16 inputs. Other arguments are :class:`~resnorm.norms.LayerNorm`'s.
+    or float16 inputs; ``activation="relu"`` returns ``relu(y)`` (fused). Other arguments
+    are :class:`~resnorm.norms.LayerNorm`'s.
     """
 
     kind = "layer"
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 bias: bool = True, *, residual_in_fp32: bool = False, convention: str = "torch",
-                 channel_dim: int = -1, device=None, dtype=None) -> None:
+                 bias: bool = True, *, residual_in_fp32: bool = False, activation: str | None = None,
+                 convention: str = "torch", channel_dim: int = -1, device=None,
+                 dtype=None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, convention=convention,
                          channel_dim=channel_dim, device=device, dtype=dtype)
         self.residual_in_fp32 = bool(residual_in_fp32)
+        self._set_activation(activation)
 
     def _eps_for(self, x: torch.Tensor) -> float:
         return self.eps
@@ -78,17 +99,20 @@ class FusedAddRMSNorm(_FusedAdd, RMSNorm):
         h = x + r, \qquad y = \frac{h}{\sqrt{\mathrm{E}[h^2] + \epsilon}} \gamma
 
     ``eps=None`` is the machine epsilon of float32 (float64 for float64 inputs), as in
-    ``torch.nn.RMSNorm``. Other arguments are :class:`~resnorm.norms.RMSNorm`'s.
+    ``torch.nn.RMSNorm``; ``activation="relu"`` returns ``relu(y)`` (fused). Other
+    arguments are :class:`~resnorm.norms.RMSNorm`'s.
     """
 
     kind = "rms"
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 *, residual_in_fp32: bool = False, convention: str = "torch",
-                 channel_dim: int = -1, device=None, dtype=None) -> None:
+                 *, residual_in_fp32: bool = False, activation: str | None = None,
+                 convention: str = "torch", channel_dim: int = -1, device=None,
+                 dtype=None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, convention=convention,
                          channel_dim=channel_dim, device=device, dtype=dtype)
         self.residual_in_fp32 = bool(residual_in_fp32)
+        self._set_activation(activation)
 
     def _eps_for(self, x: torch.Tensor) -> float:
         if self.eps is not None:

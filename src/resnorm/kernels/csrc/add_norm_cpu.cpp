@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -236,12 +237,37 @@ inline float* work_row(TH* hr, float* scratch_row, bool stream) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: h = x + residual; y = (h - mean) * rstd * w + b (LayerNorm) or h * rstd * w (RMS).
+// Forward: h = x + residual; z = (h - mean) * rstd * w + b (LayerNorm) or h * rstd * w (RMS);
+// y = z, or max(z, 0) with the fused ReLU.
+
+// z, spelled once for the forward and the backward: the backward's ReLU mask (z > 0) must
+// be computed from values bit-identical to those the forward rectified.
+inline float normalized(float hv, float mu, float r) { return (hv - mu) * r; }
+inline float affine(float xv, float w, float b) { return xv * w + b; }
+// max(z, lo): lo = 0 is the ReLU, lo = -inf the identity; NaN stays NaN, as in torch.relu.
+inline float activate(float z, float lo) { return z < lo ? lo : z; }
+
+struct FwdArgs {
+  const at::Tensor& x;
+  const at::Tensor* res;   // null: no residual
+  const at::Tensor* hout;  // null: h is not stored
+  const at::Tensor& y;
+  const float* w;
+  const float* b;
+  bool rms, relu;
+  float eps;
+  float* mean_p;  // null for RMSNorm
+  float* rstd_p;
+  bool stream;
+};
 
 template <typename TX, typename TR, typename TH>
-void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
-              const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
-              bool stream) {
+void fwd_rows(const FwdArgs& a) {
+  const at::Tensor& x = a.x;
+  const float* w = a.w;
+  const float* b = a.b;
+  const bool rms = a.rms, stream = a.stream;
+  const float lo = a.relu ? 0.0f : -std::numeric_limits<float>::infinity();
   const int64_t rows = x.size(0), n = x.size(1);
   const float inv_n = 1.0f / static_cast<float>(n);
   const int64_t block = block_rows(n);
@@ -254,8 +280,8 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
       // Pass 1 over the block: h = x + residual, into scratch (and h), summed.
       for (int64_t i = i0; i < i1; ++i) {
         const TX* xr = row_ptr<const TX>(&x, i);
-        const TR* rr = row_ptr<const TR>(res, i);
-        TH* hr = row_ptr<TH>(hout, i);
+        const TR* rr = row_ptr<const TR>(a.res, i);
+        TH* hr = row_ptr<TH>(a.hout, i);
         float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         float acc[kLanes] = {0.0f};
@@ -289,23 +315,25 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
         sums[i - i0] = s;
       }
       for (int64_t i = i0; i < i1; ++i) {
-        float* buf = work_row<TH>(row_ptr<TH>(hout, i), scratch + (i - i0) * n, stream);
-        TX* yr = row_ptr<TX>(&y, i);
+        float* buf = work_row<TH>(row_ptr<TH>(a.hout, i), scratch + (i - i0) * n, stream);
+        TX* yr = row_ptr<TX>(&a.y, i);
         const float s = sums[i - i0];
         // Pass 2 (LayerNorm): the centred sum of squares (two-pass statistics, from the block
         // in cache). RMSNorm has its sum of squares from pass 1, with nothing to centre.
         const float mu = rms ? 0.0f : s * inv_n;
-        const float r = 1.0f / std::sqrt((rms ? s : sum_shifted(buf, n, mu, true)) * inv_n + eps);
-        if (mean_p) mean_p[i] = mu;
-        rstd_p[i] = r;
+        const float r = 1.0f / std::sqrt((rms ? s : sum_shifted(buf, n, mu, true)) * inv_n + a.eps);
+        if (a.mean_p) a.mean_p[i] = mu;
+        a.rstd_p[i] = r;
         // Pass 3: y, straight to its row (through L1 and streaming stores when streaming).
         if (stream) {
 #pragma omp simd
-          for (int64_t q = 0; q < n; ++q) buf[q] = (buf[q] - mu) * r * w[q] + b[q];
+          for (int64_t q = 0; q < n; ++q)
+            buf[q] = activate(affine(normalized(buf[q], mu, r), w[q], b[q]), lo);
           write_row(yr, buf, n, true);
         } else {
 #pragma omp simd
-          for (int64_t q = 0; q < n; ++q) put(yr + q, (buf[q] - mu) * r * w[q] + b[q]);
+          for (int64_t q = 0; q < n; ++q)
+            put(yr + q, activate(affine(normalized(buf[q], mu, r), w[q], b[q]), lo));
         }
       }
     }
@@ -314,56 +342,76 @@ void fwd_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout
 }
 
 template <typename TX, typename TR>
-void fwd_h(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
-           const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
-           bool stream) {
-  if (!hout)
-    fwd_rows<TX, TR, Absent>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
-  else if (is_bf16(*hout))
-    fwd_rows<TX, TR, bf16>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+void fwd_h(const FwdArgs& a) {
+  if (!a.hout)
+    fwd_rows<TX, TR, Absent>(a);
+  else if (is_bf16(*a.hout))
+    fwd_rows<TX, TR, bf16>(a);
   else
-    fwd_rows<TX, TR, float>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+    fwd_rows<TX, TR, float>(a);
 }
 
 template <typename TX>
-void fwd_r(const at::Tensor& x, const at::Tensor* res, const at::Tensor* hout, const at::Tensor& y,
-           const float* w, const float* b, bool rms, float eps, float* mean_p, float* rstd_p,
-           bool stream) {
-  if (!res)
-    fwd_h<TX, Absent>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
-  else if (is_bf16(*res))
-    fwd_h<TX, bf16>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+void fwd_r(const FwdArgs& a) {
+  if (!a.res)
+    fwd_h<TX, Absent>(a);
+  else if (is_bf16(*a.res))
+    fwd_h<TX, bf16>(a);
   else
-    fwd_h<TX, float>(x, res, hout, y, w, b, rms, eps, mean_p, rstd_p, stream);
+    fwd_h<TX, float>(a);
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. With xhat = (h - mean) * rstd and g = dy * w:
+// Backward. With xhat = (h - mean) * rstd and g = dy * w (dy masked by z > 0 first, with
+// the fused ReLU; z recomputed from h, so nothing more is stored or read):
 //   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh_in   (RMSNorm: without mean(g))
 //   dw = sum over rows of dy * xhat, db = sum over rows of dy.
 
-template <typename TD, typename TH, typename TI>
-void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
-              const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx,
-              float* partial, bool need_dw, bool need_db, bool stream) {
+struct BwdArgs {
+  const at::Tensor& dy;
+  const at::Tensor* dh_in;  // null: no gradient reached the stream output h
+  const at::Tensor& h;
+  const float* w;
+  const float* b;  // for the ReLU mask
+  const float* mean_p;  // null for RMSNorm
+  const float* rstd_p;
+  bool rms, relu;
+  const at::Tensor& dx;
+  float* partial;  // per thread: n dweight then n dbias partial sums
+  bool need_dw, need_db, stream;
+};
+
+template <typename TD, typename TH, typename TI, bool Relu>
+void bwd_rows(const BwdArgs& a) {
+  const at::Tensor& h = a.h;
+  const float* w = a.w;
+  const float* b = a.b;
+  const bool stream = a.stream;
   const int64_t rows = h.size(0), n = h.size(1);
   const float inv_n = 1.0f / static_cast<float>(n);
   // In blocks of rows (see block_rows) when dx is written through the cache; row by row
   // when streamed, where re-reading h and dy from L2 rather than L1 measured slower.
   const int64_t block = stream ? 1 : block_rows(n);
+  // dy, masked by the ReLU's derivative (1 where z > 0; 0 elsewhere, NaN included).
+  auto grad = [&](float dyv, float xv, int64_t q) {
+    if constexpr (Relu) return affine(xv, w[q], b[q]) > 0.0f ? dyv : 0.0f;
+    (void)xv;
+    (void)q;
+    return dyv;
+  };
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     float* sums = thread_scratch(static_cast<size_t>(2 * block + n));
     float* out = sums + 2 * block;
-    float* dw_acc = partial + at::get_thread_num() * 2 * n;
+    float* dw_acc = a.partial + at::get_thread_num() * 2 * n;
     float* db_acc = dw_acc + n;
-    const bool need_params = need_dw || need_db;
+    const bool need_params = a.need_dw || a.need_db;
     for (int64_t i0 = begin; i0 < end; i0 += block) {
       const int64_t i1 = std::min(end, i0 + block);
       for (int64_t i = i0; i < i1; ++i) {
         const TH* hr = row_ptr<const TH>(&h, i);
-        const TD* dyr = row_ptr<const TD>(&dy, i);
-        const float mu = mean_p ? mean_p[i] : 0.0f;
-        const float r = rstd_p[i];
+        const TD* dyr = row_ptr<const TD>(&a.dy, i);
+        const float mu = a.mean_p ? a.mean_p[i] : 0.0f;
+        const float r = a.rstd_p[i];
         // Pass 1 (reads h and dy from memory): the two row sums and, while the values are
         // in registers, the per-thread dweight/dbias partial sums.
         float c1[kLanes] = {0.0f}, c2[kLanes] = {0.0f};
@@ -372,8 +420,8 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
           if (need_params) {
 #pragma omp simd
             for (int64_t k = 0; k < kLanes; ++k) {
-              const float xv = (to_float(hr[j + k]) - mu) * r;
-              const float gv = to_float(dyr[j + k]);
+              const float xv = normalized(to_float(hr[j + k]), mu, r);
+              const float gv = grad(to_float(dyr[j + k]), xv, j + k);
               c1[k] += gv * w[j + k] * xv;
               c2[k] += gv * w[j + k];
               dw_acc[j + k] += gv * xv;
@@ -382,8 +430,8 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
           } else {
 #pragma omp simd
             for (int64_t k = 0; k < kLanes; ++k) {
-              const float xv = (to_float(hr[j + k]) - mu) * r;
-              const float gv = to_float(dyr[j + k]);
+              const float xv = normalized(to_float(hr[j + k]), mu, r);
+              const float gv = grad(to_float(dyr[j + k]), xv, j + k);
               c1[k] += gv * w[j + k] * xv;
               c2[k] += gv * w[j + k];
             }
@@ -391,8 +439,8 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
         }
         float s1 = 0.0f, s2 = 0.0f;
         for (; j < n; ++j) {
-          const float xv = (to_float(hr[j]) - mu) * r;
-          const float gv = to_float(dyr[j]);
+          const float xv = normalized(to_float(hr[j]), mu, r);
+          const float gv = grad(to_float(dyr[j]), xv, j);
           s1 += gv * w[j] * xv;
           s2 += gv * w[j];
           if (need_params) {
@@ -405,23 +453,23 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
           s2 += reduce_lanes(c2);
         }
         sums[2 * (i - i0)] = s1 * inv_n;
-        sums[2 * (i - i0) + 1] = rms ? 0.0f : s2 * inv_n;
+        sums[2 * (i - i0) + 1] = a.rms ? 0.0f : s2 * inv_n;
       }
       for (int64_t i = i0; i < i1; ++i) {
         const TH* hr = row_ptr<const TH>(&h, i);
-        const TD* dyr = row_ptr<const TD>(&dy, i);
-        const float mu = mean_p ? mean_p[i] : 0.0f;
-        const float r = rstd_p[i];
+        const TD* dyr = row_ptr<const TD>(&a.dy, i);
+        const float mu = a.mean_p ? a.mean_p[i] : 0.0f;
+        const float r = a.rstd_p[i];
         const float s1 = sums[2 * (i - i0)], s2 = sums[2 * (i - i0) + 1];
         // Pass 2 (h and dy are in cache now): dx, plus the stream's gradient dh_in, into
         // dx's own row when it is float32 and written through the cache.
-        TD* dxr = row_ptr<TD>(&dx, i);
+        TD* dxr = row_ptr<TD>(&a.dx, i);
         float* o = work_row<TD>(dxr, out, stream);
-        const TI* ir = row_ptr<const TI>(dh_in, i);
+        const TI* ir = row_ptr<const TI>(a.dh_in, i);
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) {
-          const float xv = (to_float(hr[q]) - mu) * r;
-          float v = (to_float(dyr[q]) * w[q] - (xv * s1 + s2)) * r;
+          const float xv = normalized(to_float(hr[q]), mu, r);
+          float v = (grad(to_float(dyr[q]), xv, q) * w[q] - (xv * s1 + s2)) * r;
           if constexpr (kPresent<TI>) v += to_float(ir[q]);
           o[q] = v;
         }
@@ -432,26 +480,30 @@ void bwd_rows(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h
   });
 }
 
-template <typename TD, typename TH>
-void bwd_i(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
-           const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx, float* partial,
-           bool need_dw, bool need_db, bool stream) {
-  if (!dh_in)
-    bwd_rows<TD, TH, Absent>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
-  else if (is_bf16(*dh_in))
-    bwd_rows<TD, TH, bf16>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+template <typename TD, typename TH, typename TI>
+void bwd_a(const BwdArgs& a) {
+  if (a.relu)
+    bwd_rows<TD, TH, TI, true>(a);
   else
-    bwd_rows<TD, TH, float>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+    bwd_rows<TD, TH, TI, false>(a);
+}
+
+template <typename TD, typename TH>
+void bwd_i(const BwdArgs& a) {
+  if (!a.dh_in)
+    bwd_a<TD, TH, Absent>(a);
+  else if (is_bf16(*a.dh_in))
+    bwd_a<TD, TH, bf16>(a);
+  else
+    bwd_a<TD, TH, float>(a);
 }
 
 template <typename TD>
-void bwd_h(const at::Tensor& dy, const at::Tensor* dh_in, const at::Tensor& h, const float* w,
-           const float* mean_p, const float* rstd_p, bool rms, const at::Tensor& dx, float* partial,
-           bool need_dw, bool need_db, bool stream) {
-  if (is_bf16(h))
-    bwd_i<TD, bf16>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+void bwd_h(const BwdArgs& a) {
+  if (is_bf16(a.h))
+    bwd_i<TD, bf16>(a);
   else
-    bwd_i<TD, float>(dy, dh_in, h, w, mean_p, rstd_p, rms, dx, partial, need_dw, need_db, stream);
+    bwd_i<TD, float>(a);
 }
 
 
@@ -621,12 +673,12 @@ void pool_empty_cache() {
 #endif
 }
 
-// Writes y (allocated here, x's dtype), h = x + residual into `h_out` when given, and
-// returns (y, mean, rstd); mean is empty for RMSNorm.
+// Writes y (allocated here, x's dtype; rectified when `relu`), h = x + residual into `h_out`
+// when given, and returns (y, mean, rstd); mean is empty for RMSNorm.
 std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, bool rms, double eps,
-                                     const c10::optional<at::Tensor>& h_out, bool stream) {
+                                     const c10::optional<at::Tensor>& h_out, bool stream, bool relu) {
   TORCH_CHECK(x.dim() == 2, "resnorm CPU kernel: x must be (rows, n)");
   check_rows(x, x, "x");
   const int64_t rows = x.size(0), n = x.size(1);
@@ -640,23 +692,26 @@ std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at
   if (rows == 0 || n == 0) return {y, mean, rstd};
   const std::vector<float> w = as_float_vector(weight, n, 1.0f);
   const std::vector<float> b = as_float_vector(bias, n, 0.0f);
-  stream = stream && resident(y) && (!hout || resident(*hout));
-  float* mean_p = rms ? nullptr : mean.data_ptr<float>();
-  const float epsf = static_cast<float>(eps);
+  const FwdArgs args{x, res, hout, y, w.data(), b.data(), rms, relu, static_cast<float>(eps),
+                     rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                     stream && resident(y) && (!hout || resident(*hout))};
   if (is_bf16(x))
-    fwd_r<bf16>(x, res, hout, y, w.data(), b.data(), rms, epsf, mean_p, rstd.data_ptr<float>(), stream);
+    fwd_r<bf16>(args);
   else
-    fwd_r<float>(x, res, hout, y, w.data(), b.data(), rms, epsf, mean_p, rstd.data_ptr<float>(), stream);
+    fwd_r<float>(args);
   return {y, mean, rstd};
 }
 
 // Writes dx (allocated by the caller in dy's dtype): the gradient of h, hence of x and of
 // the residual alike, plus dh_in, the gradient that reached the residual stream output.
+// With `relu`, dy is the gradient of the rectified y (bias is then needed for the mask).
 // Returns (dweight, dbias) in float32, undefined when not asked for.
 std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh_in,
                                      const at::Tensor& h, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& mean, const at::Tensor& rstd, bool rms,
-                                     bool need_dw, bool need_db, const at::Tensor& dx, bool stream) {
+                                     bool need_dw, bool need_db, const at::Tensor& dx, bool stream,
+                                     bool relu) {
   TORCH_CHECK(h.dim() == 2, "resnorm CPU kernel: h must be (rows, n)");
   check_rows(h, h, "h");
   check_rows(dy, h, "dy");
@@ -671,15 +726,16 @@ std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<a
   at::Tensor partial = at::zeros({threads, 2, n}, h.options().dtype(at::kFloat));
   if (rows > 0 && n > 0) {
     const std::vector<float> w = as_float_vector(weight, n, 1.0f);
+    const std::vector<float> b = as_float_vector(relu ? bias : c10::optional<at::Tensor>(), n, 0.0f);
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-    const float* mean_p = rms ? nullptr : mean_c.data_ptr<float>();
-    stream = stream && resident(dx);
+    const BwdArgs args{dy, dhi, h, w.data(), b.data(),
+                       rms ? nullptr : mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(),
+                       rms, relu, dx, partial.data_ptr<float>(), need_dw, need_db,
+                       stream && resident(dx)};
     if (is_bf16(dy))
-      bwd_h<bf16>(dy, dhi, h, w.data(), mean_p, rstd_c.data_ptr<float>(), rms, dx,
-                  partial.data_ptr<float>(), need_dw, need_db, stream);
+      bwd_h<bf16>(args);
     else
-      bwd_h<float>(dy, dhi, h, w.data(), mean_p, rstd_c.data_ptr<float>(), rms, dx,
-                   partial.data_ptr<float>(), need_dw, need_db, stream);
+      bwd_h<float>(args);
   }
   // Two separate reductions, so that the returned gradients do not share storage.
   return {need_dw ? partial.select(1, 0).sum(0) : at::Tensor(),
