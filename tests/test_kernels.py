@@ -1097,7 +1097,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def pool(compiled):
-    """A pool serving outputs of 1 MiB and more (the default is 32 MiB), empty at the start;
+    """A pool serving outputs of 1 MiB and more (the default is 4 MiB), empty at the start;
     the process's settings come back afterwards."""
     before = cpu.pool_stats()
     cpu.empty_cache()
@@ -1208,7 +1208,7 @@ def test_parse_bytes_rejects(text):
 
 @pytest.mark.parametrize("env,expect", [
     ({"RESNORM_POOL": "off", "RESNORM_POOL_MAX_CACHED": "256M"}, "-1 268435456"),
-    ({"RESNORM_POOL": "on"}, f"{32 << 20} "),
+    ({"RESNORM_POOL": "on"}, f"{4 << 20} "),
     ({"RESNORM_POOL": "maybe"}, "ValueError: RESNORM_POOL='maybe' is not accepted; accepted: "
                                 "on, off"),
     ({"RESNORM_POOL_MAX_CACHED": "lots"}, "ValueError: RESNORM_POOL_MAX_CACHED='lots' is not a "
