@@ -526,9 +526,9 @@ def _compile_inputs(rows=6, n=40, seed=70):
     return [t.clone().requires_grad_() for t in (x, res, w, b)]
 
 
-def _eager_and_compiled(compiled_fn, rows=6, n=40):
+def _eager_and_compiled(compiled_fn, rows=6, n=40, eager_fn=None):
     results = []
-    for fn in (_block, compiled_fn):
+    for fn in (eager_fn or _block, compiled_fn):
         inputs = _compile_inputs(rows, n)
         out = fn(*inputs)
         out.backward(_data(out.shape, 71, scale=1.0, shift=0.0))
@@ -536,15 +536,20 @@ def _eager_and_compiled(compiled_fn, rows=6, n=40):
     return results
 
 
-def test_compile_one_graph_no_break(compiled):
-    torch._dynamo.reset()
+def _compile_counting(fn):
+    """``torch.compile(fn, fullgraph=True)`` with a backend that records each graph it gets."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    fn = torch.compile(_block, backend=counting_backend, fullgraph=True)
+    return torch.compile(fn, backend=counting_backend, fullgraph=True), graphs
+
+
+def test_compile_one_graph_no_break(compiled):
+    torch._dynamo.reset()
+    fn, graphs = _compile_counting(_block)
     eager, comp = _eager_and_compiled(fn)
     assert len(graphs) == 1
     targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
@@ -1379,20 +1384,11 @@ def _relu_block(x, residual, weight, bias):
 
 def test_relu_compile_one_graph_matches_eager(compiled):
     torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    fn = torch.compile(_relu_block, backend=counting_backend, fullgraph=True)
-    runs = []
-    for f in (_relu_block, fn):
-        inputs = _compile_inputs()
-        out = f(*inputs)
-        out.backward(_data(out.shape, 340, scale=1.0, shift=0.0))
-        runs.append([out.detach()] + [t.grad for t in inputs])
+    fn, graphs = _compile_counting(_relu_block)
+    runs = _eager_and_compiled(fn, eager_fn=_relu_block)
     assert len(graphs) == 1
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.resnorm.add_norm_fwd.default) == 1, targets
     for a, b, name in zip(*runs, ("out", "dx", "dres", "dw", "db")):
         _same(b, a, f"compiled vs eager {name}")
     torch._dynamo.reset()
