@@ -161,8 +161,9 @@ def test_fused_relu_channels_first_falls_back_to_separate_ops(always_fused):
 
 def test_fused_module_rejects_unknown_activation():
     with pytest.raises(ValueError, match=r"activation='gelu' is not supported; accepted values: "
-                                         r"None, 'relu'"):
+                                         r"None, 'identity', 'relu'"):
         FusedAddLayerNorm(8, activation="gelu")
+    assert FusedAddLayerNorm(8, activation="identity").activation is None
 
 
 @pytest.mark.parametrize("activation,in_norm", [("relu", True), ("gelu", False)])

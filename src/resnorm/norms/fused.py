@@ -22,8 +22,9 @@ from .._checks import check_choice
 from ..kernels import add_norm, reference
 from .layer import LayerNorm, RMSNorm
 
-# What `activation=` accepts: None (the norm alone) or an activation the kernel fuses.
-FUSED_ACTIVATIONS = (None, "relu")
+# What `activation=` accepts: None or "identity" (the norm alone), or an activation the
+# kernel fuses (as resnorm.kernels.add_norm).
+FUSED_ACTIVATIONS = (None, "identity", "relu")
 
 
 class _FusedAdd:
@@ -31,7 +32,8 @@ class _FusedAdd:
     activation = None
 
     def _set_activation(self, activation) -> None:
-        self.activation = check_choice("activation", activation, FUSED_ACTIVATIONS)
+        check_choice("activation", activation, FUSED_ACTIVATIONS)
+        self.activation = None if activation == "identity" else activation
 
     def _fusable(self, x: torch.Tensor) -> bool:
         last = self.channel_dim == -1 or x.dim() == 2
