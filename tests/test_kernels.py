@@ -1279,12 +1279,6 @@ def _masked_reference(mask: Tensor):
     return fn
 
 
-def _relu_case(shape, seed, *, kind, dtype=torch.float32, residual=True):
-    x, res, w, b, dy = _case(shape, seed, dtype=dtype, residual=residual, kind=kind)
-    # Biases of both signs around 0: z is negative for about half of the elements.
-    return x, res, w, b, dy
-
-
 def _exact_z(x, res, w, b, kind, eps=1e-5):
     return add_norm_reference(*(None if t is None else t.double() for t in (x, res, w, b)),
                               kind=kind, eps=eps)
@@ -1301,7 +1295,7 @@ def _assert_mask_within_rounding(y: Tensor, z: Tensor, bound: Tensor) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_relu_matches_float64_oracle(kind, with_residual, dtype, only_compiled):
     shape = (3, 7, 200)  # 21 rows of twelve 16-lane blocks and a tail of 8
-    x, res, w, b, dy = _relu_case(shape, 300, kind=kind, dtype=dtype, residual=with_residual)
+    x, res, w, b, dy = _case(shape, 300, kind=kind, dtype=dtype, residual=with_residual)
     dh = _data(shape, 301, dtype=_h_dtype(x, res, False), scale=1.0, shift=0.0)
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, activation="relu")
     z = _exact_z(x, res, w, b, kind)
@@ -1324,7 +1318,7 @@ def test_relu_matches_float64_oracle(kind, with_residual, dtype, only_compiled):
 @pytest.mark.parametrize("how", LAYOUTS)
 def test_relu_layouts_bit_equal(kind, how, only_compiled):
     shape = (6, 45)
-    x, res, w, b, dy = _relu_case(shape, 310, kind=kind)
+    x, res, w, b, dy = _case(shape, 310, kind=kind)
     base = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
     laid = _run(add_norm, _as_layout(x, how), _as_layout(res, how), w, b, kind=kind,
                 dy=_as_layout(dy, how), dh=_as_layout(dy, how), activation="relu")
@@ -1354,7 +1348,7 @@ def test_relu_gradcheck_float64(kind, with_residual, reference_calls):
 @pytest.mark.parametrize("kind", KINDS)
 def test_relu_stock_path_matches_kernel(kind, compiled, monkeypatch):
     """Small inputs run stock ops (F.layer_norm then F.relu); they agree with the kernel."""
-    x, res, w, b, dy = _relu_case((5, 64), 330, kind=kind)
+    x, res, w, b, dy = _case((5, 64), 330, kind=kind)
     kernel = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
     monkeypatch.setattr(ops, "EAGER_BELOW", _EAGER_BELOW)
     assert kernel_name(x, kind=kind, activation="relu") == "eager"
