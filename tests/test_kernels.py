@@ -883,21 +883,45 @@ def test_streaming_threshold_matches_oracle(rows, streams, kind, only_compiled, 
            what=f"{rows} rows")
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("n", [1024, 100, 35])
 @pytest.mark.parametrize("kind", KINDS)
-def test_streaming_and_normal_stores_identical(kind, n, only_compiled, monkeypatch):
-    """Both store paths forced on the same input give the same bits. With n = 100 some rows
-    start 64-byte aligned (streamed, with a tail) and some do not (ordinary stores)."""
+def test_streaming_and_normal_stores_identical(kind, n, activation, only_compiled, monkeypatch):
+    """Both store paths forced on the same input give the same bits (the streamed rows are
+    computed in registers and stored from there, the others through L1). With n = 100 some
+    rows start 64-byte aligned (streamed, with a tail) and some do not (ordinary stores)."""
     x, res, w, b, dy = _case((9, n), 120, kind=kind)
     dh = _data((9, n), 121, scale=1.0, shift=0.0)
-    runs = []
+    runs, plain = [], []
     for threshold in (0, 1 << 62):
         monkeypatch.setattr(cpu, "STREAM_BYTES", threshold)
-        runs.append(_run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh))
+        runs.append(_run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, activation=activation))
+        plain.append(_run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh))
     for name, a in runs[0].fields().items():
         _same(a, getattr(runs[1], name), f"streamed vs ordinary: {name}")
+    if activation == "relu":  # the ReLU of the same z: exactly the clamped plain output
+        for run, base in zip(runs, plain):
+            _same(run.y, base.y.clamp_min(0), "relu(y) vs clamped y")
+        assert bool((runs[0].y == 0).any()) and bool((runs[0].y > 0).any())
+        return
     _check(runs[0], _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
            _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what="streamed")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("n", [1024, 100])
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_in_blocks_equal_rows_alone(kind, n, stream, only_compiled, monkeypatch):
+    """The forward takes a row's centred sum of squares inside the next row's loop (rows
+    of one block) or in a loop of its own (a block's last row): the same operations in the
+    same order, so each row of a 70-row input gives the bits it gives alone."""
+    monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 62)
+    x, res, w, b, _ = _case((70, n), 130, kind=kind)
+    together = add_norm(x, res, w, b, kind=kind, prenorm=True)
+    for i in range(x.shape[0]):
+        alone = add_norm(x[i:i + 1], res[i:i + 1], w, b, kind=kind, prenorm=True)
+        for got, want, name in zip(together, alone, ("y", "h")):
+            _same(got[i:i + 1], want, f"row {i}: {name}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,6 +247,109 @@ inline float affine(float xv, float w, float b) { return xv * w + b; }
 // max(z, lo): lo = 0 is the ReLU, lo = -inf the identity; NaN stays NaN, as in torch.relu.
 inline float activate(float z, float lo) { return z < lo ? lo : z; }
 
+// What pass 1 of the forward sums over a row: h (LayerNorm), h and the previous row's
+// centred squares (LayerNorm, see fwd_rows), or h^2 (RMSNorm). A template parameter, so
+// that each sum is one plain expression the compiler contracts alike (into FMAs) in
+// add_row's loop and in add_row_streaming's intrinsics.
+enum class Sums { kH, kHAndCentred, kSquares };
+
+// Pass 1 of the forward over one row, in whole vectors: buf = h = x + residual (also put
+// into h's own row unless `skip_h`), and the sums of `S` into acc (and cacc:
+// (prev - prev_mu)^2). Returns where the scalar tail starts.
+template <Sums S, typename TX, typename TR, typename TH>
+inline int64_t add_row(const TX* __restrict xr, const TR* __restrict rr, TH* __restrict hr,
+                       float* __restrict buf, const float* __restrict prev, float prev_mu,
+                       int64_t n, bool skip_h, float* __restrict acc, float* __restrict cacc) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) {
+      float v = to_float(xr[j + k]);
+      if constexpr (kPresent<TR>) v += to_float(rr[j + k]);
+      if constexpr (kPresent<TH>) {
+        if (!skip_h) put(hr + j + k, v);
+      }
+      buf[j + k] = v;
+      if constexpr (S == Sums::kSquares) {
+        acc[k] += v * v;  // RMSNorm needs the sum of squares only
+      } else {
+        acc[k] += v;
+      }
+      if constexpr (S == Sums::kHAndCentred) {
+        const float c = prev[j + k] - prev_mu;
+        cacc[k] += c * c;
+      }
+    }
+  }
+  return j;
+}
+
+// y = activate(affine(normalized(h))) of one float32 row, streamed straight from registers
+// to its destination (no trip through L1 and back); false, doing nothing, where that needs
+// AVX-512 the compiler does not target or an unaligned destination. The same operations as
+// the scalar spelling (the compiler contracts affine's multiply-add into one FMA there too),
+// so bit-identical results.
+inline bool stream_normalized_row(float* __restrict yr, const float* __restrict hv,
+                                  const float* __restrict w, const float* __restrict b,
+                                  float mu, float r, float lo, int64_t n) {
+#if defined(__AVX512F__)
+  if (reinterpret_cast<uintptr_t>(yr) % 64 != 0) return false;
+  const __m512 vmu = _mm512_set1_ps(mu), vr = _mm512_set1_ps(r), vlo = _mm512_set1_ps(lo);
+  int64_t q = 0;
+  for (; q + 16 <= n; q += 16) {
+    const __m512 z = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(hv + q), vmu), vr);
+    const __m512 y = _mm512_fmadd_ps(z, _mm512_loadu_ps(w + q), _mm512_loadu_ps(b + q));
+    _mm512_stream_ps(yr + q, _mm512_max_ps(vlo, y));  // max(lo, y): y where y is NaN
+  }
+  for (; q < n; ++q) yr[q] = activate(affine(normalized(hv[q], mu, r), w[q], b[q]), lo);
+  return true;
+#else
+  (void)yr, (void)hv, (void)w, (void)b, (void)mu, (void)r, (void)lo, (void)n;
+  return false;
+#endif
+}
+
+// add_row for float32 x (and residual) whose float32 h is streamed: h goes from registers
+// to memory with a streaming store, besides into buf, instead of being copied from buf
+// afterwards. false, doing nothing, without AVX-512 or where h's row is not aligned. Same
+// operations as add_row (bit-identical sums).
+template <Sums S, typename TR>
+inline bool add_row_streaming(const float* __restrict xr, const TR* __restrict rr,
+                              float* __restrict hr, float* __restrict buf,
+                              const float* __restrict prev, float prev_mu, int64_t n,
+                              float* __restrict acc, float* __restrict cacc, int64_t* done) {
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "one AVX-512 register of partial sums");
+  if (reinterpret_cast<uintptr_t>(hr) % 64 != 0) return false;
+  __m512 va = _mm512_setzero_ps(), vc = _mm512_setzero_ps();
+  const __m512 vmu = _mm512_set1_ps(prev_mu);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_loadu_ps(xr + j);
+    if constexpr (kPresent<TR>) v = _mm512_add_ps(v, _mm512_loadu_ps(rr + j));
+    _mm512_storeu_ps(buf + j, v);
+    _mm512_stream_ps(hr + j, v);
+    if constexpr (S == Sums::kSquares) {
+      va = _mm512_fmadd_ps(v, v, va);
+    } else {
+      va = _mm512_add_ps(va, v);
+    }
+    if constexpr (S == Sums::kHAndCentred) {
+      const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(prev + j), vmu);
+      vc = _mm512_fmadd_ps(c, c, vc);
+    }
+  }
+  _mm512_storeu_ps(acc, va);
+  _mm512_storeu_ps(cacc, vc);
+  *done = j;
+  return true;
+#else
+  (void)xr, (void)rr, (void)hr, (void)buf, (void)prev, (void)prev_mu, (void)n, (void)rms;
+  (void)acc, (void)cacc, (void)done;
+  return false;
+#endif
+}
+
 struct FwdArgs {
   const at::Tensor& x;
   const at::Tensor* res;   // null: no residual
@@ -278,29 +381,43 @@ void fwd_rows(const FwdArgs& a) {
     float* scratch = centred + block_rows_here;
     for (int64_t i0 = begin; i0 < end; i0 += block) {
       const int64_t i1 = std::min(end, i0 + block);
-      // Pass 1 over the block: h = x + residual, into scratch (and h), summed.
+      // Pass 1 over the block: h = x + residual, into scratch (and h), summed. LayerNorm's
+      // centred sum of squares (two-pass statistics) of each row is taken in the next row's
+      // loop, from L1, between that loop's loads from memory: taken in a loop of its own it
+      // stalled the memory stream (10% of the forward at 16,384 x 1,024; 3-7% at 8,192 x 256
+      // when taken from the block in L2). Same operations in the same order as sum_shifted,
+      // so bit-identical results.
       for (int64_t i = i0; i < i1; ++i) {
         const TX* xr = row_ptr<const TX>(&x, i);
         const TR* rr = row_ptr<const TR>(a.res, i);
         TH* hr = row_ptr<TH>(a.hout, i);
         float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
+        // The previous row of the block, whose centred sum this row's loop takes (LayerNorm).
+        const float* prev =
+            (rms || i == i0) ? nullptr
+                             : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
+        const float prev_mu = prev ? sums[i - 1 - i0] * inv_n : 0.0f;
         float acc[kLanes] = {0.0f};
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-          for (int64_t k = 0; k < kLanes; ++k) {
-            float v = to_float(xr[j + k]);
-            if constexpr (kPresent<TR>) v += to_float(rr[j + k]);
-            if constexpr (kPresent<TH>) {
-              if (!stream && !in_h) put(hr + j + k, v);
-            }
-            buf[j + k] = v;
-            acc[k] += rms ? v * v : v;  // RMSNorm needs the sum of squares only
+        float cacc[kLanes] = {0.0f};
+        int64_t jv = 0;
+        bool h_streamed = false;  // float32 h written by the loop's streaming stores
+        auto pass1 = [&](auto sums_tag) {
+          constexpr Sums S = decltype(sums_tag)::value;
+          if constexpr (std::is_same_v<TX, float> && std::is_same_v<TH, float>) {
+            if (stream)
+              h_streamed = add_row_streaming<S>(xr, rr, hr, buf, prev, prev_mu, n, acc, cacc, &jv);
           }
-        }
+          if (!h_streamed) jv = add_row<S>(xr, rr, hr, buf, prev, prev_mu, n, stream || in_h, acc, cacc);
+        };
+        if (rms)
+          pass1(std::integral_constant<Sums, Sums::kSquares>{});
+        else if (prev)
+          pass1(std::integral_constant<Sums, Sums::kHAndCentred>{});
+        else
+          pass1(std::integral_constant<Sums, Sums::kH>{});
         float s = 0.0f;
-        for (; j < n; ++j) {
+        for (int64_t j = jv; j < n; ++j) {
           float v = to_float(xr[j]);
           if constexpr (kPresent<TR>) v += to_float(rr[j]);
           if constexpr (kPresent<TH>) {
@@ -310,15 +427,28 @@ void fwd_rows(const FwdArgs& a) {
           s += rms ? v * v : v;
         }
         if constexpr (kPresent<TH>) {
-          if (stream) write_row(hr, buf, n, true);
+          if (stream && h_streamed) {
+            for (int64_t j = jv; j < n; ++j) put(hr + j, buf[j]);
+          } else if (stream) {
+            write_row(hr, buf, n, true);
+          }
         }
         if (n >= kLanes) s += reduce_lanes(acc);
         sums[i - i0] = s;
-        // LayerNorm: the centred sum of squares (two-pass statistics) now, while the row is
-        // in L1 and its chain of adds overlaps the next row's loads. Taken from the block in
-        // L2 after pass 1, it stalled the memory stream (3-7% of the forward at 8,192 x 256
-        // and 4,096 x 768; bit-identical results).
-        if (!rms) centred[i - i0] = sum_shifted(buf, n, s * inv_n, true);
+        if (prev) {
+          float c = 0.0f;
+          for (int64_t j = jv; j < n; ++j) {
+            const float d = prev[j] - prev_mu;
+            c += d * d;
+          }
+          centred[i - 1 - i0] = c + (n >= kLanes ? reduce_lanes(cacc) : 0.0f);
+        }
+      }
+      // The block's last row has no next row to take its centred sum.
+      if (!rms) {
+        const float* last =
+            work_row<TH>(row_ptr<TH>(a.hout, i1 - 1), scratch + (i1 - 1 - i0) * n, stream);
+        centred[i1 - 1 - i0] = sum_shifted(last, n, sums[i1 - 1 - i0] * inv_n, true);
       }
       for (int64_t i = i0; i < i1; ++i) {
         float* buf = work_row<TH>(row_ptr<TH>(a.hout, i), scratch + (i - i0) * n, stream);
@@ -330,7 +460,11 @@ void fwd_rows(const FwdArgs& a) {
         if (a.mean_p) a.mean_p[i] = mu;
         a.rstd_p[i] = r;
         // Pass 3: y, straight to its row (through L1 and streaming stores when streaming).
-        if (stream) {
+        bool streamed = false;  // float32 y: straight from registers to memory
+        if constexpr (std::is_same_v<TX, float>)
+          streamed = stream && stream_normalized_row(yr, buf, w, b, mu, r, lo, n);
+        if (streamed) {
+        } else if (stream) {
 #pragma omp simd
           for (int64_t q = 0; q < n; ++q)
             buf[q] = activate(affine(normalized(buf[q], mu, r), w[q], b[q]), lo);
@@ -371,6 +505,47 @@ void fwd_r(const FwdArgs& a) {
 // the fused ReLU; z recomputed from h, so nothing more is stored or read):
 //   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh_in   (RMSNorm: without mean(g))
 //   dw = sum over rows of dy * xhat, db = sum over rows of dy.
+
+// Pass 2 of the backward for one row of float32 h, dy and dx, dx streamed straight from
+// registers to its destination (no trip through L1 and back); false, doing nothing,
+// without AVX-512 or where dx's row is not aligned. The same operations as bwd_rows' loop.
+template <bool Relu, typename TI>
+inline bool stream_dx_row(float* __restrict dxr, const float* __restrict hr,
+                          const float* __restrict dyr, const TI* __restrict ir,
+                          const float* __restrict w, const float* __restrict b, float mu,
+                          float r, float s1, float s2, int64_t n) {
+#if defined(__AVX512F__)
+  if (reinterpret_cast<uintptr_t>(dxr) % 64 != 0) return false;
+  const __m512 vmu = _mm512_set1_ps(mu), vr = _mm512_set1_ps(r);
+  const __m512 vs1 = _mm512_set1_ps(s1), vs2 = _mm512_set1_ps(s2);
+  int64_t q = 0;
+  for (; q + 16 <= n; q += 16) {
+    const __m512 xv = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(hr + q), vmu), vr);
+    __m512 g = _mm512_loadu_ps(dyr + q);
+    const __m512 wv = _mm512_loadu_ps(w + q);
+    if constexpr (Relu) {  // dy where affine(xv) > 0, else 0 (NaN included)
+      const __m512 z = _mm512_fmadd_ps(xv, wv, _mm512_loadu_ps(b + q));
+      g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+    }
+    __m512 v = _mm512_mul_ps(_mm512_fmsub_ps(g, wv, _mm512_fmadd_ps(xv, vs1, vs2)), vr);
+    if constexpr (kPresent<TI>) v = _mm512_add_ps(v, _mm512_loadu_ps(ir + q));
+    _mm512_stream_ps(dxr + q, v);
+  }
+  for (; q < n; ++q) {
+    const float xv = normalized(hr[q], mu, r);
+    float g = dyr[q];
+    if constexpr (Relu) g = affine(xv, w[q], b[q]) > 0.0f ? g : 0.0f;
+    float v = (g * w[q] - (xv * s1 + s2)) * r;
+    if constexpr (kPresent<TI>) v += ir[q];
+    dxr[q] = v;
+  }
+  return true;
+#else
+  (void)dxr, (void)hr, (void)dyr, (void)ir, (void)w, (void)b, (void)mu, (void)r, (void)s1;
+  (void)s2, (void)n;
+  return false;
+#endif
+}
 
 struct BwdArgs {
   const at::Tensor& dy;
@@ -469,8 +644,12 @@ void bwd_rows(const BwdArgs& a) {
         // Pass 2 (h and dy are in cache now): dx, plus the stream's gradient dh_in, into
         // dx's own row when it is float32 and written through the cache.
         TD* dxr = row_ptr<TD>(&a.dx, i);
-        float* o = work_row<TD>(dxr, out, stream);
         const TI* ir = row_ptr<const TI>(a.dh_in, i);
+        if constexpr (std::is_same_v<TD, float> && std::is_same_v<TH, float> &&
+                      !std::is_same_v<TI, bf16>) {
+          if (stream && stream_dx_row<Relu>(dxr, hr, dyr, ir, w, b, mu, r, s1, s2, n)) continue;
+        }
+        float* o = work_row<TD>(dxr, out, stream);
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) {
           const float xv = normalized(to_float(hr[q]), mu, r);
