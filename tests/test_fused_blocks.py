@@ -110,8 +110,20 @@ def test_bench_cli_quick_writes_json_with_every_peer(tmp_path):
             ("eager", "fwd+bwd")} <= impls
     fused = [row for row in result["kernels"] if row["impl"] == "resnorm"]
     assert all(row["ms"] > 0 and row["x_vs_eager"] > 0 for row in fused)
+    # 64 x 32 is tiny: --repeats 1 becomes the most rounds a small shape gets
+    assert {row["rounds"] for row in result["kernels"]} == {8}
     assert {row["model"].split("(")[0] for row in result["end_to_end"]} == {"mlp", "transformer"}
     assert all(row["fused_ms"] > 0 and row["unfused_ms"] > 0 for row in result["end_to_end"])
+
+
+def test_bench_rounds_scale_with_shape():
+    from resnorm.bench import rounds_for
+
+    assert rounds_for(9, 16384 * 1024) == 9    # 16M elements: as asked
+    assert rounds_for(9, 8192 * 4096) == 9     # larger: never fewer
+    assert rounds_for(9, 4096 * 768) == 45     # 3.1M: five times as many
+    assert rounds_for(9, 64 * 32) == 72        # capped at 8x
+    assert rounds_for(1, 0) == 8
 
 
 @pytest.mark.parametrize("args,message", [

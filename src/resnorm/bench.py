@@ -17,6 +17,7 @@ like with like. Every peer runs under each allocator regime asked for (Linux/gli
 
 Peers are timed in turns (each round times every peer once, in a rotated order) and the
 median of the rounds is reported, so that the drifts of a shared machine hit all alike.
+Shapes under 16M elements get proportionally more rounds (:func:`rounds_for`).
 
 - ``fresh`` (glibc's default, steady state): allocations of 32 MiB or more are fresh
   ``mmap`` pages, smaller ones come back from the heap, so
@@ -113,6 +114,20 @@ def _fused(kind: str):
     return fn
 
 
+# Shapes of fewer elements than this get proportionally more rounds, up to ROUNDS_MAX_SCALE
+# times ``repeats``: their calls are short (about 1 ms at 4,096 x 768), and there the state
+# of the caches, which the other peers' calls change, moves single rounds by 20% or more.
+ROUNDS_FULL_ELEMENTS = 1 << 24
+ROUNDS_MAX_SCALE = 8
+
+
+def rounds_for(repeats: int, elements: int) -> int:
+    """Timed rounds for a shape of ``elements``: ``repeats`` at 16M elements or more, up to
+    :data:`ROUNDS_MAX_SCALE` times as many for smaller ones (the same time in total)."""
+    scale = min(ROUNDS_MAX_SCALE, max(1, ROUNDS_FULL_ELEMENTS // max(1, elements)))
+    return repeats * scale
+
+
 def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, repeats: int = 7,
                 use_compile: bool = True, regime: str = "fresh", progress=None) -> list[dict]:
     """Time every peer at every shape; one dict per (shape, kind, impl, pass)."""
@@ -124,6 +139,7 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
         dy = torch.randn(n, d)
         src, dst = torch.randn(n, d), torch.empty(n, d)
         nbytes = n * d * x.element_size()
+        rounds = rounds_for(repeats, n * d)
         copy_times, kind_rows = [], []
         for kind in kinds:
             impls = [("resnorm", _fused(kind))]
@@ -154,9 +170,9 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
             if use_compile:  # compile outside the timed rounds
                 fwd_peers["compile"]()
                 step_peers["compile"]()
-            fwd = interleaved_medians({**fwd_peers, "copy": lambda: dst.copy_(src)}, repeats,
+            fwd = interleaved_medians({**fwd_peers, "copy": lambda: dst.copy_(src)}, rounds,
                                       around=around)
-            both = interleaved_medians(step_peers, repeats, around=around)
+            both = interleaved_medians(step_peers, rounds, around=around)
             copy_times.append(fwd.pop("copy"))
             copy_gbs = 2 * nbytes / copy_times[-1] / 1e9  # this kind's rounds
             timed = {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}
@@ -166,16 +182,17 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
                     gbs = moved / seconds / 1e9
                     row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
                            "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
-                           "pct_copy": 100 * gbs / copy_gbs}
+                           "pct_copy": 100 * gbs / copy_gbs, "rounds": rounds}
                     if name.startswith("resnorm"):
                         for peer in timed:
                             if not peer.startswith("resnorm"):
                                 row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
                     kind_rows.append(row)
         copy = (statistics.median(copy_times) if copy_times
-                else interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats)["copy"])
+                else interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"])
         rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
-                     "ms": 1e3 * copy, "GB/s": 2 * nbytes / copy / 1e9, "pct_copy": 100.0})
+                     "ms": 1e3 * copy, "GB/s": 2 * nbytes / copy / 1e9, "pct_copy": 100.0,
+                     "rounds": rounds})
         rows += kind_rows
     return rows
 

@@ -497,7 +497,9 @@ def _parse_list(choices):
               callback=_parse_list(("fresh", "reuse")),
               help="Allocator regimes: fresh pages per large allocation (glibc default) "
                    "and/or reused memory.")
-@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Timed rounds per peer at 16M elements or more; smaller shapes get "
+                   "proportionally more, up to 8x (their calls are short and noisier).")
 @click.option("--no-compile", is_flag=True, help="Leave torch.compile out (it compiles per shape).")
 @click.option("--no-end-to-end", is_flag=True, help="Leave the training-step rows out.")
 @click.option("--quick", is_flag=True, help="Small shapes and models (a smoke test).")
