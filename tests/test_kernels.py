@@ -65,6 +65,7 @@ ulp in all); observed: at most 0.5 of it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import subprocess
@@ -1175,6 +1176,25 @@ def test_pool_reuses_freed_blocks_huge_page_aligned(only_compiled, pool):
     assert _counts(cpu.pool_stats()) == (hits + 2, misses + 2)
     assert cpu.pool_stats()["cached_blocks"] == 0
     torch.testing.assert_close(y, F.layer_norm(x + res, (1024,), w, b), rtol=0, atol=1e-5)
+
+
+def test_pool_hands_out_the_most_recently_freed_block(only_compiled, pool):
+    """Last in, first out among blocks of one size: the block freed last is the one most
+    likely still in cache (first in, first out handed out the coldest)."""
+    module = cpu.load()
+    gc.collect()  # no other test's pooled tensor may be freed in between
+    gc.disable()
+    try:
+        blocks = [module.empty_output(300, 1024, torch.float32) for _ in range(3)]
+        addresses = [t.data_ptr() for t in blocks]
+        del blocks[1]                      # freed first
+        del blocks[-1]                     # freed last
+        assert cpu.pool_stats()["cached_blocks"] == 2
+        again = [module.empty_output(300, 1024, torch.float32) for _ in range(2)]
+        assert [t.data_ptr() for t in again] == [addresses[2], addresses[1]]
+        assert cpu.pool_stats()["cached_blocks"] == 0
+    finally:
+        gc.enable()
 
 
 def test_pool_cap_and_empty_cache(only_compiled, pool):

@@ -764,13 +764,16 @@ class OutputPool final : public c10::Allocator {
     }
     munmap(block.data, block.bytes);
   }
+  // The most recently freed block of this size (last in: a block freed just now is the one
+  // most likely still in cache; blocks of equal size are kept in the order they were freed).
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) {
+    auto it = free_.upper_bound(bytes);
+    if (it == free_.begin() || std::prev(it)->first != bytes) {
       ++misses_;
       return nullptr;
     }
+    it = std::prev(it);
     void* data = it->second;
     cached_ -= bytes;
     free_.erase(it);
