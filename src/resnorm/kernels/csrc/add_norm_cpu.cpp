@@ -344,8 +344,8 @@ inline bool add_row_streaming(const float* __restrict xr, const TR* __restrict r
   *done = j;
   return true;
 #else
-  (void)xr, (void)rr, (void)hr, (void)buf, (void)prev, (void)prev_mu, (void)n, (void)rms;
-  (void)acc, (void)cacc, (void)done;
+  (void)xr, (void)rr, (void)hr, (void)buf, (void)prev, (void)prev_mu, (void)n, (void)acc;
+  (void)cacc, (void)done;
   return false;
 #endif
 }
@@ -395,8 +395,9 @@ void fwd_rows(const FwdArgs& a) {
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         // The previous row of the block, whose centred sum this row's loop takes (LayerNorm).
         const float* prev =
-            (rms || i == i0) ? nullptr
-                             : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
+            (rms || i == i0)
+                ? nullptr
+                : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
         const float prev_mu = prev ? sums[i - 1 - i0] * inv_n : 0.0f;
         float acc[kLanes] = {0.0f};
         float cacc[kLanes] = {0.0f};
@@ -406,9 +407,11 @@ void fwd_rows(const FwdArgs& a) {
           constexpr Sums S = decltype(sums_tag)::value;
           if constexpr (std::is_same_v<TX, float> && std::is_same_v<TH, float>) {
             if (stream)
-              h_streamed = add_row_streaming<S>(xr, rr, hr, buf, prev, prev_mu, n, acc, cacc, &jv);
+              h_streamed =
+                  add_row_streaming<S>(xr, rr, hr, buf, prev, prev_mu, n, acc, cacc, &jv);
           }
-          if (!h_streamed) jv = add_row<S>(xr, rr, hr, buf, prev, prev_mu, n, stream || in_h, acc, cacc);
+          if (!h_streamed)
+            jv = add_row<S>(xr, rr, hr, buf, prev, prev_mu, n, stream || in_h, acc, cacc);
         };
         if (rms)
           pass1(std::integral_constant<Sums, Sums::kSquares>{});
