@@ -34,6 +34,9 @@ What is checked, and against what:
 16. the fused ReLU (``activation="relu"``): y and every gradient against the float64
     oracle, the backward's mask (recomputed from h) against the forward's output, layouts,
     gradcheck, the stock path for small inputs, torch.compile, bad values.
+17. portability: the source built for AVX2 machines (``-march=x86-64-v3``, no AVX-512:
+    the kernel's AVX-512 paths compiled out) gives the native build's results (slow: one
+    more build).
 
 Tolerances (see ``_Scales``). Each result is compared elementwise with the float64 oracle,
 ``|got - oracle| <= ulp(oracle in the output dtype) + tol * scale``, where ``scale`` is the
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import os
 import re
 import subprocess
@@ -1430,3 +1434,43 @@ def test_relu_compile_one_graph_matches_eager(compiled):
     for a, b, name in zip(*runs, ("out", "dx", "dres", "dw", "db")):
         _same(b, a, f"compiled vs eager {name}")
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# 17. portability
+
+
+@pytest.mark.slow
+def test_builds_and_matches_without_avx512(compiled):
+    """The kernel's AVX-512 code (register-streamed stores) has fallbacks that this
+    machine's native build never compiles: build the source for AVX2 and compare."""
+    import platform
+
+    from torch.utils import cpp_extension
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"AVX2 is an x86-64 build; this machine is {platform.machine()}")
+    name = f"resnorm_add_norm_cpu_avx2_{cpu.build_key()}"
+    directory = cpu.build_directory().parent / name
+    directory.mkdir(parents=True, exist_ok=True)
+    flags = [f for f in cpu.FLAGS if not f.startswith(("-march", "-mprefer"))]
+    avx2 = cpp_extension.load(name=name, sources=[str(cpu.SOURCE)],
+                              build_directory=str(directory),
+                              extra_cflags=flags + ["-march=x86-64-v3"], verbose=False)
+    native = cpu.load()
+    for rows, n in [(300, 768), (17, 100)]:
+        x, res, w, b, dy = _case((rows, n), 400 + n)
+        for stream, relu in itertools.product((False, True), (False, True)):
+            runs = []
+            for module in (native, avx2):
+                h = torch.empty(rows, n)
+                y, mean, rstd = module.add_norm_fwd(x, res, w, b, False, 1e-5, h, stream, relu)
+                dx = torch.empty(rows, n)
+                dw, db = module.add_norm_bwd(dy, h, h, w, b, mean, rstd, False, True, True, dx,
+                                             stream, relu)
+                runs.append((y, h, mean, rstd, dx, dw, db))
+            names = ("y", "h", "mean", "rstd", "dx", "dw", "db")
+            for got, want, what in zip(runs[1], runs[0], names):
+                torch.testing.assert_close(
+                    got, want, rtol=1e-5, atol=1e-5,
+                    msg=lambda m: f"{rows}x{n} {stream=} {relu=} {what}: {m}")
