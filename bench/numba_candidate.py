@@ -24,7 +24,7 @@ except ImportError:
     print("numba_candidate: numba is not installed (pip install numba)", file=sys.stderr)
     sys.exit(2)
 
-from resnorm.bench import interleaved_medians, set_allocator
+from resnorm.bench import interleaved_medians, parse_shapes, set_allocator
 from resnorm.kernels import add_norm
 
 
@@ -75,24 +75,16 @@ def measure(rows: int, n: int, repeats: int) -> None:
         print(f"  {name:12s} {1e3 * seconds:7.2f} ms  {times['eager'] / seconds:5.2f}x eager")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for part in text.split(","):
-        rows, _, n = part.strip().partition("x")
-        if not (rows.isdigit() and n.isdigit() and int(rows) > 0 and int(n) > 0):
-            print(f"numba_candidate: --shapes {text!r} is not accepted; expected "
-                  "ROWSxHIDDEN,... with positive integers", file=sys.stderr)
-            raise SystemExit(2)
-        shapes.append((int(rows), int(n)))
-    return shapes
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="4096x768,16384x1024")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
-    shapes = parse_shapes(args.shapes)
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as exc:
+        print(f"numba_candidate: --shapes: {exc}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     numba.set_num_threads(threads)
     set_allocator("reuse")

@@ -116,6 +116,15 @@ def test_bench_cli_quick_writes_json_with_every_peer(tmp_path):
     assert all(row["fused_ms"] > 0 and row["unfused_ms"] > 0 for row in result["end_to_end"])
 
 
+def test_bench_parse_shapes():
+    from resnorm.bench import parse_shapes
+
+    assert parse_shapes("4096x768, 16384X1024") == ((4096, 768), (16384, 1024))
+    for bad in ("12x", "0x5", "3x4x5", "axb", ""):
+        with pytest.raises(ValueError, match="is not ROWSxHIDDEN with positive integers"):
+            parse_shapes(bad)
+
+
 def test_bench_rounds_scale_with_shape():
     from resnorm.bench import rounds_for
 

@@ -53,6 +53,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``"4096x768,16384x1024"`` -> ``((4096, 768), (16384, 1024))``; a ValueError naming
+    the part that is not ROWSxHIDDEN with positive integers."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"{item!r} is not ROWSxHIDDEN with positive integers "
+                             "(e.g. 16384x1024)")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return tuple(shapes)
+
+
 def set_allocator(regime: str) -> bool:
     """Switch glibc's large-allocation policy; False where it cannot be (not glibc)."""
     if platform.system() != "Linux":

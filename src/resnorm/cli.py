@@ -466,14 +466,12 @@ def models_command(pattern, params, as_json) -> None:
 def _parse_bench_shapes(ctx, param, value):
     if value is None:
         return None
-    shapes = []
-    for item in value.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise click.BadParameter(f"{item!r} is not ROWSxHIDDEN with positive integers "
-                                     "(e.g. 16384x1024)", ctx, param)
-        shapes.append((int(parts[0]), int(parts[1])))
-    return tuple(shapes)
+    from .bench import parse_shapes
+
+    try:
+        return parse_shapes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def _parse_list(choices):

@@ -13,6 +13,18 @@ from .residual import ResidualAdd
 PLACEMENTS = ("post", "pre")
 
 
+def fused_norm_options(norm_options: dict | None, fused: bool,
+                       activation: str) -> tuple[dict, bool]:
+    """The options of a pre-norm MLP's norms, and whether the norms apply the activation
+    themselves: fused norms apply a ReLU in the same pass (Norm -> ReLU), so the stack does
+    not call its ReLU modules."""
+    options = dict(norm_options or {})
+    in_norm = bool(fused) and activation == "relu"
+    if in_norm:
+        options["activation"] = "relu"
+    return options, in_norm
+
+
 class ResidualMLPBlock(nn.Module):
     r"""A two-layer residual MLP block on (N, width) features.
 
@@ -49,11 +61,7 @@ class ResidualMLPBlock(nn.Module):
         self.fused = bool(fused)
         if self.fused:
             check_fusable("ResidualMLPBlock", norm, placement, residual)
-        options = dict(norm_options or {})
-        # The fused norms apply a ReLU themselves (Norm -> ReLU in one pass).
-        self.act_in_norm = self.fused and activation == "relu"
-        if self.act_in_norm:
-            options["activation"] = "relu"
+        options, self.act_in_norm = fused_norm_options(norm_options, self.fused, activation)
         self.fc1 = nn.Linear(width, width, bias=bias)
         self.fc2 = nn.Linear(width, width, bias=bias)
         self.norm1 = make_norm(norm, width, fused=self.fused, **options)

@@ -7,8 +7,8 @@ compiled kernel as its test oracle and fallback. See ``docs/kernels.md`` for the
 the numerics and the measurements.
 """
 from . import cpu, reference
-from .ops import KINDS, add_norm, kernel_name
+from .ops import ACTIVATIONS, KINDS, add_norm, kernel_name
 from .reference import add_norm_reference
 
-__all__ = ["KINDS", "add_norm", "add_norm_reference", "cpu", "kernel_name", "reference"]
+__all__ = ["ACTIVATIONS", "KINDS", "add_norm", "add_norm_reference", "cpu", "kernel_name", "reference"]
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from .._checks import check_choice, check_int
 from ..blocks import ResidualMLPBlock, make_activation
-from ..blocks.mlp import PLACEMENTS
+from ..blocks.mlp import PLACEMENTS, fused_norm_options
 from ..norms import make_norm
 from .common import drop_path_rates
 from .registry import register_model
@@ -54,11 +54,8 @@ class ResidualMLP(nn.Module):
                              dropout=dropout, norm_options=norm_options, fused=self.fused)
             for rate in rates])
         if placement == "pre":
-            options = dict(norm_options or {})
-            # Fused: the final norm applies the ReLU itself (see ResidualMLPBlock).
-            self.act_in_norm = self.fused and activation == "relu"
-            if self.act_in_norm:
-                options["activation"] = "relu"
+            options, self.act_in_norm = fused_norm_options(norm_options, self.fused,
+                                                           activation)
             self.final_norm = make_norm(norm, width, fused=self.fused, **options)
             self.final_act = make_activation(activation)
         self.placement = placement

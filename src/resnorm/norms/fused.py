@@ -19,12 +19,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice
-from ..kernels import add_norm, reference
+from ..kernels import ACTIVATIONS, add_norm, reference
 from .layer import LayerNorm, RMSNorm
 
-# What `activation=` accepts: None or "identity" (the norm alone), or an activation the
-# kernel fuses (as resnorm.kernels.add_norm).
-FUSED_ACTIVATIONS = (None, "identity", "relu")
+# What `activation=` accepts: None (the norm alone) or what resnorm.kernels.add_norm fuses.
+FUSED_ACTIVATIONS = (None, *ACTIVATIONS)
 
 
 class _FusedAdd:
