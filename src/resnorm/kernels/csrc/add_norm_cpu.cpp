@@ -82,30 +82,30 @@ inline float reduce_lanes(float* acc) {
   return acc[0];
 }
 
-// sum(p[j] - shift) and sum((p[j] - shift)^2) with kLanes independent accumulators.
-inline float sum_shifted(const float* __restrict p, int64_t n, float shift, bool square) {
-  float acc[kLanes] = {0.0f};
-  int64_t j = 0;
-  if (square) {
-    for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-      for (int64_t k = 0; k < kLanes; ++k) {
-        const float c = p[j + k] - shift;
-        acc[k] += c * c;
-      }
-    }
-  } else {
-    for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-      for (int64_t k = 0; k < kLanes; ++k) acc[k] += p[j + k] - shift;
-    }
-  }
+// The end of a centred sum of squares: sum((p[j] - mean)^2) over the scalar tail from j,
+// plus the kLanes partial sums of the whole vectors before it.
+inline float centred_finish(const float* __restrict p, int64_t j, int64_t n, float mean,
+                            float* acc) {
   float s = 0.0f;
   for (; j < n; ++j) {
-    const float c = p[j] - shift;
-    s += square ? c * c : c;
+    const float c = p[j] - mean;
+    s += c * c;
   }
   return s + (n >= kLanes ? reduce_lanes(acc) : 0.0f);
+}
+
+// sum((p[j] - mean)^2) with kLanes independent accumulators.
+inline float centred_squares(const float* __restrict p, int64_t n, float mean) {
+  float acc[kLanes] = {0.0f};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float c = p[j + k] - mean;
+      acc[k] += c * c;
+    }
+  }
+  return centred_finish(p, j, n, mean, acc);
 }
 
 // One streaming (non-temporal) store of a vector of floats, and how many floats that is
@@ -385,19 +385,20 @@ void fwd_rows(const FwdArgs& a) {
       // centred sum of squares (two-pass statistics) of each row is taken in the next row's
       // loop, from L1, between that loop's loads from memory: taken in a loop of its own it
       // stalled the memory stream (10% of the forward at 16,384 x 1,024; 3-7% at 8,192 x 256
-      // when taken from the block in L2). Same operations in the same order as sum_shifted,
+      // when taken from the block in L2). Same operations in the same order as centred_squares,
       // so bit-identical results.
+      // Row k's float32 work row (see work_row).
+      auto row_buf = [&](int64_t k) {
+        return work_row<TH>(row_ptr<TH>(a.hout, k), scratch + (k - i0) * n, stream);
+      };
       for (int64_t i = i0; i < i1; ++i) {
         const TX* xr = row_ptr<const TX>(&x, i);
         const TR* rr = row_ptr<const TR>(a.res, i);
         TH* hr = row_ptr<TH>(a.hout, i);
-        float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
+        float* buf = row_buf(i);
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         // The previous row of the block, whose centred sum this row's loop takes (LayerNorm).
-        const float* prev =
-            (rms || i == i0)
-                ? nullptr
-                : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
+        const float* prev = (rms || i == i0) ? nullptr : row_buf(i - 1);
         const float prev_mu = prev ? sums[i - 1 - i0] * inv_n : 0.0f;
         float acc[kLanes] = {0.0f};
         float cacc[kLanes] = {0.0f};
@@ -438,23 +439,14 @@ void fwd_rows(const FwdArgs& a) {
         }
         if (n >= kLanes) s += reduce_lanes(acc);
         sums[i - i0] = s;
-        if (prev) {
-          float c = 0.0f;
-          for (int64_t j = jv; j < n; ++j) {
-            const float d = prev[j] - prev_mu;
-            c += d * d;
-          }
-          centred[i - 1 - i0] = c + (n >= kLanes ? reduce_lanes(cacc) : 0.0f);
-        }
+        if (prev) centred[i - 1 - i0] = centred_finish(prev, jv, n, prev_mu, cacc);
       }
       // The block's last row has no next row to take its centred sum.
       if (!rms) {
-        const float* last =
-            work_row<TH>(row_ptr<TH>(a.hout, i1 - 1), scratch + (i1 - 1 - i0) * n, stream);
-        centred[i1 - 1 - i0] = sum_shifted(last, n, sums[i1 - 1 - i0] * inv_n, true);
+        centred[i1 - 1 - i0] = centred_squares(row_buf(i1 - 1), n, sums[i1 - 1 - i0] * inv_n);
       }
       for (int64_t i = i0; i < i1; ++i) {
-        float* buf = work_row<TH>(row_ptr<TH>(a.hout, i), scratch + (i - i0) * n, stream);
+        float* buf = row_buf(i);
         TX* yr = row_ptr<TX>(&a.y, i);
         const float s = sums[i - i0];
         // RMSNorm has its sum of squares from pass 1, with nothing to centre.
