@@ -395,10 +395,15 @@ void fwd_rows(const FwdArgs& a) {
         const TX* xr = row_ptr<const TX>(&x, i);
         const TR* rr = row_ptr<const TR>(a.res, i);
         TH* hr = row_ptr<TH>(a.hout, i);
-        float* buf = row_buf(i);
+        // Spelled out here, not row_buf: through the lambda this loop measured 5% slower
+        // (16,384 x 1,024 forward).
+        float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         // The previous row of the block, whose centred sum this row's loop takes (LayerNorm).
-        const float* prev = (rms || i == i0) ? nullptr : row_buf(i - 1);
+        const float* prev =
+            (rms || i == i0)
+                ? nullptr
+                : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
         const float prev_mu = prev ? sums[i - 1 - i0] * inv_n : 0.0f;
         float acc[kLanes] = {0.0f};
         float cacc[kLanes] = {0.0f};
