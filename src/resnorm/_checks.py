@@ -8,22 +8,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .errors import UsageError, UsageTypeError
+
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``; otherwise raise ``ValueError``."""
     choices = tuple(choices)
     if value not in choices:
         accepted = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}")
+        raise UsageError(f"{name}={value!r} is not supported; accepted values: {accepted}")
     return value
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """Return ``value`` if it is an integer (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise UsageTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value}")
     return value
 
 
@@ -31,7 +33,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
                 low_inclusive: bool = True, high_inclusive: bool = True) -> float:
     """Return ``float(value)`` if it is a real number inside the given bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        raise UsageTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
@@ -39,7 +41,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{name} must be in {interval}, got {value:g}")
+        raise UsageError(f"{name} must be in {interval}, got {value:g}")
     return value
 
 
@@ -51,11 +53,11 @@ def check_input(name: str, x: Any, *, ndims: Iterable[int], channels: int | None
     ndims = tuple(ndims)
     prefix = f"{what}: " if what else ""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise UsageTypeError(f"{prefix}{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in ndims:
         accepted = " or ".join(f"{d}-D" for d in ndims)
-        raise ValueError(f"{prefix}{name} must be {accepted}, got a {x.dim()}-D tensor "
+        raise UsageError(f"{prefix}{name} must be {accepted}, got a {x.dim()}-D tensor "
                          f"of shape {tuple(x.shape)}")
     if channels is not None and x.shape[channel_dim] != channels:
-        raise ValueError(f"{prefix}{name} must have {channels} channels at dim {channel_dim}, "
+        raise UsageError(f"{prefix}{name} must have {channels} channels at dim {channel_dim}, "
                          f"got shape {tuple(x.shape)}")

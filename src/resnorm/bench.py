@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from . import __version__
 from .kernels import add_norm, cpu
 
@@ -60,7 +61,7 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"{item!r} is not ROWSxHIDDEN with positive integers "
+            raise UsageError(f"{item!r} is not ROWSxHIDDEN with positive integers "
                              "(e.g. 16384x1024)")
         shapes.append((int(parts[0]), int(parts[1])))
     return tuple(shapes)

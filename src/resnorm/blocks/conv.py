@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_input, check_int
 from ..norms import make_norm
 from ..norms.factory import NormSpec
@@ -44,7 +45,7 @@ class PadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise ValueError(f"shortcut='A' cannot reduce channels ({in_channels} -> "
+            raise UsageError(f"shortcut='A' cannot reduce channels ({in_channels} -> "
                              f"{out_channels}); use shortcut='B' or 'C'")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
@@ -249,6 +250,6 @@ def _preact_skip(downsample: nn.Module | None, x: torch.Tensor, pre: torch.Tenso
 def _zero_scale(norm: nn.Module) -> None:
     weight = getattr(norm, "weight", None)
     if weight is None:
-        raise ValueError("zero_init_last=True needs a normalization with a learnable scale "
+        raise UsageError("zero_init_last=True needs a normalization with a learnable scale "
                          f"(got {type(norm).__name__})")
     nn.init.zeros_(weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_input, check_int
 from ..norms import make_norm
 from ..norms.factory import FUSED_KINDS, NormSpec
@@ -105,7 +106,7 @@ class ResidualMLPBlock(nn.Module):
 def check_fusable(what: str, norm, placement: str, residual: bool) -> None:
     """Raise unless a block can fuse its residual adds with its norms."""
     if not (isinstance(norm, str) and norm in FUSED_KINDS):
-        raise ValueError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
+        raise UsageError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
     if placement != "pre" or not residual:
-        raise ValueError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
+        raise UsageError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
                          f"residual=True), got placement={placement!r}, residual={residual}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_float, check_int
 from ..norms.base import CHANNEL_DIMS, channel_view
 
@@ -95,7 +96,7 @@ def make_branch_scale(scale: str | float | None, channels: int | None = None, *,
     if scale in ("rezero", "skipinit"):
         return ScalarGain(0.0)
     if channels is None:
-        raise ValueError("scale='layerscale' needs the branch's channel count")
+        raise UsageError("scale='layerscale' needs the branch's channel count")
     return LayerScale(channels, layerscale_init, channel_dim)
 
 
@@ -148,7 +149,7 @@ class ResidualAdd(nn.Module):
         if self.alpha != 1.0:
             skip = skip * self.alpha
         if branch.shape != skip.shape:
-            raise ValueError(f"residual branch output {tuple(branch.shape)} and skip path "
+            raise UsageError(f"residual branch output {tuple(branch.shape)} and skip path "
                              f"{tuple(skip.shape)} differ; give the block a shortcut that "
                              f"maps the input to the branch's shape")
         return skip + branch
@@ -176,7 +177,7 @@ class Residual(nn.Module):
         super().__init__()
         for name, module in (("branch", branch), ("shortcut", shortcut), ("post", post)):
             if module is not None and not isinstance(module, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+                raise UsageTypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
         self.branch = branch
         self.shortcut = shortcut
         self.merge = ResidualAdd(residual=residual, scale=scale, channels=channels,

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_float, check_input, check_int
 from ..norms import make_norm
 from ..norms.factory import NormSpec
@@ -31,7 +32,7 @@ class SelfAttention(nn.Module):
         check_int("dim", dim, minimum=1)
         check_int("heads", heads, minimum=1)
         if dim % heads:
-            raise ValueError(f"heads={heads} must divide dim={dim}")
+            raise UsageError(f"heads={heads} must divide dim={dim}")
         self.dim, self.heads, self.causal = dim, heads, bool(causal)
         self.dropout = check_float("attn_dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
@@ -106,7 +107,7 @@ class TransformerBlock(nn.Module):
         alpha = 1.0
         if deepnorm_layers is not None:
             if placement != "post":
-                raise ValueError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
+                raise UsageError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
                                  f"scheme), got placement={placement!r}")
             alpha, beta = deepnorm_constants(deepnorm_layers)
         self.deepnorm_layers = deepnorm_layers

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_float, check_int
 from .._io import atomic_open
 
@@ -63,7 +64,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         return data_dir()
     if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a path (str or os.PathLike) or None, got {root!r} "
+        raise UsageTypeError(f"root must be a path (str or os.PathLike) or None, got {root!r} "
                         f"({type(root).__name__})")
     return Path(root).expanduser()
 
@@ -95,7 +96,7 @@ def stratified_split(labels: np.ndarray, train_split: float,
         test.append(members[cut:])
     train_index, test_index = np.concatenate(train), np.concatenate(test)
     if len(train_index) == 0 or len(test_index) == 0:
-        raise ValueError(f"train_split={train_split:g} leaves the "
+        raise UsageError(f"train_split={train_split:g} leaves the "
                          f"{'training' if len(train_index) == 0 else 'test'} split empty "
                          f"for {len(labels)} samples; choose a value further from 0 and 1")
     return rng.permutation(train_index), rng.permutation(test_index)

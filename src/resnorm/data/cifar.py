@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError, UsageError
 from .._checks import check_choice
 from .base import DataSplit, check_limit, describe_stats, from_arrays, resolve_root, standardize
 
@@ -27,7 +28,7 @@ except ImportError:  # NumPy 1.x
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UsageError):
     """A pickle asked for a Python global other than the few that CIFAR files need."""
 
 
@@ -114,11 +115,11 @@ def _find_folder(source: _Source, root: Path) -> Path:
     else:
         where = " or ".join(str(c) for c in candidates)
         missing = "" if root.is_dir() else f" ({root} does not exist)"
-        raise FileNotFoundError(f"{source.title}: no file {source.train[0]} in {where}"
+        raise MissingFileError(f"{source.title}: no file {source.train[0]} in {where}"
                                 f"{missing}; {source.hint(root)}")
     for name in (*source.train, source.test):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{source.title}: {folder / name} is missing (the "
+            raise MissingFileError(f"{source.title}: {folder / name} is missing (the "
                                     f"folder holds {source.train[0]}); {source.hint(root)}")
     return folder
 
@@ -130,10 +131,10 @@ def _unpickle(path: Path, hint: str) -> dict:
         except (UnsafePickleError, MemoryError):
             raise
         except Exception as err:  # truncated, not a pickle, or built from the wrong pieces
-            raise ValueError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: "
+            raise UsageError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: "
                              f"{err}); {hint}") from err
     if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a {type(content).__name__}, but a CIFAR file holds a "
+        raise UsageError(f"{path} holds a {type(content).__name__}, but a CIFAR file holds a "
                          f"dict; {hint}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in content.items()}
 
@@ -149,7 +150,7 @@ def _describe(value) -> str:
 def _entry(entries: dict, key: str, path: Path, hint: str):
     if key not in entries:
         keys = ", ".join(sorted(repr(k) for k in entries))
-        raise ValueError(f"{path} has no {key!r} entry (its keys: {keys or 'none'}); "
+        raise UsageError(f"{path} has no {key!r} entry (its keys: {keys or 'none'}); "
                          f"{hint}")
     return entries[key]
 
@@ -161,7 +162,7 @@ def _read_batch(path: Path, label_key: str, num_classes: int,
     data = _entry(entries, "data", path, hint)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[0] >= 1 and data.shape[1] == 3 * 32 * 32):
-        raise ValueError(f"{path}: 'data' is {_describe(data)}; expected a uint8 array of "
+        raise UsageError(f"{path}: 'data' is {_describe(data)}; expected a uint8 array of "
                          f"shape (N, 3072), N >= 1 (N images of 3x32x32); {hint}")
     raw = _entry(entries, label_key, path, hint)
     try:
@@ -170,10 +171,10 @@ def _read_batch(path: Path, label_key: str, num_classes: int,
         labels = None
     if (labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu"
             or len(labels) != len(data)):
-        raise ValueError(f"{path}: {label_key!r} is {_describe(raw)}; expected {len(data)} "
+        raise UsageError(f"{path}: {label_key!r} is {_describe(raw)}; expected {len(data)} "
                          f"integer labels, one per image; {hint}")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{path}: {label_key!r} holds values from {labels.min()} to "
+        raise UsageError(f"{path}: {label_key!r} holds values from {labels.min()} to "
                          f"{labels.max()}; expected 0 to {num_classes - 1}; {hint}")
     return data, labels.astype(np.int64)
 
@@ -199,7 +200,7 @@ def _class_names(path: Path, key: str, count: int, hint: str) -> list[str] | Non
     names = _entry(_unpickle(path, hint), key, path, hint)
     if not (isinstance(names, list) and len(names) == count
             and all(isinstance(n, (bytes, str)) for n in names)):
-        raise ValueError(f"{path}: {key!r} is {_describe(names)}; expected a list of "
+        raise UsageError(f"{path}: {key!r} is {_describe(names)}; expected a list of "
                          f"{count} class names; {hint}")
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 

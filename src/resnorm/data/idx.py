@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError, UsageError
 from .base import DataSplit, check_limit, describe_stats, from_arrays, resolve_root, standardize
 
 IMAGES_MAGIC = 2051
@@ -64,7 +65,7 @@ def _find_folder(source: _Source, root: Path) -> Path:
             return folder
     where = " or ".join(str(c) for c in candidates)
     missing = "" if root.is_dir() else f" ({root} does not exist)"
-    raise FileNotFoundError(f"{source.title}: no file {first} or {first}.gz in {where}"
+    raise MissingFileError(f"{source.title}: no file {first} or {first}.gz in {where}"
                             f"{missing}; {source.hint(root)}")
 
 
@@ -95,24 +96,24 @@ def read_idx(path: Path, magic: int, sample_shape: tuple[int, ...], hint: str = 
             if len(header) >= 4 and found != magic:
                 gzipped = (" (it is gzipped: name it .gz)" if header[:2] == b"\x1f\x8b"
                            and path.suffix != ".gz" else "")
-                raise ValueError(f"{path} starts with magic number {found} (0x{found:08x})"
+                raise UsageError(f"{path} starts with magic number {found} (0x{found:08x})"
                                  f"{gzipped}; expected {magic} (0x{magic:08x}), the IDX header "
                                  f"of {'images' if magic == IMAGES_MAGIC else 'labels'}{hint}")
             if len(header) < header_size:
-                raise ValueError(f"{path} is truncated: {len(header)} bytes, shorter than the "
+                raise UsageError(f"{path} is truncated: {len(header)} bytes, shorter than the "
                                  f"{header_size}-byte IDX header{hint}")
             shape = tuple(int.from_bytes(header[i:i + 4], "big")
                           for i in range(4, header_size, 4))
             if shape[1:] != sample_shape:
-                raise ValueError(f"{path} holds samples of shape {shape[1:]}; expected "
+                raise UsageError(f"{path} holds samples of shape {shape[1:]}; expected "
                                  f"{sample_shape}{hint}")
             size = math.prod(shape)
             body = _read_at_most(f, size + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path} is not a readable gzip file ({err}){hint}") from err
+        raise UsageError(f"{path} is not a readable gzip file ({err}){hint}") from err
     if len(body) != size:
         problem = "truncated" if len(body) < size else "longer than its header says"
-        raise ValueError(f"{path} is {problem}: its header announces {shape[0]:,} samples of "
+        raise UsageError(f"{path} is {problem}: its header announces {shape[0]:,} samples of "
                          f"shape {sample_shape}, {size:,} bytes after the {header_size}-byte "
                          f"header, but {'only ' if len(body) < size else 'more than '}"
                          f"{min(len(body), size):,} follow{hint}")
@@ -130,16 +131,16 @@ def _load(source: _Source, root, limit: int | None) -> DataSplit:
         for name in (images_name, labels_name):
             path = _find_file(folder, name)
             if path is None:
-                raise FileNotFoundError(f"{source.title}: {folder / name} (or {name}.gz) is "
+                raise MissingFileError(f"{source.title}: {folder / name} (or {name}.gz) is "
                                         f"missing; {hint}")
             paths.append(path)
         images = read_idx(paths[0], IMAGES_MAGIC, (28, 28), hint)
         labels = read_idx(paths[1], LABELS_MAGIC, (), hint)
         if len(images) != len(labels):
-            raise ValueError(f"{paths[1]} holds {len(labels):,} labels but {paths[0]} holds "
+            raise UsageError(f"{paths[1]} holds {len(labels):,} labels but {paths[0]} holds "
                              f"{len(images):,} images; expected one label per image; {hint}")
         if len(labels) == 0 or labels.max() > 9:
-            raise ValueError(f"{paths[1]} holds "
+            raise UsageError(f"{paths[1]} holds "
                              f"{'no labels' if len(labels) == 0 else f'label {labels.max()}'}"
                              f"; expected at least one label, each 0 to 9; {hint}")
         x[split] = images[:limit, None].astype(np.float32)

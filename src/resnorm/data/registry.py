@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from ..errors import UsageTypeError
 from .._checks import check_choice
 from .base import DataSplit
 from .cifar import load_cifar10, load_cifar100
@@ -44,6 +45,6 @@ def load_dataset(name: str = DEFAULT_DATASET, **options) -> DataSplit:
     accepted = dataset_options(name)
     unknown = [option for option in options if option not in accepted]
     if unknown:
-        raise TypeError(f"load_dataset({name!r}) got unexpected option(s) {', '.join(unknown)}; "
+        raise UsageTypeError(f"load_dataset({name!r}) got unexpected option(s) {', '.join(unknown)}; "
                         f"accepted: {', '.join(accepted)}")
     return DATASETS[name](**options)

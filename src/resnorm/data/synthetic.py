@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ..errors import UsageTypeError
 from .._checks import check_int
 from .base import DataSplit, from_arrays
 
@@ -14,7 +15,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)) or not shape:
-        raise TypeError(f"shape must be an int or a non-empty tuple of ints, got {shape!r}")
+        raise UsageTypeError(f"shape must be an int or a non-empty tuple of ints, got {shape!r}")
     for i, size in enumerate(shape):
         check_int(f"shape[{i}]", size, minimum=1)
     return tuple(shape)

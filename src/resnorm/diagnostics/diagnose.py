@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..norms import BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .probes import ForwardRecorder, find_blocks, parameterized_layers, unwrap
@@ -113,7 +114,7 @@ def default_loss(output: torch.Tensor, targets: torch.Tensor | None) -> torch.Te
         return F.cross_entropy(output.float(), targets)
     if targets.is_floating_point() and targets.shape == output.shape:
         return F.mse_loss(output.float(), targets.float())
-    raise ValueError(f"no default loss for output {tuple(output.shape)} and targets "
+    raise UsageError(f"no default loss for output {tuple(output.shape)} and targets "
                      f"{tuple(targets.shape)} ({targets.dtype}); pass loss_fn=")
 
 
@@ -172,14 +173,14 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
         thresholds: the verdict's thresholds (:class:`Thresholds`).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     thresholds = thresholds or Thresholds()
     if not isinstance(thresholds, Thresholds):
-        raise TypeError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
+        raise UsageTypeError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
     net = unwrap(model)
     layers = parameterized_layers(net)
     if not layers:
-        raise ValueError("the model has no layer with a weight parameter to measure")
+        raise UsageError("the model has no layer with a weight parameter to measure")
     block_list = find_blocks(net, blocks)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 
@@ -198,7 +199,7 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
                 output = output[0]
             loss = (loss_fn or default_loss)(output, targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor")
+                raise UsageError("loss_fn must return a scalar tensor")
             loss_value = float(loss.detach())
             if loss.requires_grad:
                 loss.backward()

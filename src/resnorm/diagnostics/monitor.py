@@ -13,6 +13,7 @@ import orjson
 import torch
 from torch import nn
 
+from ..errors import MissingExtraError, UsageError, UsageTypeError
 from .._checks import check_int
 from ..kernels import cpu as cpu_kernels
 from .probes import is_rectifier, parameterized_layers, unwrap
@@ -81,7 +82,7 @@ class Monitor:
                  update_sample: int | None = 4096, seed: int = 0,
                  compiled: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.every = check_int("every", every, minimum=1)
         self.dead_units_every = check_int("dead_units_every", dead_units_every, minimum=1)
         if update_sample is not None:
@@ -89,14 +90,14 @@ class Monitor:
         self.net = unwrap(model)
         named = parameterized_layers(self.net)
         if not named:
-            raise ValueError("the model has no layer with a weight parameter to monitor")
+            raise UsageError("the model has no layer with a weight parameter to monitor")
         writes = _is_rank_zero()
         summary_writer = None
         if tensorboard is not None and writes:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ImportError("Monitor(tensorboard=...) needs the tensorboard package: "
+                raise MissingExtraError("Monitor(tensorboard=...) needs the tensorboard package: "
                                   "pip install tensorboard") from exc
             summary_writer = SummaryWriter
         self.layer_names = [name for name, _ in named]

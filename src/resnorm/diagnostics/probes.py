@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..blocks import ResidualAdd, TransformerBlock
 from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
 from .stats import ActivationSummary, channel_stats, summarize_activation
@@ -68,7 +69,7 @@ def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tu
         missing = [n for n in names if n not in modules]
         if missing:
             sample = ", ".join(list(modules)[1:8])
-            raise ValueError(f"blocks: no module named {', '.join(map(repr, missing))} in the "
+            raise UsageError(f"blocks: no module named {', '.join(map(repr, missing))} in the "
                              f"model; names look like: {sample}, ...")
         return [(n, modules[n]) for n in names]
     ours = [(name, m) for name, m in modules.items()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_int
 from ..models import create_model
 from .diagnose import Diagnosis, diagnose
@@ -17,18 +18,18 @@ def load_factory(spec: str):
     """The callable named by ``"package.module:function"`` (imported: it runs that code)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"factory={spec!r} must look like 'package.module:function'")
+        raise UsageError(f"factory={spec!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"factory={spec!r}: cannot import {module_name!r} ({exc})") from None
+        raise UsageError(f"factory={spec!r}: cannot import {module_name!r} ({exc})") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
-            raise ValueError(f"factory={spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise UsageError(f"factory={spec!r}: {module_name!r} has no attribute {attr!r}")
     if not callable(factory):
-        raise ValueError(f"factory={spec!r} is not callable")
+        raise UsageError(f"factory={spec!r} is not callable")
     return factory
 
 
@@ -40,7 +41,7 @@ def random_batch(model: nn.Module, batch_size: int, input_shape: Sequence[int] |
     if input_shape is None:
         input_shape = getattr(model, "example_input_shape", None)
         if input_shape is None:
-            raise ValueError("the model has no example_input_shape; give input_shape "
+            raise UsageError("the model has no example_input_shape; give input_shape "
                              "(--input-shape on the command line), e.g. 3,32,32")
     shape = tuple(input_shape)
     for size in shape:
@@ -65,12 +66,12 @@ def diagnose_named(name: str | None = None, *, factory: str | None = None,
     user's factory returns (``factory="pkg.mod:fn"``, called with ``overrides``), at
     initialization (seeded), on a random batch."""
     if (name is None) == (factory is None):
-        raise ValueError("give either a registered model name or factory='pkg.mod:fn'")
+        raise UsageError("give either a registered model name or factory='pkg.mod:fn'")
     torch.manual_seed(seed)
     if factory is not None:
         model = load_factory(factory)(**overrides)
         if not isinstance(model, nn.Module):
-            raise ValueError(f"factory={factory!r} returned {type(model).__name__}, "
+            raise UsageError(f"factory={factory!r} returned {type(model).__name__}, "
                              f"not an nn.Module")
         label = factory
     else:

@@ -22,6 +22,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+from ..errors import UsageError
 from .._checks import check_float
 
 
@@ -48,7 +49,7 @@ class Thresholds:
         for name, value in asdict(self).items():
             check_float(name, value, low=0.0, low_inclusive=False)
         if self.vanishing_ratio >= self.exploding_ratio:
-            raise ValueError(f"vanishing_ratio={self.vanishing_ratio:g} must be below "
+            raise UsageError(f"vanishing_ratio={self.vanishing_ratio:g} must be below "
                              f"exploding_ratio={self.exploding_ratio:g}")
 
 

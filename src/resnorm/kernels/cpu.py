@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError, UsageTypeError
+
 SOURCE = Path(__file__).with_name("csrc") / "add_norm_cpu.cpp"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
@@ -139,7 +141,7 @@ def parse_bytes(name: str, text: str) -> int:
     except ValueError:
         count = -1.0
     if not number or count < 0:
-        raise ValueError(f"{name}={text!r} is not a byte count; accepted: a non-negative "
+        raise UsageError(f"{name}={text!r} is not a byte count; accepted: a non-negative "
                          "number with an optional K, M, G or T suffix (e.g. 4G)")
     return int(count)
 
@@ -155,7 +157,7 @@ def pool_settings_from_environment() -> tuple[bool, int]:
     """(enabled, max_cached) from ``RESNORM_POOL`` and ``RESNORM_POOL_MAX_CACHED``."""
     enabled = os.environ.get("RESNORM_POOL", "on").strip().lower()
     if enabled not in ("on", "off", "1", "0"):
-        raise ValueError(f"RESNORM_POOL={enabled!r} is not accepted; accepted: on, off")
+        raise UsageError(f"RESNORM_POOL={enabled!r} is not accepted; accepted: on, off")
     text = os.environ.get("RESNORM_POOL_MAX_CACHED")
     cap = parse_bytes("RESNORM_POOL_MAX_CACHED", text) if text else _default_max_cached()
     return enabled in ("on", "1"), cap
@@ -179,9 +181,9 @@ def configure_pool(*, enabled: bool | None = None, min_bytes: int | None = None,
     for name, value in (("min_bytes", min_bytes), ("max_cached", max_cached)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 0):
-            raise ValueError(f"configure_pool: {name} must be a non-negative int, got {value!r}")
+            raise UsageError(f"configure_pool: {name} must be a non-negative int, got {value!r}")
     if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"configure_pool: enabled must be True, False or None, got {enabled!r}")
+        raise UsageTypeError(f"configure_pool: enabled must be True, False or None, got {enabled!r}")
     stats = module.pool_stats()
     if min_bytes is not None:
         _state["pool_min_bytes"] = min_bytes

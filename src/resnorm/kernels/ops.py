@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_float
 from . import cpu, reference
 
@@ -195,14 +196,14 @@ class _EagerAddNorm(torch.autograd.Function):
 
 def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise UsageTypeError(f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.shape != shape:
-        raise ValueError(f"add_norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise UsageError(f"add_norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
+        raise UsageTypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
                         "float16, float64")
     if t.device != x.device:
-        raise ValueError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
+        raise UsageError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
 
 
 def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None,
@@ -245,7 +246,7 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     (:data:`STOCK_PLAIN_LAYER_NORM`: nothing to fuse). Inputs may be non-contiguous.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
+        raise UsageTypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if kind not in KINDS:
         check_choice("kind", kind, KINDS)
     if activation is None:
@@ -255,10 +256,10 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
         eps = check_float("eps", eps, low=0.0)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"add_norm: x must have a non-empty last dimension, got shape "
+        raise UsageError(f"add_norm: x must have a non-empty last dimension, got shape "
                          f"{tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
+        raise UsageTypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
                         "float16, float64")
     n = x.shape[-1]
     if residual is not None:
@@ -267,7 +268,7 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
         _check_tensor("weight", weight, x, (n,))
     if bias is not None:
         if kind == "rms":
-            raise ValueError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
+            raise UsageError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
                              "pass bias=None")
         _check_tensor("bias", bias, x, (n,))
     if _stock(x, residual, kind, activation):

@@ -30,6 +30,7 @@ import math
 import numbers
 from pathlib import Path
 
+from ..errors import UsageError
 from .._io import atomic_open
 from ..diagnostics.report import figure_png_base64, save_figure
 
@@ -54,7 +55,7 @@ _NOT_FINISHED = ("diverged", "failed")
 def _axis(study: dict) -> str:
     axis = (study or {}).get("x") or "depth"
     if axis not in AXES:
-        raise ValueError(f"study x={axis!r} is not supported; accepted: {', '.join(AXES)}")
+        raise UsageError(f"study x={axis!r} is not supported; accepted: {', '.join(AXES)}")
     return axis
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import UsageError
 from .._io import atomic_open
 from .study import RunSpec, Study
 
@@ -236,11 +237,11 @@ def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None
 
     check_nproc(nproc, device)
     if workers is not None and workers > 1:
-        raise ValueError(f"nproc={nproc} and workers={workers} cannot be combined: with nproc "
+        raise UsageError(f"nproc={nproc} and workers={workers} cannot be combined: with nproc "
                          f"each run takes {nproc} processes and runs go one at a time")
     uneven = sorted({spec.batch_size for spec in todo if spec.batch_size % nproc})
     if uneven:
-        raise ValueError(f"nproc={nproc} must divide the study's batch sizes (global batches, "
+        raise UsageError(f"nproc={nproc} must divide the study's batch sizes (global batches, "
                          f"shared out among the processes); it does not divide "
                          f"{', '.join(map(str, uneven))}")
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..errors import UsageError
 from ..data import DATASETS
 from ..models import accepted_options, get_model_entry
 from ..norms import NORM_KINDS
@@ -57,7 +58,7 @@ _GRID = {"models": list, "depths": list, "norms": list, "residual": list, "place
 _QUICK = {"train": dict, "dataset_options": dict}
 
 
-class StudyError(ValueError):
+class StudyError(UsageError):
     """A study file that is not valid; the message names the file and the entry."""
 
 

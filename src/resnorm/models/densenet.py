@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_float, check_int
 from ..blocks import DenseBlock, Transition, make_activation
 from ..blocks.conv import conv
@@ -34,7 +35,7 @@ class CifarDenseNet(nn.Module):
         per_block, rest = divmod(depth - 4, 3 * convs_per_layer)
         if rest or per_block < 1:
             form = "6n+4 (40, 100, 190, 250)" if bottleneck else "3n+4 (40, 100)"
-            raise ValueError(f"depth={depth} is not of the form {form} needed with "
+            raise UsageError(f"depth={depth} is not of the form {form} needed with "
                              f"bottleneck={bottleneck}")
         self.in_channels, self.dims = in_channels, dims
         options = dict(norm_options or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_int
 from ..blocks import ResidualMLPBlock, make_activation
 from ..blocks.mlp import PLACEMENTS, fused_norm_options
@@ -69,7 +70,7 @@ class ResidualMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x[0].numel() != self.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
+            raise UsageError(f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
                              f"with {self.in_features} features per sample, got {shape}")
         x = self.stem(x.flatten(1))
         if self.fused:

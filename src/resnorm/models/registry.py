@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -29,7 +31,7 @@ def register_model(name: str, builder: Callable[..., nn.Module], description: st
     the variant (``depth=56`` for ``resnet56``) and cannot be overridden; ``defaults`` are
     used unless ``create_model`` overrides them."""
     if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
+        raise UsageError(f"model {name!r} is already registered")
     _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), dict(fixed or {}), description)
 
 
@@ -48,7 +50,7 @@ def get_model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (list_models() gives all "
+        raise UsageError(f"unknown model {name!r}{hint} (list_models() gives all "
                          f"{len(_REGISTRY)} names)")
     return _REGISTRY[name]
 
@@ -72,10 +74,10 @@ def create_model(name: str, **overrides) -> nn.Module:
     clash = sorted(set(overrides) & set(entry.fixed))
     if clash:
         fixed = ", ".join(f"{k}={entry.fixed[k]!r}" for k in clash)
-        raise TypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
+        raise UsageTypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
                         f"own name or through its family's generic entry")
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
-        raise TypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
+        raise UsageTypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
                         f"accepted: {', '.join(accepted)}")
     return entry.builder(**{**entry.defaults, **overrides, **entry.fixed})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_int
 from ..blocks.conv import conv
 from ..blocks import (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck,
@@ -68,10 +69,10 @@ class CifarResNet(nn.Module):
         per_stage, rest = divmod(depth - 2, 3 * layers_per_block)
         if rest or per_stage < 1:
             form = "6n+2 (20, 32, 44, 56, 110, ...)" if block == "basic" else "9n+2 (29, 56, 164, 1001, ...)"
-            raise ValueError(f"depth={depth} is not of the form {form} needed by "
+            raise UsageError(f"depth={depth} is not of the form {form} needed by "
                              f"block={block!r}")
         if len(widths) != 3:
-            raise ValueError(f"widths must give 3 stage widths, got {widths!r}")
+            raise UsageError(f"widths must give 3 stage widths, got {widths!r}")
         self.depth, self.in_channels, self.dims, self.preact = depth, in_channels, dims, preact
         options = dict(norm_options or {})
         self.conv1 = conv(dims, in_channels, widths[0], 3)
@@ -129,7 +130,7 @@ class ImageNetResNet(nn.Module):
                  norm_options: dict | None = None) -> None:
         super().__init__()
         if depth not in IMAGENET_LAYOUTS:
-            raise ValueError(f"depth={depth} is not an ImageNet ResNet depth; accepted: "
+            raise UsageError(f"depth={depth} is not an ImageNet ResNet depth; accepted: "
                              f"{', '.join(map(str, IMAGENET_LAYOUTS))}")
         block, counts = IMAGENET_LAYOUTS[depth]
         self.depth, self.in_channels = depth, in_channels

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_int
 from ..blocks import TransformerBlock
 from ..norms import make_norm
@@ -36,7 +37,7 @@ class TransformerClassifier(nn.Module):
         check_int("depth", depth, minimum=1)
         self.pool = check_choice("pool", pool, ("mean", "cls"))
         if deepnorm and placement != "post":
-            raise ValueError(f"deepnorm=True needs placement='post', got {placement!r}")
+            raise UsageError(f"deepnorm=True needs placement='post', got {placement!r}")
         self.placement = placement
         self.embed = nn.Linear(in_channels, dim)
         self.pos = nn.Parameter(torch.zeros(1, seq_len + (pool == "cls"), dim))
@@ -68,7 +69,7 @@ class TransformerClassifier(nn.Module):
         if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.seq_len
                 or x.shape[2] != self.in_channels):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"TransformerClassifier: input must be (N, {self.seq_len}, "
+            raise UsageError(f"TransformerClassifier: input must be (N, {self.seq_len}, "
                              f"{self.in_channels})" + (f" or (N, {self.seq_len})"
                                                        if self.in_channels == 1 else "")
                              + f", got {shape}")

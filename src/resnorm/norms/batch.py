@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from .._checks import check_choice, check_float
 from .base import RunningStatsNorm, apply_channels_at, channel_view
 from .conventions import CONVENTIONS, DEFAULT_MOMENTUM, resolve_eps
@@ -46,7 +47,7 @@ class BatchNorm(RunningStatsNorm):
             momentum = DEFAULT_MOMENTUM[convention]
         elif momentum is None:
             if convention != "torch":
-                raise ValueError("momentum=None (cumulative moving average) is only accepted "
+                raise UsageError("momentum=None (cumulative moving average) is only accepted "
                                  "with convention='torch'")
         else:
             momentum = check_float("momentum", momentum, low=0.0, high=1.0)
@@ -58,7 +59,7 @@ class BatchNorm(RunningStatsNorm):
         self._check(x)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats and x.numel() // self.num_features <= 1:
-            raise ValueError(
+            raise UsageError(
                 f"BatchNorm in training mode needs more than one value per channel, got input "
                 f"shape {tuple(x.shape)}; use a batch of 2 or more, eval mode, or a per-sample "
                 f"normalization such as norm='layer' or norm='group'")

@@ -6,6 +6,7 @@ its biased running variance. The numbers are the libraries' documented defaults.
 """
 from __future__ import annotations
 
+from ..errors import UsageError
 from .._checks import check_choice
 
 CONVENTIONS = ("torch", "keras")
@@ -24,6 +25,6 @@ def resolve_eps(kind: str, eps: float | None, convention: str) -> float | None:
     check_choice("convention", convention, CONVENTIONS)
     if eps is not None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+            raise UsageError(f"eps must be a number >= 0, got {eps!r}")
         return float(eps)
     return _DEFAULT_EPS[convention][kind]

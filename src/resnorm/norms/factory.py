@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_int
 from .base import CHANNEL_DIMS
 from .batch import BatchNorm
@@ -36,7 +37,7 @@ def _build(cls, options: dict, *args) -> nn.Module:
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise TypeError(f"{cls.__name__} got unexpected option(s) {', '.join(unknown)}; "
+        raise UsageTypeError(f"{cls.__name__} got unexpected option(s) {', '.join(unknown)}; "
                         f"accepted: {', '.join(accepted[len(args):])}")
     return cls(*args, **options)
 
@@ -74,13 +75,13 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
         kind = "none"
     check_choice("norm", kind, NORM_KINDS)
     if fused and kind not in FUSED_KINDS:
-        raise ValueError(f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, "
+        raise UsageError(f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, "
                          f"got {kind!r}")
     layout = {"channel_dim": channel_dim}
     with_convention = {**layout, "convention": convention}
     if kind == "none":
         if options:
-            raise TypeError(f"norm='none' takes no options, got {', '.join(sorted(options))}")
+            raise UsageTypeError(f"norm='none' takes no options, got {', '.join(sorted(options))}")
         return nn.Identity()
     if kind == "batch":
         return _build(BatchNorm, {**with_convention, **options}, num_features)

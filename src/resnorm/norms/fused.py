@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
 from .._checks import check_choice
 from ..kernels import ACTIVATIONS, add_norm, reference
 from .layer import LayerNorm, RMSNorm
@@ -44,7 +45,7 @@ class _FusedAdd:
         if residual is not None and (not isinstance(residual, torch.Tensor)
                                      or residual.shape != x.shape):
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
-            raise ValueError(f"{type(self).__name__}: residual must have x's shape "
+            raise UsageError(f"{type(self).__name__}: residual must have x's shape "
                              f"{tuple(x.shape)}, got {shape}")
         if self._fusable(x):
             return add_norm(x, residual, self.weight, getattr(self, "bias", None),

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .._checks import check_choice, check_float, check_input, check_int
 from .base import CHANNEL_DIMS, RunningStatsNorm, apply_channels_at
 from .conventions import resolve_eps
@@ -29,7 +30,7 @@ class GroupNorm(nn.Module):
         self.num_groups = check_int("num_groups", num_groups, minimum=1)
         self.num_channels = check_int("num_channels", num_channels, minimum=1)
         if num_channels % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+            raise UsageError(f"num_groups={num_groups} must divide num_channels={num_channels}")
         self.eps = resolve_eps("group", eps, convention)
         self.affine = bool(affine)
         self.channel_dim = check_choice("channel_dim", channel_dim, CHANNEL_DIMS)

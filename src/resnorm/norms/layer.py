@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_int
 from .base import CHANNEL_DIMS, apply_channels_at
 from .conventions import resolve_eps
@@ -16,11 +17,11 @@ from .conventions import resolve_eps
 def _normalized_shape(value: int | Sequence[int], channel_dim: int) -> tuple[int, ...]:
     shape = (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
     if not shape:
-        raise ValueError("normalized_shape must name at least one dimension, got ()")
+        raise UsageError("normalized_shape must name at least one dimension, got ()")
     for size in shape:
         check_int("normalized_shape", size, minimum=1)
     if channel_dim == 1 and len(shape) != 1:
-        raise ValueError(f"with channel_dim=1, normalized_shape must be the channel count, "
+        raise UsageError(f"with channel_dim=1, normalized_shape must be the channel count, "
                          f"got {shape}")
     return shape
 
@@ -35,7 +36,7 @@ class _FeatureNorm(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, "
+            raise UsageTypeError(f"{type(self).__name__}: input must be a torch.Tensor, "
                             f"got {type(x).__name__}")
         n = len(self.normalized_shape)
         if self.channel_dim == 1:
@@ -45,7 +46,7 @@ class _FeatureNorm(nn.Module):
             ok = x.dim() >= n and tuple(x.shape[-n:]) == self.normalized_shape
             expected = f"(..., {', '.join(map(str, self.normalized_shape))})"
         if not ok:
-            raise ValueError(f"{type(self).__name__}: input must have shape {expected}, "
+            raise UsageError(f"{type(self).__name__}: input must have shape {expected}, "
                              f"got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

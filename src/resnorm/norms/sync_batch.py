@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
 from .base import apply_channels_at, channel_view
 from .batch import _DEFAULT, BatchNorm
 
@@ -54,7 +55,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(sums, group=group)
         total = sums[0]
         if x.device.type == "cpu" and total.item() <= 1:  # no host sync on accelerators
-            raise ValueError(
+            raise UsageError(
                 f"SyncBatchNorm in training mode needs more than one value per channel over "
                 f"all processes, got {int(total.item())}; use larger batches")
         mean = sums[1:channels + 1] / total
@@ -195,7 +196,7 @@ def _convertible(module: nn.Module) -> bool:
         return True
     if isinstance(module, _TORCH_BATCH_NORMS):
         if type(module).forward is not nn.modules.batchnorm._BatchNorm.forward:
-            raise TypeError(
+            raise UsageTypeError(
                 f"cannot synchronize {type(module).__name__}: it subclasses "
                 f"{type(module).__mro__[1].__name__} with a forward() of its own, which would "
                 f"be lost; build it on resnorm.norms.BatchNorm (whose subclasses convert) or "
@@ -217,7 +218,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     the batch (default: all).
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        raise UsageTypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if _convertible(module):
         if isinstance(module, BatchNorm):
             return _retyped(module, _sync_class(type(module)), process_group=process_group)
@@ -238,7 +239,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     they are) and return the module, for evaluation or export in one process. Parameters,
     buffers and options are kept, as in the conversion."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        raise UsageTypeError(f"module must be an nn.Module, got {type(module).__name__}")
     original = {sync: plain for plain, sync in _SYNC_CLASSES.items()}
     if type(module) in original:
         target = module.__dict__.get("_sync_reverts_to") or original[type(module)]

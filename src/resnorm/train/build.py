@@ -5,6 +5,7 @@ import math
 
 from torch import nn
 
+from ..errors import UsageError
 from ..data import DataSplit
 from ..models import accepted_options, create_model, get_model_entry
 
@@ -24,7 +25,7 @@ def model_for_data(name: str, data: DataSplit, **overrides) -> nn.Module:
         auto["in_features"] = math.prod(shape)
     if "seq_len" in accepted:
         if len(shape) not in (1, 2):
-            raise ValueError(f"model {name!r} takes sequences (L,) or (L, C); data set "
+            raise UsageError(f"model {name!r} takes sequences (L,) or (L, C); data set "
                              f"{data.name!r} has samples of shape {shape}")
         auto["seq_len"] = shape[0]
         auto["in_channels"] = shape[1] if len(shape) == 2 else 1

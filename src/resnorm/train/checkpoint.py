@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .._io import atomic_open
 
 FORMAT = "resnorm-checkpoint"
@@ -18,7 +19,7 @@ _REQUIRED = ("format", "version", "model", "optimizer", "scheduler", "rng", "epo
              "step_in_epoch", "global_step", "history", "config")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint file that cannot be used: corrupted, truncated or not ours."""
 
 

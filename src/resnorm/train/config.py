@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_float, check_int
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -65,7 +66,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_float("warmup_epochs", self.warmup_epochs, low=0.0)
         if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} must not exceed "
+            raise UsageError(f"warmup_epochs={self.warmup_epochs:g} must not exceed "
                              f"epochs={self.epochs}")
         object.__setattr__(self, "milestones", tuple(self.milestones))
         for m in self.milestones:
@@ -85,7 +86,7 @@ class TrainConfig:
             check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         if not isinstance(self.sync_bn, bool):
-            raise TypeError(f"sync_bn must be True or False, got {self.sync_bn!r}")
+            raise UsageTypeError(f"sync_bn must be True or False, got {self.sync_bn!r}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -96,5 +97,5 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+            raise UsageTypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         return cls(**values)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError, UsageTypeError
+
 DEFAULT_TIMEOUT = 600.0
 """Seconds a process waits for the others in a collective before giving up (a hung worker)."""
 
@@ -91,12 +93,12 @@ def check_nproc(nproc: int, device: str = "cpu") -> int:
     from .loop import resolve_device
 
     if isinstance(nproc, bool) or not isinstance(nproc, int):
-        raise TypeError(f"nproc must be an integer, got {nproc!r}")
+        raise UsageTypeError(f"nproc must be an integer, got {nproc!r}")
     on_gpu = resolve_device(device).type == "cuda"
     limit = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
     if not 1 <= nproc <= limit:
         what = ("GPU" if on_gpu else "CPU core") + ("s" if limit != 1 else "")
-        raise ValueError(f"nproc={nproc} is not possible here: it must be between 1 and the "
+        raise UsageError(f"nproc={nproc} is not possible here: it must be between 1 and the "
                          f"{limit} {what} of this machine (for more processes, use several "
                          f"machines: torchrun --nnodes)")
     return nproc

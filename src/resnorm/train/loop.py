@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UsageError, UsageTypeError
 from .._io import atomic_open, json_safe
 from ..data import DataSplit
 from ..norms import convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
@@ -63,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device='cpu'")
+        raise UsageError(f"device={name!r} but CUDA is not available here; use device='cpu'")
     return device
 
 
@@ -192,14 +193,14 @@ def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), 
     bar only on a terminal. ``on_epoch`` is called in every process.
     """
     if isinstance(model, DistributedDataParallel):
-        raise TypeError("pass the model itself, not DistributedDataParallel(model): fit "
+        raise UsageTypeError("pass the model itself, not DistributedDataParallel(model): fit "
                         "wraps it when it runs in a process group")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(data, DataSplit):
-        raise TypeError(f"data must be a DataSplit, got {type(data).__name__}")
+        raise UsageTypeError(f"data must be a DataSplit, got {type(data).__name__}")
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     device = resolve_device(config.device)
     threads = torch.get_num_threads()
     if config.threads:
@@ -245,14 +246,14 @@ def _check_resumable(state: dict, config: TrainConfig, world_size: int,
     if saved_world == world_size or \
             dataclasses.replace(saved, batch_size=config.batch_size) != config:
         if saved != config:
-            raise ValueError(f"{root} holds a run with a different configuration; use "
+            raise UsageError(f"{root} holds a run with a different configuration; use "
                              f"another output directory, or restart it (resume=False / "
                              f"--restart)")
         return
     saved_steps = state.get("steps_per_epoch", steps_per_epoch)
     if (saved_world * saved.batch_size != world_size * config.batch_size
             or saved_steps != steps_per_epoch):
-        raise ValueError(
+        raise UsageError(
             f"{root} holds a run of {saved_world} process(es) x batch {saved.batch_size} "
             f"({saved_steps} steps per epoch); {world_size} process(es) x batch "
             f"{config.batch_size} gives {steps_per_epoch}: resume it with a batch size that "
@@ -276,7 +277,7 @@ def _fit(model, data, config, device, out, resume, monitor, progress, descriptio
     n = len(x_train)
     steps_per_epoch = len(_batches(n, config.batch_size, config.seed, 0, world_size))
     if world_size > 1 and steps_per_epoch == 0:
-        raise ValueError(f"{n} training samples cannot give each of {world_size} processes "
+        raise UsageError(f"{n} training samples cannot give each of {world_size} processes "
                          f"2 samples of a batch; use fewer processes")
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)

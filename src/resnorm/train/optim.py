@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .config import TrainConfig
 
 
@@ -56,12 +57,12 @@ def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator, *,
     so the processes of a distributed run, each with its slice, crop and flip exactly as
     one process with the whole batch would."""
     if x.dim() != 4:
-        raise ValueError(f"augment=True needs image batches (N, C, H, W), got shape "
+        raise UsageError(f"augment=True needs image batches (N, C, H, W), got shape "
                          f"{tuple(x.shape)}; turn augmentation off for this data set")
     n, c, h, w = x.shape
     total = n if total is None else total
     if not 0 <= offset <= total - n:
-        raise ValueError(f"rows {offset}..{offset + n} do not fit in a batch of total={total}")
+        raise UsageError(f"rows {offset}..{offset + n} do not fit in a batch of total={total}")
     rows_of_x = slice(offset, offset + n)
     device = x.device
     if padding:
