@@ -1,17 +1,22 @@
 """The compiled CPU kernel: built on first use with PyTorch's C++ extension tooling.
 
-The C++ source (``csrc/add_norm_cpu.cpp``) is compiled once per machine, PyTorch version
-and source revision with the host compiler (``-O3 -march=native``: the build is cached
-under a key that includes the CPU model and flags, so a cache shared across machines never
-runs code built for another CPU). The first build takes about 30 seconds; later processes
-load the cached library in milliseconds. Without a working compiler the kernel is simply
-unavailable and :mod:`resnorm.kernels` uses the pure-PyTorch reference, after one warning.
+The C++ source (``csrc/add_norm_cpu.cpp``) is compiled with the host compiler
+(``-O3 -march=native``) once per environment and machine, into a directory named after a
+hash of all that changes the binary (:func:`build_inputs`: the source's bytes, the flags,
+PyTorch's version and install path, Python's version and ABI, ``sys.prefix``, the CPU model
+and flags). Two virtual environments sharing one cache root therefore get a build each
+instead of rebuilding in turn over each other's, and a cache shared across machines never
+runs code built for another CPU. The first build takes about 30 seconds and says so on one
+line of stderr; later processes load the cached library in milliseconds. Without a working
+compiler the kernel is simply unavailable and :mod:`resnorm.kernels` uses the pure-PyTorch
+reference, after one warning.
 
 Environment:
 
 - ``RESNORM_KERNELS=reference`` never builds nor uses the compiled kernel;
-- ``RESNORM_KERNEL_CACHE=DIR`` where builds are cached (default: PyTorch's extension
-  directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``);
+- ``RESNORM_KERNEL_CACHE=DIR`` where builds are cached; otherwise PyTorch's extension root,
+  as ``torch.utils.cpp_extension`` uses it: ``$TORCH_EXTENSIONS_DIR``, else
+  ``$XDG_CACHE_HOME/torch_extensions`` (``~/.cache/torch_extensions``);
 - ``RESNORM_POOL=off`` allocates every output with PyTorch's allocator instead of the
   output pool; ``RESNORM_POOL_MAX_CACHED=BYTES`` caps the free memory the pool keeps
   (default: a quarter of the machine's memory; suffixes K, M, G are accepted).
@@ -33,6 +38,7 @@ import hashlib
 import os
 import platform
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -71,24 +77,63 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def build_key() -> str:
-    """What a cached build depends on: source, flags, PyTorch, Python, CPU."""
+def build_inputs() -> dict[str, bytes | str]:
+    """Everything that changes the compiled binary, or where it may be loaded from."""
+    return {
+        "source": SOURCE.read_bytes(),
+        "flags": " ".join(FLAGS),
+        "torch": torch.__version__,
+        "torch_path": str(Path(torch.__file__).resolve().parent),
+        "python": sys.version,
+        "abi": sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag,
+        "prefix": sys.prefix,
+        "cpu": _cpu_signature(),
+    }
+
+
+def build_key(inputs: dict[str, bytes | str] | None = None) -> str:
+    """A short hash of :func:`build_inputs` (or of ``inputs``): the build's cache key."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(),
-                 sys.version.encode(), _cpu_signature().encode()):
-        digest.update(part)
-        digest.update(b"\0")
+    for name, value in sorted((build_inputs() if inputs is None else inputs).items()):
+        data = value if isinstance(value, bytes) else value.encode()
+        # Length-prefixed, so that no two different inputs hash the same bytes.
+        digest.update(f"{name}:{len(data)}:".encode())
+        digest.update(data)
     return digest.hexdigest()[:16]
 
 
-def build_directory() -> Path:
+def cache_root() -> Path:
+    """``$RESNORM_KERNEL_CACHE``, else PyTorch's extension root (``$TORCH_EXTENSIONS_DIR``,
+    else ``$XDG_CACHE_HOME/torch_extensions``). PyTorch adds a ``py3X_cpu`` folder under its
+    default root to keep environments apart; the build key already does that here."""
     root = os.environ.get("RESNORM_KERNEL_CACHE") or os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "torch_extensions"
-    return base / f"resnorm_add_norm_cpu_{build_key()}"
+    if root:
+        return Path(root)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
 
 
-def load(*, quiet: bool = False):
-    """The compiled module, building it if needed; None if it cannot be had."""
+def build_directory() -> Path:
+    """Where this environment's build lives: ``<cache_root>/resnorm_add_norm_cpu_<key>``."""
+    return cache_root() / f"resnorm_add_norm_cpu_{build_key()}"
+
+
+def _needs_compile(directory: Path) -> bool:
+    """Whether loading from ``directory`` compiles: no library yet, or one older than the
+    source (ninja rebuilds on timestamps, e.g. after a checkout rewrote the file)."""
+    library = directory / f"{directory.name}.so"
+    try:
+        return library.stat().st_mtime < SOURCE.stat().st_mtime
+    except FileNotFoundError:
+        return True
+
+
+def load():
+    """The compiled module, building it if needed; None if it cannot be had.
+
+    Tried once per process; a build that compiles says so first, on one line of stderr.
+    """
     if _state["tried"]:
         return _state["module"]
     with _lock:
@@ -104,9 +149,9 @@ def load(*, quiet: bool = False):
             directory = build_directory()
             directory.mkdir(parents=True, exist_ok=True)
             name = directory.name
-            if not quiet and not (directory / f"{name}.so").exists():
-                print("resnorm: compiling the CPU add+norm kernel (once per machine, "
-                      "about 30 s)...", file=sys.stderr, flush=True)
+            if _needs_compile(directory):
+                print(f"resnorm: building the fused CPU kernel, once, ~30 s (cached in "
+                      f"{directory})", file=sys.stderr, flush=True)
             module = cpp_extension.load(name=name, sources=[str(SOURCE)],
                                         extra_cflags=FLAGS, build_directory=str(directory),
                                         verbose=False)
@@ -125,7 +170,7 @@ def load(*, quiet: bool = False):
 
 def status() -> dict:
     """Whether the compiled kernel is in use, and why not if it is not (builds it if needed)."""
-    module = load(quiet=True)
+    module = load()
     return {"available": module is not None, "reason": _state["error"],
             "build_directory": str(build_directory()), "flags": FLAGS,
             "stream_bytes": STREAM_BYTES, "pool": pool_stats() if module is not None else {}}
@@ -175,7 +220,7 @@ def configure_pool(*, enabled: bool | None = None, min_bytes: int | None = None,
         max_cached: the most free bytes the pool keeps; a freed block beyond it goes back to
             the OS, and lowering it releases blocks at once.
     """
-    module = load(quiet=True)
+    module = load()
     if module is None:
         raise RuntimeError(f"resnorm: the compiled CPU kernel is unavailable ({_state['error']})")
     for name, value in (("min_bytes", min_bytes), ("max_cached", max_cached)):
@@ -198,13 +243,13 @@ def pool_stats() -> dict:
 
     ``min_bytes`` is -1 when the pool is off. Empty when the compiled kernel is unavailable.
     """
-    module = load(quiet=True)
+    module = load()
     return dict(module.pool_stats()) if module is not None else {}
 
 
 def empty_cache() -> None:
     """Return the output pool's free blocks to the OS (blocks in use are not affected)."""
-    module = load(quiet=True)
+    module = load()
     if module is not None:
         module.pool_empty_cache()
 
