@@ -25,6 +25,7 @@ from resnorm.norms import (BatchNorm, SyncBatchNorm, convert_sync_batchnorm, has
 from resnorm.train import TrainConfig, augment_images, fit
 from resnorm.train.distributed import check_nproc, describe_failures
 from resnorm.train.loop import _batches, _check_resumable, _shard
+from resnorm.train.run import train_identity
 
 WORLD = 2
 PER_PROCESS_BATCH = 16
@@ -167,15 +168,21 @@ def test_augmenting_slices_equals_augmenting_the_whole_batch():
 
 
 def test_resume_across_world_sizes_needs_the_same_global_batch(tmp_path):
+    def identity(config, world_size):
+        return {"train": train_identity(config.to_dict(), world_size)}
+
     state = {"config": TrainConfig(batch_size=16).to_dict(), "world_size": 2,
              "steps_per_epoch": 7}
-    _check_resumable(state, TrainConfig(batch_size=32), 1, 7, tmp_path)  # 2 x 16 = 1 x 32
-    with pytest.raises(ValueError, match="2 process.*batch 16.*global batch 32"):
-        _check_resumable(state, TrainConfig(batch_size=16), 1, 13, tmp_path)
-    with pytest.raises(ValueError, match="different configuration"):
-        _check_resumable(state, TrainConfig(batch_size=32, lr=0.1), 1, 7, tmp_path)
+    _check_resumable(state, identity(TrainConfig(batch_size=32), 1), 1, 7, tmp_path)  # 2x16 = 1x32
+    with pytest.raises(ValueError, match=r"different configuration \(train.global_batch_size: "
+                                         r"32 -> 16\)"):
+        _check_resumable(state, identity(TrainConfig(batch_size=16), 1), 1, 13, tmp_path)
+    with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.003 -> 0.1\)"):
+        _check_resumable(state, identity(TrainConfig(batch_size=32, lr=0.1), 1), 1, 7, tmp_path)
+    with pytest.raises(ValueError, match="2 process.*7 steps per epoch.*give 13"):
+        _check_resumable(state, identity(TrainConfig(batch_size=32), 1), 1, 13, tmp_path)
     old = {"config": {k: v for k, v in TrainConfig().to_dict().items() if k != "sync_bn"}}
-    _check_resumable(old, TrainConfig(), 1, 7, tmp_path)  # written before sync_bn existed
+    _check_resumable(old, identity(TrainConfig(), 1), 1, 7, tmp_path)  # before sync_bn existed
 
 
 def test_check_nproc_and_failure_lines():

@@ -211,10 +211,14 @@ def test_run_directory_files(tmp_path):
     result = fit(_small_model(), _blobs(), TrainConfig(epochs=3, batch_size=32), out=tmp_path,
                  progress=False, meta={"model": "mlp"})
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "checkpoint.prev.pt",
+    assert {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
             "result.json"} <= names and not any(n.endswith(".tmp") for n in names)
+    assert "checkpoint.prev.pt" not in names            # a finished run keeps one checkpoint
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] == "mlp" and config["config"]["epochs"] == 3
+    assert config["identity"]["model"] == "mlp" and config["identity"]["train"]["epochs"] == 3
+    assert len(config["hash"]) == 10 and config["provenance"]["torch"] == torch.__version__
+    assert {"command", "resnorm", "date", "machine"} <= set(config["provenance"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == result.history
     with open(tmp_path / "metrics.csv") as f:
@@ -223,7 +227,6 @@ def test_run_directory_files(tmp_path):
     assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in result.history]
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "finished"
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 3
-    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["epoch"] == 2
 
 
 class _StopAt:

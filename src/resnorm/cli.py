@@ -281,14 +281,7 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
       torchrun --nnodes 2 --node-rank 0 --master-addr HOST --master-port 29500 \\
           --nproc-per-node 4 -m resnorm train --model resnet20 --device cuda --sync-bn
     """
-    from pathlib import Path
-
-    import torch
-
-    from .data import load_dataset
-    from .diagnostics import Monitor
-    from .norms import has_batch_norm
-    from .train import TrainConfig, fit, model_for_data
+    from .train import TrainConfig, prepare_run
     from .train.distributed import (check_nproc, init_distributed, launched_by_torchrun,
                                     shutdown_distributed, world)
 
@@ -309,18 +302,13 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
         data_options["num_samples"] = samples
     if data_root is not None:
         data_options["root"] = data_root
-    data = load_dataset(dataset, **data_options)
     overrides = {k: v for k, v in {"norm": norm, "depth": depth, "width": width,
                                    "placement": placement, "residual": residual}.items()
                  if v is not None}
-    torch.manual_seed(seed)
-    model = model_for_data(model_name, data, **overrides)
-    if sync_bn and not has_batch_norm(model):
-        raise _UserError(f"--sync-bn: {model_name} has no batch norm layer here "
-                         f"(norm={overrides.get('norm', 'its default')!r}); drop --sync-bn")
-    out = Path(out) if out else Path("runs") / f"{model_name}-{dataset}-seed{seed}"
+    run = prepare_run(model_name, dataset, model_options=overrides, dataset_options=data_options,
+                      config=config, out=out, world_size=nproc if nproc > 1 else None)
     if nproc > 1:  # the data set is cached above, before the workers load it
-        _launch_workers(ctx, nproc, device, out)
+        _launch_workers(ctx, nproc, device, run.out)
         return
     if in_worker:
         init_distributed(device, dist_timeout)
@@ -330,44 +318,40 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
     console = Console(stderr=True, quiet=quiet or as_json or rank > 0,  # chatter: stderr
                       soft_wrap=True)
     results = Console(soft_wrap=True, quiet=rank > 0)                   # results: stdout
-    console.print(f"{data.summary()}\n{model_name}: "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; run folder {out}")
+    console.print(f"{run.data.summary()}\n{model_name}: "
+                  f"{sum(p.numel() for p in run.model.parameters()):,} parameters; "
+                  f"run folder {run.out}")
 
     def report(row: dict) -> None:
         console.print(f"epoch {row['epoch']:>3}/{epochs}: train loss {row['train_loss']:.4f} "
                       f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
                       f"acc {row['test_acc']:.2%} | {row['seconds']:.1f} s")
 
-    meta = {"model": model_name, "overrides": overrides, "dataset": dataset,
-            "data_options": data_options}
-    monitor = Monitor(model, every=monitor_every, path=out / "monitor.jsonl") if monitor_every else None
     try:
-        result = fit(model, data, config, out=out, resume=not restart, monitor=monitor,
-                     progress=None if not (quiet or as_json) else False,
-                     description=f"{model_name} on {dataset}", meta=meta, on_epoch=report)
+        result = run.fit(restart=restart, monitor_every=monitor_every,
+                         progress=None if not (quiet or as_json) else False, on_epoch=report)
     except Exception as exc:
         if in_worker:
             _worker_error(exc, rank)
         raise
-    finally:
-        if monitor is not None:
-            monitor.close()
     shutdown_distributed()
     if rank > 0:
         return
     summary = result.to_dict()
     if as_json:
-        click.echo(json.dumps({**summary, "out": str(out)}, indent=2, default=str))
+        click.echo(json.dumps({**summary, "out": str(run.out)}, indent=2, default=str))
         return
     if result.resumed_from_step is not None:
-        results.print(f"resumed from step {result.resumed_from_step}")
+        results.print(f"resumed from step {result.resumed_from_step} (same configuration: "
+                      f"{run.out}/config.json)")
     if result.diverged:
-        results.print(f"[red]diverged[/] at step {result.diverged_at_step} (loss not finite)")
+        where = "test loss" if result.diverged_in == "eval" else "loss"
+        results.print(f"[red]diverged[/] at step {result.diverged_at_step} ({where} not finite)")
     elif result.history:
         best = max(r["test_acc"] for r in result.history)
         results.print(f"final test accuracy {result.final['test_acc']:.2%} (best {best:.2%}) "
                       f"in {result.seconds:.0f} s")
-    results.print(f"files: {out}/metrics.csv, metrics.jsonl, checkpoint.pt, result.json")
+    results.print(f"files: {run.out}/metrics.csv, metrics.jsonl, checkpoint.pt, result.json")
 
 
 def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
@@ -392,42 +376,26 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
 
 
 def _launch_workers(ctx: click.Context, nproc: int, device: str, out) -> None:
-    """``resnorm train ... --nproc N`` is ``torchrun --standalone --nproc-per-node N -m
-    resnorm train ...``, run through torchrun's API so that a failure is one line."""
-    from .train import load_checkpoint
-    from .train.distributed import LaunchError, launch
+    """``resnorm train ... --nproc N``: the same command in N torchrun workers, with the
+    run folder the parent chose (so every worker uses it)."""
+    from .train.distributed import LaunchError, launch_train
 
-    args = ["-m", "resnorm", "train", *_forwarded_args(ctx, drop=("nproc",))]
+    args = [*_forwarded_args(ctx, drop=("nproc", "out")), "--out", str(out)]
     try:
-        launch(sys.executable, args, nproc=nproc, device=device)
+        launch_train(args, nproc=nproc, device=device, out=out)
     except LaunchError as exc:
-        hint = ""
-        if exc.exit_code != 2:
-            try:
-                step = load_checkpoint(out / "checkpoint.pt")["global_step"]
-                hint = f"; run the same command again to resume from step {step}"
-            except (OSError, ValueError):
-                hint = "; no checkpoint was written yet"
-        click.echo(f"resnorm: error: {exc}{hint}", err=True)
+        click.echo(f"resnorm: error: {exc}", err=True)
         raise click.exceptions.Exit(exc.exit_code) from None
 
 
 def _worker_error(exc: Exception, rank: int) -> None:
-    """In a torchrun worker: one line for a lost peer, and the rank on other errors (which
-    every process may report)."""
-    import re
+    """In a torchrun worker: one line for a lost peer, and the rank on other errors."""
+    from .train.distributed import worker_error_line
 
-    from .train.distributed import is_collective_failure
-
-    if is_collective_failure(exc):
-        # gloo/nccl say it as "[file:line] What happened. Advice...": keep what happened.
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]
-        click.echo(f"resnorm: error: [rank {rank}] lost contact with the other workers "
-                   f"({text})", err=True)
-        raise click.exceptions.Exit(1) from None
-    if rank > 0 and isinstance(exc, UsageError):
-        raise _UserError(f"[rank {rank}] {exc}") from None
+    line = worker_error_line(exc, rank)
+    if line is not None:
+        click.echo(f"resnorm: error: {line}", err=True)
+        raise click.exceptions.Exit(2 if isinstance(exc, UsageError) else 1) from None
 
 
 @cli.command(name="models", short_help="List the registered models.")

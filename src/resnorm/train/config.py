@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import UsageError, UsageTypeError
-from .._checks import check_choice, check_float, check_int
+from .._checks import check_choice, check_device, check_float, check_int
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -78,7 +78,7 @@ class TrainConfig:
         check_int("crop_padding", self.crop_padding, minimum=0)
         if self.grad_clip is not None:
             check_float("grad_clip", self.grad_clip, low=0.0, low_inclusive=False)
-        check_choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
+        check_device("device", self.device)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
         check_int("seed", self.seed, minimum=0)

@@ -216,3 +216,43 @@ def is_collective_failure(exc: BaseException) -> bool:
         tb = tb.tb_next
     return tb is not None and f"{os.sep}torch{os.sep}distributed{os.sep}" in \
         str(Path(tb.tb_frame.f_code.co_filename))
+
+
+def launch_train(args: Sequence[str], *, nproc: int, device: str, out) -> None:
+    """``resnorm train ARGS`` in ``nproc`` workers on this machine (what ``resnorm train
+    --nproc N`` runs: ``torchrun --standalone --nproc-per-node N -m resnorm train ...``
+    through torchrun's API). A failure is a :class:`LaunchError` whose message ends with
+    what to do next: resume from the checkpoint in ``out``, if one was written."""
+    import sys
+
+    from .checkpoint import load_checkpoint
+
+    try:
+        launch(sys.executable, ["-m", "resnorm", "train", *args], nproc=nproc, device=device)
+    except LaunchError as exc:
+        hint = ""
+        if exc.exit_code != 2:
+            try:
+                step = load_checkpoint(Path(out) / "checkpoint.pt")["global_step"]
+                hint = f"; run the same command again to resume from step {step}"
+            except (OSError, ValueError):
+                hint = "; no checkpoint was written yet"
+        raise LaunchError(f"{exc}{hint}", exit_code=exc.exit_code) from None
+
+
+def worker_error_line(exc: BaseException, rank: int) -> str | None:
+    """In a torchrun worker, the one line to print for ``exc``: a lost peer (a failed
+    collective) said as such, a usage error on a rank other than 0 with its rank; ``None``
+    for what the worker should report as usual."""
+    import re
+
+    from ..errors import UsageError
+
+    if is_collective_failure(exc):
+        # gloo/nccl say it as "[file:line] What happened. Advice...": keep what happened.
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]
+        return f"[rank {rank}] lost contact with the other workers ({text})"
+    if rank > 0 and isinstance(exc, UsageError):
+        return f"[rank {rank}] {exc}"
+    return None

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import sys
 import time
 import warnings
@@ -22,11 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import UsageError, UsageTypeError
 from .._io import atomic_open, json_safe
 from ..data import DataSplit
+from ..errors import UsageError, UsageTypeError
 from ..norms import convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
-from .checkpoint import CheckpointDir
+from .checkpoint import CheckpointDir, CheckpointError, _first_line
 from .config import TrainConfig
 from .distributed import rank_device, world
 from .optim import augment_images, make_optimizer, make_scheduler
+from .run import (RunMismatchError, identity_differences, run_identity, run_record,
+                  train_identity)
 
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 
@@ -35,11 +39,14 @@ METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"
 class FitResult:
     """What :func:`fit` measured: one row per epoch (``epoch``, ``train_loss``,
     ``train_acc``, ``test_loss``, ``test_acc`` (accuracies as fractions), ``lr`` at the
-    epoch's end and ``seconds``), whether and at which step the loss stopped being
-    finite, and the run directory when there is one."""
+    epoch's end and ``seconds``), whether and at which step the run diverged and where
+    it was seen (``diverged_in``: ``"train"``, a training loss not finite, the step not
+    taken; ``"eval"``, a test loss not finite at the end of an epoch), and the run
+    directory when there is one."""
 
     history: list[dict] = field(default_factory=list)
     diverged_at_step: int | None = None
+    diverged_in: str | None = None
     seconds: float = 0.0
     out: Path | None = None
     resumed_from_step: int | None = None
@@ -55,7 +62,8 @@ class FitResult:
     def to_dict(self) -> dict:
         return {"status": "diverged" if self.diverged else "finished",
                 "epochs_completed": len(self.history), "final": self.final,
-                "diverged_at_step": self.diverged_at_step, "seconds": self.seconds,
+                "diverged_at_step": self.diverged_at_step, "diverged_in": self.diverged_in,
+                "seconds": self.seconds,
                 "resumed_from_step": self.resumed_from_step, "history": self.history}
 
 
@@ -146,9 +154,19 @@ class RunFiles:
             json.dump(payload, f, indent=2, allow_nan=False, default=str)
             f.write("\n")
 
+    def read_json(self, name: str) -> dict | None:
+        """A JSON file of the run folder, or ``None`` if it is missing or unreadable."""
+        try:
+            value = json.loads((self.root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite both metrics files from the history (so a resumed run never repeats or
-        loses a row)."""
+        loses a row). Values that are not finite are written as null (JSON) and empty
+        cells (CSV)."""
+        history = json_safe(history)
         with atomic_open(self.root / "metrics.jsonl", "w") as f:
             for row in history:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
@@ -188,8 +206,9 @@ def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), 
     batches and the schedule then are; dropout masks and summation order are not).
 
     ``monitor``: a :class:`~resnorm.diagnostics.Monitor` (or anything with ``step(loss)``),
-    called after every optimizer step (with this process's loss). ``meta``: extra facts
-    for ``config.json`` (model and data set names). ``progress=None`` shows a progress
+    called after every optimizer step (with this process's loss). ``meta``: what
+    identifies the run beyond the model's structure, the data and the configuration
+    (model and data set names and options); :func:`~resnorm.train.train_named` fills it. ``progress=None`` shows a progress
     bar only on a terminal. ``on_epoch`` is called in every process.
     """
     if isinstance(model, DistributedDataParallel):
@@ -224,10 +243,12 @@ def _shared_checkpoint(run: RunFiles, rank: int, world_size: int) -> dict | None
     """The checkpoint rank 0 reads, in every process (a multi-node run need not share a
     file system); an error reading it is raised in every process, so none waits."""
     if world_size == 1:
+        run.checkpoints.recover()
         return run.checkpoints.load()
     payload = [None]
     if rank == 0:
         try:
+            run.checkpoints.recover()
             payload[0] = ("state", run.checkpoints.load())
         except Exception as exc:  # noqa: BLE001 - handed to every process, raised there
             payload[0] = ("error", exc)
@@ -238,26 +259,27 @@ def _shared_checkpoint(run: RunFiles, rank: int, world_size: int) -> dict | None
     return value
 
 
-def _check_resumable(state: dict, config: TrainConfig, world_size: int,
-                     steps_per_epoch: int, root: Path) -> None:
-    # Fields added to TrainConfig since the checkpoint was written take their defaults.
-    saved = TrainConfig.from_dict(state["config"])
+def _check_resumable(state: dict, identity: dict, world_size: int, steps_per_epoch: int,
+                     root: Path) -> None:
+    """Refuse to resume a checkpoint of another run: one line naming what differs."""
+    saved = state.get("identity")
+    if saved is None:  # a version-1 checkpoint: only its training configuration is known
+        config = TrainConfig.from_dict(state["config"]).to_dict()
+        saved = {"train": train_identity(config, state.get("world_size", 1))}
+        current = {"train": identity["train"]}
+    else:
+        current = identity
+    differences = identity_differences(saved, current)
+    if differences:
+        raise RunMismatchError(root, differences)
     saved_world = state.get("world_size", 1)
-    if saved_world == world_size or \
-            dataclasses.replace(saved, batch_size=config.batch_size) != config:
-        if saved != config:
-            raise UsageError(f"{root} holds a run with a different configuration; use "
-                             f"another output directory, or restart it (resume=False / "
-                             f"--restart)")
-        return
     saved_steps = state.get("steps_per_epoch", steps_per_epoch)
-    if (saved_world * saved.batch_size != world_size * config.batch_size
-            or saved_steps != steps_per_epoch):
+    if saved_world != world_size and saved_steps != steps_per_epoch:
+        batch = identity["train"]["global_batch_size"]
         raise UsageError(
-            f"{root} holds a run of {saved_world} process(es) x batch {saved.batch_size} "
-            f"({saved_steps} steps per epoch); {world_size} process(es) x batch "
-            f"{config.batch_size} gives {steps_per_epoch}: resume it with a batch size that "
-            f"keeps the global batch {saved_world * saved.batch_size}, or restart it")
+            f"{root} holds a run of {saved_world} process(es) ({saved_steps} steps per "
+            f"epoch); {world_size} process(es) give {steps_per_epoch}: resume it with "
+            f"{saved_world} process(es), or restart it (global batch {batch})")
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -266,179 +288,261 @@ def _rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else seed * 1_000_003 + 7919 * rank
 
 
-def _fit(model, data, config, device, out, resume, monitor, progress, description, meta,
-         on_epoch) -> FitResult:
-    start_time = time.perf_counter()
-    rank, world_size = world()
-    device = rank_device(device)
-    model.to(device)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    n = len(x_train)
-    steps_per_epoch = len(_batches(n, config.batch_size, config.seed, 0, world_size))
-    if world_size > 1 and steps_per_epoch == 0:
-        raise UsageError(f"{n} training samples cannot give each of {world_size} processes "
-                         f"2 samples of a batch; use fewer processes")
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    use_amp = config.amp and device.type in ("cpu", "cuda")
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None
+class _Trainer:
+    """One call of :func:`fit`, in the parts a reader follows in order: set up
+    (:meth:`__init__`), :meth:`start_or_resume`, then per epoch :meth:`train_step` for each
+    batch and :meth:`end_epoch`, with :meth:`save` writing checkpoints, and :meth:`finish`."""
 
-    run = RunFiles(out) if out is not None else None
-    writes = run is not None and rank == 0
-    result = FitResult(out=run.root if run else None)
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    sums = {"loss": 0.0, "correct": 0, "seen": 0}
-    state = _shared_checkpoint(run, rank, world_size) if run and resume else None
-    if state is not None:
-        _check_resumable(state, config, world_size, steps_per_epoch, run.root)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _restore_rng(state, config.seed, rank, world_size, device)
-        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
-        global_step, sums = state["global_step"], dict(state["sums"])
-        result.history = list(state["history"])
-        result.diverged_at_step = state.get("diverged_at_step")
-        result.resumed_from_step = global_step
-    else:
-        if writes:
-            run.checkpoints.clear()
-            run.root.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(_rank_seed(config.seed, rank))
-    if writes:
-        facts = {"config": config.to_dict(), **meta, "data": data.summary(),
-                 "device": str(device)}
-        if world_size > 1:
-            facts["distributed"] = {"world_size": world_size, "backend": dist.get_backend(),
-                                    "global_batch_size": world_size * config.batch_size}
-        run.write_json("config.json", facts)
+    def __init__(self, model, data, config, device, out, monitor, meta) -> None:
+        self.start_time = time.perf_counter()
+        self.rank, self.world_size = world()
+        self.device = rank_device(device)
+        self.model, self.config, self.monitor = model.to(self.device), config, monitor
+        self.x_train, self.y_train = data.x_train.to(self.device), data.y_train.to(self.device)
+        self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
+        self.n = len(self.x_train)
+        if config.batch_size * self.world_size > self.n:
+            raise UsageError(
+                f"batch_size={config.batch_size}"
+                + (f" x {self.world_size} processes" if self.world_size > 1 else "")
+                + f" is larger than the {self.n:,} training samples of {data.name}; use at "
+                  f"most {self.n // self.world_size}")
+        self.steps_per_epoch = len(_batches(self.n, config.batch_size, config.seed, 0,
+                                            self.world_size))
+        if self.world_size > 1 and self.steps_per_epoch == 0:
+            raise UsageError(f"{self.n} training samples cannot give each of {self.world_size} "
+                             f"processes 2 samples of a batch; use fewer processes")
+        self.optimizer = make_optimizer(model, config)
+        self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.use_amp = config.amp and self.device.type in ("cpu", "cuda")
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = (torch.amp.GradScaler("cuda")
+                       if self.use_amp and self.device.type == "cuda" else None)
+        self.run = RunFiles(out) if out is not None else None
+        self.writes = self.run is not None and self.rank == 0
+        self.result = FitResult(out=self.run.root if self.run else None)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.identity = run_identity(config, meta, model, data, self.world_size)
+        self.meta = meta
+        self.data_summary = data.summary()
 
-    def save(epoch_done: int, next_step: int) -> None:
-        if run is None:
+    # ------------------------------------------------------------------ start or resume
+    def start_or_resume(self, resume: bool) -> None:
+        run = self.run
+        state = _shared_checkpoint(run, self.rank, self.world_size) if run and resume else None
+        if state is not None:
+            self._resume(state)
+        else:
+            if self.writes:
+                run.checkpoints.recover()  # the stale temporaries of a killed writer
+                run.checkpoints.clear()
+                run.root.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(_rank_seed(self.config.seed, self.rank))
+        if self.writes:
+            record = run_record(self.identity, self.meta, self.config, self.data_summary,
+                                self.device, self.world_size,
+                                previous=run.read_json("config.json") if state else None)
+            if self.world_size > 1:
+                record["distributed"] = {
+                    "world_size": self.world_size, "backend": dist.get_backend(),
+                    "global_batch_size": self.world_size * self.config.batch_size}
+            run.write_json("config.json", record)
+            if state is not None:  # a kill after a checkpoint but before its metrics
+                run.write_metrics(self.result.history)
+
+    def _resume(self, state: dict) -> None:
+        _check_resumable(state, self.identity, self.world_size, self.steps_per_epoch,
+                         self.run.root)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"{self.run.root / 'checkpoint.pt'} holds the weights of another model "
+                f"({_first_line(exc)}); start over with --restart (resume=False) or use "
+                f"another output folder") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _restore_rng(state, self.config.seed, self.rank, self.world_size, self.device)
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.sums = state["global_step"], dict(state["sums"])
+        self.result.history = list(state["history"])
+        self.result.diverged_at_step = state.get("diverged_at_step")
+        self.result.diverged_in = state.get("diverged_in")
+        self.result.resumed_from_step = self.global_step
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, epoch_done: int, next_step: int) -> None:
+        if self.run is None:
             return
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        if world_size > 1:  # every process's stream, for an exact resume
+        device, rng = self.device, {"torch": torch.get_rng_state(), "cuda": None}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.world_size > 1:  # every process's stream, for an exact resume
             mine = {"torch": rng["torch"], "cuda": torch.cuda.get_rng_state(device)
                     if device.type == "cuda" else None}
-            rng["ranks"] = [None] * world_size
+            rng["ranks"] = [None] * self.world_size
             dist.all_gather_object(rng["ranks"], mine)
-        if not writes:
+        if not self.writes:
             return
-        run.checkpoints.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+        self.run.checkpoints.save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng, "epoch": epoch_done, "step_in_epoch": next_step,
-            "global_step": global_step, "sums": dict(sums), "history": result.history,
-            "config": config.to_dict(), "diverged_at_step": result.diverged_at_step,
-            "world_size": world_size, "steps_per_epoch": steps_per_epoch})
+            "global_step": self.global_step, "sums": dict(self.sums),
+            "history": self.result.history, "config": self.config.to_dict(),
+            "identity": self.identity, "diverged_at_step": self.result.diverged_at_step,
+            "diverged_in": self.result.diverged_in,
+            "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch})
 
-    train_model = model
-    if world_size > 1:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        train_model = torch.compile(train_model)
-    total_steps = config.epochs * steps_per_epoch
-    show = (sys.stderr.isatty() if progress is None else progress) and rank == 0
-    model.train()
-    with _Progress(show, description, total_steps, global_step) as bar:
-        while epoch < config.epochs and not result.diverged:
-            epoch_start = time.perf_counter()
-            batches = _batches(n, config.batch_size, config.seed, epoch, world_size)
-            for k in range(step_in_epoch, len(batches)):
-                index, offset = _shard(batches[k], world_size, rank)
-                index = index.to(device)
-                xb, yb = x_train[index], y_train[index]
-                if config.augment:
-                    generator = torch.Generator().manual_seed(config.seed * 7919 + global_step)
-                    xb = augment_images(xb, config.crop_padding, generator, offset=offset,
-                                        total=len(batches[k]))
-                with (torch.autocast(device.type, dtype=amp_dtype) if use_amp
-                      else contextlib.nullcontext()):
-                    logits = train_model(xb)
-                loss = F.cross_entropy(_full_precision(logits), yb,
-                                       label_smoothing=config.label_smoothing)
-                if world_size > 1:
-                    # One small all-reduce: the step's totals for the metrics, and a verdict
-                    # on divergence that every process shares (none may stop alone).
-                    totals = torch.stack([loss.detach().double() * len(index),
-                                          (logits.argmax(1) == yb).sum().double(),
-                                          torch.tensor(float(len(index)), device=device,
-                                                       dtype=torch.float64),
-                                          (~torch.isfinite(loss.detach())).double()])
-                    dist.all_reduce(totals)
-                    step_loss, step_correct, step_seen, nonfinite = totals.tolist()
-                    finite = nonfinite == 0
-                    if len(index) * world_size != len(batches[k]):
-                        # DDP averages the processes' gradients: weight each slice's mean
-                        # so that the result is the mean over the whole batch.
-                        loss = loss * (len(index) * world_size / len(batches[k]))
-                else:
-                    finite = bool(torch.isfinite(loss))
-                if not finite:
-                    result.diverged_at_step = global_step + 1
+    # ------------------------------------------------------------------ one step
+    def train_step(self, train_model, batch: torch.Tensor, total: int) -> tuple[float, int, int] | None:
+        """Forward, backward and optimizer step on one global batch (this process's slice);
+        ``(summed loss, correct, samples)`` of the whole batch, or ``None`` when the loss
+        is not finite (the step is not taken)."""
+        config, device, world_size = self.config, self.device, self.world_size
+        index, offset = _shard(batch, world_size, self.rank)
+        index = index.to(device)
+        xb, yb = self.x_train[index], self.y_train[index]
+        if config.augment:
+            generator = torch.Generator().manual_seed(config.seed * 7919 + self.global_step)
+            xb = augment_images(xb, config.crop_padding, generator, offset=offset, total=total)
+        with (torch.autocast(device.type, dtype=self.amp_dtype) if self.use_amp
+              else contextlib.nullcontext()):
+            logits = train_model(xb)
+        loss = F.cross_entropy(_full_precision(logits), yb,
+                               label_smoothing=config.label_smoothing)
+        if world_size > 1:
+            # One small all-reduce: the step's totals for the metrics, and a verdict on
+            # divergence that every process shares (none may stop alone).
+            totals = torch.stack([loss.detach().double() * len(index),
+                                  (logits.argmax(1) == yb).sum().double(),
+                                  torch.tensor(float(len(index)), device=device,
+                                               dtype=torch.float64),
+                                  (~torch.isfinite(loss.detach())).double()])
+            dist.all_reduce(totals)
+            step_loss, step_correct, step_seen, nonfinite = totals.tolist()
+            finite = nonfinite == 0
+            if len(index) * world_size != total:
+                # DDP averages the processes' gradients: weight each slice's mean so that
+                # the result is the mean over the whole batch.
+                loss = loss * (len(index) * world_size / total)
+        else:
+            finite = bool(torch.isfinite(loss))
+        if not finite:
+            return None
+        optimizer, scaler = self.optimizer, self.scaler
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        if world_size == 1:
+            step_seen = len(index)
+            step_loss = loss.item() * step_seen
+            step_correct = (logits.argmax(1) == yb).sum().item()
+        if self.monitor is not None:
+            self.monitor.step(loss)
+        return step_loss, int(step_correct), int(step_seen)
+
+    # ------------------------------------------------------------------ end of epoch
+    def end_epoch(self, epoch_start: float, on_epoch) -> None:
+        """Evaluate, record the epoch's row, checkpoint, rewrite the metrics files. A test
+        loss that is not finite (weights or running statistics gone to NaN/Inf) ends the
+        run as diverged, with the row recorded (its non-finite values written as null)."""
+        config = self.config
+        if self.world_size > 1:
+            test_loss, test_acc = _evaluate_shared(self.model, self.x_test, self.y_test,
+                                                   config.eval_batch_size, self.rank,
+                                                   self.world_size)
+        else:
+            test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test,
+                                           config.eval_batch_size)
+        seen = max(1, self.sums["seen"])
+        row = {"epoch": self.epoch + 1, "train_loss": self.sums["loss"] / seen,
+               "train_acc": self.sums["correct"] / seen, "test_loss": test_loss,
+               "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - epoch_start}
+        self.result.history.append(row)
+        if not math.isfinite(test_loss):
+            self.result.diverged_at_step, self.result.diverged_in = self.global_step, "eval"
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.save(self.epoch, 0)
+        if self.writes:
+            self.run.write_metrics(self.result.history)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, progress: bool | None, description: str, on_epoch) -> FitResult:
+        config, result = self.config, self.result
+        train_model = self.model
+        if self.world_size > 1:
+            train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            train_model = torch.compile(train_model)
+        show = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
+        self.model.train()
+        with _Progress(show, description, config.epochs * self.steps_per_epoch,
+                       self.global_step) as bar:
+            while self.epoch < config.epochs and not result.diverged:
+                epoch_start = time.perf_counter()
+                batches = _batches(self.n, config.batch_size, config.seed, self.epoch,
+                                   self.world_size)
+                for k in range(self.step_in_epoch, len(batches)):
+                    taken = self.train_step(train_model, batches[k], len(batches[k]))
+                    if taken is None:
+                        result.diverged_at_step = self.global_step + 1
+                        result.diverged_in = "train"
+                        self.step_in_epoch = k
+                        break
+                    step_loss, step_correct, step_seen = taken
+                    self.sums["loss"] += step_loss
+                    self.sums["correct"] += step_correct
+                    self.sums["seen"] += step_seen
+                    bar.advance(step_loss / step_seen, self.sums["correct"] / self.sums["seen"],
+                                step_seen)
+                    if (config.checkpoint_every and self.global_step % config.checkpoint_every == 0
+                            and k + 1 < len(batches)):
+                        self.save(self.epoch, k + 1)
+                if result.diverged:
                     break
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if config.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                global_step += 1
-                if world_size == 1:
-                    step_seen = len(index)
-                    step_loss = loss.item() * step_seen
-                    step_correct = (logits.argmax(1) == yb).sum().item()
-                sums["loss"] += step_loss
-                sums["correct"] += int(step_correct)
-                sums["seen"] += int(step_seen)
-                if monitor is not None:
-                    monitor.step(loss)
-                bar.advance(step_loss / step_seen, sums["correct"] / sums["seen"], int(step_seen))
-                if (config.checkpoint_every and global_step % config.checkpoint_every == 0
-                        and k + 1 < len(batches)):
-                    save(epoch, k + 1)
-            if result.diverged:
-                break
-            if world_size > 1:
-                test_loss, test_acc = _evaluate_shared(model, x_test, y_test,
-                                                       config.eval_batch_size, rank, world_size)
-            else:
-                test_loss, test_acc = evaluate(model, x_test, y_test, config.eval_batch_size)
-            seen = max(1, sums["seen"])
-            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen,
-                   "train_acc": sums["correct"] / seen, "test_loss": test_loss,
-                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - epoch_start}
-            result.history.append(row)
-            epoch, step_in_epoch = epoch + 1, 0
-            sums = {"loss": 0.0, "correct": 0, "seen": 0}
-            save(epoch, 0)
-            if writes:
-                run.write_metrics(result.history)
-            if on_epoch is not None:
-                on_epoch(row)
-    result.seconds = time.perf_counter() - start_time
-    if run is not None:
-        if result.diverged:
-            save(epoch, step_in_epoch)  # records the divergence; weights are the last finite
-        if writes:
-            run.write_json("result.json", json_safe(result.to_dict()))
-    return result
+                self.end_epoch(epoch_start, on_epoch)
+        return self.finish()
+
+    def finish(self) -> FitResult:
+        result = self.result
+        result.seconds = time.perf_counter() - self.start_time
+        if self.run is not None:
+            if result.diverged and result.diverged_in == "train":
+                # records the divergence; the weights are the last finite ones
+                self.save(self.epoch, self.step_in_epoch)
+            if self.writes:
+                self.run.write_json("result.json", json_safe(result.to_dict()))
+                self.run.checkpoints.drop_previous()
+        return result
+
+
+def _fit(model, data, config, device, out, resume, monitor, progress, description, meta,
+         on_epoch) -> FitResult:
+    trainer = _Trainer(model, data, config, device, out, monitor, meta)
+    trainer.start_or_resume(resume)
+    return trainer.train(progress, description, on_epoch)
 
 
 def _restore_rng(state: dict, seed: int, rank: int, world_size: int,
