@@ -61,3 +61,67 @@ def check_input(name: str, x: Any, *, ndims: Iterable[int], channels: int | None
     if channels is not None and x.shape[channel_dim] != channels:
         raise UsageError(f"{prefix}{name} must have {channels} channels at dim {channel_dim}, "
                          f"got shape {tuple(x.shape)}")
+
+
+DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
+
+
+def check_device(name: str, value: Any, *, available: bool = False) -> str:
+    """Return ``value`` if it names a device a run can use: ``"auto"`` (CUDA when there is
+    one), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. With ``available=True`` also
+    check that this machine has it (a config may be built on one machine and run on
+    another, so the check is separate)."""
+    import torch
+
+    if not isinstance(value, str):
+        raise UsageTypeError(f"{name} must be a string ({DEVICES}), got {value!r} "
+                             f"({type(value).__name__})")
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (
+            device.index is not None and device.type != "cuda"):
+        raise UsageError(f"{name}={value!r} is not a device; accepted: {DEVICES}")
+    if available and device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UsageError(f"{name}={value!r} but CUDA is not available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{name}={value!r} but this machine has {count} CUDA device(s): "
+                             f"cuda:0 to cuda:{count - 1}")
+    if available and device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{name}={value!r} but MPS is not available here; use cpu")
+    return value
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine; ``None`` where the OS does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(nbytes: float) -> str:
+    """``"23.4 GiB"``; thousands separators for the absurd sizes a typo asks for."""
+    gib = nbytes / 2**30
+    return f"{gib:,.0f} GiB" if gib >= 100 else f"{gib:.3g} GiB"
+
+
+def check_fits_in_memory(what: str, nbytes: int, *, note: str = "") -> None:
+    """Raise :class:`UsageError` if ``nbytes`` (what ``what`` would allocate) exceed this
+    machine's physical memory, before anything is allocated: an option with a typo (a
+    width or a shape with extra digits) gets one clear line instead of an allocation that
+    fails late, swaps the machine to a halt or is killed by the OOM killer. ``note`` says
+    how ``nbytes`` was counted."""
+    total = physical_memory()
+    if total is None or nbytes <= total:
+        return
+    note = f" ({note})" if note else ""
+    raise UsageError(f"{what} would need {format_bytes(nbytes)}{note}, more than this "
+                     f"machine's {format_bytes(total)} of memory")
