@@ -1,11 +1,15 @@
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from resnorm.data import DataSplit, cache_dir, load_mnist1d
+from resnorm import _checks
+from resnorm.data import DataSplit, cache_dir, load_dataset, load_mnist1d
 from resnorm.data import base as data_base
+from resnorm.data import mnist1d
+from resnorm.errors import UsageError
 
 
 def test_mnist1d_shapes_dtypes_and_split():
@@ -91,3 +95,21 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 def test_mnist1d_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_mnist1d(**kwargs)
+
+
+def test_mnist1d_too_large_for_memory_is_refused_before_generating(monkeypatch):
+    """make_dataset loops in Python per sample: without the check, 10^11 samples would run
+    for days before running out of memory."""
+    monkeypatch.setattr(_checks, "physical_memory", lambda: 16 * 2 ** 30)
+
+    def no_generating(*args):
+        raise AssertionError("started generating before checking num_samples")
+
+    monkeypatch.setattr(mnist1d, "_generate", no_generating)
+    with pytest.raises(UsageError, match=re.escape(
+            "MNIST-1D with num_samples=99999999999 would need 223,517 GiB (about 2,400 bytes "
+            "per sample while generating), more than this machine's 16 GiB of memory")):
+        load_dataset("mnist1d", num_samples=99999999999)
+    # A size that fits still gets as far as generating.
+    with pytest.raises(AssertionError, match="started generating"):
+        load_mnist1d(1_000_000, cache=False)

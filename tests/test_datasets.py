@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import resnorm._checks as checks
 import resnorm.data as data_module
 from resnorm.data import (DATASETS, DEFAULT_DATASET, DataSplit, UnsafePickleError, data_dir,
                           dataset_options, load_cifar10, load_cifar100, load_dataset,
@@ -21,6 +22,7 @@ from resnorm.data import (DATASETS, DEFAULT_DATASET, DataSplit, UnsafePickleErro
                           load_mnist_sample, load_synthetic)
 from resnorm.data.base import standardize
 from resnorm.data.idx import read_idx
+from resnorm.errors import UsageError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -435,6 +437,57 @@ def test_malformed_meta_file_is_a_value_error_naming_it(cifar10):
         load_cifar10(cifar10.root)
 
 
+class ArrayPickle:
+    """Pickles like a NumPy array: ``_reconstruct(ndarray, shape, b"b")``, then ``state``
+    (``(version, shape, dtype, is_fortran, raw data)``) if given; any shape it is told."""
+
+    def __init__(self, shape, state=None):
+        self.shape, self.state = shape, state
+
+    def __reduce__(self):
+        reconstruct = np.ndarray.__reduce__(np.empty(0))[0]
+        args = (np.ndarray, self.shape, b"b")
+        return (reconstruct, args) if self.state is None else (reconstruct, args, self.state)
+
+
+TIB = 2 ** 40
+
+
+@pytest.mark.parametrize("data, match", [
+    (ArrayPickle((TIB,)), r"declare 1,099,511,627,776 bytes of values, more than the whole "
+                          r"file holds \(\d+ bytes\)"),
+    (ArrayPickle((0,), (1, (TIB,), np.dtype(object), False, [0])),
+     r"dtype object and shape \(1099511627776,\)\) declare 1,099,511,627,776 bytes"),
+    (ArrayPickle((0,), (1, (TIB // 8,), np.dtype(np.float64), False, b"x")),
+     r"dtype float64 .* declare 1,099,511,627,776 bytes"),
+    ([ArrayPickle((1000,)) for _ in range(100)],  # each fits in the file, not all of them
+     r"shape \(1000,\)\) declare [2-9],000 bytes of values, more than the whole file"),
+    (Payload(np.ndarray, (TIB,)), "numpy.ndarray is allowed only as the class argument of "
+                                  "_reconstruct"),
+], ids=["reconstruct 1 TiB", "object state 1 TiB", "float64 state 1 TiB",
+        "100 arrays in a small file", "ndarray called"])
+def test_cifar_pickle_declaring_huge_arrays_is_refused_before_allocating(cifar10, data, match):
+    """A pickled array's values are in the file, so no array (nor all of them together)
+    can be larger than the file: a forged shape is refused before NumPy allocates it."""
+    path = cifar10.folder / "data_batch_1"
+    batch = cifar_batch(np.random.default_rng(0), 20, b"training batch 1 of 5",
+                        labels=[0] * 20)
+    batch[b"data"] = data
+    write_pickle(path, batch)
+    with pytest.raises(UsageError, match=match) as error:
+        load_cifar10(cifar10.root)
+    assert str(path) in str(error.value)
+
+
+def test_cifar_arrays_larger_than_memory_are_refused(cifar10, monkeypatch):
+    monkeypatch.setattr(checks, "physical_memory", lambda: 50_000)
+    path = cifar10.folder / "data_batch_1"
+    with pytest.raises(UsageError, match=re.escape(
+            f"loading {path}: its arrays (the last of dtype uint8 and shape (20, 3072)) would "
+            f"need 5.72e-05 GiB, more than this machine's 4.66e-05 GiB of memory")):
+        load_cifar10(cifar10.root)
+
+
 # --- MNIST and Fashion-MNIST: IDX files -----------------------------------------------------
 
 IDX_NAMES = {("train", "images"): "train-images-idx3-ubyte",
@@ -550,6 +603,91 @@ def test_corrupt_gzip_and_huge_header_are_value_errors(tmp_path):
         read_idx(huge, 2051, (28, 28))
 
 
+def gzip_of_zeros(header, mib):
+    """``header``, then ``mib`` MiB of zeros, gzipped: one gzip member per MiB (about 1 KB
+    each, near deflate's best ratio), so a bomb is built without compressing it."""
+    zeros = gzip.compress(bytes(2 ** 20), compresslevel=9, mtime=0)
+    return gzip.compress(header, mtime=0) + zeros * mib
+
+
+MEASURE_READ_IDX = """
+import resource, sys
+from pathlib import Path
+from resnorm.data.idx import read_idx
+from resnorm.errors import UsageError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_idx(Path(sys.argv[1]), 2051, (28, 28))
+except ValueError as err:
+    print(type(err).__name__, err)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * (1 if sys.platform == "darwin" else 1024))
+"""
+
+
+def test_gzip_bomb_idx_is_refused_before_decompressing(tmp_path):
+    """A header announcing 2^31 images of 28x28 (1.7 TB) in front of 256 MiB of gzipped
+    zeros (about 270 KB): refused from the header and the file's size alone, so the peak
+    memory of the process stays where it was (reading the zeros would take 256 MiB+)."""
+    pytest.importorskip("resource")
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = (2051).to_bytes(4, "big") + (2 ** 31).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    path.write_bytes(gzip_of_zeros(header, 256))
+    size = path.stat().st_size
+    assert size < 300_000 and gzip.open(path).read(16) == header
+    result = subprocess.run([sys.executable, "-c", MEASURE_READ_IDX, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    message, grown = result.stdout.strip().rsplit("\n", 1)
+    assert int(grown) < 64 * 2 ** 20, f"peak memory grew by {int(grown):,} bytes; {message}"
+    assert message == (
+        f"UsageError {path} is too small for its header: the header announces "
+        f"2,147,483,648 samples of shape (28, 28), 1,683,627,180,032 bytes, but a gzip "
+        f"file of {size:,} bytes expands to at most {1032 * size:,} (deflate's limit is "
+        f"1032:1); it is truncated or forged")
+
+
+def test_gzipped_idx_near_deflates_best_ratio_loads(tmp_path):
+    """The bomb check must not refuse a real file that compresses as well as deflate can."""
+    images = np.zeros((3000, 28, 28), np.uint8)
+    images[-1, -1, -1] = 7
+    path = tmp_path / "zeros-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(images), compresslevel=9))
+    assert images.nbytes / path.stat().st_size > 900
+    assert np.array_equal(read_idx(path, 2051, (28, 28)), images)
+    labels = tmp_path / "zeros-idx1-ubyte.gz"
+    labels.write_bytes(gzip_of_zeros((2049).to_bytes(4, "big") + (2 ** 20).to_bytes(4, "big"),
+                                     1))
+    assert 2 ** 20 / labels.stat().st_size > 950
+    assert np.array_equal(read_idx(labels, 2049, ()), np.zeros(2 ** 20))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda b: b[:-1], "is truncated: its header announces 10 samples of shape (28, 28), "
+                       "7,840 bytes after the 16-byte header, but only 7,839 follow"),
+    (lambda b: b + bytes(10 ** 6), "is longer than its header says: its header announces 10 "
+                                   "samples of shape (28, 28), 7,840 bytes after the 16-byte "
+                                   "header, but more than 7,840 follow"),
+], ids=["shorter", "longer"])
+def test_gzipped_idx_stream_shorter_or_longer_than_its_header(tmp_path, change, match):
+    images = np.arange(10 * 28 * 28).reshape(10, 28, 28) % 251
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(change(idx_bytes(images))))
+    with pytest.raises(UsageError, match=re.escape(f"{path} {match}")):
+        read_idx(path, 2051, (28, 28))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_larger_than_memory_is_refused_before_reading(mnist, monkeypatch, tmp_path, gz):
+    monkeypatch.setattr(checks, "physical_memory", lambda: 10_000)
+    files = make_idx_set(tmp_path / "mem", gz, 4)
+    path = files.paths["train", "images"]
+    with pytest.raises(UsageError, match=re.escape(
+            f"reading {path} (50 samples of shape (28, 28), as its header announces) would "
+            f"need 3.65e-05 GiB, more than this machine's 9.31e-06 GiB of memory; download")):
+        load_mnist(files.folder)
+
+
 def test_missing_idx_files_say_where_to_put_them(tmp_path, mnist):
     with pytest.raises(FileNotFoundError) as error:
         load_fashion_mnist(tmp_path / "nowhere")
@@ -602,6 +740,25 @@ def test_synthetic_labels_are_learnable_from_the_inputs():
 def test_synthetic_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         load_synthetic(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, need", [
+    ({"train_samples": 10 ** 12}, "34,406,781 GiB"),
+    ({"shape": (3, 4096, 4096)}, "635 GiB"),
+    ({"shape": 10, "num_classes": 10 ** 10}, "77,039 GiB"),
+])
+def test_synthetic_too_large_for_memory_is_refused_before_drawing(monkeypatch, kwargs, need):
+    monkeypatch.setattr(checks, "physical_memory", lambda: 16 * 2 ** 30)
+
+    def no_drawing(*args):
+        raise AssertionError("drew random numbers before checking the sizes")
+
+    monkeypatch.setattr(np.random, "default_rng", no_drawing)
+    with pytest.raises(UsageError, match=re.escape(
+            f"would need {need} (float32 inputs, float64 copies while labelling them, and "
+            f"the float64 random map), more than this machine's 16 GiB of memory")) as error:
+        load_dataset("synthetic", **kwargs)
+    assert str(error.value).startswith("synthetic data with shape=")
 
 
 # --- registry -------------------------------------------------------------------------------

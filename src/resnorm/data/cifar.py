@@ -5,19 +5,24 @@ shape (N, 3072) (each row 1,024 red, then green, then blue values of a 32x32 ima
 row), the labels (``b"labels"``; CIFAR-100: ``b"fine_labels"`` and ``b"coarse_labels"``),
 ``b"filenames"`` and ``b"batch_label"``. A pickle can run any Python function while it
 loads, so they are read with :class:`RestrictedUnpickler`, which resolves only the few
-globals these files need and refuses every other one before anything runs.
+globals these files need and refuses every other one before anything runs. It also
+refuses arrays whose declared sizes add up to more than the file holds (a pickled array
+stores its values in the file), so a forged shape cannot allocate more memory than the
+file's size.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MissingFileError, UsageError
-from .._checks import check_choice
+from .._checks import check_choice, check_fits_in_memory
 from .base import DataSplit, check_limit, describe_stats, from_arrays, resolve_root, standardize
 
 try:  # NumPy >= 2 (its arrays pickle under this name)
@@ -40,6 +45,13 @@ def _latin1_encode(text, encoding):
     return text.encode("latin1")
 
 
+def _ndarray_class(*args):
+    # Stands for numpy.ndarray, which a pickle names only as the class _reconstruct builds;
+    # called directly it would allocate whatever shape the pickle asks for.
+    raise pickle.UnpicklingError("numpy.ndarray is allowed only as the class argument of "
+                                 "_reconstruct, the way NumPy pickles arrays")
+
+
 def _empty_bytes(*args):
     # How Python 3 writes b"" in a protocol-2 pickle: bytes() with no argument.
     if args:
@@ -53,7 +65,7 @@ def _empty_bytes(*args):
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray_class,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
@@ -61,21 +73,76 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _PickledArray(np.ndarray):
+    """An array while it is unpickled: checks the shape and dtype its pickled state
+    declares before NumPy allocates them (NumPy allocates an object array before it
+    looks at its values). :func:`_unpickle` hands out plain ``ndarray`` views. The
+    unpickler is held by a weak reference, so a loaded array does not keep it (and all
+    it read) alive."""
+
+    def __setstate__(self, state):
+        unpickler = self.unpickler()
+        if unpickler is not None and isinstance(state, tuple) and len(state) in (4, 5):
+            shape, dtype = state[-4:-2]  # (version,) shape, dtype, is_fortran, raw data
+            if isinstance(dtype, np.dtype):
+                unpickler.declare_array(shape, dtype)
+        super().__setstate__(state)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for CIFAR files: NumPy arrays, dicts, lists, ints and bytes, nothing else.
 
     ``find_class`` runs when the pickle names a global, before it can be called; any global
     outside the list raises :class:`UnsafePickleError` naming the file and the global. Byte
-    strings stay bytes (``encoding="bytes"``), as in the official loading code.
+    strings stay bytes (``encoding="bytes"``), as in the official loading code. Every array
+    the pickle builds declares its shape and dtype first; :meth:`declare_array` refuses
+    them once they add up to more than the file holds, so ``file`` must be a real file
+    (opened in binary mode) whose size can be read.
     """
 
     def __init__(self, file, path: Path):
         super().__init__(file, encoding="bytes")
         self.path = path
+        self.file_size = os.fstat(file.fileno()).st_size
+        self.declared = 0  # bytes the pickle must hold for the arrays declared so far
+        self.in_memory = 0  # bytes those arrays take in memory
+
+    def declare_array(self, shape, dtype: np.dtype) -> None:
+        """Count an array of ``shape`` and ``dtype`` before it is allocated; refuse it when
+        the arrays so far need more bytes than the file holds (an object array's values
+        are pickled objects of at least one byte each; other arrays store their raw
+        bytes), or more memory than this machine has."""
+        shape = (shape,) if isinstance(shape, int) else shape
+        if not (isinstance(shape, (tuple, list)) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise pickle.UnpicklingError(f"an array's shape must be a tuple of sizes >= 0, "
+                                         f"got {shape!r}")
+        count = math.prod(shape)
+        self.declared += count if dtype.hasobject else count * dtype.itemsize
+        self.in_memory += count * dtype.itemsize
+        arrays = f"its arrays (the last of dtype {dtype} and shape {tuple(shape)})"
+        if self.declared > self.file_size:
+            raise UsageError(
+                f"refused to load {self.path}: {arrays} declare {self.declared:,} bytes of "
+                f"values, more than the whole file holds ({self.file_size:,} bytes), and a "
+                f"pickled array stores its values in the file; it is corrupt or forged. "
+                f"Replace it with the official file from {CIFAR_URL}")
+        check_fits_in_memory(f"loading {self.path}: {arrays}", self.in_memory)
+
+    def _reconstruct(self, cls, shape, dtype):
+        # How NumPy pickles rebuild an array: an empty one of shape (0,), then its state.
+        if cls is not _ndarray_class:
+            raise pickle.UnpicklingError(f"_reconstruct is allowed only for numpy.ndarray, "
+                                         f"got {cls!r}")
+        self.declare_array(shape, np.dtype(dtype))
+        array = _reconstruct(_PickledArray, shape, dtype)
+        array.unpickler = weakref.ref(self)
+        return array
 
     def find_class(self, module: str, name: str):
         try:
-            return _ALLOWED_GLOBALS[module, name]
+            found = _ALLOWED_GLOBALS[module, name]
+            return self._reconstruct if found is _reconstruct else found
         except KeyError:
             raise UnsafePickleError(
                 f"refused to load {self.path}: the pickle asks for the Python global "
@@ -128,7 +195,7 @@ def _unpickle(path: Path, hint: str) -> dict:
     with open(path, "rb") as f:
         try:
             content = RestrictedUnpickler(f, path).load()
-        except (UnsafePickleError, MemoryError):
+        except (UsageError, MemoryError):  # UnsafePickleError and forged sizes included
             raise
         except Exception as err:  # truncated, not a pickle, or built from the wrong pieces
             raise UsageError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: "
@@ -136,7 +203,9 @@ def _unpickle(path: Path, hint: str) -> dict:
     if not isinstance(content, dict):
         raise UsageError(f"{path} holds a {type(content).__name__}, but a CIFAR file holds a "
                          f"dict; {hint}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in content.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k:
+            v.view(np.ndarray) if isinstance(v, _PickledArray) else v
+            for k, v in content.items()}
 
 
 def _describe(value) -> str:

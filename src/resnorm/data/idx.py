@@ -5,6 +5,12 @@ magic number: two zero bytes, the value type (0x08: unsigned byte) and the numbe
 dimensions; then one 4-byte size per dimension. Images: magic 2051 (0x00000803), sizes
 (N, 28, 28); labels: magic 2049 (0x00000801), size (N,). Every file is checked: magic
 number, sizes, and a length equal to what the header announces.
+
+The header is checked against the file before the values are read: a raw file must be
+exactly as long as it announces, and a gzipped one cannot expand to more than 1032 times
+its size (deflate's limit), so a forged header (or a gzip bomb behind one) is refused
+before anything is decompressed; the values are then decompressed in bounded chunks
+straight into their array, never more than the header announced.
 """
 from __future__ import annotations
 
@@ -17,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_fits_in_memory
 from ..errors import MissingFileError, UsageError
 from .base import DataSplit, check_limit, describe_stats, from_arrays, resolve_root, standardize
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
+# Deflate's most compact code is 2 bits per 258-byte match: no gzip file expands beyond this.
+DEFLATE_MAX_RATIO = 1032
+_CHUNK = 1 << 22
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -70,10 +80,10 @@ def _find_folder(source: _Source, root: Path) -> Path:
 
 
 def _read_at_most(f, size: int) -> bytes:
-    """Up to ``size`` bytes, in chunks: a header announcing terabytes allocates nothing."""
+    """Up to ``size`` bytes: for the header, which is at most a few dozen bytes."""
     chunks = []
     while size > 0:
-        chunk = f.read(min(size, 1 << 22))
+        chunk = f.read(min(size, _CHUNK))
         if not chunk:
             break
         chunks.append(chunk)
@@ -81,24 +91,79 @@ def _read_at_most(f, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _wrong_length(path: Path, shape: tuple[int, ...], header_size: int, follows: int,
+                  hint: str) -> UsageError:
+    """The error for a payload of ``follows`` bytes where the header announced another size."""
+    size = math.prod(shape)
+    problem, count = (("truncated", f"only {follows:,}") if follows < size
+                      else ("longer than its header says", f"more than {size:,}"))
+    return UsageError(f"{path} is {problem}: its header announces {shape[0]:,} samples of "
+                      f"shape {shape[1:]}, {size:,} bytes after the {header_size}-byte "
+                      f"header, but {count} follow{hint}")
+
+
+def _check_announced(path: Path, gzipped: bool, shape: tuple[int, ...], header_size: int,
+                     hint: str) -> int:
+    """The payload's size in bytes, once checked without reading it: a raw file holds
+    exactly its bytes, a gzipped one at most :data:`DEFLATE_MAX_RATIO` times its size, and
+    a payload that could be real must still fit in this machine's memory."""
+    size = math.prod(shape)
+    file_size = path.stat().st_size
+    if not gzipped and file_size - header_size != size:
+        raise _wrong_length(path, shape, header_size, file_size - header_size, hint)
+    if gzipped and header_size + size > DEFLATE_MAX_RATIO * file_size:
+        raise UsageError(f"{path} is too small for its header: the header announces "
+                         f"{shape[0]:,} samples of shape {shape[1:]}, {size:,} bytes, but a "
+                         f"gzip file of {file_size:,} bytes expands to at most "
+                         f"{DEFLATE_MAX_RATIO * file_size:,} (deflate's limit is "
+                         f"{DEFLATE_MAX_RATIO}:1); it is truncated or forged{hint}")
+    try:
+        check_fits_in_memory(f"reading {path} ({shape[0]:,} samples of shape {shape[1:]}, "
+                             f"as its header announces)", size)
+    except UsageError as err:
+        raise UsageError(f"{err}{hint}") from None
+    return size
+
+
+def _read_into(f, array: np.ndarray) -> int:
+    """Fill ``array`` (uint8, 1-D) from ``f`` in chunks; the number of bytes read. A
+    gzipped stream is decompressed one chunk at a time, so memory stays at the array plus
+    one chunk whatever the stream holds."""
+    view = memoryview(array)
+    filled = 0
+    while filled < len(array):
+        count = f.readinto(view[filled:filled + _CHUNK])
+        if not count:
+            break
+        filled += count
+    return filled
+
+
 def read_idx(path: Path, magic: int, sample_shape: tuple[int, ...], hint: str = "") -> np.ndarray:
     """The uint8 array in an IDX file (``.gz``: gzipped) whose magic number must be
     ``magic`` and whose sizes after the first must be ``sample_shape``; ``ValueError``
-    naming the file and what was expected otherwise."""
+    naming the file and what was expected otherwise.
+
+    The payload the header announces is checked against the file's size (and this
+    machine's memory) before it is read, and read into an array allocated once: a
+    forged header or a gzip bomb costs no more memory than a real file of that size.
+    """
     hint = f"; {hint}" if hint else ""
     ndim = magic & 0xFF
     header_size = 4 + 4 * ndim
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
     try:
         with opener(path, "rb") as f:
             header = _read_at_most(f, header_size)
             found = int.from_bytes(header[:4], "big")
             if len(header) >= 4 and found != magic:
-                gzipped = (" (it is gzipped: name it .gz)" if header[:2] == b"\x1f\x8b"
-                           and path.suffix != ".gz" else "")
+                gzip_hint = (" (it is gzipped: name it .gz)" if header[:2] == b"\x1f\x8b"
+                             and not gzipped else "")
                 raise UsageError(f"{path} starts with magic number {found} (0x{found:08x})"
-                                 f"{gzipped}; expected {magic} (0x{magic:08x}), the IDX header "
-                                 f"of {'images' if magic == IMAGES_MAGIC else 'labels'}{hint}")
+                                 f"{gzip_hint}; expected {magic} (0x{magic:08x}), the IDX "
+                                 f"header of {'images' if magic == IMAGES_MAGIC else 'labels'}"
+                                 f"{hint}")
             if len(header) < header_size:
                 raise UsageError(f"{path} is truncated: {len(header)} bytes, shorter than the "
                                  f"{header_size}-byte IDX header{hint}")
@@ -107,17 +172,15 @@ def read_idx(path: Path, magic: int, sample_shape: tuple[int, ...], hint: str = 
             if shape[1:] != sample_shape:
                 raise UsageError(f"{path} holds samples of shape {shape[1:]}; expected "
                                  f"{sample_shape}{hint}")
-            size = math.prod(shape)
-            body = _read_at_most(f, size + 1)
+            size = _check_announced(path, gzipped, shape, header_size, hint)
+            body = np.empty(size, np.uint8)
+            filled = _read_into(f, body)
+            longer = filled == size and f.read(1) != b""
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise UsageError(f"{path} is not a readable gzip file ({err}){hint}") from err
-    if len(body) != size:
-        problem = "truncated" if len(body) < size else "longer than its header says"
-        raise UsageError(f"{path} is {problem}: its header announces {shape[0]:,} samples of "
-                         f"shape {sample_shape}, {size:,} bytes after the {header_size}-byte "
-                         f"header, but {'only ' if len(body) < size else 'more than '}"
-                         f"{min(len(body), size):,} follow{hint}")
-    return np.frombuffer(body, np.uint8).reshape(shape)
+    if filled != size or longer:
+        raise _wrong_length(path, shape, header_size, filled + longer, hint)
+    return body.reshape(shape)
 
 
 def _load(source: _Source, root, limit: int | None) -> DataSplit:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..errors import UsageTypeError
-from .._checks import check_int
+from .._checks import check_fits_in_memory, check_int
 from .base import DataSplit, from_arrays
 
 
@@ -21,6 +21,16 @@ def _check_shape(shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _peak_bytes(features: int, num_classes: int, train_samples: int, test_samples: int) -> int:
+    """What :func:`load_synthetic` holds at its peak: the float64 map (three copies while
+    it is orthonormalized), both float32 splits, and one split's float64 copy and scores
+    while it is labelled."""
+    weights = 8 * features * num_classes * (3 if num_classes <= features else 1)
+    inputs = 4 * features * (train_samples + test_samples)
+    labelling = 8 * (features + num_classes) * max(train_samples, test_samples)
+    return weights + inputs + labelling
+
+
 def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int = 10, *,
                    train_samples: int = 1024, test_samples: int = 256,
                    seed: int = 42) -> DataSplit:
@@ -30,6 +40,8 @@ def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int 
     The map's columns are orthonormal where ``num_classes`` <= the input size, which makes
     every class equally likely. Deterministic per ``seed``; the test set does not depend on
     ``train_samples`` (the map, the training and the test inputs have separate generators).
+    Sizes whose arrays would need more memory than this machine has raise ``ValueError``
+    before anything is drawn.
     """
     shape = _check_shape(shape)
     check_int("num_classes", num_classes, minimum=2)
@@ -37,6 +49,11 @@ def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int 
     check_int("test_samples", test_samples, minimum=1)
     check_int("seed", seed, minimum=0)
     features = math.prod(shape)
+    check_fits_in_memory(
+        f"synthetic data with shape={shape}, num_classes={num_classes}, "
+        f"train_samples={train_samples}, test_samples={test_samples}",
+        _peak_bytes(features, num_classes, train_samples, test_samples),
+        note="float32 inputs, float64 copies while labelling them, and the float64 random map")
     map_rng, train_rng, test_rng = (np.random.default_rng(s)
                                     for s in np.random.SeedSequence(seed).spawn(3))
     weights = map_rng.standard_normal((features, num_classes))
