@@ -26,6 +26,39 @@ def _parse_depths(ctx, param, value: str) -> tuple[int, ...]:
     return depths
 
 
+# Option checks that run while the command line is parsed, before any work starts.
+
+def _writable(kind: str):
+    """A callback: the option's path can be written as a ``kind`` ('dir' or 'file')."""
+    def check(ctx, param, value):
+        if value is not None:
+            from ._io import check_writable_path
+
+            check_writable_path(param.opts[0], value, kind)
+        return value
+    return check
+
+
+def _check_device(ctx, param, value):
+    from ._checks import check_device
+
+    return check_device(param.opts[0], value, available=True)
+
+
+def _check_finite(ctx, param, value):
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
+
+
+def _check_seeds(ctx, param, value):
+    from .lab.study import check_seeds
+
+    return value if value is None else check_seeds(param.opts[0], value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="resnorm")
 def cli() -> None:
@@ -109,9 +142,9 @@ def _parse_verdicts(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--figure", "figure_path", type=click.Path(dir_okay=False),
-              help="Write the figure (PNG or SVG by suffix).")
+              callback=_writable("file"), help="Write the figure (PNG or SVG by suffix).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
-              help="Write a self-contained HTML page.")
+              callback=_writable("file"), help="Write a self-contained HTML page.")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON on stdout.")
 @click.option("--fail-on", callback=_parse_verdicts, default="",
               help="Exit with status 1 when the verdict is one of these "
@@ -163,7 +196,8 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
 @cli.command(short_help="Run a study (default: depth) and write a report with plots.")
 @click.argument("study", default="depth")
 @click.option("--quick", is_flag=True, help="A small version of the study (a smoke test).")
-@click.option("--seeds", type=click.IntRange(min=1), help="Seeds per grid point.")
+@click.option("--seeds", type=click.IntRange(min=1), callback=_check_seeds,
+              help="Seeds per grid point (at most 1000).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes [default: one per core].")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -173,10 +207,11 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
 @click.option("--sync-bn", is_flag=True,
               help="With --nproc: synchronized batch norm in the runs that have batch norm, "
                    "so they train as in one process.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--data-root", type=click.Path(file_okay=False),
               help="Folder of the official files of a file-based data set (CIFAR-10).")
-@click.option("--out", type=click.Path(file_okay=False),
+@click.option("--out", type=click.Path(file_okay=False), callback=_writable("dir"),
               help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
@@ -195,17 +230,27 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
     result = run_lab(study, out, quick=quick, seeds=seeds, workers=workers, device=device,
                      data_root=data_root, progress=False if (quiet or as_json) else None,
                      nproc=nproc, sync_bn=sync_bn)
+    counts = result.counts
     if as_json:
         click.echo(json.dumps({"report": str(result.report), "seconds": result.seconds,
-                               "results": result.results}, indent=2, default=str))
-        return
-    console = Console(soft_wrap=True)
-    console.print(summary_table(result.results, result.study.to_dict()))
-    for line in summarize_findings(result.results, result.study.to_dict()):
-        console.print(f"- {line}")
-    failed = sum(r["status"] == "failed" for r in result.results)
-    console.print(f"{len(result.results)} runs ({failed} failed) in {result.seconds:.0f} s")
-    console.print(f"report: {result.report}")
+                               "counts": counts, "results": result.results},
+                              indent=2, default=str))
+    else:
+        console = Console(soft_wrap=True)
+        console.print(summary_table(result.results, result.study.to_dict()))
+        for line in summarize_findings(result.results, result.study.to_dict()):
+            console.print(f"- {line}")
+        console.print(f"{counts['runs']} runs: {counts['reused']} reused, {counts['trained']} "
+                      f"run now; {counts['finished']} finished, {counts['diverged']} diverged, "
+                      f"{counts['failed']} failed; {result.seconds:.0f} s")
+        console.print(f"report: {result.report}")
+    if counts["failed"]:
+        failed = [r["run_id"] for r in result.results if r["status"] == "failed"]
+        click.echo(f"resnorm: error: {counts['failed']} of {counts['runs']} runs failed "
+                   f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); their "
+                   f"errors are in {result.out}/runs/RUN/error.txt; run the same command "
+                   f"again to retry them", err=True)
+        raise click.exceptions.Exit(1)
 
 
 @cli.command(short_help="Train a registered model on a data set, with checkpoints and resume.")
@@ -222,7 +267,8 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
 @click.option("--placement", type=click.Choice(["pre", "post"]))
 @click.option("--residual/--plain", default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1, max=2**24), default=128,
+              show_default=True,
               help="Samples per step, per process under --nproc or torchrun (PyTorch's "
                    "convention: the global batch is N x batch-size).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
@@ -237,14 +283,15 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
 @click.option("--augment", is_flag=True, help="Random crops with padding and flips (images).")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 on CUDA).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1),
               help="Also checkpoint every N steps (every epoch always).")
 @click.option("--monitor-every", type=click.IntRange(min=1),
               help="Record gradient health every N steps into monitor.jsonl.")
-@click.option("--out", type=click.Path(file_okay=False),
+@click.option("--out", type=click.Path(file_okay=False), callback=_writable("dir"),
               help="Run folder [default: runs/MODEL-DATASET-seedS]. Re-running resumes it.")
 @click.option("--restart", is_flag=True, help="Start over even if --out holds a checkpoint.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -257,6 +304,7 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
                    "as in one process (without it each process normalizes its own slice). "
                    "An error if the model has no batch norm.")
 @click.option("--dist-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              callback=_check_finite,
               help="Seconds a worker waits for the others before failing (a hung worker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
@@ -321,6 +369,10 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
     console.print(f"{run.data.summary()}\n{model_name}: "
                   f"{sum(p.numel() for p in run.model.parameters()):,} parameters; "
                   f"run folder {run.out}")
+    if batch_size * world()[1] > len(run.data.x_train):
+        console.print(f"note: --batch-size {batch_size} is more than the "
+                      f"{len(run.data.x_train):,} training samples: every step takes the whole "
+                      f"training set")
 
     def report(row: dict) -> None:
         console.print(f"epoch {row['epoch']:>3}/{epochs}: train loss {row['train_loss']:.4f} "
@@ -471,7 +523,8 @@ def _parse_list(choices):
 @click.option("--no-compile", is_flag=True, help="Leave torch.compile out (it compiles per shape).")
 @click.option("--no-end-to-end", is_flag=True, help="Leave the training-step rows out.")
 @click.option("--quick", is_flag=True, help="Small shapes and models (a smoke test).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False), callback=_writable("file"),
+              help="Write the results as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def bench(shapes, kinds, regimes, repeats, no_compile, no_end_to_end, quick, out, as_json,

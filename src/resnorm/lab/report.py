@@ -176,6 +176,11 @@ def _has_init(run: dict) -> bool:
 
 # --- findings ------------------------------------------------------------------------
 
+SMOKE_NOTE = ("This is a smoke run (--quick): fewer epochs, fewer samples and fewer depths, to "
+              "check that everything runs. Its numbers are too small to support any finding; "
+              "run the study without --quick for that.")
+
+
 def summarize_findings(results: list[dict], study: dict) -> list[str]:
     """Sentences computed from the numbers only: per variant the change in mean test
     accuracy from the easy to the hard end of the axis, which variants degrade and which
@@ -186,6 +191,8 @@ def summarize_findings(results: list[dict], study: dict) -> list[str]:
     results = list(results or [])
     if not results:
         return ["No runs in these results."]
+    if (study or {}).get("quick"):
+        return [SMOKE_NOTE, *_status_findings(results)]
     word = _AXIS_WORD[axis]
     groups = _groups(results, axis)
     findings: list[str] = []
@@ -748,7 +755,7 @@ _PAGE = """\
 <!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>resnorm lab: {{ name }}</title>
+<title>resnorm lab: {{ name }}{% if quick %} (smoke run){% endif %}</title>
 <style>
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
@@ -764,7 +771,7 @@ th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: ta
 .status-diverged, .status-failed { color: #cf222e; font-weight: 600; }
 .ratio { color: #666; font-size: 0.9em; }
 </style></head><body>
-<h1>{{ name }}</h1>
+<h1>{{ name }}{% if quick %}: smoke run (--quick), no conclusions{% endif %}</h1>
 {% if description %}<p class="description">{{ description }}</p>{% endif %}
 <p class="summary">{{ summary }}</p>
 <h2>What this run shows</h2>
@@ -791,7 +798,13 @@ th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: ta
 {% for r in runs %}<tr><td>{{ r.run_id }}</td><td>{{ r.variant }}</td><td class="num">{{ r.x }}</td><td class="num">{{ r.seed }}</td><td class="status-{{ r.status }}">{{ r.status }}</td><td class="num">{{ r.acc }}</td><td>{{ r.verdict }}</td><td>{{ r.note }}</td></tr>
 {% endfor %}</table>
 {% else %}<p class="note">No runs.</p>{% endif %}
-<p class="note">Files beside this page: results.json, results.csv, figures/ (PNG and SVG).</p>
+<h2>How this report was made</h2>
+{% if provenance %}<table id="provenance">
+{% for key, value in provenance %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}</table>{% else %}<p class="note">Not recorded.</p>{% endif %}
+<p class="note">Files beside this page: lab.json (the study's full configuration and this
+provenance), results.json, results.csv, figures/ (PNG and SVG); each run's folder under
+runs/ holds its own config.json.</p>
 </body></html>
 """
 
@@ -801,8 +814,10 @@ def _summary_line(results: list[dict]) -> str:
              for s in ("finished", "diverged", "failed")}
     other = len(results) - sum(count.values())
     seconds = sum(s for s in (_finite(r.get("seconds")) for r in results) if s is not None)
+    reused = sum(bool(r.get("reused")) for r in results)
     parts = [f"{len(results)} runs: {count['finished']} finished, {count['diverged']} diverged, "
-             f"{count['failed']} failed"]
+             f"{count['failed']} failed ({reused} reused from an earlier invocation, "
+             f"{len(results) - reused} run now)"]
     if other:
         parts.append(f"{other} with another status")
     return ", ".join(parts) + f"; {seconds:.1f} s of run time in total."
@@ -847,8 +862,18 @@ def write_report(results: list[dict], study: dict, out) -> Path:
                 plt.close(fig)
         figures.append({"name": name, "title": title, "png": png, "note": note})
 
+    made = study.get("provenance") or {}
+    provenance = [(key, value if isinstance(value, str) else json.dumps(value, default=str))
+                  for key, value in made.items()]
+    if made:
+        provenance.append(("configuration", json.dumps(
+            {k: v for k, v in study.items() if k != "provenance"}, default=str)))
+        _write_text(out / "lab.json", json.dumps(
+            _strict({"study": {k: v for k, v in study.items() if k != "provenance"},
+                     "provenance": made}), indent=2, allow_nan=False, default=str) + "\n")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = env.from_string(_PAGE).render(
+        quick=bool(study.get("quick")), provenance=provenance,
         name=str(study.get("name") or "study"), description=str(study.get("description") or ""),
         summary=_summary_line(results), findings=summarize_findings(results, study),
         figures=figures, verdicts=_verdict_table(groups), runs=_run_rows(results, axis),

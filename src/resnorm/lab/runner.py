@@ -12,35 +12,128 @@ batch, each process taking batch / N.
 """
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UsageError
-from .._io import atomic_open
+from .._io import atomic_open, json_safe
+from ..train.run import identity_hash
 from .study import RunSpec, Study
 
 INIT_BATCH = 128
 
 
-def plan_workers(num_runs: int, workers: int | None = None,
-                 cores: int | None = None) -> tuple[int, int]:
-    """``(worker processes, threads per worker)`` that use the cores without
-    oversubscribing them: by default one process per core (at most one per run), and the
-    cores shared out as intra-op threads."""
+def plan_workers(num_runs: int, workers: int | None = None, cores: int | None = None, *,
+                 runs_left: int | None = None) -> tuple[int, int]:
+    """``(worker processes, threads per worker)`` for a study of ``num_runs`` runs that
+    use the cores without oversubscribing them: by default one process per core (at most
+    one per run), and the cores shared out as intra-op threads.
+
+    ``num_runs`` is the whole grid, not the runs left to do: the threads of a run depend
+    only on the grid, ``workers`` and the cores, so a run resumed by a later invocation
+    trains with exactly the threads the uninterrupted lab gave it (the thread count sets
+    the summation order of parallel kernels, hence the last bits of the weights).
+    ``runs_left`` (default: all of them) only caps the processes started."""
     cores = cores or os.cpu_count() or 1
     if workers is None:
         workers = cores
     workers = max(1, min(workers, num_runs))
-    return workers, max(1, cores // workers)
+    threads = max(1, cores // workers)
+    if runs_left is not None:
+        workers = max(1, min(workers, runs_left))
+    return workers, threads
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+# Set in each worker process by _init_worker: where it reports its runs' progress.
+_progress_reports = None
+
+
+def _init_worker(parent_pid: int, reports) -> None:
+    """Prepare a worker process of :func:`run_study`: it dies with the lab's process, leaves
+    Ctrl-C to it (the terminal sends SIGINT to the whole process group; the lab then ends
+    its workers itself) and reports progress to ``reports`` (a queue, or ``None``)."""
+    global _progress_reports
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent_pid)
+    _progress_reports = reports
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as its parent ends, however it ends (SIGKILL included),
+    instead of training queued runs for nobody and then waiting forever. On Linux the
+    kernel kills it (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere, or if that fails,
+    a daemon thread waits for the parent's end and exits the process."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent_pid:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+    _watch_parent()
+
+
+def _watch_parent() -> None:
+    """The portable way: a daemon thread that waits on the parent process's sentinel (a
+    pipe that reaches end of file, or a process handle, when the parent ends)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_then_exit() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="resnorm-exit-with-parent",
+                     daemon=True).start()
+
+
+def _run_in_worker(spec: RunSpec, study: Study, run_dir: str, device: str,
+                   threads: int) -> dict:
+    """:func:`execute_run` in a worker process, reporting ``("started", run_id)`` and
+    ``("epoch", run_id, epoch)`` to the lab's process when it shows progress."""
+    reports = _progress_reports
+    if reports is None:
+        return execute_run(spec, study, run_dir, device, threads)
+    reports.put(("started", spec.run_id))
+    return execute_run(spec, study, run_dir, device, threads,
+                       on_epoch=lambda row: reports.put(("epoch", spec.run_id, row["epoch"])))
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End ``pool``'s worker processes now, without waiting for their runs: the queued
+    runs are cancelled, the running ones killed (they resume from their checkpoints when
+    the lab runs again; what finished is on disk)."""
+    # Python < 3.14 has no public way to terminate a pool's processes.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 1.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 @lru_cache(maxsize=4)
@@ -67,16 +160,18 @@ def _compact_init(diagnosis) -> dict:
                        for b in diagnosis.blocks]}
 
 
-def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int) -> dict:
+def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int,
+                on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Diagnose ``spec``'s model at initialization, then train it (unless the study is
     init-only); write and return its summary. Runs in a worker process (or in the
-    caller's with one worker: the thread count is restored afterwards)."""
+    caller's with one worker: the thread count is restored afterwards). ``on_epoch`` is
+    called with the row of every epoch trained (see :func:`resnorm.train.fit`)."""
     import torch
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _execute(spec, study, Path(run_dir), device)
+        return _execute(spec, study, Path(run_dir), device, on_epoch)
     finally:  # with one worker the run happens in the caller's process
         torch.set_num_threads(previous_threads)
 
@@ -95,72 +190,97 @@ def execute_distributed_run(spec: RunSpec, study: Study, run_dir: str, device: s
     return summary
 
 
-def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str) -> dict:
-    import dataclasses
+def run_config(spec: RunSpec, study: Study, device: str, nproc: int = 1) -> dict:
+    """Everything that decides a lab run's result: the run (model, options, depth, norm,
+    residual, placement, batch size, seed), the study's data set and its options (not
+    where its files live), its training configuration, whether it only diagnoses at
+    initialization, the device and the number of processes. A finished run is reused only
+    when this is unchanged."""
+    train = study.train_config(spec.batch_size, spec.seed, device).to_dict()
+    train.pop("checkpoint_every", None)
+    return {"run": {**asdict(spec), "options": dict(spec.options)}, "dataset": study.dataset,
+            "dataset_options": {k: v for k, v in study.dataset_options.items() if k != "root"},
+            "train": train, "init_only": study.init_only, "nproc": nproc,
+            "diagnose_batch": INIT_BATCH}
 
+
+def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
+             on_epoch: Callable[[dict], None] | None = None) -> dict:
     import torch
 
     from ..diagnostics import diagnose
-    from ..norms import has_batch_norm
-    from ..train import fit, model_for_data
+    from ..train import RunMismatchError, prepare_run
     from ..train.distributed import world
 
     rank, world_size = world()
-
     start = time.perf_counter()
+    config = run_config(spec, study, device, world_size)
     summary = {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
                **asdict(spec), "options": dict(spec.options), "dataset": study.dataset,
                "status": "failed", "error": None, "diverged_at_step": None,
                "final_test_acc": None, "best_test_acc": None, "final_train_loss": None,
-               "parameters": None, "seconds": None, "history": [], "init": None}
+               "parameters": None, "seconds": None, "history": [], "init": None,
+               "config_hash": identity_hash(config), "config": config}
     try:
         data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
-        torch.manual_seed(spec.seed)
-        model = model_for_data(spec.model, data, **spec.model_overrides())
-        summary["parameters"] = sum(p.numel() for p in model.parameters())
+        train_config = study.train_config(spec.batch_size // world_size, spec.seed, device)
+        # The study's sync_bn is for the runs that have batch norm (the rule of
+        # prepare_run, an error without batch norm, holds for what reaches it).
+        train_config = dataclasses.replace(
+            train_config, sync_bn=train_config.sync_bn and spec.norm == "batch")
+        run = prepare_run(spec.model, study.dataset, model_options=spec.model_overrides(),
+                          dataset_options=study.dataset_options, config=train_config,
+                          out=run_dir, data=data)
+        summary["parameters"] = sum(p.numel() for p in run.model.parameters())
         generator = torch.Generator().manual_seed(spec.seed)
         index = torch.randperm(len(data.x_train), generator=generator)[:INIT_BATCH]
-        summary["init"] = _compact_init(diagnose(model, data.x_train[index],
+        summary["init"] = _compact_init(diagnose(run.model, data.x_train[index],
                                                  data.y_train[index]))
         if study.init_only:
             summary["status"] = "finished"
         else:
-            config = study.train_config(spec.batch_size // world_size, spec.seed, device)
-            if config.sync_bn and not has_batch_norm(model):
-                config = dataclasses.replace(config, sync_bn=False)
-            result = fit(model, data, config, out=run_dir, progress=False,
-                         meta={"model": spec.model, "overrides": spec.model_overrides(),
-                               "dataset": study.dataset})
+            try:
+                result = run.fit(progress=False, on_epoch=on_epoch)
+            except RunMismatchError:  # the study was edited: this run starts over
+                result = run.fit(progress=False, on_epoch=on_epoch, restart=True)
             history = result.history
+            finite_acc = [h["test_acc"] for h in history if math.isfinite(h["test_acc"])]
             summary.update(
                 status="diverged" if result.diverged else "finished",
-                diverged_at_step=result.diverged_at_step, history=history,
+                diverged_at_step=result.diverged_at_step, diverged_in=result.diverged_in,
+                history=history,
                 final_test_acc=history[-1]["test_acc"] if history else None,
-                best_test_acc=max(h["test_acc"] for h in history) if history else None,
+                best_test_acc=max(finite_acc) if finite_acc else None,
                 final_train_loss=history[-1]["train_loss"] if history else None)
     except Exception as exc:  # recorded, and the lab goes on
-        summary["error"] = f"{type(exc).__name__}: {exc}"
+        summary["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(run_dir / "error.txt", "w") as f:
             f.write(traceback.format_exc())
         if world_size > 1:
             raise
     summary["seconds"] = time.perf_counter() - start
+    summary = json_safe(summary)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(run_dir / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+            json.dump(summary, f, indent=2, default=str, allow_nan=False)
     return summary
 
 
-def load_summary(run_dir: Path) -> dict | None:
-    """The summary of a run that ended (finished, diverged or failed), else ``None``.
-    A failed run is run again by a new lab invocation; finished and diverged ones are kept."""
+def load_summary(run_dir: Path, config_hash: str | None = None) -> dict | None:
+    """The summary of a run that ended (finished or diverged) with the configuration
+    whose hash is ``config_hash`` (any, when ``None``), else ``None``. A failed run, or
+    one of another configuration (the study was edited), is run again."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("status") in ("finished", "diverged") else None
+    if not isinstance(summary, dict) or summary.get("status") not in ("finished", "diverged"):
+        return None
+    if config_hash is not None and summary.get("config_hash") != config_hash:
+        return None
+    return summary
 
 
 def run_study(study: Study, out, *, seeds: int | None = None, workers: int | None = None,
@@ -175,22 +295,26 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
     results: dict[str, dict] = {}
     todo = []
     for spec in specs:
-        done = load_summary(out / "runs" / spec.run_id)
+        config_hash = identity_hash(run_config(spec, study, device, nproc or 1))
+        done = load_summary(out / "runs" / spec.run_id, config_hash)
         if done is not None:
-            results[spec.run_id] = done
+            results[spec.run_id] = {**done, "reused": True}
         else:
             todo.append(spec)
     distributed = nproc is not None and nproc > 1
     if distributed:
         _check_distributed_plan(todo, nproc, workers, device)
-    n_workers, threads = plan_workers(len(todo), workers)
+    # Threads from the whole grid, not from the runs left: see plan_workers.
+    n_workers, threads = plan_workers(len(specs), workers, runs_left=len(todo))
     show = sys.stderr.isatty() if progress is None else progress
-    with _LabProgress(show, len(specs), len(specs) - len(todo)) as bar:
+    epochs = 0 if study.init_only else study.train_config(specs[0].batch_size, specs[0].seed,
+                                                          device).epochs
+    with _LabProgress(show, len(specs), len(specs) - len(todo), epochs, n_workers) as bar:
         if todo and distributed:
             from ..train.distributed import LaunchError, launch
 
             for spec in todo:
-                bar.running(1)
+                bar.started(spec.run_id)
                 run_dir = str(out / "runs" / spec.run_id)
                 try:
                     results[spec.run_id] = launch(execute_distributed_run,
@@ -198,37 +322,62 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
                                                   device=device)[0]
                 except LaunchError as exc:
                     results[spec.run_id] = _worker_died(spec, study, f"launch failed: {exc}")
-                bar.finished()
+                bar.finished(spec.run_id)
         elif todo and n_workers == 1:
             for spec in todo:
-                bar.running(1)
-                results[spec.run_id] = execute_run(spec, study, str(out / "runs" / spec.run_id),
-                                                   device, threads)
-                bar.finished()
+                bar.started(spec.run_id)
+                results[spec.run_id] = execute_run(
+                    spec, study, str(out / "runs" / spec.run_id), device, threads,
+                    on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]))
+                bar.finished(spec.run_id)
         elif todo:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
-                pending = {pool.submit(execute_run, spec, study,
-                                       str(out / "runs" / spec.run_id), device, threads): spec
-                           for spec in todo}
-                try:
-                    while pending:
-                        bar.running(min(n_workers, len(pending)))
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            spec = pending.pop(future)
-                            try:
-                                results[spec.run_id] = future.result()
-                            except Exception as exc:  # the worker process itself died
-                                results[spec.run_id] = _worker_died(
-                                    spec, study,
-                                    f"worker process died: {type(exc).__name__}: {exc}")
-                            bar.finished()
-                except BaseException:
-                    for future in pending:
-                        future.cancel()
-                    raise
+            _run_in_pool(todo, study, out, device, n_workers, threads, bar, results)
     return [results[spec.run_id] for spec in specs]
+
+
+def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_workers: int,
+                 threads: int, bar: _LabProgress, results: dict[str, dict]) -> None:
+    """Run ``todo`` in ``n_workers`` spawned worker processes, which die with this one
+    (see :func:`_init_worker`). On Ctrl-C, or any other exception here, the workers are
+    ended at once (:func:`_stop_workers`) before the exception goes on."""
+    context = multiprocessing.get_context("spawn")
+    # A SimpleQueue's put is written before it returns: a run's last epoch arrives
+    # before its result does (a Queue's feeder thread could deliver it after).
+    reports = context.SimpleQueue() if bar.show else None
+    pool = ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
+                               initargs=(os.getpid(), reports))
+    try:
+        pending = {pool.submit(_run_in_worker, spec, study, str(out / "runs" / spec.run_id),
+                               device, threads): spec for spec in todo}
+        while pending:
+            # Wake up now and then to show the workers' progress reports.
+            done, _ = wait(pending, timeout=0.2 if reports is not None else None,
+                           return_when=FIRST_COMPLETED)
+            _show_reports(reports, bar)
+            for future in done:
+                spec = pending.pop(future)
+                try:
+                    results[spec.run_id] = future.result()
+                except Exception as exc:  # the worker process itself died
+                    results[spec.run_id] = _worker_died(
+                        spec, study, f"worker process died: {type(exc).__name__}: {exc}")
+                bar.finished(spec.run_id)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    if reports is not None:
+        reports.close()
+
+
+def _show_reports(reports, bar: _LabProgress) -> None:
+    """Pass the progress reports the workers queued so far on to ``bar``."""
+    while reports is not None and not reports.empty():
+        report = reports.get()
+        if report[0] == "started":
+            bar.started(report[1])
+        else:
+            bar.epoch(report[1], report[2])
 
 
 def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None,
@@ -256,35 +405,123 @@ def _worker_died(spec: RunSpec, study: Study, error: str) -> dict:
 
 
 class _LabProgress:
-    """Runs done / running / left with an ETA, on stderr when it is a terminal."""
+    """What the lab is doing, on stderr when it is a terminal: runs done of all, a line per
+    running run (its run_id and ``epoch e/E``) and an estimate of the time left.
 
-    def __init__(self, show: bool, total: int, done: int) -> None:
+    The estimate comes from costs measured in this invocation, never from the runs it
+    reused: the worker-seconds per epoch trained here (from each run's start to its
+    latest epoch; an init-only study counts runs instead of epochs), times the epochs
+    left (a run resumed from a checkpoint counts from its latest reported epoch), over
+    the workers that still have runs. Nothing is shown until an epoch was measured, and
+    nothing in distributed runs, which do not report epochs. It counts down between
+    reports; it is off as far as the runs left differ in cost from those measured."""
+
+    def __init__(self, show: bool, total: int, done: int, epochs: int, workers: int, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.show, self.total, self.done = show, total, done
+        self.epochs, self.workers, self.clock = epochs, workers, clock
+        self.running: dict[str, dict] = {}   # run_id -> started, epoch, units, mark, task
+        self.ended_seconds = 0.0              # worker-seconds of the ended runs' units
+        self.ended_units = 0
+        self.estimate: tuple[float, float] | None = None  # (seconds left, clock then)
+        self.lock = threading.Lock()  # the display renders from its own thread
         self.progress = self.task = None
 
     def __enter__(self) -> _LabProgress:
         if self.show:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
+                                       TimeElapsedColumn)
+            from rich.text import Text
 
-            self.progress = Progress(TextColumn("lab"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("runs done, {task.fields[running]} running"),
-                                     TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=Console(stderr=True))
+            lab = self
+
+            class EtaColumn(ProgressColumn):
+                def render(self, task) -> Text:
+                    left = lab.seconds_left() if task.id == lab.task else None
+                    return Text("" if left is None else f"ETA {_hms(left)}",
+                                style="progress.remaining")
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                     EtaColumn(), console=Console(stderr=True))
             self.progress.start()
             self.task = self.progress.add_task("lab", total=self.total, completed=self.done,
-                                               running=0)
+                                               status=self._lab_status())
         return self
 
-    def running(self, count: int) -> None:
+    def started(self, run_id: str) -> None:
+        now = self.clock()
+        with self.lock:
+            self.running[run_id] = {"started": now, "epoch": 0, "units": 0, "mark": now,
+                                    "task": None}
+            self._estimate(now)
         if self.progress is not None:
-            self.progress.update(self.task, running=count)
+            self.running[run_id]["task"] = self.progress.add_task(
+                f"  {run_id}", total=self.epochs or None,
+                status="starting" if self.epochs else "running")
+            self.progress.update(self.task, status=self._lab_status())
 
-    def finished(self) -> None:
+    def epoch(self, run_id: str, epoch: int) -> None:
+        """``run_id`` has trained its epoch ``epoch`` (counted from 1)."""
+        now = self.clock()
+        with self.lock:
+            run = self.running.get(run_id)
+            if run is None:
+                return
+            run.update(epoch=epoch, units=run["units"] + 1, mark=now)
+            self._estimate(now)
         if self.progress is not None:
-            self.progress.update(self.task, advance=1)
+            self.progress.update(run["task"], completed=epoch,
+                                 status=f"epoch {epoch}/{self.epochs}")
+
+    def finished(self, run_id: str) -> None:
+        now = self.clock()
+        with self.lock:
+            run = self.running.pop(run_id, None)
+            if run is not None:
+                if not self.epochs:  # init-only: a run is the unit of work
+                    run.update(units=1, mark=now)
+                if run["units"]:
+                    self.ended_seconds += run["mark"] - run["started"]
+                    self.ended_units += run["units"]
+            self.done += 1
+            self._estimate(now)
+        if self.progress is not None:
+            if run is not None and run["task"] is not None:
+                self.progress.remove_task(run["task"])
+            self.progress.update(self.task, advance=1, status=self._lab_status())
+
+    def seconds_left(self) -> float | None:
+        """The estimated seconds until the last run ends, or ``None`` before anything was
+        measured."""
+        with self.lock:
+            if self.estimate is None:
+                return None
+            left, then = self.estimate
+        return max(0.0, left - (self.clock() - then))
+
+    def _estimate(self, now: float) -> None:
+        seconds = self.ended_seconds + sum(r["mark"] - r["started"]
+                                           for r in self.running.values())
+        units = self.ended_units + sum(r["units"] for r in self.running.values())
+        runs_left = self.total - self.done
+        if not units or not runs_left:
+            self.estimate = (0.0, now) if not runs_left else None
+            return
+        per_run = self.epochs or 1
+        units_left = ((runs_left - len(self.running)) * per_run
+                      + sum(max(0, per_run - r["epoch"]) for r in self.running.values()))
+        self.estimate = (units_left * seconds / units / min(self.workers, runs_left), now)
+
+    def _lab_status(self) -> str:
+        return f"{self.done}/{self.total} runs done, {len(self.running)} running"
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _hms(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -33,13 +33,15 @@ A study file looks like this (the built-in ones are in ``resnorm/lab/studies/``)
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from ..errors import UsageError
-from ..data import DATASETS
+from ..data import DATASETS, dataset_options
 from ..models import accepted_options, get_model_entry
 from ..norms import NORM_KINDS
 from ..train import TrainConfig
@@ -50,6 +52,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 AXES = ("depth", "batch_size")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _TOP = {"name": str, "description": str, "x": str, "dataset": str, "seeds": int,
         "init_only": bool, "dataset_options": dict, "train": dict, "quick": dict, "grid": list}
 _GRID = {"models": list, "depths": list, "norms": list, "residual": list, "placements": list,
@@ -118,6 +121,7 @@ class Study:
     init_only: bool = False
     quick: dict = field(default_factory=dict)
     source: str = "<study>"
+    is_quick: bool = False
 
     def train_config(self, batch_size: int, seed: int, device: str = "cpu") -> TrainConfig:
         return TrainConfig(**{**self.train, "batch_size": batch_size, "seed": seed,
@@ -132,7 +136,7 @@ class Study:
         return Study(self.name, self.description, self.x, self.dataset,
                      {**self.dataset_options, **quick.get("dataset_options", {})},
                      {**self.train, **quick.get("train", {})}, grid, 1, self.init_only, {},
-                     self.source)
+                     self.source, is_quick=True)
 
     def runs(self, seeds: int | None = None) -> list[RunSpec]:
         """The grid expanded, in a stable order, without duplicates."""
@@ -151,7 +155,8 @@ class Study:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "x": self.x,
                 "dataset": self.dataset, "dataset_options": self.dataset_options,
-                "train": self.train, "seeds": self.seeds, "init_only": self.init_only}
+                "train": self.train, "seeds": self.seeds, "init_only": self.init_only,
+                "quick": self.is_quick, "grid": self.grid, "source": self.source}
 
 
 def _check_table(where: str, table: dict, schema: dict, required=()) -> None:
@@ -177,11 +182,17 @@ def parse_study(text: str, source: str = "<study>") -> Study:
         raise StudyError(f"study {source}: not valid TOML ({exc})") from None
     where = f"study {source}"
     _check_table(where, raw, _TOP, required=("name", "dataset", "grid"))
+    if not _NAME.fullmatch(raw["name"]):
+        raise StudyError(f"{where}: name={raw['name']!r} must be 1-64 letters, digits, '.', "
+                         f"'_' or '-', not starting with '.' (it names the lab's folder)")
     if raw.get("x", "depth") not in AXES:
         raise StudyError(f"{where}: x={raw['x']!r} is not supported; accepted: {', '.join(AXES)}")
     if raw["dataset"] not in DATASETS:
         raise StudyError(f"{where}: unknown dataset {raw['dataset']!r}; accepted: "
                          f"{', '.join(DATASETS)}")
+    _check_dataset_options(where, raw["dataset"], raw.get("dataset_options", {}))
+    _check_dataset_options(f"{where}: [quick]", raw["dataset"],
+                           raw.get("quick", {}).get("dataset_options", {}))
     if raw.get("seeds", 1) < 1:
         raise StudyError(f"{where}: seeds must be >= 1, got {raw['seeds']}")
     train = raw.get("train", {})
@@ -206,6 +217,18 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     return Study(raw["name"], raw.get("description", ""), raw.get("x", "depth"), raw["dataset"],
                  raw.get("dataset_options", {}), train, grid, raw.get("seeds", 1),
                  raw.get("init_only", False), quick, source)
+
+
+def _check_dataset_options(where: str, dataset: str, options) -> None:
+    """The options must be ones the data set's loader takes (their values are checked
+    when the lab loads the data once, before any run starts)."""
+    if not isinstance(options, dict):
+        raise StudyError(f"{where}: dataset_options must be a table, got {options!r}")
+    accepted = dataset_options(dataset)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise StudyError(f"{where}: dataset {dataset!r} takes no option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(accepted)}")
 
 
 def _positive_ints(where: str, key: str, values: list) -> None:
@@ -258,8 +281,55 @@ def load_study(name_or_path) -> Study:
     if str(name_or_path) in BUILTIN:
         text = resources.files("resnorm.lab.studies").joinpath(f"{name_or_path}.toml").read_text()
         return parse_study(text, f"{name_or_path} (built in)")
+    accepted = f"give a built-in study ({', '.join(BUILTIN)}) or a study TOML file"
+    if not str(name_or_path).strip():
+        raise StudyError(f"study {str(name_or_path)!r} is empty; {accepted}")
     path = Path(name_or_path)
     if not path.exists():
         raise StudyError(f"study {name_or_path!r} is neither a built-in study "
                          f"({', '.join(BUILTIN)}) nor an existing file")
-    return parse_study(path.read_text(encoding="utf-8"), str(path))
+    if path.is_dir():
+        raise StudyError(f"study {str(path)!r} is a folder; {accepted}")
+    try:
+        # A device (/dev/zero) or a huge file would be read without end: a study is small.
+        if not path.is_file() or path.stat().st_size > _MAX_STUDY_BYTES:
+            raise StudyError(f"study {str(path)!r} is not a study file (a regular file of at "
+                             f"most {_MAX_STUDY_BYTES >> 20} MiB); {accepted}")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise StudyError(f"study {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason}); {accepted}") from None
+    except OSError as exc:
+        raise StudyError(f"study {str(path)!r} cannot be read ({exc.strerror or exc}); "
+                         f"{accepted}") from None
+    study = parse_study(text, str(path))
+    check_run_count(study)
+    return study
+
+
+_MAX_STUDY_BYTES = 1 << 20
+MAX_SEEDS = 1000
+MAX_RUNS = 100_000
+_AXES_OF_GROUP = ("models", "depths", "norms", "residual", "placements", "batch_sizes")
+
+
+def check_seeds(name: str, seeds: int) -> int:
+    """``seeds`` if a lab may run that many seeds per grid point (at most
+    :data:`MAX_SEEDS`); :class:`UsageError` otherwise, before any run is planned."""
+    if seeds > MAX_SEEDS:
+        raise UsageError(f"{name}={seeds} would be {seeds:,} runs for each point of the "
+                         f"study's grid; at most {MAX_SEEDS} seeds are accepted")
+    return seeds
+
+
+def check_run_count(study: Study, seeds: int | None = None) -> int:
+    """The number of runs ``study.runs(seeds)`` plans (at most: before duplicates are
+    dropped), counted without expanding the grid; :class:`StudyError` beyond
+    :data:`MAX_SEEDS` seeds or :data:`MAX_RUNS` runs. Call it before ``Study.runs``."""
+    seeds = check_seeds("seeds", seeds or study.seeds)
+    points = sum(math.prod(len(group.get(axis) or [None]) for axis in _AXES_OF_GROUP)
+                 for group in study.grid)
+    if points * seeds > MAX_RUNS:
+        raise StudyError(f"study {study.source}: {points:,} grid points x {seeds} seed(s) "
+                         f"would be {points * seeds:,} runs; at most {MAX_RUNS:,} are accepted")
+    return points * seeds

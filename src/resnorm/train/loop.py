@@ -301,12 +301,6 @@ class _Trainer:
         self.x_train, self.y_train = data.x_train.to(self.device), data.y_train.to(self.device)
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
         self.n = len(self.x_train)
-        if config.batch_size * self.world_size > self.n:
-            raise UsageError(
-                f"batch_size={config.batch_size}"
-                + (f" x {self.world_size} processes" if self.world_size > 1 else "")
-                + f" is larger than the {self.n:,} training samples of {data.name}; use at "
-                  f"most {self.n // self.world_size}")
         self.steps_per_epoch = len(_batches(self.n, config.batch_size, config.seed, 0,
                                             self.world_size))
         if self.world_size > 1 and self.steps_per_epoch == 0:
