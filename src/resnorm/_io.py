@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from .errors import UsageError
+
 
 @contextmanager
 def atomic_open(path, mode: str = "wb") -> IO:
@@ -41,3 +43,34 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def check_writable_path(name: str, path, kind: str = "dir") -> None:
+    """Raise :class:`~resnorm.errors.UsageError` naming ``name`` unless ``path`` can be
+    created or written as a ``kind`` (``"dir"``: a folder; ``"file"``: a file written with
+    :func:`atomic_open`), so that a command fails before its work rather than after.
+
+    The first existing folder on the way up must accept new entries: that is tried by
+    creating (and removing) an empty folder in it, since ``os.access`` says yes to root on
+    ``/proc`` and ``/sys``, where nothing can be created."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind={kind!r}; accepted: 'dir', 'file'")
+    what = "a folder" if kind == "dir" else "a file"
+    if not str(path):
+        raise UsageError(f"{name}: the path is empty; give {what} you can write to")
+    target = Path(path).absolute()
+    if os.path.isdir(target) and kind == "file":
+        raise UsageError(f"{name}={str(path)!r} is a folder; give a file path")
+    if os.path.exists(target) and not os.path.isdir(target) and kind == "dir":
+        raise UsageError(f"{name}={str(path)!r} is a file; give a folder")
+    # A folder is written in itself, a file (atomically) in its folder.
+    start = target if kind == "dir" else target.parent
+    existing = next(p for p in (start, *start.parents) if os.path.exists(p))
+    if not os.path.isdir(existing):
+        raise UsageError(f"{name}={str(path)!r}: {existing} is a file, not a folder; give "
+                         f"{what} you can write to")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".resnorm-write-check-", dir=existing))
+    except OSError as exc:
+        raise UsageError(f"{name}={str(path)!r}: cannot create anything in {existing} "
+                         f"({exc.strerror or exc}); give {what} you can write to") from None

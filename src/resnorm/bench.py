@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_fits_in_memory
 from .errors import UsageError
 from . import __version__
 from .kernels import add_norm, cpu
@@ -52,18 +53,26 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 # of each mapped block freed, up to 32 MiB; the trim threshold follows at twice that.
 # (Any mallopt call freezes the dynamic threshold, so "fresh" sets that state explicitly.)
 _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+# Tensors of one ROWSxHIDDEN shape alive at once in kernel_rows: x, r, dy and the copy's
+# src and dst, a copy of x and r per peer (up to 4), and a step's outputs and gradients.
+TENSORS_PER_SHAPE = 16
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     """``"4096x768,16384x1024"`` -> ``((4096, 768), (16384, 1024))``; a ValueError naming
-    the part that is not ROWSxHIDDEN with positive integers."""
+    the part that is not ROWSxHIDDEN with positive integers or that would not fit in this
+    machine's memory."""
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise UsageError(f"{item!r} is not ROWSxHIDDEN with positive integers "
                              "(e.g. 16384x1024)")
-        shapes.append((int(parts[0]), int(parts[1])))
+        rows, hidden = int(parts[0]), int(parts[1])
+        check_fits_in_memory(f"shape {rows}x{hidden}", TENSORS_PER_SHAPE * rows * hidden * 4,
+                             note=f"the benchmark holds about {TENSORS_PER_SHAPE} float32 "
+                                  f"tensors of that shape at once")
+        shapes.append((rows, hidden))
     return tuple(shapes)
 
 

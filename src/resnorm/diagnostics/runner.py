@@ -3,15 +3,20 @@ and a batch of N(0, 1) inputs with random labels (Brock et al.'s protocol)."""
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from .._checks import check_int
+from .._checks import check_fits_in_memory, check_int, format_bytes
 from ..models import create_model
 from .diagnose import Diagnosis, diagnose
+
+# diagnose() keeps every layer's activations and gradients: a floor on its memory, in
+# multiples of the input batch (a deep model needs many times more).
+_ACTIVATION_FACTOR = 4
 
 
 def load_factory(spec: str):
@@ -46,6 +51,12 @@ def random_batch(model: nn.Module, batch_size: int, input_shape: Sequence[int] |
     shape = tuple(input_shape)
     for size in shape:
         check_int("input_shape", size, minimum=1)
+    input_bytes = batch_size * math.prod(shape) * 4
+    check_fits_in_memory(f"a batch of batch_size={batch_size} inputs of shape {shape}",
+                         _ACTIVATION_FACTOR * input_bytes,
+                         note=f"{format_bytes(input_bytes)} of float32 inputs, times "
+                              f"{_ACTIVATION_FACTOR} for the activations and gradients that "
+                              f"diagnose keeps, at the least")
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size, *shape), generator=generator)
     with torch.no_grad():

@@ -4,12 +4,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from .._checks import check_fits_in_memory
 from ..errors import UsageError, UsageTypeError
 
 
@@ -80,4 +84,46 @@ def create_model(name: str, **overrides) -> nn.Module:
     if unknown:
         raise UsageTypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
                         f"accepted: {', '.join(accepted)}")
-    return entry.builder(**{**entry.defaults, **overrides, **entry.fixed})
+    kwargs = {**entry.defaults, **overrides, **entry.fixed}
+    _check_model_fits(name, overrides, entry.builder, kwargs)
+    return entry.builder(**kwargs)
+
+
+class _NoMetaFills(TorchFunctionMode):
+    """Initializations of meta tensors (``torch.nn.init``'s functions and in-place fills)
+    return the tensor at once: a meta tensor holds no values, and PyTorch computes their
+    (unchanged) shapes in Python, which otherwise makes up half the time of a meta build."""
+
+    _FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_,
+                        torch.Tensor.zero_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _check_model_fits(name: str, overrides: dict, builder: Callable[..., nn.Module],
+                      kwargs: dict) -> None:
+    """Build the model on the meta device (shapes only, no memory, the RNG untouched) and
+    raise UsageError if its parameters and buffers exceed this machine's memory: a width
+    with extra digits is one line rather than an allocation that fails late or is killed."""
+    options = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    what = f"model {name!r}" + (f" with {options}" if options else "")
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), _NoMetaFills():
+            model = builder(**kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, RuntimeError) and "overflow" in str(exc):
+            raise UsageError(f"{what} would need more than 2**63 bytes (8 EiB) for one of "
+                             f"its tensors; no machine has that much memory") from None
+        return  # a builder that needs real values, not shapes: the real build is the check
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    check_fits_in_memory(what, sum(t.numel() * t.element_size() for t in tensors),
+                         note="its parameters and buffers; training needs about 4x that: "
+                              "gradients and AdamW's two moments")
