@@ -108,8 +108,18 @@ def _flatten(value, prefix: str = "") -> dict:
 def identity_differences(recorded: dict, requested: dict) -> dict:
     """``{dotted key: (recorded, requested)}`` for every key whose value differs."""
     old, new = _flatten(recorded), _flatten(requested)
+
+    def order(key: str) -> tuple:  # what a reader recognizes first: model, data, training
+        top = key.split(".")[0]
+        return (_ORDER.index(top) if top in _ORDER else len(_ORDER), key)
+
     return {key: (old.get(key, _MISSING), new.get(key, _MISSING))
-            for key in sorted(set(old) | set(new)) if old.get(key, _MISSING) != new.get(key, _MISSING)}
+            for key in sorted(set(old) | set(new), key=order)
+            if old.get(key, _MISSING) != new.get(key, _MISSING)}
+
+
+_ORDER = ("model", "model_options", "model_structure", "dataset", "dataset_options", "train",
+          "data")
 
 
 def provenance(device=None) -> dict:
