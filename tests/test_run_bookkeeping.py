@@ -391,3 +391,22 @@ def test_python_m_resnorm_bug_exit_status(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "unknown model 'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--model", "mlp", "--lr", "inf"], "lr must be a finite number, got inf"),
+    (["train", "--model", "mlp", "--weight-decay", "inf"], "weight_decay must be a finite"),
+    (["train", "--model", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
+    (["diagnose", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
+])
+def test_more_bad_numbers_are_one_line(capsys, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and fragment in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_lab_bounds_the_number_of_runs_of_a_study_object(tmp_path):
+    with pytest.raises(UsageError, match="at most"):
+        run_lab(parse_study(STUDY), tmp_path, seeds=10**7, progress=False)
+    assert list(tmp_path.iterdir()) == []

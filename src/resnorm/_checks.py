@@ -5,6 +5,7 @@ and what is accepted, so a user can fix the call without reading our source.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,8 +31,10 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
 
 
 def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> float:
-    """Return ``float(value)`` if it is a real number inside the given bounds."""
+                low_inclusive: bool = True, high_inclusive: bool = True,
+                finite: bool = False) -> float:
+    """Return ``float(value)`` if it is a real number inside the given bounds (and, with
+    ``finite=True``, not infinite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UsageTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -42,6 +45,8 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
         hi = "inf" if high is None else f"{high:g}"
         interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
         raise UsageError(f"{name} must be in {interval}, got {value:g}")
+    if finite and math.isinf(value):
+        raise UsageError(f"{name} must be a finite number, got {value:g}")
     return value
 
 

@@ -11,6 +11,11 @@ from . import __version__
 from .errors import UsageError
 
 
+MAX_DEPTH = 10_000
+"""The deepest --depth accepted (the ResNet paper's deepest is 1202): a deeper model is
+built module by module in Python before any memory check can refuse it."""
+
+
 class _UserError(click.ClickException):
     exit_code = 2
 
@@ -135,7 +140,7 @@ def _parse_verdicts(ctx, param, value):
 @click.option("--input-shape", callback=_parse_shape,
               help="Shape of one input sample, e.g. 3,32,32 (registered models know theirs).")
 @click.option("--norm", help="Normalization kind (batch, layer, rms, group, instance, dyt, none).")
-@click.option("--depth", type=click.IntRange(min=1), help="Depth of the model family.")
+@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH), help="Depth of the model family.")
 @click.option("--width", type=click.IntRange(min=1), help="Width (MLPs).")
 @click.option("--placement", type=click.Choice(["pre", "post"]), help="Norm placement.")
 @click.option("--residual/--plain", default=None, help="With or without skip connections.")
@@ -262,7 +267,7 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
               help="Folder holding a file-based data set's official files.")
 @click.option("--samples", type=click.IntRange(min=10), help="MNIST-1D: samples to generate.")
 @click.option("--norm", help="Normalization kind.")
-@click.option("--depth", type=click.IntRange(min=1))
+@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH))
 @click.option("--width", type=click.IntRange(min=1))
 @click.option("--placement", type=click.Choice(["pre", "post"]))
 @click.option("--residual/--plain", default=None)

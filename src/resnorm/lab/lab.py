@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .runner import run_study
-from .study import Study, load_study
+from .study import Study, check_run_count, load_study
 
 
 @dataclass
@@ -96,6 +96,7 @@ def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = Fals
     if data_root is not None:
         study = dataclasses.replace(study, dataset_options={**study.dataset_options,
                                                             "root": str(data_root)})
+    check_run_count(study, seeds)
     check_study(study, device, seeds)
     out = Path(out) if out is not None else Path("runs") / (
         f"lab-{study.name}" + ("-quick" if quick else ""))

@@ -60,9 +60,9 @@ class TrainConfig:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_float("lr", self.lr, low=0.0, low_inclusive=False)
+        check_float("lr", self.lr, low=0.0, low_inclusive=False, finite=True)
         check_float("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
-        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_float("weight_decay", self.weight_decay, low=0.0, finite=True)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_float("warmup_epochs", self.warmup_epochs, low=0.0)
         if self.warmup_epochs > self.epochs:
@@ -77,7 +77,8 @@ class TrainConfig:
                     high_inclusive=False)
         check_int("crop_padding", self.crop_padding, minimum=0)
         if self.grad_clip is not None:
-            check_float("grad_clip", self.grad_clip, low=0.0, low_inclusive=False)
+            check_float("grad_clip", self.grad_clip, low=0.0, low_inclusive=False,
+                        finite=True)
         check_device("device", self.device)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
