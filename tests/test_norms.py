@@ -1336,3 +1336,14 @@ def test_no_affine_parameters_when_disabled():
     assert list(RMSNorm(3, elementwise_affine=False).parameters()) == []
     assert list(GroupNorm(1, 3, affine=False).parameters()) == []
     assert sorted(n for n, _ in DyT(3).named_parameters()) == ["alpha", "bias", "weight"]
+
+
+@pytest.mark.parametrize("kind", ["batch", "layer", "rms", "group", "instance", "dyt"])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_contiguous_input_gives_a_contiguous_output(kind, channel_dim):
+    """A norm that moves channels to compute must move them back into the input's layout:
+    channels-last strides handed to the next convolution trip a heap corruption in
+    PyTorch 2.13's oneDNN backward of a strided 1x1 convolution (one thread)."""
+    norm = make_norm(kind, 8, channel_dim=channel_dim)
+    x = torch.randn(4, 8, 6, 6) if channel_dim == 1 else torch.randn(4, 6, 6, 8)
+    assert norm(x).is_contiguous()

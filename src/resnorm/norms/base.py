@@ -14,10 +14,17 @@ CHANNEL_DIMS = (1, -1)
 def apply_channels_at(x: torch.Tensor, channel_dim: int, native_dim: int,
                       fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn``, which expects channels at ``native_dim``, to ``x`` whose channels are at
-    ``channel_dim``. For (N, C) inputs dims 1 and -1 coincide and nothing moves."""
+    ``channel_dim``. For (N, C) inputs dims 1 and -1 coincide and nothing moves.
+
+    A contiguous input gives a contiguous output. Moving the channels back alone would hand
+    the next layer channels-last strides, and PyTorch 2.13's oneDNN backward of a strided
+    1x1 convolution (a ResNet's projection shortcut) on such an input, with one intra-op
+    thread, corrupts the heap (glibc aborts, or the process hangs; reproduced with torch
+    alone: ``Conv2d(4, 8, 1, 2)`` on ``x.movedim(1, -1).contiguous().movedim(-1, 1)``)."""
     if x.dim() <= 2 or channel_dim == native_dim:
         return fn(x)
-    return fn(x.movedim(channel_dim, native_dim)).movedim(native_dim, channel_dim)
+    out = fn(x.movedim(channel_dim, native_dim)).movedim(native_dim, channel_dim)
+    return out.contiguous() if x.is_contiguous() else out
 
 
 def channel_view(param: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
