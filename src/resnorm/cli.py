@@ -140,7 +140,8 @@ def _parse_verdicts(ctx, param, value):
 @click.option("--input-shape", callback=_parse_shape,
               help="Shape of one input sample, e.g. 3,32,32 (registered models know theirs).")
 @click.option("--norm", help="Normalization kind (batch, layer, rms, group, instance, dyt, none).")
-@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH), help="Depth of the model family.")
+@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH),
+              help="Depth of the model family.")
 @click.option("--width", type=click.IntRange(min=1), help="Width (MLPs).")
 @click.option("--placement", type=click.Choice(["pre", "post"]), help="Norm placement.")
 @click.option("--residual/--plain", default=None, help="With or without skip connections.")

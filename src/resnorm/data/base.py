@@ -65,7 +65,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         return data_dir()
     if not isinstance(root, (str, os.PathLike)):
         raise UsageTypeError(f"root must be a path (str or os.PathLike) or None, got {root!r} "
-                        f"({type(root).__name__})")
+                             f"({type(root).__name__})")
     return Path(root).expanduser()
 
 

@@ -183,11 +183,11 @@ def _find_folder(source: _Source, root: Path) -> Path:
         where = " or ".join(str(c) for c in candidates)
         missing = "" if root.is_dir() else f" ({root} does not exist)"
         raise MissingFileError(f"{source.title}: no file {source.train[0]} in {where}"
-                                f"{missing}; {source.hint(root)}")
+                               f"{missing}; {source.hint(root)}")
     for name in (*source.train, source.test):
         if not (folder / name).is_file():
             raise MissingFileError(f"{source.title}: {folder / name} is missing (the "
-                                    f"folder holds {source.train[0]}); {source.hint(root)}")
+                                   f"folder holds {source.train[0]}); {source.hint(root)}")
     return folder
 
 

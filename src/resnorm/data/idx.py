@@ -76,7 +76,7 @@ def _find_folder(source: _Source, root: Path) -> Path:
     where = " or ".join(str(c) for c in candidates)
     missing = "" if root.is_dir() else f" ({root} does not exist)"
     raise MissingFileError(f"{source.title}: no file {first} or {first}.gz in {where}"
-                            f"{missing}; {source.hint(root)}")
+                           f"{missing}; {source.hint(root)}")
 
 
 def _read_at_most(f, size: int) -> bytes:
@@ -195,7 +195,7 @@ def _load(source: _Source, root, limit: int | None) -> DataSplit:
             path = _find_file(folder, name)
             if path is None:
                 raise MissingFileError(f"{source.title}: {folder / name} (or {name}.gz) is "
-                                        f"missing; {hint}")
+                                       f"missing; {hint}")
             paths.append(path)
         images = read_idx(paths[0], IMAGES_MAGIC, (28, 28), hint)
         labels = read_idx(paths[1], LABELS_MAGIC, (), hint)

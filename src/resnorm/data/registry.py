@@ -46,5 +46,5 @@ def load_dataset(name: str = DEFAULT_DATASET, **options) -> DataSplit:
     unknown = [option for option in options if option not in accepted]
     if unknown:
         raise UsageTypeError(f"load_dataset({name!r}) got unexpected option(s) {', '.join(unknown)}; "
-                        f"accepted: {', '.join(accepted)}")
+                             f"accepted: {', '.join(accepted)}")
     return DATASETS[name](**options)

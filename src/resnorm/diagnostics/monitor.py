@@ -98,7 +98,7 @@ class Monitor:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise MissingExtraError("Monitor(tensorboard=...) needs the tensorboard package: "
-                                  "pip install tensorboard") from exc
+                                        "pip install tensorboard") from exc
             summary_writer = SummaryWriter
         self.layer_names = [name for name, _ in named]
         self._weights = [m.weight for _, m in named]

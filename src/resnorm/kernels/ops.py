@@ -201,7 +201,7 @@ def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
         raise UsageError(f"add_norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise UsageTypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
-                        "float16, float64")
+                             "float16, float64")
     if t.device != x.device:
         raise UsageError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
 
@@ -260,7 +260,7 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
                          f"{tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise UsageTypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
-                        "float16, float64")
+                             "float16, float64")
     n = x.shape[-1]
     if residual is not None:
         _check_tensor("residual", residual, x, x.shape)

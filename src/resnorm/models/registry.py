@@ -79,11 +79,11 @@ def create_model(name: str, **overrides) -> nn.Module:
     if clash:
         fixed = ", ".join(f"{k}={entry.fixed[k]!r}" for k in clash)
         raise UsageTypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
-                        f"own name or through its family's generic entry")
+                             f"own name or through its family's generic entry")
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
         raise UsageTypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
-                        f"accepted: {', '.join(accepted)}")
+                             f"accepted: {', '.join(accepted)}")
     kwargs = {**entry.defaults, **overrides, **entry.fixed}
     _check_model_fits(name, overrides, entry.builder, kwargs)
     return entry.builder(**kwargs)

@@ -38,7 +38,7 @@ def _build(cls, options: dict, *args) -> nn.Module:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise UsageTypeError(f"{cls.__name__} got unexpected option(s) {', '.join(unknown)}; "
-                        f"accepted: {', '.join(accepted[len(args):])}")
+                             f"accepted: {', '.join(accepted[len(args):])}")
     return cls(*args, **options)
 
 

@@ -37,7 +37,7 @@ class _FeatureNorm(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise UsageTypeError(f"{type(self).__name__}: input must be a torch.Tensor, "
-                            f"got {type(x).__name__}")
+                                 f"got {type(x).__name__}")
         n = len(self.normalized_shape)
         if self.channel_dim == 1:
             ok = x.dim() >= 2 and x.shape[1] == self.normalized_shape[0]

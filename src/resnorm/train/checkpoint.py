@@ -63,6 +63,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _write_error(exc: BaseException, path: Path) -> BaseException:
+    """The error to raise for a failed checkpoint write: the ``OSError`` that says why
+    (naming ``path`` when it names no file), not what hides it. When a write of
+    ``torch.save`` fails (a full disk), its zip writer, closing the archive, raises a
+    ``RuntimeError`` ("unexpected pos ...") over that ``OSError``."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is None:
+        return exc
+    if cause.filename is None and cause.errno is not None:
+        return OSError(cause.errno, cause.strerror, str(path))
+    return cause
+
+
 def load_checkpoint(path) -> dict:
     """Load and validate one checkpoint file; :class:`CheckpointError` says what is wrong."""
     path = Path(path)
@@ -144,8 +159,14 @@ class CheckpointDir:
         state = {"format": FORMAT, "version": VERSION, **state}
         state["checksum"] = content_digest(state)
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.pending, "wb") as f:  # a full disk fails here: latest intact
-            torch.save(state, f)
+        try:
+            with atomic_open(self.pending, "wb") as f:  # a full disk fails here: latest intact
+                torch.save(state, f)
+        except (OSError, RuntimeError) as exc:
+            error = _write_error(exc, self.pending)
+            if error is exc:
+                raise
+            raise error from None
         if self._latest_is_good and self.latest.exists():
             os.replace(self.latest, self.previous)
         os.replace(self.pending, self.latest)

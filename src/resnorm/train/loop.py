@@ -208,12 +208,13 @@ def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), 
     ``monitor``: a :class:`~resnorm.diagnostics.Monitor` (or anything with ``step(loss)``),
     called after every optimizer step (with this process's loss). ``meta``: what
     identifies the run beyond the model's structure, the data and the configuration
-    (model and data set names and options); :func:`~resnorm.train.train_named` fills it. ``progress=None`` shows a progress
-    bar only on a terminal. ``on_epoch`` is called in every process.
+    (model and data set names and options); :func:`~resnorm.train.train_named` fills it.
+    ``progress=None`` shows a progress bar only on a terminal. ``on_epoch`` is called in
+    every process.
     """
     if isinstance(model, DistributedDataParallel):
         raise UsageTypeError("pass the model itself, not DistributedDataParallel(model): fit "
-                        "wraps it when it runs in a process group")
+                             "wraps it when it runs in a process group")
     if not isinstance(model, nn.Module):
         raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(data, DataSplit):
@@ -393,7 +394,8 @@ class _Trainer:
             "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch})
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, train_model, batch: torch.Tensor, total: int) -> tuple[float, int, int] | None:
+    def train_step(self, train_model, batch: torch.Tensor,
+                   total: int) -> tuple[float, int, int] | None:
         """Forward, backward and optimizer step on one global batch (this process's slice);
         ``(summed loss, correct, samples)`` of the whole batch, or ``None`` when the loss
         is not finite (the step is not taken)."""
