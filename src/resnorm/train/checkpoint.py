@@ -59,8 +59,15 @@ def content_digest(state: dict) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception (PyTorch's loading errors run to a
+    paragraph of advice on one line)."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if len(text) > 100 and ". " in text:
+        text = text.split(". ")[0]
+    return f"{type(exc).__name__}: {text}"
 
 
 def _write_error(exc: BaseException, path: Path) -> BaseException:

@@ -96,26 +96,25 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): value}
+def _differences(old, new, prefix: str, out: dict) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in set(old) | set(new):
+            _differences(old.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}{key}.", out)
+    elif old != new:  # a subtree present on one side only is one difference
+        out[prefix.rstrip(".")] = (old, new)
 
 
 def identity_differences(recorded: dict, requested: dict) -> dict:
-    """``{dotted key: (recorded, requested)}`` for every key whose value differs."""
-    old, new = _flatten(recorded), _flatten(requested)
+    """``{dotted key: (recorded, requested)}`` for every key whose value differs, the
+    model's first, then the data's, then the training configuration's."""
+    found: dict = {}
+    _differences(recorded, requested, "", found)
 
-    def order(key: str) -> tuple:  # what a reader recognizes first: model, data, training
+    def order(key: str) -> tuple:
         top = key.split(".")[0]
         return (_ORDER.index(top) if top in _ORDER else len(_ORDER), key)
 
-    return {key: (old.get(key, _MISSING), new.get(key, _MISSING))
-            for key in sorted(set(old) | set(new), key=order)
-            if old.get(key, _MISSING) != new.get(key, _MISSING)}
+    return {key: found[key] for key in sorted(found, key=order)}
 
 
 _ORDER = ("model", "model_options", "model_structure", "dataset", "dataset_options", "train",
