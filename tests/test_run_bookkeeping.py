@@ -410,3 +410,16 @@ def test_run_lab_bounds_the_number_of_runs_of_a_study_object(tmp_path):
     with pytest.raises(UsageError, match="at most"):
         run_lab(parse_study(STUDY), tmp_path, seeds=10**7, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_atomic_write_names_its_file_and_keeps_the_old_one(tmp_path):
+    from resnorm._io import atomic_open
+
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(OSError) as info:
+        with atomic_open(target, "w") as f:
+            f.write("new")
+            raise OSError(errno.ENOSPC, "No space left on device")   # as a full disk says it
+    assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]

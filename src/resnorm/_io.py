@@ -16,7 +16,8 @@ from .errors import UsageError
 @contextmanager
 def atomic_open(path, mode: str = "wb") -> IO:
     """``with atomic_open(path, "w") as f: ...`` writes ``path`` atomically. The file gets
-    the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    the usual permissions (0666 less the umask), not mkstemp's 0600. A failed write (a full
+    disk) leaves the old file, no temporary, and an ``OSError`` that names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,6 +29,11 @@ def atomic_open(path, mode: str = "wb") -> IO:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:  # a write error names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
