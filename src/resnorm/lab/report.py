@@ -176,7 +176,8 @@ def _has_init(run: dict) -> bool:
 
 # --- findings ------------------------------------------------------------------------
 
-SMOKE_NOTE = ("This is a smoke run (--quick): fewer epochs, fewer samples and fewer depths, to "
+SMOKE_NOTE = ("This is a smoke run (--quick): a smaller version of the study (fewer samples, depths "
+              "or epochs), to "
               "check that everything runs. Its numbers are too small to support any finding; "
               "run the study without --quick for that.")
 

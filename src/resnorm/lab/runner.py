@@ -432,6 +432,7 @@ class _LabProgress:
             from rich.console import Console
             from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
                                        TimeElapsedColumn)
+            from rich.table import Column
             from rich.text import Text
 
             lab = self
@@ -442,9 +443,13 @@ class _LabProgress:
                     return Text("" if left is None else f"ETA {_hms(left)}",
                                 style="progress.remaining")
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                     EtaColumn(), console=Console(stderr=True))
+            # Fixed widths, the run_id cut with an ellipsis: on an 80-column terminal the
+            # bar, the counts and the ETA stay readable.
+            self.progress = Progress(
+                TextColumn("{task.description}", table_column=Column(
+                    min_width=12, max_width=24, no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=10), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), EtaColumn(), console=Console(stderr=True))
             self.progress.start()
             self.task = self.progress.add_task("lab", total=self.total, completed=self.done,
                                                status=self._lab_status())
@@ -515,7 +520,7 @@ class _LabProgress:
         self.estimate = (units_left * seconds / units / min(self.workers, runs_left), now)
 
     def _lab_status(self) -> str:
-        return f"{self.done}/{self.total} runs done, {len(self.running)} running"
+        return f"{self.done}/{self.total} done, {len(self.running)} running"
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
