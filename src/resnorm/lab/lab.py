@@ -51,7 +51,10 @@ def check_study(study: Study, device: str = "cpu", seeds: int | None = None) -> 
     if root is not None and not Path(root).expanduser().is_dir():
         raise UsageError(f"data_root={str(root)!r} is not a folder; give the folder that "
                          f"holds the {study.dataset} files")
-    data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
+    try:
+        data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
+    except UsageError as exc:
+        raise type(exc)(f"study {study.source}: data set {study.dataset!r}: {exc}") from None
     checked = set()
     for spec in study.runs(seeds):
         key = (spec.model, tuple(sorted(spec.model_overrides().items(), key=str)))
