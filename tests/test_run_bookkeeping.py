@@ -423,3 +423,15 @@ def test_a_failed_atomic_write_names_its_file_and_keeps_the_old_one(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")   # as a full disk says it
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_provenance_names_the_command_the_user_typed(monkeypatch):
+    from resnorm.train.run import command_line
+
+    monkeypatch.delenv("RESNORM_COMMAND", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/x/lib/resnorm/__main__.py", "train", "--out", "a b"])
+    assert command_line() == "python -m resnorm train --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/resnorm", "lab", "--quick"])
+    assert command_line() == "resnorm lab --quick"
+    monkeypatch.setenv("RESNORM_COMMAND", "resnorm train --nproc 2")   # set by the launcher
+    assert command_line() == "resnorm train --nproc 2"

@@ -226,7 +226,10 @@ def launch_train(args: Sequence[str], *, nproc: int, device: str, out) -> None:
     import sys
 
     from .checkpoint import load_checkpoint
+    from .run import command_line
 
+    announced = "RESNORM_COMMAND" in os.environ
+    os.environ.setdefault("RESNORM_COMMAND", command_line())  # the workers' provenance
     try:
         launch(sys.executable, ["-m", "resnorm", "train", *args], nproc=nproc, device=device)
     except LaunchError as exc:
@@ -238,6 +241,9 @@ def launch_train(args: Sequence[str], *, nproc: int, device: str, out) -> None:
             except (OSError, ValueError):
                 hint = "; no checkpoint was written yet"
         raise LaunchError(f"{exc}{hint}", exit_code=exc.exit_code) from None
+    finally:
+        if not announced:
+            os.environ.pop("RESNORM_COMMAND", None)
 
 
 def worker_error_line(exc: BaseException, rank: int) -> str | None:

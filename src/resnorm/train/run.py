@@ -121,6 +121,19 @@ _ORDER = ("model", "model_options", "model_structure", "dataset", "dataset_optio
           "data")
 
 
+def command_line() -> str:
+    """The command that made this process's results, as the user typed it: the one a
+    parent launching workers announced in ``$RESNORM_COMMAND``, else this process's."""
+    if os.environ.get("RESNORM_COMMAND"):
+        return os.environ["RESNORM_COMMAND"]
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    program = Path(sys.argv[0])
+    name = ("python -m resnorm" if program.name == "__main__.py" and program.parent.name
+            == "resnorm" else program.name)
+    return " ".join([name, shlex.join(sys.argv[1:])]).strip()
+
+
 def provenance(device=None) -> dict:
     """How and where something was made: the command line, versions, date and machine."""
     from .. import __version__
@@ -131,7 +144,7 @@ def provenance(device=None) -> dict:
         machine["device"] = str(device)
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
             machine["device_name"] = torch.cuda.get_device_name(torch.device(device))
-    return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+    return {"command": command_line(),
             "resnorm": __version__, "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
