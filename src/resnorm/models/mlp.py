@@ -85,10 +85,30 @@ class ResidualMLP(nn.Module):
         return self.head(x)
 
 
-register_model("mlp", ResidualMLP,
-               "residual MLP: depth blocks of Linear-ReLU-Norm-Linear-Norm, add, ReLU")
-register_model("plain_mlp", ResidualMLP, "the residual MLP without its skip connections",
-               residual=False)
-register_model("seed_mlp", ResidualMLP, "the seed texts' Keras model: Input(128) -> "
-               "residual_block(128) -> Dense(10)", fixed={"depth": 1, "placement": "post"},
-               in_features=128, width=128)
+@register_model
+def mlp(**kwargs) -> ResidualMLP:
+    """residual MLP: depth blocks of Linear-ReLU-Norm-Linear-Norm, add, ReLU
+
+    The seed texts' residual block, with the identity shortcut of "Deep Residual Learning for
+    Image Recognition" (He et al. 2015). At the default 48 blocks of width 128 over MNIST-1D's
+    40 features: 1,616,266 parameters.
+    """
+    return ResidualMLP(**kwargs)
+
+
+@register_model
+def plain_mlp(*, residual: bool = False, **kwargs) -> ResidualMLP:
+    """the residual MLP without its skip connections
+
+    The plain twin of ``mlp`` (He et al. 2015's plain networks): 1,616,266 parameters.
+    """
+    return ResidualMLP(residual=residual, **kwargs)
+
+
+@register_model(fixed={"depth": 1, "placement": "post"})
+def seed_mlp(*, in_features: int = 128, width: int = 128, **kwargs) -> ResidualMLP:
+    """the seed texts' Keras model: Input(128) -> residual_block(128) -> Dense(10)
+
+    34,826 parameters, the trainable parameters of the seed texts' Keras model.
+    """
+    return ResidualMLP(depth=1, placement="post", in_features=in_features, width=width, **kwargs)

@@ -6,6 +6,7 @@ import fnmatch
 import inspect
 import itertools
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,24 +20,83 @@ from ..errors import UsageError, UsageTypeError
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered name. ``builder`` is the class whose signature lists the options;
+    ``fixed`` are the keyword arguments that define the variant (``depth=56`` for
+    ``resnet56``) and cannot be overridden; ``defaults`` are used unless overridden.
+    ``factory`` is the function registered with ``@register_model``, which builds the model
+    (``None`` for a name registered with a builder: ``create_model`` then calls it)."""
     name: str
     builder: Callable[..., nn.Module]
     defaults: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     description: str = ""
+    factory: Callable[..., nn.Module] | None = None
+
+    def build(self, **overrides) -> nn.Module:
+        """The model with ``overrides`` on top of the defaults (checked by ``create_model``)."""
+        if self.factory is not None:
+            return self.factory(**overrides)
+        return self.builder(**{**self.defaults, **overrides, **self.fixed})
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, builder: Callable[..., nn.Module], description: str = "", *,
-                   fixed: dict | None = None, **defaults) -> None:
-    """Register ``builder`` under ``name``. ``fixed`` are the keyword arguments that define
-    the variant (``depth=56`` for ``resnet56``) and cannot be overridden; ``defaults`` are
-    used unless ``create_model`` overrides them."""
-    if name in _REGISTRY:
-        raise UsageError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), dict(fixed or {}), description)
+def register_model(name=None, builder: Callable[..., nn.Module] | None = None,
+                   description: str | None = None, *, fixed: dict | None = None, **defaults):
+    """Register a model, as timm and torchvision do, by decorating the function that builds it::
+
+        @register_model(fixed={"depth": 56})
+        def resnet56(**kwargs) -> CifarResNet:
+            return CifarResNet(depth=56, **kwargs)
+
+    The function's name is the model's name; its return annotation is the builder, whose
+    signature lists the options ``create_model`` accepts; its keyword parameters with
+    defaults (``in_channels: int = 1``) are the model's defaults; ``fixed`` are the keyword
+    arguments the function passes to define the variant, which cannot be overridden; the
+    description is the docstring's first line unless ``description=`` gives it.
+
+    ``register_model(name, builder, description, fixed=..., **defaults)`` registers a
+    builder (a class or function taking the options) under ``name`` without a function.
+    """
+    if callable(name):
+        return _register_function(name, description, {})
+    if name is None:
+        if builder is not None or defaults:
+            raise UsageTypeError("@register_model(...) takes description= and fixed= only; "
+                                 "the function's keyword parameters give its defaults")
+        return lambda function: _register_function(function, description, dict(fixed or {}))
+    _add(ModelEntry(name, builder, dict(defaults), dict(fixed or {}), description or ""))
+    return None
+
+
+def _register_function(function: Callable[..., nn.Module], description: str | None,
+                       fixed: dict) -> Callable[..., nn.Module]:
+    name = function.__name__
+    builder = typing.get_type_hints(function).get("return")
+    if not callable(builder):
+        raise UsageTypeError(f"@register_model: {name}() needs its return annotation, the "
+                             f"class whose options it takes (-> CifarResNet)")
+    options = inspect.signature(builder).parameters
+    defaults = {}
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        if (parameter.name not in options or parameter.name in fixed
+                or parameter.default is inspect.Parameter.empty):
+            raise UsageTypeError(f"@register_model: {name}() parameter {parameter.name!r} must "
+                                 f"be an option of {builder.__name__} with a default, not fixed")
+        defaults[parameter.name] = parameter.default
+    if description is None:
+        description = (inspect.getdoc(function) or "").partition("\n")[0]
+    _add(ModelEntry(name, builder, defaults, fixed, description, factory=function))
+    return function
+
+
+def _add(entry: ModelEntry) -> None:
+    if entry.name in _REGISTRY:
+        raise UsageError(f"model {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
 
 
 def _natural_key(name: str) -> list:
@@ -84,9 +144,8 @@ def create_model(name: str, **overrides) -> nn.Module:
     if unknown:
         raise UsageTypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(accepted)}")
-    kwargs = {**entry.defaults, **overrides, **entry.fixed}
-    _check_model_fits(name, overrides, entry.builder, kwargs)
-    return entry.builder(**kwargs)
+    _check_model_fits(name, overrides, entry)
+    return entry.build(**overrides)
 
 
 class _NoMetaFills(TorchFunctionMode):
@@ -106,8 +165,7 @@ class _NoMetaFills(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _check_model_fits(name: str, overrides: dict, builder: Callable[..., nn.Module],
-                      kwargs: dict) -> None:
+def _check_model_fits(name: str, overrides: dict, entry: ModelEntry) -> None:
     """Build the model on the meta device (shapes only, no memory, the RNG untouched) and
     raise UsageError if its parameters and buffers exceed this machine's memory: a width
     with extra digits is one line rather than an allocation that fails late or is killed."""
@@ -115,7 +173,7 @@ def _check_model_fits(name: str, overrides: dict, builder: Callable[..., nn.Modu
     what = f"model {name!r}" + (f" with {options}" if options else "")
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"), _NoMetaFills():
-            model = builder(**kwargs)
+            model = entry.build(**overrides)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001

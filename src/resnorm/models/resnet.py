@@ -8,6 +8,9 @@
   ``preact_resnet164`` and ``preact_resnet1001``.
 - ImageNet ResNets (torchvision's layout and state-dict keys): ``resnet18`` ... ``resnet152``
   and the plain twins ``plain18``, ``plain34`` of the paper's Table 2.
+
+Each registered name is a function at the end of this file (``resnet56()``, as in torchvision),
+which builds one of the two classes above; their ``forward`` is the model's.
 """
 from __future__ import annotations
 
@@ -161,36 +164,352 @@ class ImageNetResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-_PAPER = "He et al. 2015, CIFAR-10 (Table 6)"
-register_model("resnet_cifar", CifarResNet, "CIFAR ResNet of any depth 6n+2 (or 9n+2 with "
-               "block='bottleneck')")
-for _d in (20, 32, 44, 56, 110, 1202):
-    register_model(f"resnet{_d}", CifarResNet, f"ResNet-{_d}, option-A shortcuts ({_PAPER})",
-                   fixed={"depth": _d})
-for _d in (20, 32, 44, 56, 110):
-    register_model(f"plain{_d}", CifarResNet, f"plain-{_d}: ResNet-{_d} without skip paths",
-                   fixed={"depth": _d, "residual": False})
+@register_model
+def resnet_cifar(**kwargs) -> CifarResNet:
+    """CIFAR ResNet of any depth 6n+2 (or 9n+2 with block='bottleneck')
 
-register_model("resnet1d", CifarResNet, "the CIFAR ResNet layout with 1-D convolutions, any "
-               "depth 6n+2", dims=1, in_channels=1)
-for _d in (20, 32, 44, 56, 110):
-    register_model(f"resnet1d_{_d}", CifarResNet, f"ResNet-{_d} with 1-D convolutions "
-                   "(MNIST-1D)", fixed={"depth": _d, "dims": 1}, in_channels=1)
-    register_model(f"plain1d_{_d}", CifarResNet, f"plain-{_d} with 1-D convolutions",
-                   fixed={"depth": _d, "dims": 1, "residual": False}, in_channels=1)
+    "Deep Residual Learning for Image Recognition" (He et al. 2015), section 4.2. At the default
+    depth of 20: 269,722 parameters.
+    """
+    return CifarResNet(**kwargs)
 
-register_model("preact_resnet", CifarResNet, "pre-activation CIFAR ResNet (He et al. 2016), "
-               "bottleneck, any depth 9n+2", fixed={"preact": True}, block="bottleneck",
-               shortcut="B")
-for _d in (164, 1001):
-    register_model(f"preact_resnet{_d}", CifarResNet, f"pre-activation ResNet-{_d}, bottleneck "
-                   "(He et al. 2016)", fixed={"depth": _d, "preact": True,
-                                              "block": "bottleneck"}, shortcut="B")
 
-register_model("resnet_imagenet", ImageNetResNet, "ImageNet ResNet of depth 18/34/50/101/152")
-for _d in IMAGENET_LAYOUTS:
-    register_model(f"resnet{_d}", ImageNetResNet, f"ResNet-{_d} (ImageNet, torchvision keys)",
-                   fixed={"depth": _d})
-for _d in (18, 34):
-    register_model(f"plain{_d}", ImageNetResNet, f"plain-{_d} (ImageNet, He et al. 2015 "
-                   "Table 2)", fixed={"depth": _d, "residual": False})
+@register_model(fixed={"depth": 20})
+def resnet20(**kwargs) -> CifarResNet:
+    """ResNet-20, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    269,722 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2.
+    """
+    return CifarResNet(depth=20, **kwargs)
+
+
+@register_model(fixed={"depth": 32})
+def resnet32(**kwargs) -> CifarResNet:
+    """ResNet-32, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    464,154 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2.
+    """
+    return CifarResNet(depth=32, **kwargs)
+
+
+@register_model(fixed={"depth": 44})
+def resnet44(**kwargs) -> CifarResNet:
+    """ResNet-44, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    658,586 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2.
+    """
+    return CifarResNet(depth=44, **kwargs)
+
+
+@register_model(fixed={"depth": 56})
+def resnet56(**kwargs) -> CifarResNet:
+    """ResNet-56, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    853,018 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2.
+    """
+    return CifarResNet(depth=56, **kwargs)
+
+
+@register_model(fixed={"depth": 110})
+def resnet110(**kwargs) -> CifarResNet:
+    """ResNet-110, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    1,727,962 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition",
+    section 4.2.
+    """
+    return CifarResNet(depth=110, **kwargs)
+
+
+@register_model(fixed={"depth": 1202})
+def resnet1202(**kwargs) -> CifarResNet:
+    """ResNet-1202, option-A shortcuts (He et al. 2015, CIFAR-10 (Table 6))
+
+    19,421,274 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition",
+    section 4.2.
+    """
+    return CifarResNet(depth=1202, **kwargs)
+
+
+@register_model(fixed={"depth": 20, "residual": False})
+def plain20(**kwargs) -> CifarResNet:
+    """plain-20: ResNet-20 without skip paths
+
+    269,722 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2 and Figure 6.
+    """
+    return CifarResNet(depth=20, residual=False, **kwargs)
+
+
+@register_model(fixed={"depth": 32, "residual": False})
+def plain32(**kwargs) -> CifarResNet:
+    """plain-32: ResNet-32 without skip paths
+
+    464,154 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2 and Figure 6.
+    """
+    return CifarResNet(depth=32, residual=False, **kwargs)
+
+
+@register_model(fixed={"depth": 44, "residual": False})
+def plain44(**kwargs) -> CifarResNet:
+    """plain-44: ResNet-44 without skip paths
+
+    658,586 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2 and Figure 6.
+    """
+    return CifarResNet(depth=44, residual=False, **kwargs)
+
+
+@register_model(fixed={"depth": 56, "residual": False})
+def plain56(**kwargs) -> CifarResNet:
+    """plain-56: ResNet-56 without skip paths
+
+    853,018 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition", section
+    4.2 and Figure 6.
+    """
+    return CifarResNet(depth=56, residual=False, **kwargs)
+
+
+@register_model(fixed={"depth": 110, "residual": False})
+def plain110(**kwargs) -> CifarResNet:
+    """plain-110: ResNet-110 without skip paths
+
+    1,727,962 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition",
+    section 4.2 and Figure 6.
+    """
+    return CifarResNet(depth=110, residual=False, **kwargs)
+
+
+@register_model
+def resnet1d(*, dims: int = 1, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """the CIFAR ResNet layout with 1-D convolutions, any depth 6n+2
+
+    The layout of "Deep Residual Learning for Image Recognition" (He et al. 2015), section 4.2,
+    for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus 2020). At the default
+    depth of 20: 91,162 parameters.
+    """
+    return CifarResNet(dims=dims, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 20, "dims": 1})
+def resnet1d_20(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """ResNet-20 with 1-D convolutions (MNIST-1D)
+
+    91,162 parameters. The ResNet-20 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), section 4.2, for the sequences of MNIST-1D ("Scaling Down Deep Learning",
+    Greydanus 2020).
+    """
+    return CifarResNet(depth=20, dims=1, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 20, "dims": 1, "residual": False})
+def plain1d_20(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """plain-20 with 1-D convolutions
+
+    91,162 parameters. The plain-20 of "Deep Residual Learning for Image Recognition" (He et al.
+    2015), Figure 6, for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus
+    2020).
+    """
+    return CifarResNet(depth=20, dims=1, residual=False, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 32, "dims": 1})
+def resnet1d_32(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """ResNet-32 with 1-D convolutions (MNIST-1D)
+
+    156,570 parameters. The ResNet-32 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), section 4.2, for the sequences of MNIST-1D ("Scaling Down Deep Learning",
+    Greydanus 2020).
+    """
+    return CifarResNet(depth=32, dims=1, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 32, "dims": 1, "residual": False})
+def plain1d_32(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """plain-32 with 1-D convolutions
+
+    156,570 parameters. The plain-32 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), Figure 6, for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus
+    2020).
+    """
+    return CifarResNet(depth=32, dims=1, residual=False, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 44, "dims": 1})
+def resnet1d_44(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """ResNet-44 with 1-D convolutions (MNIST-1D)
+
+    221,978 parameters. The ResNet-44 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), section 4.2, for the sequences of MNIST-1D ("Scaling Down Deep Learning",
+    Greydanus 2020).
+    """
+    return CifarResNet(depth=44, dims=1, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 44, "dims": 1, "residual": False})
+def plain1d_44(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """plain-44 with 1-D convolutions
+
+    221,978 parameters. The plain-44 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), Figure 6, for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus
+    2020).
+    """
+    return CifarResNet(depth=44, dims=1, residual=False, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 56, "dims": 1})
+def resnet1d_56(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """ResNet-56 with 1-D convolutions (MNIST-1D)
+
+    287,386 parameters. The ResNet-56 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), section 4.2, for the sequences of MNIST-1D ("Scaling Down Deep Learning",
+    Greydanus 2020).
+    """
+    return CifarResNet(depth=56, dims=1, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 56, "dims": 1, "residual": False})
+def plain1d_56(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """plain-56 with 1-D convolutions
+
+    287,386 parameters. The plain-56 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), Figure 6, for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus
+    2020).
+    """
+    return CifarResNet(depth=56, dims=1, residual=False, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 110, "dims": 1})
+def resnet1d_110(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """ResNet-110 with 1-D convolutions (MNIST-1D)
+
+    581,722 parameters. The ResNet-110 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), section 4.2, for the sequences of MNIST-1D ("Scaling Down Deep Learning",
+    Greydanus 2020).
+    """
+    return CifarResNet(depth=110, dims=1, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"depth": 110, "dims": 1, "residual": False})
+def plain1d_110(*, in_channels: int = 1, **kwargs) -> CifarResNet:
+    """plain-110 with 1-D convolutions
+
+    581,722 parameters. The plain-110 of "Deep Residual Learning for Image Recognition" (He et
+    al. 2015), Figure 6, for the sequences of MNIST-1D ("Scaling Down Deep Learning", Greydanus
+    2020).
+    """
+    return CifarResNet(depth=110, dims=1, residual=False, in_channels=in_channels, **kwargs)
+
+
+@register_model(fixed={"preact": True})
+def preact_resnet(*, block: str = "bottleneck", shortcut: str = "B", **kwargs) -> CifarResNet:
+    """pre-activation CIFAR ResNet (He et al. 2016), bottleneck, any depth 9n+2
+
+    "Identity Mappings in Deep Residual Networks" (He et al. 2016). At the default depth of 20
+    (2 blocks per stage; the paper's depths are 164 and 1001): 219,482 parameters.
+    """
+    return CifarResNet(preact=True, block=block, shortcut=shortcut, **kwargs)
+
+
+@register_model(fixed={"depth": 164, "preact": True, "block": "bottleneck"})
+def preact_resnet164(*, shortcut: str = "B", **kwargs) -> CifarResNet:
+    """pre-activation ResNet-164, bottleneck (He et al. 2016)
+
+    1,703,258 parameters. He et al. 2016, "Identity Mappings in Deep Residual Networks", Table 3
+    (CIFAR).
+    """
+    return CifarResNet(depth=164, preact=True, block="bottleneck", shortcut=shortcut, **kwargs)
+
+
+@register_model(fixed={"depth": 1001, "preact": True, "block": "bottleneck"})
+def preact_resnet1001(*, shortcut: str = "B", **kwargs) -> CifarResNet:
+    """pre-activation ResNet-1001, bottleneck (He et al. 2016)
+
+    10,327,706 parameters. He et al. 2016, "Identity Mappings in Deep Residual Networks", Table
+    3 (CIFAR).
+    """
+    return CifarResNet(depth=1001, preact=True, block="bottleneck", shortcut=shortcut, **kwargs)
+
+
+@register_model
+def resnet_imagenet(**kwargs) -> ImageNetResNet:
+    """ImageNet ResNet of depth 18/34/50/101/152
+
+    "Deep Residual Learning for Image Recognition" (He et al. 2015), Table 1. At the default
+    depth of 50: 25,557,032 parameters.
+    """
+    return ImageNetResNet(**kwargs)
+
+
+@register_model(fixed={"depth": 18})
+def resnet18(**kwargs) -> ImageNetResNet:
+    """ResNet-18 (ImageNet, torchvision keys)
+
+    11,689,512 parameters, as torchvision's resnet18. He et al. 2015, "Deep Residual Learning
+    for Image Recognition", Table 1.
+    """
+    return ImageNetResNet(depth=18, **kwargs)
+
+
+@register_model(fixed={"depth": 34})
+def resnet34(**kwargs) -> ImageNetResNet:
+    """ResNet-34 (ImageNet, torchvision keys)
+
+    21,797,672 parameters, as torchvision's resnet34. He et al. 2015, "Deep Residual Learning
+    for Image Recognition", Table 1.
+    """
+    return ImageNetResNet(depth=34, **kwargs)
+
+
+@register_model(fixed={"depth": 50})
+def resnet50(**kwargs) -> ImageNetResNet:
+    """ResNet-50 (ImageNet, torchvision keys)
+
+    25,557,032 parameters, as torchvision's resnet50. He et al. 2015, "Deep Residual Learning
+    for Image Recognition", Table 1.
+    """
+    return ImageNetResNet(depth=50, **kwargs)
+
+
+@register_model(fixed={"depth": 101})
+def resnet101(**kwargs) -> ImageNetResNet:
+    """ResNet-101 (ImageNet, torchvision keys)
+
+    44,549,160 parameters, as torchvision's resnet101. He et al. 2015, "Deep Residual Learning
+    for Image Recognition", Table 1.
+    """
+    return ImageNetResNet(depth=101, **kwargs)
+
+
+@register_model(fixed={"depth": 152})
+def resnet152(**kwargs) -> ImageNetResNet:
+    """ResNet-152 (ImageNet, torchvision keys)
+
+    60,192,808 parameters, as torchvision's resnet152. He et al. 2015, "Deep Residual Learning
+    for Image Recognition", Table 1.
+    """
+    return ImageNetResNet(depth=152, **kwargs)
+
+
+@register_model(fixed={"depth": 18, "residual": False})
+def plain18(**kwargs) -> ImageNetResNet:
+    """plain-18 (ImageNet, He et al. 2015 Table 2)
+
+    11,515,688 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition",
+    Tables 1 and 2.
+    """
+    return ImageNetResNet(depth=18, residual=False, **kwargs)
+
+
+@register_model(fixed={"depth": 34, "residual": False})
+def plain34(**kwargs) -> ImageNetResNet:
+    """plain-34 (ImageNet, He et al. 2015 Table 2)
+
+    21,623,848 parameters. He et al. 2015, "Deep Residual Learning for Image Recognition",
+    Tables 1 and 2.
+    """
+    return ImageNetResNet(depth=34, residual=False, **kwargs)

@@ -87,5 +87,14 @@ class TransformerClassifier(nn.Module):
         return self.head(x[:, 0] if self.cls is not None else x.mean(1))
 
 
-register_model("transformer", TransformerClassifier, "small Transformer encoder classifier "
-               "(pre- or post-norm, DeepNorm) over sequences; MNIST-1D by default")
+@register_model(description="small Transformer encoder classifier (pre- or post-norm, "
+                             "DeepNorm) over sequences; MNIST-1D by default")
+def transformer(**kwargs) -> TransformerClassifier:
+    """A small Transformer encoder classifier over sequences; MNIST-1D by default.
+
+    The encoder of "Attention Is All You Need" (Vaswani et al. 2017), pre-norm by default ("On
+    Layer Normalization in the Transformer Architecture", Xiong et al. 2020), or DeepNorm
+    ("DeepNet: Scaling Transformers to 1,000 Layers", Wang et al. 2022). At the default 4
+    blocks of width 64 over 40 steps: 137,354 parameters.
+    """
+    return TransformerClassifier(**kwargs)
