@@ -906,12 +906,14 @@ def test_figure_png_and_svg(tmp_path):
 
 
 def test_html_escapes_user_strings_and_writes_atomically(tmp_path):
+    from resnorm.diagnostics.report import diagnosis_html_section
+
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict([("<b>in</b>", nn.Linear(4, 8)), ("act", nn.ReLU()),
                                        ("out", nn.Linear(8, 3))]))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     d = diagnose(model, x, y, name="<script>alert(1)</script>")
-    html = d.html_section()
+    html = diagnosis_html_section(d)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<b>in</b>" not in html and "&lt;b&gt;in&lt;/b&gt;" in html
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)

@@ -18,8 +18,7 @@ What is checked, and against what:
    E[x^2] - E[x]^2 in float32 demonstrably fails the same bound;
 6. non-contiguous inputs, weights and upstream gradients: bit-equal to contiguous ones;
 7. bfloat16: y within one bf16 ulp of the oracle, ``residual_in_fp32``, gradients, x and
-   residual in different dtypes; two known limitations of the bf16 backward are pinned by
-   strict xfails (they fail loudly, as XPASS, once fixed);
+   residual in different dtypes;
 8. hypothesis properties over shapes (vector tails), leading dims, layouts, dtypes, eps and
    kind;
 9. the streaming-store path (outputs >= ``cpu.STREAM_BYTES``) and the normal one;
@@ -1454,7 +1453,7 @@ def test_builds_and_matches_without_avx512(compiled):
     directory = cpu.build_directory().parent / name
     directory.mkdir(parents=True, exist_ok=True)
     flags = [f for f in cpu.FLAGS if not f.startswith(("-march", "-mprefer"))]
-    avx2 = cpp_extension.load(name=name, sources=[str(cpu.SOURCE)],
+    avx2 = cpp_extension.load(name=name, sources=[str(cpu.CSRC / f) for f in cpu.SOURCES],
                               build_directory=str(directory),
                               extra_cflags=flags + ["-march=x86-64-v3"], verbose=False)
     native = cpu.load()

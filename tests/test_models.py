@@ -651,3 +651,16 @@ def test_post_norm_transformer_has_no_final_norm():
     post = create_model("transformer", placement="post")
     assert isinstance(post.final_norm, nn.Identity)
     assert not isinstance(create_model("transformer").final_norm, nn.Identity)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_variant_function_builds_what_its_registered_fixed_options_say(name):
+    """``@register_model(fixed=...)`` next to the function's own body: the two must agree
+    (same structure: names, shapes, dtypes; built on the meta device, no memory)."""
+    entry = get_model_entry(name)
+    with torch.device("meta"):
+        built = entry.build()
+        declared = entry.builder(**{**entry.defaults, **entry.fixed})
+    assert type(built) is type(declared)
+    assert [(k, v.shape, v.dtype) for k, v in built.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in declared.state_dict().items()]

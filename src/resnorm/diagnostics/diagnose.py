@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import json_safe
 from ..errors import UsageError, UsageTypeError
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..norms import BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
@@ -65,14 +65,14 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model_name, "verdict": self.verdict.value, "loss": _num(self.loss),
-            "grad_ratio": _num(self.grad_ratio), "start_layer": self.start_layer,
+            "model": self.model_name, "verdict": self.verdict.value, "loss": json_safe(self.loss),
+            "grad_ratio": json_safe(self.grad_ratio), "start_layer": self.start_layer,
             "findings": self.findings, "remedies": self.remedies, "structure": self.structure,
             "thresholds": asdict(self.thresholds),
-            "layers": [{**asdict(layer), "relative": _num(layer.relative),
-                        "grad_norm": _num(layer.grad_norm)} for layer in self.layers],
-            "blocks": [{k: _num(v) for k, v in asdict(b).items()} for b in self.blocks],
-            "activations": {k: {kk: _num(vv) for kk, vv in asdict(v).items()}
+            "layers": [{**asdict(layer), "relative": json_safe(layer.relative),
+                        "grad_norm": json_safe(layer.grad_norm)} for layer in self.layers],
+            "blocks": [{k: json_safe(v) for k, v in asdict(b).items()} for b in self.blocks],
+            "activations": {k: {kk: json_safe(vv) for kk, vv in asdict(v).items()}
                             for k, v in self.activations.items()},
         }
 
@@ -89,19 +89,9 @@ class Diagnosis:
         from .report import diagnosis_figure
         return diagnosis_figure(self, path)
 
-    def html_section(self) -> str:
-        from .report import diagnosis_html_section
-        return diagnosis_html_section(self)
-
     def write_html(self, path) -> None:
         from .report import write_diagnosis_html
         write_diagnosis_html(self, path)
-
-
-def _num(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def default_loss(output: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:

@@ -70,7 +70,6 @@ class Judgement:
     verdict: Verdict
     grad_ratio: float
     start_layer: str | None
-    start_index: int | None
     findings: list[str]
     remedies: list[str]
 
@@ -110,8 +109,7 @@ def judge(layers: list[LayerGrad], blocks: list, activations: dict, loss: float,
                     "(torch.nn.utils.clip_grad_norm_)."]
         if not structure["has_norm"]:
             remedies.append("Add normalization (norm='batch' or 'layer') to bound activations.")
-        index = next((i for i, layer in enumerate(layers) if layer.name == where), None)
-        return Judgement(Verdict.NONFINITE, ratio, where, index, findings, remedies)
+        return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies)
 
     # 2. Gradients: ratio between the first and the last layer, and absolute starvation.
     verdict = Verdict.HEALTHY
@@ -171,7 +169,7 @@ def judge(layers: list[LayerGrad], blocks: list, activations: dict, loss: float,
                         f"{thresholds.dead_fraction:.0%} dead units (worst: {worst}, "
                         f"{dead[worst]:.0%}).")
 
-    return Judgement(verdict, ratio, layers[start].name if start is not None else None, start,
+    return Judgement(verdict, ratio, layers[start].name if start is not None else None,
                      findings, _remedies(verdict, structure, bool(dead)))
 
 

@@ -148,16 +148,14 @@ def _dataset(name: str, options_json: str):
 
 
 def _compact_init(diagnosis) -> dict:
-    def finite(x):
-        return x if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-    return {"verdict": diagnosis.verdict.value, "grad_ratio": finite(diagnosis.grad_ratio),
+    """What a run's summary keeps of its diagnosis at initialization (non-finite numbers
+    become null when the summary is written)."""
+    return {"verdict": diagnosis.verdict.value, "grad_ratio": diagnosis.grad_ratio,
             "start_layer": diagnosis.start_layer,
-            "layers": [{"name": l.name, "kind": l.kind, "grad_norm": finite(l.grad_norm)}
+            "layers": [{"name": l.name, "kind": l.kind, "grad_norm": l.grad_norm}
                        for l in diagnosis.layers],
-            "blocks": [{"name": b.name, "sq_mean": finite(b.sq_mean), "var": finite(b.var),
-                        "branch_var": finite(b.branch_var) if b.branch_var is not None else None}
-                       for b in diagnosis.blocks]}
+            "blocks": [{"name": b.name, "sq_mean": b.sq_mean, "var": b.var,
+                        "branch_var": b.branch_var} for b in diagnosis.blocks]}
 
 
 def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int,
