@@ -1347,3 +1347,16 @@ def test_contiguous_input_gives_a_contiguous_output(kind, channel_dim):
     norm = make_norm(kind, 8, channel_dim=channel_dim)
     x = torch.randn(4, 8, 6, 6) if channel_dim == 1 else torch.randn(4, 6, 6, 8)
     assert norm(x).is_contiguous()
+
+
+def test_the_norm_table_is_the_one_source_of_kinds():
+    from resnorm.diagnostics.diagnose import NORM_CLASSES as DIAGNOSED
+    from resnorm.norms import FUSED_KINDS, NORM_CLASSES, NORM_TABLE
+
+    assert NORM_KINDS == (*NORM_TABLE, "none")
+    assert FUSED_KINDS == tuple(k for k, row in NORM_TABLE.items() if row.fused_cls)
+    for name, row in NORM_TABLE.items():
+        assert type(make_norm(name, 8)) is row.cls
+        if row.fused_cls is not None:
+            assert type(make_norm(name, 8, fused=True)) is row.fused_cls
+        assert row.cls in NORM_CLASSES and set(NORM_CLASSES) <= set(DIAGNOSED)

@@ -12,14 +12,15 @@ from torch import nn
 from .._io import json_safe
 from ..errors import UsageError, UsageTypeError
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
-from ..norms import BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .. import norms
 from .probes import ForwardRecorder, find_blocks, parameterized_layers, unwrap
 from .stats import ActivationSummary
 from .verdict import LayerGrad, Thresholds, Verdict, judge
 
-NORM_CLASSES = (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, DyT,
-                nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+# resnorm's norm classes (from the one table of kinds) and torch.nn's.
+NORM_CLASSES = (*norms.NORM_CLASSES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm,
+                nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -17,9 +18,44 @@ from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, RMSNorm
 
-NORM_KINDS = ("batch", "layer", "rms", "group", "instance", "dyt", "none")
+@dataclass(frozen=True)
+class NormKind:
+    """One row of :data:`NORM_TABLE`: how ``make_norm(name, C, ...)`` builds the kind.
+
+    ``cls`` is built as ``cls(*leading(C, options), C, channel_dim=..., convention=...,
+    **defaults, **options)``; ``fused_cls`` is its residual-add twin (``fused=True``), if it
+    has one; ``convention=False`` for a kind without eps/momentum conventions."""
+
+    name: str
+    cls: type[nn.Module]
+    fused_cls: type[nn.Module] | None = None
+    defaults: dict = field(default_factory=dict)
+    leading: Callable[[int, dict], tuple] | None = None
+    convention: bool = True
+
+
+def _group_count(num_features: int, options: dict) -> tuple:
+    return (options.pop("num_groups", default_num_groups(num_features)),)
+
+
+# The one table of normalization kinds: make_norm, NORM_KINDS, FUSED_KINDS, the fusability
+# rule of the blocks and the norm classes diagnose recognizes all derive from it. Adding a
+# kind is one row here plus its class.
+NORM_TABLE: dict[str, NormKind] = {k.name: k for k in (
+    NormKind("batch", BatchNorm),
+    NormKind("layer", LayerNorm, fused_cls=FusedAddLayerNorm),
+    NormKind("rms", RMSNorm, fused_cls=FusedAddRMSNorm),
+    NormKind("group", GroupNorm, leading=_group_count),
+    # affine by default (unlike torch.nn): inside a block the norm's scale and shift are wanted
+    NormKind("instance", InstanceNorm, defaults={"affine": True}),
+    NormKind("dyt", DyT, convention=False),   # no eps, no convention
+)}
+NORM_KINDS = (*NORM_TABLE, "none")
 # The kinds with a fused residual-add twin (make_norm(..., fused=True)).
-FUSED_KINDS = ("layer", "rms")
+FUSED_KINDS = tuple(name for name, kind in NORM_TABLE.items() if kind.fused_cls is not None)
+# Every class make_norm can return for a kind (fused twins included).
+NORM_CLASSES = tuple(cls for kind in NORM_TABLE.values()
+                     for cls in (kind.cls, kind.fused_cls) if cls is not None)
 
 NormSpec = str | None | Callable[..., nn.Module]
 
@@ -77,23 +113,13 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
     if fused and kind not in FUSED_KINDS:
         raise UsageError(f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, "
                          f"got {kind!r}")
-    layout = {"channel_dim": channel_dim}
-    with_convention = {**layout, "convention": convention}
     if kind == "none":
         if options:
             raise UsageTypeError(f"norm='none' takes no options, got {', '.join(sorted(options))}")
         return nn.Identity()
-    if kind == "batch":
-        return _build(BatchNorm, {**with_convention, **options}, num_features)
-    if kind == "layer":
-        return _build(FusedAddLayerNorm if fused else LayerNorm, {**with_convention, **options},
-                      num_features)
-    if kind == "rms":
-        return _build(FusedAddRMSNorm if fused else RMSNorm, {**with_convention, **options},
-                      num_features)
-    if kind == "group":
-        groups = options.pop("num_groups", default_num_groups(num_features))
-        return _build(GroupNorm, {**with_convention, **options}, groups, num_features)
-    if kind == "instance":
-        return _build(InstanceNorm, {"affine": True, **with_convention, **options}, num_features)
-    return _build(DyT, {**layout, **options}, num_features)  # "dyt": no eps, no convention
+    row = NORM_TABLE[kind]
+    options = dict(options)
+    leading = row.leading(num_features, options) if row.leading else ()
+    layout = {"channel_dim": channel_dim, **({"convention": convention} if row.convention else {})}
+    return _build(row.fused_cls if fused else row.cls, {**row.defaults, **layout, **options},
+                  *leading, num_features)
