@@ -39,16 +39,29 @@ def atomic_open(path, mode: str = "wb") -> IO:
         raise
 
 
-def json_safe(value):
+def json_safe(value, *, coerce: bool = False):
     """``value`` with every NaN or infinite float (in nested dicts, lists and tuples)
-    replaced by ``None``, so that ``json.dumps(..., allow_nan=False)`` writes strict JSON."""
+    replaced by ``None``, so that ``json.dumps(..., allow_nan=False)`` writes strict JSON.
+
+    With ``coerce=True`` the result is JSON data throughout, whatever ``value`` holds:
+    dict keys become strings, numpy and torch scalars their Python value (through
+    ``.item()``), and anything else that is not ``None``, a bool, str, int or float its
+    ``str``."""
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {(str(k) if coerce else k): json_safe(v, coerce=coerce)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, coerce=coerce) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    return value
+    if not coerce or value is None or isinstance(value, (bool, str, int, float)):
+        return value
+    if hasattr(value, "item"):  # numpy and torch scalars
+        try:
+            return json_safe(value.item(), coerce=True)
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def check_writable_path(name: str, path, kind: str = "dir") -> None:
