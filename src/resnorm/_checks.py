@@ -21,6 +21,17 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_options(what: str, given: Iterable[str], accepted: Iterable[str]) -> None:
+    """The one check of keyword options: ``UsageTypeError`` naming ``what`` (e.g.
+    ``create_model('mlp')``), the unknown options (in the order of ``given``) and the
+    accepted ones."""
+    accepted = list(accepted)
+    unknown = [option for option in given if option not in accepted]
+    if unknown:
+        raise UsageTypeError(f"{what} got unexpected option(s) {', '.join(unknown)}; "
+                             f"accepted: {', '.join(accepted)}")
+
+
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """Return ``value`` if it is an integer (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from ..errors import UsageTypeError
-from .._checks import check_choice
+from .._checks import check_choice, check_options
 from .base import DataSplit
 from .cifar import load_cifar10, load_cifar100
 from .idx import load_fashion_mnist, load_mnist
@@ -43,8 +42,5 @@ def load_dataset(name: str = DEFAULT_DATASET, **options) -> DataSplit:
     take raises ``TypeError`` naming it and listing :func:`dataset_options`.
     """
     accepted = dataset_options(name)
-    unknown = [option for option in options if option not in accepted]
-    if unknown:
-        raise UsageTypeError(f"load_dataset({name!r}) got unexpected option(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(accepted)}")
+    check_options(f"load_dataset({name!r})", options, accepted)
     return DATASETS[name](**options)

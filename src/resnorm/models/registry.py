@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._checks import check_fits_in_memory
+from .._checks import check_fits_in_memory, check_options
 from ..errors import UsageError, UsageTypeError
 
 
@@ -140,10 +140,7 @@ def create_model(name: str, **overrides) -> nn.Module:
         fixed = ", ".join(f"{k}={entry.fixed[k]!r}" for k in clash)
         raise UsageTypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
                              f"own name or through its family's generic entry")
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise UsageTypeError(f"create_model({name!r}) got unexpected option(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(accepted)}")
+    check_options(f"create_model({name!r})", sorted(overrides), accepted)
     _check_model_fits(name, overrides, entry)
     return entry.build(**overrides)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import UsageError, UsageTypeError
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_options
 from .base import CHANNEL_DIMS
 from .batch import BatchNorm
 from .conventions import CONVENTIONS
@@ -71,10 +71,7 @@ def default_num_groups(num_channels: int) -> int:
 
 def _build(cls, options: dict, *args) -> nn.Module:
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise UsageTypeError(f"{cls.__name__} got unexpected option(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(accepted[len(args):])}")
+    check_options(cls.__name__, sorted(options), accepted[len(args):])
     return cls(*args, **options)
 
 
