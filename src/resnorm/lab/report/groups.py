@@ -8,8 +8,8 @@ import math
 import numbers
 
 from ...errors import UsageError
+from ..study import AXES
 
-AXES = ("depth", "batch_size")
 _AXIS_WORD = {"depth": "depth", "batch_size": "batch size"}
 # What identifies a configuration besides the variant label, the swept axis and the seed.
 _CONFIG_FIELDS = ("family", "model", "norm", "residual", "placement", "dataset", "options",
