@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -188,6 +188,50 @@ def execute_distributed_run(spec: RunSpec, study: Study, run_dir: str, device: s
     return summary
 
 
+@dataclass
+class RunSummary:
+    """What one lab run leaves in ``summary.json`` and what the report reads: the run's
+    grid point, how it ended (``status``: finished, diverged or failed, with ``error``),
+    its numbers, its diagnosis at initialization and its configuration's hash (what
+    reuse compares). Runs record it through :meth:`to_dict` (strict JSON)."""
+
+    run_id: str
+    variant: str
+    family: str
+    model: str
+    depth: int
+    norm: str
+    residual: bool
+    placement: str | None
+    batch_size: int
+    seed: int
+    options: dict
+    label: str
+    dataset: str
+    status: str = "failed"
+    error: str | None = None
+    diverged_at_step: int | None = None
+    diverged_in: str | None = None
+    final_test_acc: float | None = None
+    best_test_acc: float | None = None
+    final_train_loss: float | None = None
+    parameters: int | None = None
+    seconds: float | None = None
+    history: list = field(default_factory=list)
+    init: dict | None = None
+    config_hash: str | None = None
+    config: dict | None = None
+
+    @classmethod
+    def of(cls, spec: RunSpec, study: Study, **fields) -> RunSummary:
+        grid = {**asdict(spec), "options": dict(spec.options)}
+        return cls(run_id=spec.run_id, variant=spec.variant, family=spec.model,
+                   dataset=study.dataset, **grid, **fields)
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+
 def run_config(spec: RunSpec, study: Study, device: str, nproc: int = 1) -> dict:
     """Everything that decides a lab run's result: the run (model, options, depth, norm,
     residual, placement, batch size, seed), the study's data set and its options (not
@@ -213,12 +257,7 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
     rank, world_size = world()
     start = time.perf_counter()
     config = run_config(spec, study, device, world_size)
-    summary = {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
-               **asdict(spec), "options": dict(spec.options), "dataset": study.dataset,
-               "status": "failed", "error": None, "diverged_at_step": None,
-               "final_test_acc": None, "best_test_acc": None, "final_train_loss": None,
-               "parameters": None, "seconds": None, "history": [], "init": None,
-               "config_hash": identity_hash(config), "config": config}
+    summary = RunSummary.of(spec, study, config_hash=identity_hash(config), config=config)
     try:
         data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
         train_config = study.train_config(spec.batch_size // world_size, spec.seed, device)
@@ -229,13 +268,13 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
         run = prepare_run(spec.model, study.dataset, model_options=spec.model_overrides(),
                           dataset_options=study.dataset_options, config=train_config,
                           out=run_dir, data=data)
-        summary["parameters"] = sum(p.numel() for p in run.model.parameters())
+        summary.parameters = sum(p.numel() for p in run.model.parameters())
         generator = torch.Generator().manual_seed(spec.seed)
         index = torch.randperm(len(data.x_train), generator=generator)[:INIT_BATCH]
-        summary["init"] = _compact_init(diagnose(run.model, data.x_train[index],
-                                                 data.y_train[index]))
+        summary.init = _compact_init(diagnose(run.model, data.x_train[index],
+                                              data.y_train[index]))
         if study.init_only:
-            summary["status"] = "finished"
+            summary.status = "finished"
         else:
             try:
                 result = run.fit(progress=False, on_epoch=on_epoch)
@@ -243,22 +282,23 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
                 result = run.fit(progress=False, on_epoch=on_epoch, restart=True)
             history = result.history
             finite_acc = [h["test_acc"] for h in history if math.isfinite(h["test_acc"])]
-            summary.update(
-                status="diverged" if result.diverged else "finished",
-                diverged_at_step=result.diverged_at_step, diverged_in=result.diverged_in,
-                history=history,
-                final_test_acc=history[-1]["test_acc"] if history else None,
-                best_test_acc=max(finite_acc) if finite_acc else None,
-                final_train_loss=history[-1]["train_loss"] if history else None)
+            summary.status = "diverged" if result.diverged else "finished"
+            summary.diverged_at_step = result.diverged_at_step
+            summary.diverged_in = result.diverged_in
+            summary.history = history
+            if history:
+                summary.final_test_acc = history[-1]["test_acc"]
+                summary.best_test_acc = max(finite_acc) if finite_acc else None
+                summary.final_train_loss = history[-1]["train_loss"]
     except Exception as exc:  # recorded, and the lab goes on
-        summary["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        summary.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(run_dir / "error.txt", "w") as f:
             f.write(traceback.format_exc())
         if world_size > 1:
             raise
-    summary["seconds"] = time.perf_counter() - start
-    summary = json_safe(summary)
+    summary.seconds = time.perf_counter() - start
+    summary = summary.to_dict()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(run_dir / "summary.json", "w") as f:
@@ -394,12 +434,7 @@ def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None
 
 
 def _worker_died(spec: RunSpec, study: Study, error: str) -> dict:
-    return {"run_id": spec.run_id, "variant": spec.variant, "family": spec.model,
-            **asdict(spec), "options": dict(spec.options), "dataset": study.dataset,
-            "status": "failed", "error": error,
-            "diverged_at_step": None, "final_test_acc": None, "best_test_acc": None,
-            "final_train_loss": None, "parameters": None, "seconds": None, "history": [],
-            "init": None}
+    return RunSummary.of(spec, study, error=error).to_dict()
 
 
 class _LabProgress:
