@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import io
-import json
 import math
 import sys
 import time
@@ -20,19 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import UsageError, UsageTypeError
-from .._io import atomic_open, json_safe
+from .._io import json_safe
 from ..data import DataSplit
 from ..errors import UsageError, UsageTypeError
 from ..norms import convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
-from .checkpoint import CheckpointDir, CheckpointError, _first_line
+from .batches import _batches, _rank_seed, _shard
+from .checkpoint import CheckpointError, _first_line
 from .config import TrainConfig
 from .distributed import rank_device, world
+from .evaluate import _evaluate_shared, _full_precision, evaluate
+from .files import RunFiles
 from .optim import augment_images, make_optimizer, make_scheduler
+from .progress import _Progress
 from .run import (RunMismatchError, identity_differences, run_identity, run_record,
                   train_identity)
-
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 
 
 @dataclass
@@ -74,108 +71,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device={name!r} but CUDA is not available here; use device='cpu'")
     return device
-
-
-def _full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (autocast) upcast to float32; float64 ones kept."""
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-
-
-@torch.no_grad()
-def _eval_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int) -> tuple[float, int]:
-    """Summed cross-entropy and number of correct predictions, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        logits = _full_precision(model(x[start:start + batch_size]))
-        target = y[start:start + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
-    model.train(was_training)
-    return total_loss, correct
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode."""
-    total_loss, correct = _eval_sums(model, x, y, batch_size)
-    return total_loss / len(x), correct / len(x)
-
-
-def _evaluate_shared(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                     rank: int, world_size: int) -> tuple[float, float]:
-    """:func:`evaluate` of rank 0's model, each process taking a slice of ``(x, y)``.
-    The buffers (running statistics) are rank 0's first, as DistributedDataParallel makes
-    them before every training step: without synchronized batch norm each process's own
-    last update would differ."""
-    with torch.no_grad():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-    lo, hi = len(x) * rank // world_size, len(x) * (rank + 1) // world_size
-    total_loss, correct = _eval_sums(model, x[lo:hi], y[lo:hi], batch_size)
-    totals = torch.tensor([total_loss, correct], dtype=torch.float64, device=x.device)
-    dist.all_reduce(totals)
-    total_loss, correct = totals.tolist()
-    return total_loss / len(x), correct / len(x)
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int,
-             world_size: int = 1) -> list[torch.Tensor]:
-    """The epoch's shuffled global batches of ``world_size * batch_size`` samples, a function
-    of (seed, epoch) only, so a resumed run sees the same order, and a run of N processes
-    with batch B sees the batches of one process with batch N x B. A trailing smaller
-    batch is kept only if it gives every process at least 2 samples (batch norm needs 2):
-    in one process, a trailing batch of one sample is dropped."""
-    size = batch_size * world_size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return [order[s:s + size] for s in range(0, n, size)
-            if n - s >= size or n - s >= 2 * world_size or n == 1]
-
-
-def _shard(batch: torch.Tensor, world_size: int, rank: int) -> tuple[torch.Tensor, int]:
-    """This process's contiguous slice of a global batch and where it starts: equal
-    slices for a full batch, sizes differing by at most one for a trailing one."""
-    pieces = batch.tensor_split(world_size)
-    return pieces[rank], sum(len(p) for p in pieces[:rank])
-
-
-class RunFiles:
-    """The files of a run directory: ``config.json``, ``metrics.jsonl``, ``metrics.csv``,
-    ``checkpoint.pt`` (+ ``checkpoint.prev.pt``), ``result.json``, ``monitor.jsonl``."""
-
-    def __init__(self, root) -> None:
-        self.root = Path(root)
-        self.checkpoints = CheckpointDir(self.root)
-
-    def write_json(self, name: str, payload: dict) -> None:
-        with atomic_open(self.root / name, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False, default=str)
-            f.write("\n")
-
-    def read_json(self, name: str) -> dict | None:
-        """A JSON file of the run folder, or ``None`` if it is missing or unreadable."""
-        try:
-            value = json.loads((self.root / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def write_metrics(self, history: list[dict]) -> None:
-        """Rewrite both metrics files from the history (so a resumed run never repeats or
-        loses a row). Values that are not finite are written as null (JSON) and empty
-        cells (CSV)."""
-        history = json_safe(history)
-        with atomic_open(self.root / "metrics.jsonl", "w") as f:
-            for row in history:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRIC_KEYS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
-        with atomic_open(self.root / "metrics.csv", "w") as f:
-            f.write(buffer.getvalue())
 
 
 def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), *,
@@ -281,12 +176,6 @@ def _check_resumable(state: dict, identity: dict, world_size: int, steps_per_epo
             f"{root} holds a run of {saved_world} process(es) ({saved_steps} steps per "
             f"epoch); {world_size} process(es) give {steps_per_epoch}: resume it with "
             f"{saved_world} process(es), or restart it (global batch {batch})")
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """Rank 0 keeps the run's seed (one process is rank 0 of one); the others get their
-    own streams (dropout masks), deterministic in (seed, rank)."""
-    return seed if rank == 0 else seed * 1_000_003 + 7919 * rank
 
 
 class _Trainer:
@@ -558,42 +447,3 @@ def _restore_rng(state: dict, seed: int, rank: int, world_size: int,
                 torch.cuda.set_rng_state_all(rng["cuda"])
     else:  # a different number of processes: a fresh, deterministic stream
         torch.manual_seed(_rank_seed(seed, rank) + state["global_step"])
-
-
-class _Progress:
-    """A rich progress bar on stderr (steps, loss, accuracy, samples/s, ETA), or nothing."""
-
-    def __init__(self, show: bool, description: str, total: int, done: int) -> None:
-        self.show, self.description, self.total, self.done = show, description, total, done
-        self.progress = None
-        self.task = None
-        self.samples = 0
-        self.start = time.perf_counter()
-
-    def __enter__(self) -> _Progress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
-                           "{task.fields[rate]} samples/s"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self.description, total=self.total,
-                                               completed=self.done, loss="-", acc="-", rate="-")
-        return self
-
-    def advance(self, loss: float, acc: float, samples: int) -> None:
-        if self.progress is None:
-            return
-        self.samples += samples
-        rate = self.samples / max(1e-9, time.perf_counter() - self.start)
-        self.progress.update(self.task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.1%}",
-                             rate=f"{rate:,.0f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
