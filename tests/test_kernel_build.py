@@ -27,9 +27,12 @@ def shared_root(monkeypatch, tmp_path):
 
 
 def _copy_source(tmp_path, extra: bytes = b"") -> Path:
-    copy = tmp_path / "elsewhere" / cpu.SOURCE.name
-    copy.parent.mkdir()
-    copy.write_bytes(cpu.SOURCE.read_bytes() + extra)
+    """A copy of the kernel's csrc/ folder elsewhere, ``extra`` appended to its first source."""
+    copy = tmp_path / "elsewhere" / cpu.CSRC.name
+    copy.mkdir(parents=True)
+    for path in cpu.source_files():
+        data = path.read_bytes() + (extra if path.name == cpu.SOURCES[0] else b"")
+        (copy / path.name).write_bytes(data)
     return copy
 
 
@@ -40,7 +43,7 @@ CHANGES = {
     "torch install path": lambda mp, tmp: mp.setattr(
         torch, "__file__", "/opt/another-venv/site-packages/torch/__init__.py"),
     "python version": lambda mp, tmp: mp.setattr(sys, "version", "3.99.0 (main) [GCC 99]"),
-    "source bytes": lambda mp, tmp: mp.setattr(cpu, "SOURCE", _copy_source(tmp, b"\n// v2\n")),
+    "source bytes": lambda mp, tmp: mp.setattr(cpu, "CSRC", _copy_source(tmp, b"\n// v2\n")),
     "flags": lambda mp, tmp: mp.setattr(cpu, "FLAGS", [*cpu.FLAGS, "-DRESNORM_OTHER"]),
 }
 
@@ -59,7 +62,7 @@ def test_same_inputs_same_directory(shared_root, monkeypatch, tmp_path):
     first = cpu.build_directory()
     assert cpu.build_directory() == first
     # The source is keyed by its bytes, not its path: the same file elsewhere is the same build.
-    monkeypatch.setattr(cpu, "SOURCE", _copy_source(tmp_path))
+    monkeypatch.setattr(cpu, "CSRC", _copy_source(tmp_path))
     assert cpu.build_directory() == first
     assert first.parent == shared_root
     name = first.name
@@ -101,18 +104,20 @@ def test_default_root_is_pytorchs(monkeypatch, tmp_path):
 
 
 def test_needs_compile(tmp_path, monkeypatch):
-    source = _copy_source(tmp_path)
-    monkeypatch.setattr(cpu, "SOURCE", source)
+    monkeypatch.setattr(cpu, "CSRC", _copy_source(tmp_path))
     directory = tmp_path / "resnorm_add_norm_cpu_0123456789abcdef"
     directory.mkdir()
     assert cpu._needs_compile(directory)  # nothing built yet
     library = directory / f"{directory.name}.so"
     library.write_bytes(b"")
-    os.utime(source, (1_000_000, 1_000_000))
+    for source in cpu.source_files():
+        os.utime(source, (1_000_000, 1_000_000))
     os.utime(library, (2_000_000, 2_000_000))
     assert not cpu._needs_compile(directory)
-    os.utime(source, (3_000_000, 3_000_000))  # rewritten since: ninja will rebuild
-    assert cpu._needs_compile(directory)
+    for source in cpu.source_files():  # any one rewritten since (a header too): ninja rebuilds
+        os.utime(source, (3_000_000, 3_000_000))
+        assert cpu._needs_compile(directory), source.name
+        os.utime(source, (1_000_000, 1_000_000))
 
 
 class _FakeModule:

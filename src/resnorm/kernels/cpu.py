@@ -1,8 +1,10 @@
 """The compiled CPU kernel: built on first use with PyTorch's C++ extension tooling.
 
-The C++ source (``csrc/add_norm_cpu.cpp``) is compiled with the host compiler
-(``-O3 -march=native``) once per environment and machine, into a directory named after a
-hash of all that changes the binary (:func:`build_inputs`: the source's bytes, the flags,
+The C++ sources (:data:`SOURCES` in ``csrc/``: the fused add+norm kernels, the output pool,
+the diagnostics Monitor's norm statistics and the Python bindings, one extension) are
+compiled with the host compiler (``-O3 -march=native``) once per environment and machine,
+into a directory named after a hash of all that changes the binary (:func:`build_inputs`:
+the bytes of every source and header, the flags,
 PyTorch's version and install path, Python's version and ABI, ``sys.prefix``, the CPU model
 and flags). Two virtual environments sharing one cache root therefore get a build each
 instead of rebuilding in turn over each other's, and a cache shared across machines never
@@ -47,7 +49,11 @@ import torch
 
 from ..errors import UsageError, UsageTypeError
 
-SOURCE = Path(__file__).with_name("csrc") / "add_norm_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# The translation units of the one extension, and the headers they share (hashed into the
+# build key with them: a changed header changes the binary).
+SOURCES = ("add_norm_kernels.cpp", "output_pool.cpp", "norm_stats.cpp", "bindings.cpp")
+HEADERS = ("add_norm_kernels.h", "output_pool.h", "norm_stats.h")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
@@ -77,10 +83,25 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def source_files() -> list[Path]:
+    """Every file the build reads from ``csrc/`` (:data:`CSRC`): sources, then headers."""
+    return [CSRC / name for name in (*SOURCES, *HEADERS)]
+
+
+def _source_bytes() -> bytes:
+    """The bytes of every file of :func:`source_files`, each after its name and length (so
+    that no two different sets of files give the same bytes)."""
+    parts = []
+    for path in source_files():
+        data = path.read_bytes()
+        parts += [f"{path.name}:{len(data)}:".encode(), data]
+    return b"".join(parts)
+
+
 def build_inputs() -> dict[str, bytes | str]:
     """Everything that changes the compiled binary, or where it may be loaded from."""
     return {
-        "source": SOURCE.read_bytes(),
+        "source": _source_bytes(),
         "flags": " ".join(FLAGS),
         "torch": torch.__version__,
         "torch_path": str(Path(torch.__file__).resolve().parent),
@@ -120,11 +141,12 @@ def build_directory() -> Path:
 
 
 def _needs_compile(directory: Path) -> bool:
-    """Whether loading from ``directory`` compiles: no library yet, or one older than the
-    source (ninja rebuilds on timestamps, e.g. after a checkout rewrote the file)."""
+    """Whether loading from ``directory`` compiles: no library yet, or one older than a
+    source or header (ninja rebuilds on timestamps, e.g. after a checkout rewrote a file)."""
     library = directory / f"{directory.name}.so"
     try:
-        return library.stat().st_mtime < SOURCE.stat().st_mtime
+        built = library.stat().st_mtime
+        return any(built < path.stat().st_mtime for path in source_files())
     except FileNotFoundError:
         return True
 
@@ -152,7 +174,7 @@ def load():
             if _needs_compile(directory):
                 print(f"resnorm: building the fused CPU kernel, once, ~30 s (cached in "
                       f"{directory})", file=sys.stderr, flush=True)
-            module = cpp_extension.load(name=name, sources=[str(SOURCE)],
+            module = cpp_extension.load(name=name, sources=[str(CSRC / f) for f in SOURCES],
                                         extra_cflags=FLAGS, build_directory=str(directory),
                                         verbose=False)
             module.configure_pool(_state["pool_min_bytes"] if pool_on else -1, pool_cap)
