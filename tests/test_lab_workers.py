@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from resnorm.lab import parse_study, plan_workers, run_study
-from resnorm.lab import runner
+from resnorm.lab import progress, runner
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
                                 reason="finds worker processes through /proc")
@@ -136,10 +136,10 @@ def test_ctrl_c_ends_every_worker_within_2_seconds(tmp_path):
 # A process whose spawned child uses the portable watch (not Linux's parent-death signal).
 WATCHED = textwrap.dedent("""
     import multiprocessing, time
-    from resnorm.lab import runner
+    from resnorm.lab import workers
 
     def child():
-        runner._watch_parent()
+        workers._watch_parent()
         time.sleep(600)
 
     if __name__ == "__main__":
@@ -194,7 +194,7 @@ def test_a_resumed_run_trains_with_the_threads_of_the_uninterrupted_lab(tmp_path
     assert threads == {last: 1}
 
 
-class _Recording(runner._LabProgress):
+class _Recording(progress._LabProgress):
     events: list = []
 
     def started(self, run_id):
@@ -234,7 +234,7 @@ def test_execute_run_passes_every_epoch_row_to_on_epoch(tmp_path):
 
 def test_the_eta_comes_from_measured_epochs_and_counts_down():
     now = [0.0]
-    bar = runner._LabProgress(False, total=5, done=1, epochs=10, workers=2,
+    bar = progress._LabProgress(False, total=5, done=1, epochs=10, workers=2,
                               clock=lambda: now[0])
     bar.started("a")
     bar.started("b")
@@ -256,7 +256,7 @@ def test_the_eta_comes_from_measured_epochs_and_counts_down():
 
 def test_the_eta_of_an_init_only_study_counts_runs():
     now = [0.0]
-    bar = runner._LabProgress(False, total=4, done=0, epochs=0, workers=1,
+    bar = progress._LabProgress(False, total=4, done=0, epochs=0, workers=1,
                               clock=lambda: now[0])
     bar.started("a")
     now[0] = 3.0

@@ -12,15 +12,12 @@ batch, each process taking batch / N.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,6 +29,8 @@ from typing import Callable
 from ..errors import UsageError
 from .._io import atomic_open, json_safe
 from ..train.run import identity_hash
+from . import workers
+from .progress import _LabProgress
 from .study import RunSpec, Study
 
 INIT_BATCH = 128
@@ -58,82 +57,16 @@ def plan_workers(num_runs: int, workers: int | None = None, cores: int | None = 
     return workers, threads
 
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-# Set in each worker process by _init_worker: where it reports its runs' progress.
-_progress_reports = None
-
-
-def _init_worker(parent_pid: int, reports) -> None:
-    """Prepare a worker process of :func:`run_study`: it dies with the lab's process, leaves
-    Ctrl-C to it (the terminal sends SIGINT to the whole process group; the lab then ends
-    its workers itself) and reports progress to ``reports`` (a queue, or ``None``)."""
-    global _progress_reports
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(parent_pid)
-    _progress_reports = reports
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """End this process as soon as its parent ends, however it ends (SIGKILL included),
-    instead of training queued runs for nobody and then waiting forever. On Linux the
-    kernel kills it (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere, or if that fails,
-    a daemon thread waits for the parent's end and exits the process."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-        if armed:
-            if os.getppid() != parent_pid:  # the parent died before the signal was armed
-                os._exit(1)
-            return
-    _watch_parent()
-
-
-def _watch_parent() -> None:
-    """The portable way: a daemon thread that waits on the parent process's sentinel (a
-    pipe that reaches end of file, or a process handle, when the parent ends)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def wait_then_exit() -> None:
-        parent.join()
-        os._exit(1)
-
-    threading.Thread(target=wait_then_exit, name="resnorm-exit-with-parent",
-                     daemon=True).start()
-
-
 def _run_in_worker(spec: RunSpec, study: Study, run_dir: str, device: str,
                    threads: int) -> dict:
     """:func:`execute_run` in a worker process, reporting ``("started", run_id)`` and
     ``("epoch", run_id, epoch)`` to the lab's process when it shows progress."""
-    reports = _progress_reports
+    reports = workers._progress_reports
     if reports is None:
         return execute_run(spec, study, run_dir, device, threads)
     reports.put(("started", spec.run_id))
     return execute_run(spec, study, run_dir, device, threads,
                        on_epoch=lambda row: reports.put(("epoch", spec.run_id, row["epoch"])))
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """End ``pool``'s worker processes now, without waiting for their runs: the queued
-    runs are cancelled, the running ones killed (they resume from their checkpoints when
-    the lab runs again; what finished is on disk)."""
-    # Python < 3.14 has no public way to terminate a pool's processes.
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    deadline = time.monotonic() + 1.0
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join(1.0)
 
 
 @lru_cache(maxsize=4)
@@ -382,7 +315,7 @@ def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_wo
     # A SimpleQueue's put is written before it returns: a run's last epoch arrives
     # before its result does (a Queue's feeder thread could deliver it after).
     reports = context.SimpleQueue() if bar.show else None
-    pool = ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
+    pool = ProcessPoolExecutor(n_workers, mp_context=context, initializer=workers._init_worker,
                                initargs=(os.getpid(), reports))
     try:
         pending = {pool.submit(_run_in_worker, spec, study, str(out / "runs" / spec.run_id),
@@ -401,7 +334,7 @@ def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_wo
                         spec, study, f"worker process died: {type(exc).__name__}: {exc}")
                 bar.finished(spec.run_id)
     except BaseException:
-        _stop_workers(pool)
+        workers._stop_workers(pool)
         raise
     pool.shutdown()
     if reports is not None:
@@ -435,131 +368,3 @@ def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None
 
 def _worker_died(spec: RunSpec, study: Study, error: str) -> dict:
     return RunSummary.of(spec, study, error=error).to_dict()
-
-
-class _LabProgress:
-    """What the lab is doing, on stderr when it is a terminal: runs done of all, a line per
-    running run (its run_id and ``epoch e/E``) and an estimate of the time left.
-
-    The estimate comes from costs measured in this invocation, never from the runs it
-    reused: the worker-seconds per epoch trained here (from each run's start to its
-    latest epoch; an init-only study counts runs instead of epochs), times the epochs
-    left (a run resumed from a checkpoint counts from its latest reported epoch), over
-    the workers that still have runs. Nothing is shown until an epoch was measured, and
-    nothing in distributed runs, which do not report epochs. It counts down between
-    reports; it is off as far as the runs left differ in cost from those measured."""
-
-    def __init__(self, show: bool, total: int, done: int, epochs: int, workers: int, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.show, self.total, self.done = show, total, done
-        self.epochs, self.workers, self.clock = epochs, workers, clock
-        self.running: dict[str, dict] = {}   # run_id -> started, epoch, units, mark, task
-        self.ended_seconds = 0.0              # worker-seconds of the ended runs' units
-        self.ended_units = 0
-        self.estimate: tuple[float, float] | None = None  # (seconds left, clock then)
-        self.lock = threading.Lock()  # the display renders from its own thread
-        self.progress = self.task = None
-
-    def __enter__(self) -> _LabProgress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
-                                       TimeElapsedColumn)
-            from rich.table import Column
-            from rich.text import Text
-
-            lab = self
-
-            class EtaColumn(ProgressColumn):
-                def render(self, task) -> Text:
-                    left = lab.seconds_left() if task.id == lab.task else None
-                    return Text("" if left is None else f"ETA {_hms(left)}",
-                                style="progress.remaining")
-
-            # Fixed widths, the run_id cut with an ellipsis: on an 80-column terminal the
-            # bar, the counts and the ETA stay readable.
-            self.progress = Progress(
-                TextColumn("{task.description}", table_column=Column(
-                    min_width=12, max_width=24, no_wrap=True, overflow="ellipsis")),
-                BarColumn(bar_width=10), TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(), EtaColumn(), console=Console(stderr=True))
-            self.progress.start()
-            self.task = self.progress.add_task("lab", total=self.total, completed=self.done,
-                                               status=self._lab_status())
-        return self
-
-    def started(self, run_id: str) -> None:
-        now = self.clock()
-        with self.lock:
-            self.running[run_id] = {"started": now, "epoch": 0, "units": 0, "mark": now,
-                                    "task": None}
-            self._estimate(now)
-        if self.progress is not None:
-            self.running[run_id]["task"] = self.progress.add_task(
-                f"  {run_id}", total=self.epochs or None,
-                status="starting" if self.epochs else "running")
-            self.progress.update(self.task, status=self._lab_status())
-
-    def epoch(self, run_id: str, epoch: int) -> None:
-        """``run_id`` has trained its epoch ``epoch`` (counted from 1)."""
-        now = self.clock()
-        with self.lock:
-            run = self.running.get(run_id)
-            if run is None:
-                return
-            run.update(epoch=epoch, units=run["units"] + 1, mark=now)
-            self._estimate(now)
-        if self.progress is not None:
-            self.progress.update(run["task"], completed=epoch,
-                                 status=f"epoch {epoch}/{self.epochs}")
-
-    def finished(self, run_id: str) -> None:
-        now = self.clock()
-        with self.lock:
-            run = self.running.pop(run_id, None)
-            if run is not None:
-                if not self.epochs:  # init-only: a run is the unit of work
-                    run.update(units=1, mark=now)
-                if run["units"]:
-                    self.ended_seconds += run["mark"] - run["started"]
-                    self.ended_units += run["units"]
-            self.done += 1
-            self._estimate(now)
-        if self.progress is not None:
-            if run is not None and run["task"] is not None:
-                self.progress.remove_task(run["task"])
-            self.progress.update(self.task, advance=1, status=self._lab_status())
-
-    def seconds_left(self) -> float | None:
-        """The estimated seconds until the last run ends, or ``None`` before anything was
-        measured."""
-        with self.lock:
-            if self.estimate is None:
-                return None
-            left, then = self.estimate
-        return max(0.0, left - (self.clock() - then))
-
-    def _estimate(self, now: float) -> None:
-        seconds = self.ended_seconds + sum(r["mark"] - r["started"]
-                                           for r in self.running.values())
-        units = self.ended_units + sum(r["units"] for r in self.running.values())
-        runs_left = self.total - self.done
-        if not units or not runs_left:
-            self.estimate = (0.0, now) if not runs_left else None
-            return
-        per_run = self.epochs or 1
-        units_left = ((runs_left - len(self.running)) * per_run
-                      + sum(max(0, per_run - r["epoch"]) for r in self.running.values()))
-        self.estimate = (units_left * seconds / units / min(self.workers, runs_left), now)
-
-    def _lab_status(self) -> str:
-        return f"{self.done}/{self.total} done, {len(self.running)} running"
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _hms(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -34,4 +34,5 @@ from .findings import SMOKE_NOTE, summarize_findings
 from .groups import AXES
 from .table import summary_table
 
-__all__ = ["summarize_findings", "summary_table", "write_report"]
+__all__ = ["AXES", "CSV_COLUMNS", "FIGURES", "SMOKE_NOTE", "summarize_findings", "summary_table",
+           "write_report"]
