@@ -12,11 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnorm.blocks import (BasicBlock, Bottleneck, DenseBlock, DenseLayer, DropPath,
-                            FeedForward, LayerScale, PadShortcut, PreActBasicBlock,
-                            PreActBottleneck, Residual, ResidualAdd, ResidualMLPBlock,
-                            ScalarGain, SelfAttention, TransformerBlock, Transition,
-                            deepnorm_constants, make_branch_scale, make_shortcut)
+from resnorm.blocks import (
+    BasicBlock,
+    Bottleneck,
+    DenseBlock,
+    DenseLayer,
+    DropPath,
+    FeedForward,
+    LayerScale,
+    PadShortcut,
+    PreActBasicBlock,
+    PreActBottleneck,
+    Residual,
+    ResidualAdd,
+    ResidualMLPBlock,
+    ScalarGain,
+    SelfAttention,
+    TransformerBlock,
+    Transition,
+    deepnorm_constants,
+    make_branch_scale,
+    make_shortcut,
+)
 from resnorm.norms import NORM_KINDS, BatchNorm
 
 ALL_NORMS = list(NORM_KINDS)

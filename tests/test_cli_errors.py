@@ -11,8 +11,7 @@ from resnorm._checks import check_device, check_fits_in_memory, physical_memory
 from resnorm._io import check_writable_path
 from resnorm.errors import UsageError, UsageTypeError
 from resnorm.lab.study import MAX_RUNS, MAX_SEEDS, StudyError, check_run_count, load_study
-from resnorm.models import create_model, get_model_entry
-from resnorm.models import registry
+from resnorm.models import create_model, get_model_entry, registry
 
 HUGE = "99999999999"
 

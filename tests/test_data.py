@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from resnorm import _checks
-from resnorm.data import DataSplit, cache_dir, load_dataset, load_mnist1d
+from resnorm.data import DataSplit, cache_dir, load_dataset, load_mnist1d, mnist1d
 from resnorm.data import base as data_base
-from resnorm.data import mnist1d
 from resnorm.errors import UsageError
 
 

@@ -16,10 +16,23 @@ import torch
 
 import resnorm._checks as checks
 import resnorm.data as data_module
-from resnorm.data import (DATASETS, DEFAULT_DATASET, DataSplit, UnsafePickleError, data_dir,
-                          dataset_options, load_cifar10, load_cifar100, load_dataset,
-                          load_digits, load_fashion_mnist, load_mnist, load_mnist1d,
-                          load_mnist_sample, load_synthetic)
+from resnorm.data import (
+    DATASETS,
+    DEFAULT_DATASET,
+    DataSplit,
+    UnsafePickleError,
+    data_dir,
+    dataset_options,
+    load_cifar10,
+    load_cifar100,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    load_mnist1d,
+    load_mnist_sample,
+    load_synthetic,
+)
 from resnorm.data.base import standardize
 from resnorm.data.idx import read_idx
 from resnorm.errors import UsageError

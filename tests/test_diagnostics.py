@@ -20,7 +20,13 @@ from torch import nn
 
 from resnorm.cli import main
 from resnorm.diagnostics import (
-    ActivationSummary, Diagnosis, Monitor, Thresholds, Verdict, channel_stats, diagnose,
+    ActivationSummary,
+    Diagnosis,
+    Monitor,
+    Thresholds,
+    Verdict,
+    channel_stats,
+    diagnose,
     summarize_activation,
 )
 from resnorm.models import create_model

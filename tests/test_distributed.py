@@ -20,8 +20,13 @@ from torch import nn
 from resnorm import create_model
 from resnorm.cli import _forwarded_args, main, train
 from resnorm.data import DataSplit
-from resnorm.norms import (BatchNorm, SyncBatchNorm, convert_sync_batchnorm, has_batch_norm,
-                           revert_sync_batchnorm)
+from resnorm.norms import (
+    BatchNorm,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    has_batch_norm,
+    revert_sync_batchnorm,
+)
 from resnorm.train import TrainConfig, augment_images, fit
 from resnorm.train.distributed import check_nproc, describe_failures
 from resnorm.train.loop import _batches, _check_resumable, _shard

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnorm.train import CheckpointDir
-from resnorm.train import checkpoint
+from resnorm.train import CheckpointDir, checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "faults.py"
 

@@ -11,8 +11,7 @@ from html.parser import HTMLParser
 import markupsafe
 import pytest
 
-from resnorm.lab.report import (CSV_COLUMNS, summarize_findings, summary_table,
-                                write_report)
+from resnorm.lab.report import CSV_COLUMNS, summarize_findings, summary_table, write_report
 
 XSS = "mlp, residual, layer norm <script>alert(1)</script>"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from resnorm.lab import parse_study, plan_workers, run_study
-from resnorm.lab import progress, runner
+from resnorm.lab import parse_study, plan_workers, progress, run_study, runner
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
                                 reason="finds worker processes through /proc")

@@ -14,11 +14,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 from resnorm.blocks import DropPath, LayerScale, ResidualAdd
-from resnorm.models import (CifarDenseNet, CifarResNet, ImageNetResNet, ResidualMLP,
-                            TransformerClassifier, accepted_options, create_model,
-                            get_model_entry, list_models, register_model)
-from resnorm.norms import (NORM_KINDS, BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm,
-                           RMSNorm)
+from resnorm.models import (
+    CifarDenseNet,
+    CifarResNet,
+    ImageNetResNet,
+    ResidualMLP,
+    TransformerClassifier,
+    accepted_options,
+    create_model,
+    get_model_entry,
+    list_models,
+    register_model,
+)
+from resnorm.norms import NORM_KINDS, BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet.json").read_text())
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]

@@ -32,8 +32,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 from resnorm.norms import (
-    NORM_KINDS, BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, LayerNorm2d, RMSNorm,
-    default_num_groups, make_norm,
+    NORM_KINDS,
+    BatchNorm,
+    DyT,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    LayerNorm2d,
+    RMSNorm,
+    default_num_groups,
+    make_norm,
 )
 
 EXAMPLES = int(os.environ.get("RESNORM_HYPOTHESIS_EXAMPLES", "30"))

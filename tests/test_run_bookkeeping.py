@@ -18,8 +18,15 @@ from resnorm.cli import main
 from resnorm.data import DataSplit
 from resnorm.lab import parse_study, run_lab, run_study
 from resnorm.lab.study import StudyError
-from resnorm.train import (CheckpointDir, CheckpointError, RunMismatchError, TrainConfig, fit,
-                           load_checkpoint, prepare_run, train_named)
+from resnorm.train import (
+    CheckpointError,
+    RunMismatchError,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    prepare_run,
+    train_named,
+)
 from resnorm.train.loop import RunFiles
 
 

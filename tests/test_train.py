@@ -14,8 +14,17 @@ from torch import nn
 
 from resnorm import create_model
 from resnorm.data import DataSplit
-from resnorm.train import (CheckpointDir, CheckpointError, TrainConfig, augment_images,
-                           evaluate, fit, load_checkpoint, make_optimizer, make_scheduler)
+from resnorm.train import (
+    CheckpointDir,
+    CheckpointError,
+    TrainConfig,
+    augment_images,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+)
 
 
 def _blobs(n=400, classes=3, dim=8, seed=0):

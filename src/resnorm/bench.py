@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from . import __version__
 from ._checks import check_fits_in_memory
 from .errors import UsageError
-from . import __version__
 from .kernels import add_norm, cpu
 
 DEFAULT_SHAPES = ((4096, 768), (16384, 1024), (8192, 4096))

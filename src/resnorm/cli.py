@@ -10,7 +10,6 @@ import click
 from . import __version__
 from .errors import UsageError
 
-
 MAX_DEPTH = 10_000
 """The deepest --depth accepted (the ResNet paper's deepest is 1202): a deeper model is
 built module by module in Python before any memory check can refuse it."""
@@ -336,8 +335,13 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
           --nproc-per-node 4 -m resnorm train --model resnet20 --device cuda --sync-bn
     """
     from .train import TrainConfig, prepare_run
-    from .train.distributed import (check_nproc, init_distributed, launched_by_torchrun,
-                                    shutdown_distributed, world)
+    from .train.distributed import (
+        check_nproc,
+        init_distributed,
+        launched_by_torchrun,
+        shutdown_distributed,
+        world,
+    )
 
     in_worker = launched_by_torchrun()
     if nproc > 1 and in_worker:

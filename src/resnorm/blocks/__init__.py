@@ -5,12 +5,26 @@ Every block builds its normalization with :func:`resnorm.norms.make_norm` (any k
 the plain twin).
 """
 from .activations import ACTIVATIONS, make_activation
-from .conv import (SHORTCUTS, BasicBlock, Bottleneck, PadShortcut, PreActBasicBlock,
-                   PreActBottleneck, make_shortcut)
+from .conv import (
+                   SHORTCUTS,
+                   BasicBlock,
+                   Bottleneck,
+                   PadShortcut,
+                   PreActBasicBlock,
+                   PreActBottleneck,
+                   make_shortcut,
+)
 from .dense import DenseBlock, DenseLayer, Transition
 from .mlp import PLACEMENTS, ResidualMLPBlock
-from .residual import (SCALES, DropPath, LayerScale, Residual, ResidualAdd, ScalarGain,
-                       make_branch_scale)
+from .residual import (
+                   SCALES,
+                   DropPath,
+                   LayerScale,
+                   Residual,
+                   ResidualAdd,
+                   ScalarGain,
+                   make_branch_scale,
+)
 from .transformer import FeedForward, SelfAttention, TransformerBlock, deepnorm_constants
 
 __all__ = [

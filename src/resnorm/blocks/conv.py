@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_input, check_int
+from ..errors import UsageError
 from ..norms import make_norm
 from ..norms.factory import NormSpec
 from .activations import make_activation

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_input, check_int
+from ..errors import UsageError
 from ..norms import make_norm
 from ..norms.factory import FUSED_KINDS, NormSpec
 from .activations import make_activation

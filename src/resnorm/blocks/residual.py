@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_float, check_int
+from ..errors import UsageError, UsageTypeError
 from ..norms.base import CHANNEL_DIMS, channel_view
 
 SCALES = ("none", "rezero", "skipinit", "layerscale")

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_float, check_int
 from .._io import atomic_open
+from ..errors import UsageError, UsageTypeError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingFileError, UsageError
 from .._checks import check_choice, check_fits_in_memory
+from ..errors import MissingFileError, UsageError
 from .base import DataSplit, check_limit, describe_stats, from_arrays, resolve_root, standardize
 
 try:  # NumPy >= 2 (its arrays pickle under this name)

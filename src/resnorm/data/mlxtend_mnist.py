@@ -12,8 +12,18 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import MissingExtraError
-from .base import (DataSplit, cache_dir, cache_key, check_split, describe_stats, from_arrays,
-                   load_arrays, save_arrays, standardize, stratified_split)
+from .base import (
+    DataSplit,
+    cache_dir,
+    cache_key,
+    check_split,
+    describe_stats,
+    from_arrays,
+    load_arrays,
+    save_arrays,
+    standardize,
+    stratified_split,
+)
 
 INSTALL_HINT = "pip install 'resnorm[mnist-sample]'"
 

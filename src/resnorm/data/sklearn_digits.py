@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (DataSplit, check_split, describe_stats, from_arrays, standardize,
-                   stratified_split)
+from .base import DataSplit, check_split, describe_stats, from_arrays, standardize, stratified_split
 
 
 def load_digits(*, train_split: float = 0.8, seed: int = 42) -> DataSplit:

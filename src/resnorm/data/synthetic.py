@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ..errors import UsageTypeError
 from .._checks import check_fits_in_memory, check_int
+from ..errors import UsageTypeError
 from .base import DataSplit, from_arrays
 
 

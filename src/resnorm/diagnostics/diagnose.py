@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import json_safe
-from ..errors import UsageError, UsageTypeError
-from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from .. import norms
+from .._io import json_safe
+from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
+from ..errors import UsageError, UsageTypeError
 from .probes import ForwardRecorder, find_blocks, parameterized_layers, unwrap
 from .stats import ActivationSummary
 from .verdict import LayerGrad, Thresholds, Verdict, judge

@@ -13,11 +13,10 @@ import orjson
 import torch
 from torch import nn
 
-from ..errors import MissingExtraError, UsageError, UsageTypeError
 from .._checks import check_int
+from ..errors import MissingExtraError, UsageError, UsageTypeError
 from ..kernels import cpu as cpu_kernels
 from .probes import is_rectifier, parameterized_layers, unwrap
-
 
 _OPEN_MONITORS: weakref.WeakSet = weakref.WeakSet()
 

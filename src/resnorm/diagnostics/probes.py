@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from ..blocks import ResidualAdd, TransformerBlock
+from ..errors import UsageError
 from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
 from .stats import ActivationSummary, channel_stats, summarize_activation
 

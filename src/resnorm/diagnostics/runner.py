@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_fits_in_memory, check_int, format_bytes
+from ..errors import UsageError
 from ..models import create_model
 from .diagnose import Diagnosis, diagnose
 

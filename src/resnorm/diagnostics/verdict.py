@@ -22,8 +22,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from ..errors import UsageError
 from .._checks import check_float
+from ..errors import UsageError
 
 
 class Verdict(str, Enum):

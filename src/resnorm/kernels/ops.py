@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_float
+from ..errors import UsageError, UsageTypeError
 from . import cpu, reference
 
 KINDS = ("layer", "rms")

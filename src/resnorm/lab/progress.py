@@ -5,6 +5,7 @@ import threading
 import time
 from collections.abc import Callable
 
+
 class _LabProgress:
     """What the lab is doing, on stderr when it is a terminal: runs done of all, a line per
     running run (its run_id and ``epoch e/E``) and an estimate of the time left.
@@ -31,8 +32,13 @@ class _LabProgress:
     def __enter__(self) -> _LabProgress:
         if self.show:
             from rich.console import Console
-            from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
-                                       TimeElapsedColumn)
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             from rich.table import Column
             from rich.text import Text
 

@@ -26,8 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
 from .._io import atomic_open, json_safe
+from ..errors import UsageError
 from ..train.run import identity_hash
 from . import workers
 from .progress import _LabProgress
@@ -85,8 +85,8 @@ def _compact_init(diagnosis) -> dict:
     become null when the summary is written)."""
     return {"verdict": diagnosis.verdict.value, "grad_ratio": diagnosis.grad_ratio,
             "start_layer": diagnosis.start_layer,
-            "layers": [{"name": l.name, "kind": l.kind, "grad_norm": l.grad_norm}
-                       for l in diagnosis.layers],
+            "layers": [{"name": layer.name, "kind": layer.kind, "grad_norm": layer.grad_norm}
+                       for layer in diagnosis.layers],
             "blocks": [{"name": b.name, "sq_mean": b.sq_mean, "var": b.var,
                         "branch_var": b.branch_var} for b in diagnosis.blocks]}
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UsageError
 from ..data import DATASETS, dataset_options
+from ..errors import UsageError
 from ..models import accepted_options, get_model_entry
 from ..norms import NORM_KINDS
 from ..train import TrainConfig

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_float, check_int
 from ..blocks import DenseBlock, Transition, make_activation
 from ..blocks.conv import conv
+from ..errors import UsageError
 from ..norms import make_norm
 from .common import check_image_input, kaiming_init_convs
 from .registry import register_model

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_int
 from ..blocks import ResidualMLPBlock, make_activation
 from ..blocks.mlp import PLACEMENTS, fused_norm_options
+from ..errors import UsageError
 from ..norms import make_norm
 from .common import drop_path_rates
 from .registry import register_model

@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_int
+from ..blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, make_activation
 from ..blocks.conv import conv
-from ..blocks import (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck,
-                      make_activation)
+from ..errors import UsageError
 from ..norms import make_norm
 from .common import check_image_input, drop_path_rates, kaiming_init_convs
 from .registry import register_model

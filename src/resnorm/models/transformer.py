@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_int
 from ..blocks import TransformerBlock
+from ..errors import UsageError
 from ..norms import make_norm
 from .common import drop_path_rates
 from .registry import register_model

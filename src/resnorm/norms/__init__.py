@@ -7,13 +7,19 @@ from .base import RunningStatsNorm
 from .batch import BatchNorm
 from .conventions import CONVENTIONS
 from .dyt import DyT
-from .factory import (FUSED_KINDS, NORM_CLASSES, NORM_KINDS, NORM_TABLE, NormKind,
-                      default_num_groups, make_norm)
+from .factory import (
+                      FUSED_KINDS,
+                      NORM_CLASSES,
+                      NORM_KINDS,
+                      NORM_TABLE,
+                      NormKind,
+                      default_num_groups,
+                      make_norm,
+)
 from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, LayerNorm2d, RMSNorm
-from .sync_batch import (SyncBatchNorm, convert_sync_batchnorm, has_batch_norm,
-                         revert_sync_batchnorm)
+from .sync_batch import SyncBatchNorm, convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm", "CONVENTIONS", "DyT", "FUSED_KINDS", "FusedAddLayerNorm", "FusedAddRMSNorm",

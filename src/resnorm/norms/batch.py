@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
 from .._checks import check_choice, check_float
+from ..errors import UsageError
 from .base import RunningStatsNorm, apply_channels_at, channel_view
 from .conventions import CONVENTIONS, DEFAULT_MOMENTUM, resolve_eps
 

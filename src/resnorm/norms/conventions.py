@@ -6,8 +6,8 @@ its biased running variance. The numbers are the libraries' documented defaults.
 """
 from __future__ import annotations
 
-from ..errors import UsageError
 from .._checks import check_choice
+from ..errors import UsageError
 
 CONVENTIONS = ("torch", "keras")
 

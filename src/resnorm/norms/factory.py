@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_int, check_options
+from ..errors import UsageError, UsageTypeError
 from .base import CHANNEL_DIMS
 from .batch import BatchNorm
 from .conventions import CONVENTIONS
@@ -17,6 +17,7 @@ from .dyt import DyT
 from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, RMSNorm
+
 
 @dataclass(frozen=True)
 class NormKind:

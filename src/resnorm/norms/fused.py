@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
 from .._checks import check_choice
+from ..errors import UsageError
 from ..kernels import ACTIVATIONS, add_norm, reference
 from .layer import LayerNorm, RMSNorm
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
 from .._checks import check_choice, check_float, check_input, check_int
+from ..errors import UsageError
 from .base import CHANNEL_DIMS, RunningStatsNorm, apply_channels_at
 from .conventions import resolve_eps
 

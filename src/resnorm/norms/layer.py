@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_int
+from ..errors import UsageError, UsageTypeError
 from .base import CHANNEL_DIMS, apply_channels_at
 from .conventions import resolve_eps
 

@@ -6,8 +6,8 @@ import math
 
 from torch import nn
 
-from ..errors import UsageError
 from ..data import DataSplit
+from ..errors import UsageError
 from ..models import accepted_options, create_model, get_model_entry
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
 from .._io import atomic_open
+from ..errors import UsageError
 
 FORMAT = "resnorm-checkpoint"
 VERSION = 2

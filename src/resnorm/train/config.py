@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UsageError, UsageTypeError
 from .._checks import check_choice, check_device, check_float, check_int
+from ..errors import UsageError, UsageTypeError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")

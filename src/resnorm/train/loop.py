@@ -28,8 +28,7 @@ from .evaluate import _evaluate_shared, _full_precision, evaluate
 from .files import RunFiles
 from .optim import augment_images, make_optimizer, make_scheduler
 from .progress import _Progress
-from .run import (RunMismatchError, identity_differences, run_identity, run_record,
-                  train_identity)
+from .run import RunMismatchError, identity_differences, run_identity, run_record, train_identity
 
 
 @dataclass

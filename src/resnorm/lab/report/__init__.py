@@ -28,8 +28,8 @@ Conventions, in one place:
 """
 from __future__ import annotations
 
-from .files import CSV_COLUMNS, write_report
 from .figures import FIGURES
+from .files import CSV_COLUMNS, write_report
 from .findings import SMOKE_NOTE, summarize_findings
 from .groups import AXES
 from .table import summary_table

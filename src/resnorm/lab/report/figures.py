@@ -6,8 +6,17 @@ import math
 from pathlib import Path
 
 from ...diagnostics.report import figure_png_base64, save_figure
-from .groups import (_AXIS_WORD, _NOT_FINISHED, _by_x, _finite, _fmt_x, _has_init,
-                     _last_acc, _points, _sort_key)
+from .groups import (
+    _AXIS_WORD,
+    _NOT_FINISHED,
+    _by_x,
+    _finite,
+    _fmt_x,
+    _has_init,
+    _last_acc,
+    _points,
+    _sort_key,
+)
 
 FIGURES = (("accuracy", "Test accuracy"), ("loss_curves", "Training loss"),
            ("init_grad_norms", "Gradient norm by layer at initialization"),
@@ -206,7 +215,7 @@ def _grad_figure(groups: dict, axis: str):
             lines.append((order.index(label), label, run, points))
     if not lines:
         return None, "No per-layer gradient norms at initialization in these results."
-    where, per_variant = _depth_note({l: picks[l] for _, l, _, _ in lines})
+    where, per_variant = _depth_note({label: picks[label] for _, label, _, _ in lines})
     fig, ax = plt.subplots(figsize=(10, 4.8), constrained_layout=True)
     for i, label, run, points in lines:
         ax.plot(*zip(*points), marker="." if len(points) < 60 else None, lw=1.2,
@@ -223,7 +232,8 @@ def _grad_figure(groups: dict, axis: str):
 def _signal_figure(groups: dict, axis: str):
     import matplotlib.pyplot as plt
 
-    picks = {l: r for l, r in _init_picks(groups, axis).items() if r["init"].get("blocks")}
+    picks = {label: r for label, r in _init_picks(groups, axis).items()
+             if r["init"].get("blocks")}
     if not picks:
         return None, "No block statistics at initialization in these results."
     order = list(groups)

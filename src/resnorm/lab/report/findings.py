@@ -3,9 +3,24 @@ conventions in the package docstring (what a variant and a point are, the easy a
 ends of the axis, when a variant degrades or holds)."""
 from __future__ import annotations
 
-from .groups import (_AXIS_WORD, _NOT_FINISHED, _acc, _axis, _by_x, _config, _finite,
-                     _first_line, _groups, _has_init, _norm_word, _ordered, _points,
-                     _signed, _sort_key, _verdict_summary)
+from .groups import (
+    _AXIS_WORD,
+    _NOT_FINISHED,
+    _acc,
+    _axis,
+    _by_x,
+    _config,
+    _finite,
+    _first_line,
+    _groups,
+    _has_init,
+    _norm_word,
+    _ordered,
+    _points,
+    _signed,
+    _sort_key,
+    _verdict_summary,
+)
 
 SMOKE_NOTE = ("This is a smoke run (--quick): a smaller version of the study (fewer samples, depths "
               "or epochs), to "
@@ -73,11 +88,11 @@ def _trend_findings(changes: list[tuple], axis: str) -> list[str]:
     findings = []
     if degrade:
         findings.append(f"Degrade {phrase} (drop larger than 1 point and the seed spread): "
-                        + "; ".join(f"{l} ({_signed(d)} points)" for l, d, _ in degrade) + ".")
+                        + "; ".join(f"{label} ({_signed(d)} points)" for label, d, _ in degrade) + ".")
     if hold:
         findings.append(f"Hold {phrase} (no drop beyond max(1 point, seed spread)): "
-                        + "; ".join(f"{l} ({_signed(d)} points, allowance {t:.1f})"
-                                    for l, d, t in hold) + ".")
+                        + "; ".join(f"{label} ({_signed(d)} points, allowance {t:.1f})"
+                                    for label, d, t in hold) + ".")
     return findings
 
 

@@ -6,8 +6,16 @@ import json
 from importlib import resources
 
 from .findings import summarize_findings
-from .groups import (_AXIS_WORD, _by_x, _finite, _first_line, _fmt_x, _has_init,
-                     _sort_key, _verdict_summary)
+from .groups import (
+    _AXIS_WORD,
+    _by_x,
+    _finite,
+    _first_line,
+    _fmt_x,
+    _has_init,
+    _sort_key,
+    _verdict_summary,
+)
 
 TEMPLATE = "report.html.j2"
 

@@ -1,8 +1,18 @@
 """The terminal's view of a study's results: a compact rich table."""
 from __future__ import annotations
 
-from .groups import (_AXIS_WORD, _NOT_FINISHED, _Point, _axis, _by_x, _fmt_x, _groups,
-                     _has_init, _sort_key, _verdict_summary)
+from .groups import (
+    _AXIS_WORD,
+    _NOT_FINISHED,
+    _axis,
+    _by_x,
+    _fmt_x,
+    _groups,
+    _has_init,
+    _Point,
+    _sort_key,
+    _verdict_summary,
+)
 
 
 def summary_table(results: list[dict], study: dict):
