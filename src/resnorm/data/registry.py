@@ -34,6 +34,18 @@ def dataset_options(name: str) -> list[str]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def resolved_dataset_options(name: str, options: dict) -> dict:
+    """Every keyword argument the loader of ``name`` receives for ``load_dataset(name,
+    **options)``: its defaults and ``options``; ``root`` (where files live, not what they
+    hold) is left out. What a run folder records as its data set."""
+    loader = DATASETS[check_choice("name", name, DATASETS)]
+    defaults = {p.name: p.default for p in inspect.signature(loader).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    resolved = {**defaults, **options}
+    resolved.pop("root", None)
+    return resolved
+
+
 def load_dataset(name: str = DEFAULT_DATASET, **options) -> DataSplit:
     """The data set called ``name`` (a key of :data:`DATASETS`), built with ``options``:
     the keyword arguments of its loader, e.g. ``load_dataset("digits", seed=1)``.

@@ -3,7 +3,6 @@ one place (device check -> data -> model -> sync-bn rule -> run folder -> Monito
 ``resnorm train`` and the lab's runner both call it, so they follow the same rules."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from torch import nn
 
 from ..data import DEFAULT_DATASET, DataSplit, load_dataset
 from ..data.base import resolve_root
-from ..data.registry import DATASETS
+from ..data.registry import dataset_options as data_options_of
+from ..data.registry import resolved_dataset_options
 from ..errors import UsageError
 from ..norms import has_batch_norm
 from .build import model_for_data, model_options_for_data, resolved_model_options
@@ -21,17 +21,6 @@ from .config import TrainConfig
 from .distributed import world
 from .loop import FitResult, fit, resolve_device
 from .run import identity_hash, run_identity
-
-
-def resolved_dataset_options(name: str, options: dict) -> dict:
-    """Every keyword argument the loader of ``name`` receives: its defaults and ``options``;
-    ``root`` (where files live, not what they hold) is left out."""
-    loader = DATASETS[name]
-    defaults = {p.name: p.default for p in inspect.signature(loader).parameters.values()
-                if p.default is not inspect.Parameter.empty}
-    resolved = {**defaults, **options}
-    resolved.pop("root", None)
-    return resolved
 
 
 @dataclass
@@ -95,7 +84,7 @@ def prepare_run(model: str, dataset: str = DEFAULT_DATASET, *,
                 model, model_options_for_data(model, data, **model_options)),
             "dataset": dataset,
             "dataset_options": resolved_dataset_options(dataset, dataset_options)}
-    if "root" in dataset_options or dataset in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+    if "root" in data_options_of(dataset):  # a data set read from files: where they were
         meta["data_root"] = str(resolve_root(dataset_options.get("root")))
     if out is None:
         size = world_size if world_size is not None else world()[1]
