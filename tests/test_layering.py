@@ -19,7 +19,7 @@ LAYERS = [
     ("blocks",),
     ("norms",),
     ("kernels",),
-    ("errors", "_checks", "_io"),        # the foundation every layer may use
+    ("errors", "_checks", "_io", "_progress"),  # the foundation every layer may use
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 ROOT = Path(resnorm.__file__).parent

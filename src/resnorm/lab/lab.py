@@ -1,14 +1,14 @@
 """``run_lab``: a study from name to report."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._progress import show_progress
+from .._progress import status as status_spinner
 from ..errors import UsageError
 from .runner import run_study
 from .study import Study, check_run_count, load_study
@@ -107,18 +107,6 @@ def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = Fals
                         progress=progress, nproc=nproc)
     made = {**provenance(device), "seeds": seeds or study.seeds, "workers": workers,
             "nproc": nproc or 1}
-    show = sys.stderr.isatty() if progress is None else progress
-    with _status(show, f"writing the report into {out} (figures, tables)..."):
+    with status_spinner(show_progress(progress), f"writing the report into {out} (figures, tables)..."):
         report = write_report(results, {**study.to_dict(), "provenance": made}, out)
     return LabResult(study, results, report, out, time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _status(show: bool, text: str):
-    if not show:
-        yield
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status(text):
-        yield

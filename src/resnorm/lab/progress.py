@@ -5,8 +5,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from .._progress import StderrProgress
 
-class _LabProgress:
+
+class _LabProgress(StderrProgress):
     """What the lab is doing, on stderr when it is a terminal: runs done of all, a line per
     running run (its run_id and ``epoch e/E``) and an estimate of the time left.
 
@@ -20,47 +22,39 @@ class _LabProgress:
 
     def __init__(self, show: bool, total: int, done: int, epochs: int, workers: int, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.show, self.total, self.done = show, total, done
+        super().__init__(show)
+        self.total, self.done = total, done
         self.epochs, self.workers, self.clock = epochs, workers, clock
         self.running: dict[str, dict] = {}   # run_id -> started, epoch, units, mark, task
         self.ended_seconds = 0.0              # worker-seconds of the ended runs' units
         self.ended_units = 0
         self.estimate: tuple[float, float] | None = None  # (seconds left, clock then)
         self.lock = threading.Lock()  # the display renders from its own thread
-        self.progress = self.task = None
+        self.task = None
 
-    def __enter__(self) -> _LabProgress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                ProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-            from rich.table import Column
-            from rich.text import Text
+    def columns(self) -> tuple:
+        from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.table import Column
+        from rich.text import Text
 
-            lab = self
+        lab = self
 
-            class EtaColumn(ProgressColumn):
-                def render(self, task) -> Text:
-                    left = lab.seconds_left() if task.id == lab.task else None
-                    return Text("" if left is None else f"ETA {_hms(left)}",
-                                style="progress.remaining")
+        class EtaColumn(ProgressColumn):
+            def render(self, task) -> Text:
+                left = lab.seconds_left() if task.id == lab.task else None
+                return Text("" if left is None else f"ETA {_hms(left)}",
+                            style="progress.remaining")
 
-            # Fixed widths, the run_id cut with an ellipsis: on an 80-column terminal the
-            # bar, the counts and the ETA stay readable.
-            self.progress = Progress(
-                TextColumn("{task.description}", table_column=Column(
+        # Fixed widths, the run_id cut with an ellipsis: on an 80-column terminal the
+        # bar, the counts and the ETA stay readable.
+        return (TextColumn("{task.description}", table_column=Column(
                     min_width=12, max_width=24, no_wrap=True, overflow="ellipsis")),
                 BarColumn(bar_width=10), TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(), EtaColumn(), console=Console(stderr=True))
-            self.progress.start()
-            self.task = self.progress.add_task("lab", total=self.total, completed=self.done,
-                                               status=self._lab_status())
-        return self
+                TimeElapsedColumn(), EtaColumn())
+
+    def on_start(self) -> None:
+        self.task = self.progress.add_task("lab", total=self.total, completed=self.done,
+                                           status=self._lab_status())
 
     def started(self, run_id: str) -> None:
         now = self.clock()
@@ -128,10 +122,6 @@ class _LabProgress:
 
     def _lab_status(self) -> str:
         return f"{self.done}/{self.total} done, {len(self.running)} running"
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def _hms(seconds: float) -> str:

@@ -17,7 +17,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._io import atomic_open, json_safe
+from .._progress import show_progress
 from ..errors import UsageError
 from ..train.run import identity_hash
 from . import workers
@@ -277,7 +277,7 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
         _check_distributed_plan(todo, nproc, workers, device)
     # Threads from the whole grid, not from the runs left: see plan_workers.
     n_workers, threads = plan_workers(len(specs), workers, runs_left=len(todo))
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     epochs = 0 if study.init_only else study.train_config(specs[0].batch_size, specs[0].seed,
                                                           device).epochs
     with _LabProgress(show, len(specs), len(specs) - len(todo), epochs, n_workers) as bar:

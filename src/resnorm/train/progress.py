@@ -3,37 +3,32 @@ from __future__ import annotations
 
 import time
 
+from .._progress import StderrProgress
 
-class _Progress:
+
+class _Progress(StderrProgress):
     """A rich progress bar on stderr (steps, loss, accuracy, samples/s, ETA), or nothing."""
 
+    transient = True
+
     def __init__(self, show: bool, description: str, total: int, done: int) -> None:
-        self.show, self.description, self.total, self.done = show, description, total, done
-        self.progress = None
+        super().__init__(show)
+        self.description, self.total, self.done = description, total, done
         self.task = None
         self.samples = 0
         self.start = time.perf_counter()
 
-    def __enter__(self) -> _Progress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+    def columns(self) -> tuple:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
                            "{task.fields[rate]} samples/s"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self.description, total=self.total,
-                                               completed=self.done, loss="-", acc="-", rate="-")
-        return self
+                TimeRemainingColumn())
+
+    def on_start(self) -> None:
+        self.task = self.progress.add_task(self.description, total=self.total,
+                                           completed=self.done, loss="-", acc="-", rate="-")
 
     def advance(self, loss: float, acc: float, samples: int) -> None:
         if self.progress is None:
@@ -42,7 +37,3 @@ class _Progress:
         rate = self.samples / max(1e-9, time.perf_counter() - self.start)
         self.progress.update(self.task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.1%}",
                              rate=f"{rate:,.0f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
