@@ -119,6 +119,15 @@ def get_model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def depth_unit(name: str) -> str | None:
+    """What ``depth=`` counts in model ``name``: its builder's ``depth_unit`` (``"weight
+    layers"`` for the ResNets and DenseNets, as in their papers' names; ``"blocks"`` for
+    the residual MLP and the Transformer), or ``None`` for a name that is not registered
+    or whose builder does not say (plots then label the axis plain "depth")."""
+    entry = _REGISTRY.get(name)
+    return None if entry is None else getattr(entry.builder, "depth_unit", None)
+
+
 def accepted_options(name: str) -> list[str]:
     """The keyword arguments ``create_model(name, ...)`` accepts."""
     entry = get_model_entry(name)
