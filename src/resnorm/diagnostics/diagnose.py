@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -175,6 +176,24 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
     block_list = find_blocks(net, blocks)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 
+    with _state_restored(model, net):
+        model.train(train_mode)
+        with ForwardRecorder(net, block_list, channel_dim) as recorder:
+            loss_value = _forward_backward(model, args, targets, loss_fn)
+        grads = _layer_grads(layers, recorder.layer_order)
+
+    block_stats = _block_stats(recorder)
+    structure = _structure(net)
+    verdict = judge(grads, block_stats, recorder.activations, loss_value, thresholds, structure)
+    return Diagnosis(verdict.verdict, loss_value, verdict.grad_ratio, verdict.start_layer, grads,
+                     block_stats, recorder.activations, verdict.findings, verdict.remedies,
+                     thresholds, name or type(net).__name__, structure)
+
+
+@contextmanager
+def _state_restored(model: nn.Module, net: nn.Module):
+    """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
+    put back the gradients, the buffers (running statistics) and every module's mode."""
     params = list(net.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in net.buffers()]
@@ -183,26 +202,7 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
     try:
         for p in params:
             p.grad = None
-        model.train(train_mode)
-        with ForwardRecorder(net, block_list, channel_dim) as recorder:
-            output = model(*args)
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            loss = (loss_fn or default_loss)(output, targets)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise UsageError("loss_fn must return a scalar tensor")
-            loss_value = float(loss.detach())
-            if loss.requires_grad:
-                loss.backward()
-        by_name = dict(layers)
-        order = _forward_order(recorder.layer_order, layers)
-        grads = []
-        for layer_name in order:
-            weight = by_name[layer_name].weight
-            grad_norm = (float(weight.grad.detach().double().norm())
-                         if weight.grad is not None else 0.0)
-            grads.append(LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_norm,
-                                   float(weight.detach().double().norm())))
+        yield
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
@@ -212,14 +212,41 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
         for m, mode in was_training:
             m.training = mode
 
-    block_stats = []
+
+def _forward_backward(model: nn.Module, args: tuple, targets, loss_fn) -> float:
+    """One forward pass and, if the loss has a graph, one backward pass; the loss's value."""
+    output = model(*args)
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    loss = (loss_fn or default_loss)(output, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise UsageError("loss_fn must return a scalar tensor")
+    loss_value = float(loss.detach())
+    if loss.requires_grad:
+        loss.backward()
+    return loss_value
+
+
+def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list[LayerGrad]:
+    """Gradient and weight norms (in float64) of the layers, in forward order; a layer
+    whose weight got no gradient counts 0."""
+    by_name = dict(layers)
+    grads = []
+    for layer_name in _forward_order(called, layers):
+        weight = by_name[layer_name].weight
+        grad_norm = (float(weight.grad.detach().double().norm())
+                     if weight.grad is not None else 0.0)
+        grads.append(LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_norm,
+                               float(weight.detach().double().norm())))
+    return grads
+
+
+def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:
+    """The recorded blocks' statistics, with the last call's branch and skip variances."""
+    stats = []
     for record in recorder.block_records.values():
         branch = record.branch_vars[-1] if record.branch_vars else None
         skip = record.skip_vars[-1] if record.skip_vars else None
-        block_stats.append(BlockStat(record.name, record.sq_mean, record.var, branch, skip,
-                                     record.residual))
-    structure = _structure(net)
-    verdict = judge(grads, block_stats, recorder.activations, loss_value, thresholds, structure)
-    return Diagnosis(verdict.verdict, loss_value, verdict.grad_ratio, verdict.start_layer, grads,
-                     block_stats, recorder.activations, verdict.findings, verdict.remedies,
-                     thresholds, name or type(net).__name__, structure)
+        stats.append(BlockStat(record.name, record.sq_mean, record.var, branch, skip,
+                               record.residual))
+    return stats

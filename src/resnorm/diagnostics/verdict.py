@@ -85,33 +85,63 @@ def judge(layers: list[LayerGrad], blocks: list, activations: dict, loss: float,
     ``structure`` says what the model has: ``has_skip``, ``has_norm``, ``post_norm``,
     ``norm_kinds`` (a list of class names).
     """
-    findings: list[str] = []
     grads = [layer.grad_norm for layer in layers]
+    ratio = _first_last_ratio(grads)
+    # 1. Non-finite values anywhere.
+    nonfinite = _nonfinite_judgement(layers, activations, loss, ratio, structure)
+    if nonfinite is not None:
+        return nonfinite
+    # 2. Gradients: ratio between the first and the last layer, and absolute starvation.
+    verdict, start, findings = _gradient_verdict(layers, ratio, thresholds, structure)
+    # 3. Signal propagation and dead units: findings, whatever the verdict.
+    findings += _signal_findings(blocks, thresholds)
+    dead_finding = _dead_units_finding(activations, thresholds)
+    if dead_finding is not None:
+        findings.append(dead_finding)
+    return Judgement(verdict, ratio, layers[start].name if start is not None else None,
+                     findings, _remedies(verdict, structure, dead_finding is not None))
+
+
+def _first_last_ratio(grads: list[float]) -> float:
+    """The first layer's gradient norm over the last's: 0 when both are 0, NaN when only
+    the last is (or with fewer than two layers)."""
     ratio = grads[0] / grads[-1] if len(grads) >= 2 and grads[-1] > 0 else float("nan")
     if len(grads) >= 2 and grads[-1] == 0 and grads[0] == 0:
         ratio = 0.0
+    return ratio
 
-    # 1. Non-finite values anywhere.
+
+def _nonfinite_judgement(layers: list[LayerGrad], activations: dict, loss: float,
+                         ratio: float, structure: dict) -> Judgement | None:
+    """The non-finite verdict, with where NaN/Inf first appear, or None if all is finite."""
     bad_acts = [name for name, a in activations.items() if a.nonfinite]
     bad_grads = [layer.name for layer in layers if not math.isfinite(layer.grad_norm)]
-    if not math.isfinite(loss) or bad_acts or bad_grads:
-        where = bad_acts[0] if bad_acts else (bad_grads[-1] if bad_grads else None)
-        if not math.isfinite(loss):
-            findings.append(f"The loss is {loss}.")
-        if bad_acts:
-            findings.append(f"Non-finite activations first appear at {bad_acts[0]} "
-                            f"({len(bad_acts)} module output(s) affected).")
-        if bad_grads:
-            findings.append(f"{len(bad_grads)} layer(s) have non-finite gradients, "
-                            f"nearest the output: {bad_grads[-1]}.")
-        remedies = ["Check the inputs for NaN/Inf and the loss for log(0) or division by zero.",
-                    "Lower the learning rate, add warm-up, or clip gradients "
-                    "(torch.nn.utils.clip_grad_norm_)."]
-        if not structure["has_norm"]:
-            remedies.append("Add normalization (norm='batch' or 'layer') to bound activations.")
-        return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies)
+    if math.isfinite(loss) and not bad_acts and not bad_grads:
+        return None
+    findings: list[str] = []
+    where = bad_acts[0] if bad_acts else (bad_grads[-1] if bad_grads else None)
+    if not math.isfinite(loss):
+        findings.append(f"The loss is {loss}.")
+    if bad_acts:
+        findings.append(f"Non-finite activations first appear at {bad_acts[0]} "
+                        f"({len(bad_acts)} module output(s) affected).")
+    if bad_grads:
+        findings.append(f"{len(bad_grads)} layer(s) have non-finite gradients, "
+                        f"nearest the output: {bad_grads[-1]}.")
+    remedies = ["Check the inputs for NaN/Inf and the loss for log(0) or division by zero.",
+                "Lower the learning rate, add warm-up, or clip gradients "
+                "(torch.nn.utils.clip_grad_norm_)."]
+    if not structure["has_norm"]:
+        remedies.append("Add normalization (norm='batch' or 'layer') to bound activations.")
+    return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies)
 
-    # 2. Gradients: ratio between the first and the last layer, and absolute starvation.
+
+def _gradient_verdict(layers: list[LayerGrad], ratio: float, thresholds: Thresholds,
+                      structure: dict) -> tuple[Verdict, int | None, list[str]]:
+    """Vanishing, exploding or healthy from finite gradients: the verdict, the index of
+    the layer where it starts (None if healthy) and the findings behind it."""
+    grads = [layer.grad_norm for layer in layers]
+    findings: list[str] = []
     verdict = Verdict.HEALTHY
     start = None
     # Zero-initialized gates (ReZero, SkipInit) silence their branches' weights at
@@ -152,25 +182,30 @@ def judge(layers: list[LayerGrad], blocks: list, activations: dict, loss: float,
         findings.append(f"Going back from the output, gradients first {word} {limit:.0e} "
                         f"times the output layer's at {layers[start].name} (layer {start + 1} "
                         f"of {len(layers)}).")
+    return verdict, start, findings
 
-    # 3. Signal propagation and dead units: findings, whatever the verdict.
+
+def _signal_findings(blocks: list, thresholds: Thresholds) -> list[str]:
+    """A finding if the activation variance grows or shrinks too much across the blocks."""
     variances = [b.var for b in blocks if _finite(b.var)]
     if len(variances) >= 2 and variances[0] > 0:
         growth = variances[-1] / variances[0]
         if growth > thresholds.signal_growth or growth < thresholds.signal_decay:
             trend = "grows" if growth > 1 else "shrinks"
-            findings.append(f"Activation variance {trend} {growth:.1e}x from the first block "
-                            f"({variances[0]:.2e}) to the last ({variances[-1]:.2e}).")
+            return [f"Activation variance {trend} {growth:.1e}x from the first block "
+                    f"({variances[0]:.2e}) to the last ({variances[-1]:.2e})."]
+    return []
+
+
+def _dead_units_finding(activations: dict, thresholds: Thresholds) -> str | None:
+    """A finding if some ReLU outputs have too many dead units, else None."""
     dead = {n: a.dead_fraction for n, a in activations.items()
             if a.dead_fraction is not None and a.dead_fraction >= thresholds.dead_fraction}
-    if dead:
-        worst = max(dead, key=dead.get)
-        findings.append(f"{len(dead)} ReLU output(s) have at least "
-                        f"{thresholds.dead_fraction:.0%} dead units (worst: {worst}, "
-                        f"{dead[worst]:.0%}).")
-
-    return Judgement(verdict, ratio, layers[start].name if start is not None else None,
-                     findings, _remedies(verdict, structure, bool(dead)))
+    if not dead:
+        return None
+    worst = max(dead, key=dead.get)
+    return (f"{len(dead)} ReLU output(s) have at least {thresholds.dead_fraction:.0%} dead "
+            f"units (worst: {worst}, {dead[worst]:.0%}).")
 
 
 def _scan_from_output(grads: list[float], crosses) -> int:
