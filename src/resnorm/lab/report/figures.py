@@ -7,8 +7,10 @@ from pathlib import Path
 
 from ...diagnostics.report import figure_png_base64, save_figure
 from .groups import (
-    _AXIS_WORD,
     _NOT_FINISHED,
+    _at,
+    _axis_label,
+    _by_unit,
     _by_x,
     _finite,
     _fmt_x,
@@ -16,6 +18,7 @@ from .groups import (
     _last_acc,
     _points,
     _sort_key,
+    _unit,
 )
 
 FIGURES = (("accuracy", "Test accuracy"), ("loss_curves", "Training loss"),
@@ -56,41 +59,53 @@ def _legend(ax, count: int) -> None:
 
 
 def _accuracy_figure(groups: dict, axis: str):
+    """Mean accuracy along the axis, one panel per thing the x value counts (a study with
+    MLPs and ResNets on its depth axis gets a "blocks" and a "weight layers" panel)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
-    drawn, crosses, unplotted, all_x = 0, 0, 0, []
-    for i, (label, runs) in enumerate(groups.items()):
-        style = _style(i)
-        xs = _draw_means(ax, label, _points(runs, axis), style)
-        if xs:
-            drawn += 1
-            all_x += xs
-        marked, missing = _draw_crosses(ax, runs, axis, style["color"])
-        crosses += len(marked)
-        unplotted += missing
-        all_x += marked
+    panels = _by_unit(groups, axis)
+    if not panels:
+        return None, "No run recorded a test accuracy (no training in these results)."
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 + 5.5 * len(panels), 5),
+                             constrained_layout=True, squeeze=False)
+    styles = {label: _style(i) for i, label in enumerate(groups)}
+    drawn = crosses = unplotted = 0
+    for ax, (unit, panel) in zip(axes.flat, panels.items()):
+        all_x = []
+        for label, runs in panel.items():
+            xs = _draw_means(ax, label, _points(runs, axis), styles[label])
+            drawn += bool(xs)
+            marked, missing = _draw_crosses(ax, runs, axis, styles[label]["color"])
+            crosses, unplotted, all_x = crosses + len(marked), unplotted + missing, all_x + xs + marked
+        _axis_ticks(ax, axis, all_x)
+        ax.set(xlabel=_axis_label(axis, unit) + (" (log2 scale)" if axis == "batch_size" else ""),
+               ylabel="final test accuracy (%)")
+        ax.grid(alpha=0.3)
     if not drawn and not crosses:
         plt.close(fig)
         return None, "No run recorded a test accuracy (no training in these results)."
-    if crosses:
-        ax.plot([], [], ls="none", marker="X", color="gray", markeredgecolor="black",
-                label="diverged/failed run (last accuracy)")
-    _axis_ticks(ax, axis, all_x)
-    ax.set(xlabel=_AXIS_WORD[axis] + (" (log2 scale)" if axis == "batch_size" else ""),
-           ylabel="final test accuracy (%)",
-           title="Test accuracy: mean over seeds, bars from the lowest to the highest seed")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda k: labels[k].startswith("diverged/"))
-    ax.legend([handles[k] for k in order], [labels[k] for k in order], fontsize=7,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle("Test accuracy: mean over seeds, bars from the lowest to the highest seed")
+    _accuracy_legend(fig, axes.flat[-1], crosses)
     note = None
     if unplotted:
         note = (f"{unplotted} diverged or failed run{'s' if unplotted != 1 else ''} recorded "
                 f"no test accuracy and {'are' if unplotted != 1 else 'is'} not plotted "
                 f"(see the runs table).")
     return fig, note
+
+
+def _accuracy_legend(fig, ax, crosses: int) -> None:
+    """One legend for all panels, the diverged/failed marker last."""
+    if crosses:
+        ax.plot([], [], ls="none", marker="X", color="gray", markeredgecolor="black",
+                label="diverged/failed run (last accuracy)")
+    entries = {}
+    for panel in fig.axes:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    labels = sorted(entries, key=lambda label: label.startswith("diverged/"))
+    ax.legend([entries[k] for k in labels], labels, fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _draw_means(ax, label: str, points: dict, style: dict) -> list:
@@ -138,27 +153,28 @@ def _mean_curve(runs: list[dict], key: str) -> list[tuple]:
 def _loss_figure(groups: dict, axis: str):
     import matplotlib.pyplot as plt
 
-    panels: dict = {}
+    panels: dict = {}  # (unit, x) -> [(style index, label, curve)]
     for i, (label, runs) in enumerate(groups.items()):
+        unit = _unit(runs, axis)
         for x, rs in _by_x(runs, axis).items():
             curve = _mean_curve(rs, "train_loss")
             if curve:
-                panels.setdefault(x, []).append((i, label, curve))
+                panels.setdefault((unit, x), []).append((i, label, curve))
     if not panels:
         return None, "No training history in these results (the study did no training)."
-    keys = sorted(panels, key=_sort_key)
+    keys = sorted(panels, key=lambda key: (str(key[0]), _sort_key(key[1])))
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 2.8, 3.3 * rows),
                              constrained_layout=True, squeeze=False)
     handles = {}
-    for ax, x in zip(axes.flat, keys):
-        for i, label, curve in panels[x]:
+    for ax, (unit, x) in zip(axes.flat, keys):
+        for i, label, curve in panels[unit, x]:
             (line,) = ax.plot(*zip(*curve), marker="." if len(curve) < 30 else None, lw=1.3,
                               label=_mpl(label), **_style(i))
             handles.setdefault(i, line)
         ax.set_yscale("log")
-        ax.set(title=f"{_AXIS_WORD[axis]} {_fmt_x(x)}", xlabel="epoch",
+        ax.set(title=_at(axis, x, unit), xlabel="epoch",
                ylabel="train loss (mean over seeds)")
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(keys):]:
@@ -259,7 +275,7 @@ def _signal_figure(groups: dict, axis: str):
                 ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title=title, xlabel="block depth")
+        ax.set(title=title, xlabel="block (forward order)")
         ax.grid(alpha=0.3, which="both")
     ordered = [handles[i] for i in sorted(handles)]
     if ordered:

@@ -7,6 +7,7 @@ from .groups import (
     _AXIS_WORD,
     _NOT_FINISHED,
     _acc,
+    _at,
     _axis,
     _by_x,
     _config,
@@ -19,6 +20,7 @@ from .groups import (
     _points,
     _signed,
     _sort_key,
+    _unit,
     _verdict_summary,
 )
 
@@ -62,20 +64,21 @@ def _variant_changes(groups: dict, axis: str) -> tuple[list[str], list[tuple], d
         points = _points(runs, axis)
         if not points:
             continue
+        unit = _unit(runs, axis)
         xs = _ordered(points, axis)
-        hard_end[label] = (xs[-1], points[xs[-1]])
+        hard_end[label] = (xs[-1], unit, points[xs[-1]])
         if len(xs) == 1:
             p = points[xs[0]]
-            findings.append(f"{label}: {p.mean * 100:.1f}% at {word} {xs[0]} (the only "
-                            f"{word} with a finished run).")
+            findings.append(f"{label}: {p.mean * 100:.1f}% at {_at(axis, xs[0], unit)} (the "
+                            f"only {word} with a finished run).")
             continue
         a, b = points[xs[0]], points[xs[-1]]
         delta = (b.mean - a.mean) * 100
-        left_out = "".join(f"; {_left_out(points[x].runs)} at {word} {x}, not averaged"
-                           for x in (xs[0], xs[-1]) if _left_out(points[x].runs))
-        findings.append(f"{label}: {a.mean * 100:.1f}% at {word} {xs[0]} -> "
-                        f"{b.mean * 100:.1f}% at {word} {xs[-1]} ({_signed(delta)} points"
-                        f"{left_out}).")
+        left_out = "".join(f"; {_left_out(points[x].runs)} at {_at(axis, x, unit)}, not "
+                           f"averaged" for x in (xs[0], xs[-1]) if _left_out(points[x].runs))
+        findings.append(f"{label}: {a.mean * 100:.1f}% at {_at(axis, xs[0], unit)} -> "
+                        f"{b.mean * 100:.1f}% at {_at(axis, xs[-1], unit)} "
+                        f"({_signed(delta)} points{left_out}).")
         changes.append((label, delta, max(1.0, a.spread, b.spread)))
     return findings, changes, hard_end
 
@@ -97,18 +100,19 @@ def _trend_findings(changes: list[tuple], axis: str) -> list[str]:
 
 
 def _best_at_hard_end(hard_end: dict, axis: str) -> list[str]:
-    """At each hard-end x shared by two variants or more, the best one and its lead."""
-    word = _AXIS_WORD[axis]
+    """At each hard-end x shared by two variants or more (the same x counting the same
+    thing), the best one and its lead."""
     by_end: dict = {}
-    for label, (x, point) in hard_end.items():
-        by_end.setdefault(x, []).append((point.mean, label, len(point.accs)))
+    for label, (x, unit, point) in hard_end.items():
+        by_end.setdefault((x, unit), []).append((point.mean, label, len(point.accs)))
     findings = []
-    for x in _ordered(by_end, axis):
-        ranked = sorted(by_end[x], key=lambda t: -t[0])
+    order = _ordered({x for x, _ in by_end}, axis)
+    for x, unit in sorted(by_end, key=lambda key: (str(key[1]), order.index(key[0]))):
+        ranked = sorted(by_end[x, unit], key=lambda t: -t[0])
         if len(ranked) < 2:
             continue
         (m1, l1, n1), (m2, l2, _) = ranked[0], ranked[1]
-        findings.append(f"Best at {word} {x}: {l1} with {m1 * 100:.1f}% ({n1} "
+        findings.append(f"Best at {_at(axis, x, unit)}: {l1} with {m1 * 100:.1f}% ({n1} "
                         f"seed{'s' if n1 != 1 else ''}), {(m1 - m2) * 100:.1f} points ahead of "
                         f"{l2} ({m2 * 100:.1f}%).")
     return findings
@@ -123,7 +127,6 @@ def _left_out(runs: list[dict]) -> str:
 
 def _residual_gaps(groups: dict, axis: str) -> list[str]:
     """Residual minus plain for variants that differ only in ``residual``."""
-    word = _AXIS_WORD[axis]
     pairs: dict[tuple, dict[bool, list[str]]] = {}
     for label, runs in groups.items():
         run = runs[0]
@@ -143,8 +146,9 @@ def _residual_gaps(groups: dict, axis: str) -> list[str]:
             continue
         if len(common) > 4:
             common = [common[0], common[-1]]
+        unit = _unit(groups[res] + groups[plain], axis)
         gaps = ", ".join(f"{_signed((p_res[x].mean - p_plain[x].mean) * 100)} points at "
-                         f"{word} {x}" for x in common)
+                         f"{_at(axis, x, unit)}" for x in common)
         out.append(f"{res} vs {plain}: residual minus plain {gaps}.")
     return out
 

@@ -8,6 +8,7 @@ import math
 import numbers
 
 from ...errors import UsageError
+from ...models.registry import depth_unit
 from ..study import AXES
 
 _AXIS_WORD = {"depth": "depth", "batch_size": "batch size"}
@@ -22,6 +23,39 @@ def _axis(study: dict) -> str:
     if axis not in AXES:
         raise UsageError(f"study x={axis!r} is not supported; accepted: {', '.join(AXES)}")
     return axis
+
+
+def _unit(runs: list[dict], axis: str) -> str | None:
+    """What the x value counts for these runs: on the depth axis the model's
+    :func:`~resnorm.models.registry.depth_unit` ("blocks", "weight layers") when all the
+    runs agree on one, else ``None`` (batch sizes need no unit)."""
+    if axis != "depth":
+        return None
+    units = {depth_unit(str(r.get("model") or r.get("family"))) for r in runs}
+    return units.pop() if len(units) == 1 else None
+
+
+def _axis_label(axis: str, unit: str | None = None) -> str:
+    """An axis title: ``"depth (weight layers)"``, or the plain word without a unit."""
+    return f"{_AXIS_WORD[axis]} ({unit})" if unit else _AXIS_WORD[axis]
+
+
+def _at(axis: str, x, unit: str | None = None) -> str:
+    """Where a point sits, for sentences: ``"24 blocks"``, ``"20 weight layers"``, or
+    ``"depth 8"`` / ``"batch size 64"`` without a unit."""
+    if unit:
+        one = _finite(x) == 1
+        return f"{_fmt_x(x)} {unit[:-1] if one and unit.endswith('s') else unit}"
+    return f"{_AXIS_WORD[axis]} {_fmt_x(x)}"
+
+
+def _by_unit(groups: dict, axis: str) -> dict:
+    """The variants split by what their x value counts: unit -> {label: runs}, in order
+    of first appearance (one entry, ``None`` or the unit, when they all agree)."""
+    out: dict = {}
+    for label, runs in groups.items():
+        out.setdefault(_unit(runs, axis), {})[label] = runs
+    return out
 
 
 def _finite(value) -> float | None:

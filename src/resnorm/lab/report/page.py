@@ -8,12 +8,14 @@ from importlib import resources
 from .findings import summarize_findings
 from .groups import (
     _AXIS_WORD,
+    _at,
     _by_x,
     _finite,
     _first_line,
     _fmt_x,
     _has_init,
     _sort_key,
+    _unit,
     _verdict_summary,
 )
 
@@ -84,11 +86,17 @@ def _run_rows(results: list[dict], axis: str) -> list[dict]:
             note = _first_line(run["error"], 200)
         init = run.get("init") if isinstance(run.get("init"), dict) else {}
         rows.append({"run_id": str(run.get("run_id", "")), "variant": str(run.get("variant", "")),
-                     "x": _fmt_x(run.get(axis)), "seed": _fmt_x(run.get("seed")),
+                     "x": _x_cell(run, axis), "seed": _fmt_x(run.get("seed")),
                      "status": str(run.get("status", "")),
                      "acc": f"{acc * 100:.2f}" if acc is not None else "",
                      "verdict": str(init.get("verdict") or ""), "note": note})
     return rows
+
+
+def _x_cell(run: dict, axis: str) -> str:
+    """The run's x value, with its unit on the depth axis (``"24 blocks"``)."""
+    unit = _unit([run], axis)
+    return _at(axis, run.get(axis), unit) if unit else _fmt_x(run.get(axis))
 
 
 def _summary_line(results: list[dict]) -> str:

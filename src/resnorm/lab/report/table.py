@@ -4,6 +4,7 @@ from __future__ import annotations
 from .groups import (
     _AXIS_WORD,
     _NOT_FINISHED,
+    _at,
     _axis,
     _by_x,
     _fmt_x,
@@ -11,6 +12,7 @@ from .groups import (
     _has_init,
     _Point,
     _sort_key,
+    _unit,
     _verdict_summary,
 )
 
@@ -42,7 +44,7 @@ def summary_table(results: list[dict], study: dict):
             bad = sum(r.get("status") in _NOT_FINISHED for r in by_x[x])
             inits = [r for r in by_x[x] if _has_init(r)]
             table.add_row(
-                Text(label), _fmt_x(x),
+                Text(label), _x_text(x, _unit(runs, axis), axis),
                 f"{sum(r.get('status') == 'finished' for r in by_x[x])}/{len(by_x[x])}",
                 f"{point.mean * 100:.1f}%" if point.accs else "-",
                 f"±{point.spread:.1f}" if len(point.accs) > 1 else "-",
@@ -51,3 +53,9 @@ def summary_table(results: list[dict], study: dict):
     if not results:
         table.caption = "no runs"
     return table
+
+
+def _x_text(x, unit: str | None, axis: str) -> str:
+    """The x cell: ``"24 blocks"``, ``"20 weight layers"`` on a depth axis whose models
+    say what depth counts, else the number."""
+    return _at(axis, x, unit) if unit else _fmt_x(x)
