@@ -151,6 +151,61 @@ def rounds_for(repeats: int, elements: int) -> int:
     return repeats * scale
 
 
+def _peers(kind: str, regime: str, use_compile: bool) -> list[tuple[str, Callable]]:
+    """(name, fn(x, r, w, b) -> (y, h)) of every implementation timed for one norm kind."""
+    impls = [("resnorm", _fused(kind))]
+    if regime == "fresh" and cpu.pool_stats().get("min_bytes", -1) >= 0:
+        # The same kernel with its outputs from PyTorch's allocator: how much of the
+        # fresh-regime speed-up is the output pool's (docs/kernels.md).
+        impls.append(("resnorm-nopool", _fused(kind)))
+    impls += [("eager", _eager(kind))]
+    if use_compile:
+        impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
+    return impls
+
+
+def _peer_calls(impls, x, r, w, b, dy) -> tuple[dict, dict, dict]:
+    """The timed calls of each peer: forward, forward+backward (on its own leaf copies of
+    the inputs), and the untimed (before, after) calls around them (the pool's switch)."""
+    fwd_peers, step_peers, around = {}, {}, {}
+    for name, fn in impls:
+        xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+
+        def step(fn=fn, xg=xg, rg=rg, wg=wg, bg=bg):
+            y, _ = fn(xg, rg, wg, bg)
+            y.backward(dy)
+            xg.grad = rg.grad = wg.grad = bg.grad = None
+
+        fwd_peers[name] = lambda fn=fn: fn(x, r, w, b)
+        step_peers[name] = step
+        if name == "resnorm-nopool":
+            around[name] = (lambda: cpu.configure_pool(enabled=False),
+                            lambda: cpu.configure_pool(enabled=True))
+    return fwd_peers, step_peers, around
+
+
+def _timed_rows(timed: dict[str, dict[str, float]], *, regime: str, shape: str, kind: str,
+                rounds: int, nbytes: int, copy_gbs: float) -> list[dict]:
+    """One row per (peer, pass) of ``timed[peer][pass]`` seconds: milliseconds, effective
+    GB/s, percent of the copy bandwidth and, for resnorm's rows, the speed-up over each
+    other peer (``x_vs_<peer>``)."""
+    rows = []
+    for name in timed:
+        for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
+            seconds = timed[name][pass_]
+            gbs = moved / seconds / 1e9
+            row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
+                   "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
+                   "pct_copy": 100 * gbs / copy_gbs, "rounds": rounds}
+            if name.startswith("resnorm"):
+                for peer in timed:
+                    if not peer.startswith("resnorm"):
+                        row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
+            rows.append(row)
+    return rows
+
+
 def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, repeats: int = 7,
                 use_compile: bool = True, regime: str = "fresh", progress=None) -> list[dict]:
     """Time every peer at every shape; one dict per (shape, kind, impl, pass)."""
@@ -165,29 +220,8 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
         rounds = rounds_for(repeats, n * d)
         copy_times, kind_rows = [], []
         for kind in kinds:
-            impls = [("resnorm", _fused(kind))]
-            if regime == "fresh" and cpu.pool_stats().get("min_bytes", -1) >= 0:
-                # The same kernel with its outputs from PyTorch's allocator: how much of the
-                # fresh-regime speed-up is the output pool's (docs/kernels.md).
-                impls.append(("resnorm-nopool", _fused(kind)))
-            impls += [("eager", _eager(kind))]
-            if use_compile:
-                impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
-            fwd_peers, step_peers, around = {}, {}, {}
-            for name, fn in impls:
-                xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
-                wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
-
-                def step(fn=fn, xg=xg, rg=rg, wg=wg, bg=bg):
-                    y, _ = fn(xg, rg, wg, bg)
-                    y.backward(dy)
-                    xg.grad = rg.grad = wg.grad = bg.grad = None
-
-                fwd_peers[name] = lambda fn=fn: fn(x, r, w, b)
-                step_peers[name] = step
-                if name == "resnorm-nopool":
-                    around[name] = (lambda: cpu.configure_pool(enabled=False),
-                                    lambda: cpu.configure_pool(enabled=True))
+            fwd_peers, step_peers, around = _peer_calls(_peers(kind, regime, use_compile),
+                                                        x, r, w, b, dy)
             if progress:
                 progress(f"{regime} {shape} {kind}")
             if use_compile:  # compile outside the timed rounds
@@ -199,18 +233,8 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
             copy_times.append(fwd.pop("copy"))
             copy_gbs = 2 * nbytes / copy_times[-1] / 1e9  # this kind's rounds
             timed = {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}
-            for name in timed:
-                for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
-                    seconds = timed[name][pass_]
-                    gbs = moved / seconds / 1e9
-                    row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
-                           "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
-                           "pct_copy": 100 * gbs / copy_gbs, "rounds": rounds}
-                    if name.startswith("resnorm"):
-                        for peer in timed:
-                            if not peer.startswith("resnorm"):
-                                row[f"x_vs_{peer}"] = timed[peer][pass_] / seconds
-                    kind_rows.append(row)
+            kind_rows += _timed_rows(timed, regime=regime, shape=shape, kind=kind,
+                                     rounds=rounds, nbytes=nbytes, copy_gbs=copy_gbs)
         copy = (statistics.median(copy_times) if copy_times
                 else interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"])
         rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",

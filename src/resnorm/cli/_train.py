@@ -86,13 +86,7 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
           --nproc-per-node 4 -m resnorm train --model resnet20 --device cuda --sync-bn
     """
     from ..train import TrainConfig, prepare_run
-    from ..train.distributed import (
-        check_nproc,
-        init_distributed,
-        launched_by_torchrun,
-        shutdown_distributed,
-        world,
-    )
+    from ..train.distributed import check_nproc, launched_by_torchrun
 
     in_worker = launched_by_torchrun()
     if nproc > 1 and in_worker:
@@ -116,11 +110,23 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
     if nproc > 1:  # the data set is cached above, before the workers load it
         _launch_workers(ctx, nproc, device, run.out)
         return
+    _fit_here(run, in_worker=in_worker, device=device, dist_timeout=dist_timeout,
+              epochs=epochs, batch_size=batch_size, restart=restart,
+              monitor_every=monitor_every, as_json=as_json, quiet=quiet)
+
+
+def _fit_here(run, *, in_worker: bool, device: str, dist_timeout: float, epochs: int,
+              batch_size: int, restart: bool, monitor_every: int | None, as_json: bool,
+              quiet: bool) -> None:
+    """Train ``run`` in this process, alone or as one torchrun worker, with the per-epoch
+    lines on stderr and the outcome on stdout (rank 0 only)."""
+    from rich.console import Console
+
+    from ..train.distributed import init_distributed, shutdown_distributed, world
+
     if in_worker:
         init_distributed(device, dist_timeout)
     rank = world()[0]
-    from rich.console import Console
-
     console = Console(stderr=True, quiet=quiet or as_json or rank > 0,  # chatter: stderr
                       soft_wrap=True)
     results = Console(soft_wrap=True, quiet=rank > 0)                   # results: stdout

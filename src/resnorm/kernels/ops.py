@@ -206,6 +206,38 @@ def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
         raise UsageError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
 
 
+def _checked_arguments(x, residual, weight, bias, kind: str, eps, activation):
+    """:func:`add_norm`'s arguments checked (a clear error for a bad one, in the order of the
+    signature); returns ``(eps, activation)`` as the kernels take them."""
+    if not isinstance(x, Tensor):
+        raise UsageTypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if kind not in KINDS:
+        check_choice("kind", kind, KINDS)
+    if activation is None:
+        activation = "identity"
+    elif activation not in ACTIVATIONS:
+        check_choice("activation", activation, ACTIVATIONS)
+    if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
+        eps = check_float("eps", eps, low=0.0)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise UsageError(f"add_norm: x must have a non-empty last dimension, got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise UsageTypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
+                             "float16, float64")
+    n = x.shape[-1]
+    if residual is not None:
+        _check_tensor("residual", residual, x, x.shape)
+    if weight is not None:
+        _check_tensor("weight", weight, x, (n,))
+    if bias is not None:
+        if kind == "rms":
+            raise UsageError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
+                             "pass bias=None")
+        _check_tensor("bias", bias, x, (n,))
+    return eps, activation
+
+
 def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None,
              bias: Tensor | None = None, kind: str = "layer", eps: float = 1e-5,
              prenorm: bool = False, residual_in_fp32: bool = False,
@@ -245,32 +277,8 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     fused kernel measured no faster; so does a float32 layer norm without a residual
     (:data:`STOCK_PLAIN_LAYER_NORM`: nothing to fuse). Inputs may be non-contiguous.
     """
-    if not isinstance(x, Tensor):
-        raise UsageTypeError(f"add_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    if kind not in KINDS:
-        check_choice("kind", kind, KINDS)
-    if activation is None:
-        activation = "identity"
-    elif activation not in ACTIVATIONS:
-        check_choice("activation", activation, ACTIVATIONS)
-    if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
-        eps = check_float("eps", eps, low=0.0)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise UsageError(f"add_norm: x must have a non-empty last dimension, got shape "
-                         f"{tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise UsageTypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
-                             "float16, float64")
+    eps, activation = _checked_arguments(x, residual, weight, bias, kind, eps, activation)
     n = x.shape[-1]
-    if residual is not None:
-        _check_tensor("residual", residual, x, x.shape)
-    if weight is not None:
-        _check_tensor("weight", weight, x, (n,))
-    if bias is not None:
-        if kind == "rms":
-            raise UsageError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
-                             "pass bias=None")
-        _check_tensor("bias", bias, x, (n,))
     if _stock(x, residual, kind, activation):
         return reference.add_norm_reference(x, residual, weight, bias, kind, eps, prenorm,
                                             residual_in_fp32, activation)
