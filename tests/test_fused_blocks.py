@@ -12,8 +12,8 @@ from resnorm.norms import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, make_no
 
 @pytest.fixture
 def always_fused(monkeypatch):
-    """Send every size through the custom operator (small inputs otherwise run eager ops)."""
-    monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+    """Send every size through the custom operator (small inputs otherwise run stock ops)."""
+    monkeypatch.setattr(ops, "STOCK_BELOW", 0)
 
 
 @pytest.mark.parametrize("cls,twin", [(FusedAddLayerNorm, nn.LayerNorm), (FusedAddRMSNorm, nn.RMSNorm)])

@@ -21,7 +21,8 @@ What is checked, and against what:
    residual in different dtypes;
 8. hypothesis properties over shapes (vector tails), leading dims, layouts, dtypes, eps and
    kind;
-9. the streaming-store path (outputs >= ``cpu.STREAM_BYTES``) and the normal one;
+9. the non-temporal (streaming) store path (outputs >= ``cpu.NONTEMPORAL_BYTES``) and the
+   normal one;
 10. the fallbacks: float64 and float16 run the reference; ``RESNORM_KERNELS=reference``;
 11. bad arguments, with messages that name the argument and what is accepted;
 12. one intra-op thread vs two; rows in blocks (whole, partial, split between threads);
@@ -101,7 +102,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
 Y_TOL = 1e-5  # y is computed in float32 from the unrounded h, whatever the input dtype
 LARGE_MEAN_TOL = 8 * EPS32  # of |h| * rstd: a few roundings of the inputs' magnitude
 LAYOUTS = ("contiguous", "transposed", "column-strided", "row-strided")
-_EAGER_BELOW = getattr(ops, "EAGER_BELOW", None)  # the default, before any fixture runs
+_STOCK_BELOW = getattr(ops, "STOCK_BELOW", None)  # the default, before any fixture runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,11 +121,11 @@ def compiled():
 @pytest.fixture(autouse=True)
 def _through_the_operator(monkeypatch):
     """Small inputs through the custom operator, as large ones: if ``add_norm`` sends tiny
-    inputs to stock eager ops (``ops.EAGER_BELOW``), lift that threshold, so that these small
-    tensors test the operator and its kernels. ``test_default_path_small_input`` runs the
-    default path."""
-    if hasattr(ops, "EAGER_BELOW"):
-        monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+    inputs to stock PyTorch ops (``ops.STOCK_BELOW``), lift that threshold, so that these
+    small tensors test the operator and its kernels. ``test_default_path_small_input`` runs
+    the default path."""
+    if hasattr(ops, "STOCK_BELOW"):
+        monkeypatch.setattr(ops, "STOCK_BELOW", 0)
     if hasattr(ops, "STOCK_PLAIN_LAYER_NORM"):  # likewise, layer norm without a residual
         monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", False)
 
@@ -846,12 +847,12 @@ def test_property_matches_float64_oracle(compiled, case):
 
 
 # --------------------------------------------------------------------------------------------
-# 9. streaming stores
+# 9. non-temporal (streaming) stores
 
 
-class _StreamSpy:
-    """Wraps the compiled module and records the ``stream`` flag of every call (the argument
-    before the last, ``relu``)."""
+class _NontemporalSpy:
+    """Wraps the compiled module and records the ``nontemporal`` flag of every call (the
+    argument before the last, ``relu``)."""
 
     def __init__(self, module):
         self.module, self.calls = module, []
@@ -869,19 +870,19 @@ class _StreamSpy:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows,streams", [(1100, True), (1000, False)])
-def test_streaming_threshold_matches_oracle(rows, streams, kind, only_compiled, monkeypatch):
+@pytest.mark.parametrize("rows,nontemporal", [(1100, True), (1000, False)])
+def test_streaming_threshold_matches_oracle(rows, nontemporal, kind, only_compiled, monkeypatch):
     """1100 x 1024 float32 outputs (4.3 MiB) are written with streaming stores, 1000 x 1024
     (3.9 MiB) with ordinary ones; both match the oracle."""
     shape = (rows, 1024)
-    monkeypatch.setattr(cpu, "STREAM_BYTES", 4 << 20)    # the mechanism, not the tuned value
-    assert (rows * 1024 * 4 >= cpu.STREAM_BYTES) == streams
-    spy = _StreamSpy(cpu.load())
+    monkeypatch.setattr(cpu, "NONTEMPORAL_BYTES", 4 << 20)  # the mechanism, not the tuned value
+    assert (rows * 1024 * 4 >= cpu.NONTEMPORAL_BYTES) == nontemporal
+    spy = _NontemporalSpy(cpu.load())
     monkeypatch.setitem(cpu._state, "module", spy)
     x, res, w, b, dy = _case(shape, 110, kind=kind)
     dh = _data(shape, 111, scale=1.0, shift=0.0)
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
-    assert spy.calls == [("fwd", streams), ("bwd", streams)]
+    assert spy.calls == [("fwd", nontemporal), ("bwd", nontemporal)]
     want = _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh)
     _check(got, want, _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res,
            what=f"{rows} rows")
@@ -898,7 +899,7 @@ def test_streaming_and_normal_stores_identical(kind, n, activation, only_compile
     dh = _data((9, n), 121, scale=1.0, shift=0.0)
     runs, plain = [], []
     for threshold in (0, 1 << 62):
-        monkeypatch.setattr(cpu, "STREAM_BYTES", threshold)
+        monkeypatch.setattr(cpu, "NONTEMPORAL_BYTES", threshold)
         runs.append(_run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, activation=activation))
         plain.append(_run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh))
     for name, a in runs[0].fields().items():
@@ -912,14 +913,14 @@ def test_streaming_and_normal_stores_identical(kind, n, activation, only_compile
            _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what="streamed")
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("nontemporal", [False, True])
 @pytest.mark.parametrize("n", [1024, 100])
 @pytest.mark.parametrize("kind", KINDS)
-def test_rows_in_blocks_equal_rows_alone(kind, n, stream, only_compiled, monkeypatch):
+def test_rows_in_blocks_equal_rows_alone(kind, n, nontemporal, only_compiled, monkeypatch):
     """The forward takes a row's centred sum of squares inside the next row's loop (rows
     of one block) or in a loop of its own (a block's last row): the same operations in the
     same order, so each row of a 70-row input gives the bits it gives alone."""
-    monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 62)
+    monkeypatch.setattr(cpu, "NONTEMPORAL_BYTES", 0 if nontemporal else 1 << 62)
     x, res, w, b, _ = _case((70, n), 130, kind=kind)
     together = add_norm(x, res, w, b, kind=kind, prenorm=True)
     for i in range(x.shape[0]):
@@ -948,8 +949,8 @@ def test_default_path_small_input():
     """Whatever path ``add_norm`` takes by default for a small input, it matches the oracle."""
     x, res, w, b, dy = _case((3, 24), 135)
     monkeypatch = pytest.MonkeyPatch()
-    if _EAGER_BELOW is not None:  # undo the module's autouse fixture, for this test only
-        monkeypatch.setattr(ops, "EAGER_BELOW", _EAGER_BELOW)
+    if _STOCK_BELOW is not None:  # undo the module's autouse fixture, for this test only
+        monkeypatch.setattr(ops, "STOCK_BELOW", _STOCK_BELOW)
     try:
         got = _run(add_norm, x, res, w, b, dy=dy, dh=dy)
     finally:
@@ -966,11 +967,11 @@ def test_default_path_without_residual(kind, dtype, stock, compiled, monkeypatch
     compiled kernel is not called); bfloat16 and RMS norm keep the kernel. Both match the
     oracle, gradients included."""
     monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", True)
-    spy = _StreamSpy(cpu.load())
+    spy = _NontemporalSpy(cpu.load())
     monkeypatch.setitem(cpu._state, "module", spy)
     x, _, w, b, dy = _case((6, 40), 136, dtype=dtype, residual=False, kind=kind)
     dh = _data((6, 40), 137, dtype, scale=1.0, shift=0.0)
-    assert kernel_name(x, residual=False, kind=kind) == ("eager" if stock else "compiled cpu")
+    assert kernel_name(x, with_residual=False, kind=kind) == ("stock" if stock else "compiled cpu")
     assert kernel_name(x, kind=kind) == "compiled cpu"   # with a residual: the kernel
     got = _run(add_norm, x, None, w, b, kind=kind, dy=dy, dh=dh)
     assert (spy.calls == []) == stock
@@ -1289,7 +1290,7 @@ def test_pool_in_forked_child(compiled):
             "cpu.configure_pool(min_bytes=1 << 20)\n"
             "torch.manual_seed(0)\n"
             "x, r = torch.randn(300, 1024), torch.randn(300, 1024)\n"
-            "ops.EAGER_BELOW = 0\n"
+            "ops.STOCK_BELOW = 0\n"
             "def child(_):\n"
             "    torch.set_num_threads(1)\n"
             "    y, h = add_norm(x, r, prenorm=True)\n"
@@ -1397,8 +1398,8 @@ def test_relu_stock_path_matches_kernel(kind, compiled, monkeypatch):
     """Small inputs run stock ops (F.layer_norm then F.relu); they agree with the kernel."""
     x, res, w, b, dy = _case((5, 64), 330, kind=kind)
     kernel = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
-    monkeypatch.setattr(ops, "EAGER_BELOW", _EAGER_BELOW)
-    assert kernel_name(x, kind=kind, activation="relu") == "eager"
+    monkeypatch.setattr(ops, "STOCK_BELOW", _STOCK_BELOW)
+    assert kernel_name(x, kind=kind, activation="relu") == "stock"
     stock = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
     sc = _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dy)
     _assert_close(stock.y, kernel.y, 2 * Y_TOL * sc.y, "y")
@@ -1412,10 +1413,10 @@ def test_relu_plain_layer_norm_runs_the_kernel(compiled, monkeypatch):
     """Without a residual, a float32 layer norm runs stock F.layer_norm, but not with the
     ReLU fused: one pass instead of two."""
     monkeypatch.setattr(ops, "STOCK_PLAIN_LAYER_NORM", True)
-    monkeypatch.setattr(ops, "EAGER_BELOW", 0)
+    monkeypatch.setattr(ops, "STOCK_BELOW", 0)
     x = torch.zeros(4, 32)
-    assert kernel_name(x, residual=False) == "eager"
-    assert kernel_name(x, residual=False, activation="relu") == "compiled cpu"
+    assert kernel_name(x, with_residual=False) == "stock"
+    assert kernel_name(x, with_residual=False, activation="relu") == "compiled cpu"
 
 
 def _relu_block(x, residual, weight, bias):
@@ -1459,17 +1460,18 @@ def test_builds_and_matches_without_avx512(compiled):
     native = cpu.load()
     for rows, n in [(300, 768), (17, 100)]:
         x, res, w, b, dy = _case((rows, n), 400 + n)
-        for stream, relu in itertools.product((False, True), (False, True)):
+        for nontemporal, relu in itertools.product((False, True), (False, True)):
             runs = []
             for module in (native, avx2):
                 h = torch.empty(rows, n)
-                y, mean, rstd = module.add_norm_fwd(x, res, w, b, False, 1e-5, h, stream, relu)
+                y, mean, rstd = module.add_norm_fwd(x, res, w, b, False, 1e-5, h, nontemporal,
+                                                    relu)
                 dx = torch.empty(rows, n)
                 dw, db = module.add_norm_bwd(dy, h, h, w, b, mean, rstd, False, True, True, dx,
-                                             stream, relu)
+                                             nontemporal, relu)
                 runs.append((y, h, mean, rstd, dx, dw, db))
             names = ("y", "h", "mean", "rstd", "dx", "dw", "db")
             for got, want, what in zip(runs[1], runs[0], names):
                 torch.testing.assert_close(
                     got, want, rtol=1e-5, atol=1e-5,
-                    msg=lambda m: f"{rows}x{n} {stream=} {relu=} {what}: {m}")
+                    msg=lambda m: f"{rows}x{n} {nontemporal=} {relu=} {what}: {m}")

@@ -6,8 +6,9 @@ medians over repeats:
 - ``resnorm``: :func:`resnorm.kernels.add_norm` (``prenorm=True``: y and the new residual);
 - ``resnorm-nopool`` (``fresh`` regime only): the same with its output pool turned off, so
   that its outputs come from PyTorch's allocator as the peers' do;
-- ``eager``: ``h = x + r`` then ``F.layer_norm(h)`` / ``F.rms_norm(h)`` (stock PyTorch);
-- ``compile``: ``torch.compile`` of the eager function;
+- ``eager``: ``h = x + r`` then ``F.layer_norm(h)`` / ``F.rms_norm(h)``: stock PyTorch ops
+  in PyTorch's eager mode, op by op;
+- ``compile``: ``torch.compile`` of the same stock ops;
 - ``copy``: ``dst.copy_(src)`` of one tensor, the machine's memory bandwidth, the physical
   limit.
 
@@ -25,6 +26,11 @@ Shapes under 16M elements get proportionally more rounds (:func:`rounds_for`).
   does resnorm's without its output pool (:mod:`resnorm.kernels.cpu`);
 - ``reuse``: freed memory is kept and reused (``mallopt(M_MMAP_MAX, 0)``), as jemalloc or
   tcmalloc do; this isolates the kernels' own speed.
+
+Words: *stock* means PyTorch's own, unfused ops; *eager* means PyTorch's eager mode (op by
+op, outside ``torch.compile``), the one meaning it has in :mod:`resnorm.kernels` and its
+tests too. The ``eager`` peer is the stock ops run eagerly (``resnorm`` runs eagerly as
+well; a small input to ``add_norm`` runs those same stock ops, see ``STOCK_BELOW``).
 
 End-to-end rows time a training step (forward, backward, AdamW) of the pre-norm residual
 MLP and of the small Transformer, fused vs unfused, same weights.
@@ -119,7 +125,9 @@ def interleaved_medians(peers: dict[str, Callable[[], object]], repeats: int, wa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _eager(kind: str):
+def _stock(kind: str):
+    """The stock PyTorch ops of add+norm, unfused: the "eager" peer as it is, the "compile"
+    peer under ``torch.compile``."""
     if kind == "layer":
         def fn(x, r, w, b):
             h = x + r
@@ -158,9 +166,9 @@ def _peers(kind: str, regime: str, use_compile: bool) -> list[tuple[str, Callabl
         # The same kernel with its outputs from PyTorch's allocator: how much of the
         # fresh-regime speed-up is the output pool's (docs/kernels.md).
         impls.append(("resnorm-nopool", _fused(kind)))
-    impls += [("eager", _eager(kind))]
+    impls += [("eager", _stock(kind))]
     if use_compile:
-        impls.append(("compile", torch.compile(_eager(kind), dynamic=False)))
+        impls.append(("compile", torch.compile(_stock(kind), dynamic=False)))
     return impls
 
 
@@ -250,7 +258,7 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
 
     # Activations of 2 million elements (fused): 256 wide, where the memory-bound ops are a
     # fifth of the step, and 1,024 wide, where the matmuls are nearly all of it; and the
-    # lab's MLP (128 x 128: eager ops below EAGER_BELOW, so the two should tie).
+    # lab's MLP (128 x 128: stock ops below STOCK_BELOW, so the two should tie).
     cases = [("mlp", {"depth": 4 if quick else 8, "width": 64 if quick else 256,
                       "norm": "layer", "placement": "pre"}, (64 if quick else 8192, 40)),
              ("mlp", {"depth": 4, "width": 128 if quick else 1024, "norm": "layer",

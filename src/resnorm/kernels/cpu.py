@@ -56,11 +56,12 @@ SOURCES = ("add_norm_kernels.cpp", "output_pool.cpp", "norm_stats.cpp", "binding
 HEADERS = ("add_norm_kernels.h", "output_pool.h", "norm_stats.h")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
-# Outputs of at least this many bytes are written with streaming (non-temporal) stores:
-# they would not stay in cache anyway, and streaming skips reading the destination first.
+# Outputs of at least this many bytes are written with non-temporal (streaming) stores:
+# they would not stay in cache anyway, and these skip reading the destination first.
 # Smaller outputs are written normally, so that the next layer (a matmul, in training)
-# finds them in cache: streaming 8 MiB activations slowed the next matmuls measurably.
-STREAM_BYTES = 32 << 20
+# finds them in cache: non-temporal stores of 8 MiB activations slowed the next matmuls
+# measurably.
+NONTEMPORAL_BYTES = 32 << 20
 # Outputs of at least this many bytes come from the output pool. glibc maps fresh pages for
 # 32 MiB and more, and below that it recycles a freed block or trims the top of its heap
 # and faults it in again, depending on the heap's state: 8 MiB outputs (8,192 x 256) cost
@@ -195,7 +196,8 @@ def status() -> dict:
     module = load()
     return {"available": module is not None, "reason": _state["error"],
             "build_directory": str(build_directory()), "flags": FLAGS,
-            "stream_bytes": STREAM_BYTES, "pool": pool_stats() if module is not None else {}}
+            "nontemporal_bytes": NONTEMPORAL_BYTES,
+            "pool": pool_stats() if module is not None else {}}
 
 
 def parse_bytes(name: str, text: str) -> int:
@@ -285,8 +287,8 @@ def forward(x, residual, weight, bias, rms, eps, h_dtype, activation="identity")
     """Same contract as :func:`resnorm.kernels.reference.forward`, compiled."""
     module = _state["module"]
     h = module.empty_output(*x.shape, h_dtype) if h_dtype is not None else None
-    stream = x.numel() * x.element_size() >= STREAM_BYTES
-    y, mean, rstd = module.add_norm_fwd(x, residual, weight, bias, rms, eps, h, stream,
+    nontemporal = x.numel() * x.element_size() >= NONTEMPORAL_BYTES
+    y, mean, rstd = module.add_norm_fwd(x, residual, weight, bias, rms, eps, h, nontemporal,
                                         activation == "relu")
     return y, (h if h is not None else x.new_empty((0,))), mean, rstd
 
@@ -295,9 +297,9 @@ def backward(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activat
     """Same contract as :func:`resnorm.kernels.reference.backward`, compiled."""
     module = _state["module"]
     dx = module.empty_output(*dy.shape, dy.dtype)
-    stream = dx.numel() * dx.element_size() >= STREAM_BYTES
+    nontemporal = dx.numel() * dx.element_size() >= NONTEMPORAL_BYTES
     dw, db = module.add_norm_bwd(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, dx,
-                                 stream, activation == "relu")
+                                 nontemporal, activation == "relu")
     # float32, as summed (autograd casts them to each parameter's own dtype); empty when not
     # asked for, in float32 all the same, as the fake implementation (ops.py) declares.
     dw = dw if need_dw else dy.new_empty((0,), dtype=torch.float32)

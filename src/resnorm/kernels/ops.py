@@ -11,6 +11,12 @@ other devices). A GPU kernel slots in by adding a ``"cuda"`` entry to both table
 Outside ``torch.compile``, :func:`add_norm` runs the same kernels and autograd formula
 through a plain ``torch.autograd.Function``: the operators' Python dispatch costs about
 25 us per call.
+
+Words, as used here, in the tests and in ``resnorm bench``: *stock* ops are PyTorch's own,
+unfused (``x + residual`` then ``F.layer_norm`` / ``F.rms_norm``); *eager* is PyTorch's
+eager mode, op by op outside ``torch.compile`` (where the fused kernel runs too, through
+``_EagerAddNorm``); the *compiled kernel* is the C++ one of :mod:`resnorm.kernels.cpu`,
+built on first use, not to be confused with ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -27,9 +33,9 @@ KINDS = ("layer", "rms")
 # Activations fused into the output y (applied after the norm's scale and shift).
 ACTIVATIONS = ("identity", "relu")
 # Below this many elements the tensors stay in cache, the work is not memory-bound and the
-# fused kernel measured no faster than eager (docs/kernels.md): add_norm then runs the
-# same computation as stock eager ops. Under torch.compile the operator is always used.
-EAGER_BELOW = 1 << 20
+# fused kernel measured no faster than stock PyTorch ops (docs/kernels.md): add_norm then
+# runs the same computation as stock ops. Under torch.compile the operator is always used.
+STOCK_BELOW = 1 << 20
 # With nothing to add (no residual) a float32 layer norm runs as stock F.layer_norm: the
 # kernel would fuse nothing, and ATen's single-pass layer norm measured faster than it
 # (4096 x 512: 0.90 vs 1.11 ms forward, 2.38 vs 2.53 ms forward+backward). RMS norm keeps
@@ -50,18 +56,20 @@ BACKWARD_KERNELS = {"cpu": (lambda dy, dh, h, weight, bias: cpu.supports(dy, dh,
 
 
 def _stock(x: Tensor, residual: Tensor | None, kind: str, activation: str) -> bool:
-    """Whether :func:`add_norm` runs stock eager ops for these arguments."""
-    return ((x.numel() < EAGER_BELOW and not torch.compiler.is_compiling())
+    """Whether :func:`add_norm` runs stock PyTorch ops for these arguments."""
+    return ((x.numel() < STOCK_BELOW and not torch.compiler.is_compiling())
             or (STOCK_PLAIN_LAYER_NORM and residual is None and kind == "layer"
                 and activation == "identity" and x.dtype == torch.float32))
 
 
-def kernel_name(x: Tensor, *, residual: bool = True, kind: str = "layer",
+def kernel_name(x: Tensor, *, with_residual: bool = True, kind: str = "layer",
                 activation: str | None = None) -> str:
     """Which implementation :func:`add_norm` runs for tensors like ``x`` (with a residual
-    of x's shape unless ``residual=False``, and this ``kind`` and ``activation``)."""
-    if _stock(x, x if residual else None, kind, activation or "identity"):
-        return "eager"
+    of x's shape unless ``with_residual=False``, and this ``kind`` and ``activation``):
+    ``"stock"`` (stock PyTorch ops), ``"compiled cpu"`` (the compiled kernel of that device
+    type) or ``"reference"`` (the pure-PyTorch reference, through the operator)."""
+    if _stock(x, x if with_residual else None, kind, activation or "identity"):
+        return "stock"
     entry = FORWARD_KERNELS.get(x.device.type)
     if entry is not None and entry[0](x, None, None, None, None):
         return f"compiled {x.device.type}"
@@ -272,8 +280,8 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     Gradients flow to x, residual, weight and bias, and the gradient reaching ``h`` (through
     the next block's skip path) is added in the same backward pass. Float32 and bfloat16
     CPU tensors run the compiled kernel (:mod:`resnorm.kernels.cpu`); other dtypes and
-    devices the pure-PyTorch reference. Inputs with fewer than :data:`EAGER_BELOW` elements
-    run as stock eager ops (outside ``torch.compile``): they fit in cache, and there the
+    devices the pure-PyTorch reference. Inputs with fewer than :data:`STOCK_BELOW` elements
+    run as stock PyTorch ops (outside ``torch.compile``): they fit in cache, and there the
     fused kernel measured no faster; so does a float32 layer norm without a residual
     (:data:`STOCK_PLAIN_LAYER_NORM`: nothing to fuse). Inputs may be non-contiguous.
     """

@@ -1,5 +1,5 @@
 """Which samples a step takes: the epoch's global batches, a function of (seed, epoch) only,
-each process's slice of one, and each process's random stream."""
+each process's slice of one, and each process's random-number seed."""
 from __future__ import annotations
 
 import torch
@@ -27,5 +27,5 @@ def _shard(batch: torch.Tensor, world_size: int, rank: int) -> tuple[torch.Tenso
 
 def _rank_seed(seed: int, rank: int) -> int:
     """Rank 0 keeps the run's seed (one process is rank 0 of one); the others get their
-    own streams (dropout masks), deterministic in (seed, rank)."""
+    own random-number generator states (dropout masks), deterministic in (seed, rank)."""
     return seed if rank == 0 else seed * 1_000_003 + 7919 * rank

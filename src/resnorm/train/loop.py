@@ -263,7 +263,7 @@ class _Trainer:
         device, rng = self.device, {"torch": torch.get_rng_state(), "cuda": None}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        if self.world_size > 1:  # every process's stream, for an exact resume
+        if self.world_size > 1:  # every process's generator state, for an exact resume
             mine = {"torch": rng["torch"], "cuda": torch.cuda.get_rng_state(device)
                     if device.type == "cuda" else None}
             rng["ranks"] = [None] * self.world_size
@@ -444,5 +444,5 @@ def _restore_rng(state: dict, seed: int, rank: int, world_size: int,
                 torch.cuda.set_rng_state(rng["cuda"][device.index or 0], device)
             else:
                 torch.cuda.set_rng_state_all(rng["cuda"])
-    else:  # a different number of processes: a fresh, deterministic stream
+    else:  # a different number of processes: freshly seeded generators, deterministic
         torch.manual_seed(_rank_seed(seed, rank) + state["global_step"])

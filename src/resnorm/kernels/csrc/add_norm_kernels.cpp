@@ -127,8 +127,9 @@ inline void stream_store(float* dst, const float* src) { *dst = *src; }
 
 // Copies a float32 row to its destination: streaming stores when asked and the row is
 // aligned for them, ordinary stores otherwise.
-inline void write_row(float* __restrict dst, const float* __restrict src, int64_t n, bool stream) {
-  if (kStreamFloats > 0 && stream &&
+inline void write_row(float* __restrict dst, const float* __restrict src, int64_t n,
+                      bool nontemporal) {
+  if (kStreamFloats > 0 && nontemporal &&
       reinterpret_cast<uintptr_t>(dst) % (kStreamFloats * sizeof(float)) == 0) {
     int64_t j = 0;
     for (; j + kStreamFloats <= n; j += kStreamFloats) stream_store(dst + j, src + j);
@@ -227,12 +228,12 @@ constexpr bool kPresent = !std::is_same_v<T, Absent>;  // an optional operand is
 // through the cache (it is in cache for the passes that follow, and no copy is stored
 // twice), else the thread's scratch row.
 template <typename TH>
-inline float* work_row(TH* hr, float* scratch_row, bool stream) {
+inline float* work_row(TH* hr, float* scratch_row, bool nontemporal) {
   if constexpr (std::is_same_v<TH, float>) {
-    if (!stream) return hr;
+    if (!nontemporal) return hr;
   }
   (void)hr;
-  (void)stream;
+  (void)nontemporal;
   return scratch_row;
 }
 
@@ -361,7 +362,7 @@ struct FwdArgs {
   float eps;
   float* mean_p;  // null for RMSNorm
   float* rstd_p;
-  bool stream;
+  bool nontemporal;
 };
 
 template <typename TX, typename TR, typename TH>
@@ -369,7 +370,7 @@ void fwd_rows(const FwdArgs& a) {
   const at::Tensor& x = a.x;
   const float* w = a.w;
   const float* b = a.b;
-  const bool rms = a.rms, stream = a.stream;
+  const bool rms = a.rms, nontemporal = a.nontemporal;
   const float lo = a.relu ? 0.0f : -std::numeric_limits<float>::infinity();
   const int64_t rows = x.size(0), n = x.size(1);
   const float inv_n = 1.0f / static_cast<float>(n);
@@ -389,7 +390,7 @@ void fwd_rows(const FwdArgs& a) {
       // so bit-identical results.
       // Row k's float32 work row (see work_row).
       auto row_buf = [&](int64_t k) {
-        return work_row<TH>(row_ptr<TH>(a.hout, k), scratch + (k - i0) * n, stream);
+        return work_row<TH>(row_ptr<TH>(a.hout, k), scratch + (k - i0) * n, nontemporal);
       };
       for (int64_t i = i0; i < i1; ++i) {
         const TX* xr = row_ptr<const TX>(&x, i);
@@ -397,13 +398,14 @@ void fwd_rows(const FwdArgs& a) {
         TH* hr = row_ptr<TH>(a.hout, i);
         // Spelled out here, not row_buf: through the lambda this loop measured 5% slower
         // (16,384 x 1,024 forward).
-        float* buf = work_row<TH>(hr, scratch + (i - i0) * n, stream);
+        float* buf = work_row<TH>(hr, scratch + (i - i0) * n, nontemporal);
         const bool in_h = static_cast<void*>(buf) == static_cast<void*>(hr);
         // The previous row of the block, whose centred sum this row's loop takes (LayerNorm).
         const float* prev =
             (rms || i == i0)
                 ? nullptr
-                : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n, stream);
+                : work_row<TH>(row_ptr<TH>(a.hout, i - 1), scratch + (i - 1 - i0) * n,
+                               nontemporal);
         const float prev_mu = prev ? sums[i - 1 - i0] * inv_n : 0.0f;
         float acc[kLanes] = {0.0f};
         float cacc[kLanes] = {0.0f};
@@ -412,12 +414,12 @@ void fwd_rows(const FwdArgs& a) {
         auto pass1 = [&](auto sums_tag) {
           constexpr Sums S = decltype(sums_tag)::value;
           if constexpr (std::is_same_v<TX, float> && std::is_same_v<TH, float>) {
-            if (stream)
+            if (nontemporal)
               h_streamed =
                   add_row_streaming<S>(xr, rr, hr, buf, prev, prev_mu, n, acc, cacc, &jv);
           }
           if (!h_streamed)
-            jv = add_row<S>(xr, rr, hr, buf, prev, prev_mu, n, stream || in_h, acc, cacc);
+            jv = add_row<S>(xr, rr, hr, buf, prev, prev_mu, n, nontemporal || in_h, acc, cacc);
         };
         if (rms)
           pass1(std::integral_constant<Sums, Sums::kSquares>{});
@@ -430,15 +432,15 @@ void fwd_rows(const FwdArgs& a) {
           float v = to_float(xr[j]);
           if constexpr (kPresent<TR>) v += to_float(rr[j]);
           if constexpr (kPresent<TH>) {
-            if (!stream && !in_h) put(hr + j, v);
+            if (!nontemporal && !in_h) put(hr + j, v);
           }
           buf[j] = v;
           s += rms ? v * v : v;
         }
         if constexpr (kPresent<TH>) {
-          if (stream && h_streamed) {
+          if (nontemporal && h_streamed) {
             for (int64_t j = jv; j < n; ++j) put(hr + j, buf[j]);
-          } else if (stream) {
+          } else if (nontemporal) {
             write_row(hr, buf, n, true);
           }
         }
@@ -462,9 +464,9 @@ void fwd_rows(const FwdArgs& a) {
         // Pass 3: y, straight to its row (through L1 and streaming stores when streaming).
         bool streamed = false;  // float32 y: straight from registers to memory
         if constexpr (std::is_same_v<TX, float>)
-          streamed = stream && stream_normalized_row(yr, buf, w, b, mu, r, lo, n);
+          streamed = nontemporal && stream_normalized_row(yr, buf, w, b, mu, r, lo, n);
         if (streamed) {
-        } else if (stream) {
+        } else if (nontemporal) {
 #pragma omp simd
           for (int64_t q = 0; q < n; ++q)
             buf[q] = activate(affine(normalized(buf[q], mu, r), w[q], b[q]), lo);
@@ -558,7 +560,7 @@ struct BwdArgs {
   bool rms, relu;
   const at::Tensor& dx;
   float* partial;  // per thread: n dweight then n dbias partial sums
-  bool need_dw, need_db, stream;
+  bool need_dw, need_db, nontemporal;
 };
 
 template <typename TD, typename TH, typename TI, bool Relu>
@@ -566,12 +568,12 @@ void bwd_rows(const BwdArgs& a) {
   const at::Tensor& h = a.h;
   const float* w = a.w;
   const float* b = a.b;
-  const bool stream = a.stream;
+  const bool nontemporal = a.nontemporal;
   const int64_t rows = h.size(0), n = h.size(1);
   const float inv_n = 1.0f / static_cast<float>(n);
   // In blocks of rows (see block_rows) when dx is written through the cache; row by row
   // when streamed, where re-reading h and dy from L2 rather than L1 measured slower.
-  const int64_t block = stream ? 1 : block_rows(n);
+  const int64_t block = nontemporal ? 1 : block_rows(n);
   // dy, masked by the ReLU's derivative (1 where z > 0; 0 elsewhere, NaN included).
   auto grad = [&](float dyv, float xv, int64_t q) {
     if constexpr (Relu) return affine(xv, w[q], b[q]) > 0.0f ? dyv : 0.0f;
@@ -647,9 +649,10 @@ void bwd_rows(const BwdArgs& a) {
         const TI* ir = row_ptr<const TI>(a.dh_in, i);
         if constexpr (std::is_same_v<TD, float> && std::is_same_v<TH, float> &&
                       !std::is_same_v<TI, bf16>) {
-          if (stream && stream_dx_row<Relu>(dxr, hr, dyr, ir, w, b, mu, r, s1, s2, n)) continue;
+          if (nontemporal && stream_dx_row<Relu>(dxr, hr, dyr, ir, w, b, mu, r, s1, s2, n))
+            continue;
         }
-        float* o = work_row<TD>(dxr, out, stream);
+        float* o = work_row<TD>(dxr, out, nontemporal);
 #pragma omp simd
         for (int64_t q = 0; q < n; ++q) {
           const float xv = normalized(to_float(hr[q]), mu, r);
@@ -657,7 +660,7 @@ void bwd_rows(const BwdArgs& a) {
           if constexpr (kPresent<TI>) v += to_float(ir[q]);
           o[q] = v;
         }
-        if (static_cast<void*>(o) != static_cast<void*>(dxr)) write_row(dxr, o, n, stream);
+        if (static_cast<void*>(o) != static_cast<void*>(dxr)) write_row(dxr, o, n, nontemporal);
       }
     }
     finish_streaming();
@@ -697,7 +700,8 @@ void bwd_h(const BwdArgs& a) {
 std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, bool rms, double eps,
-                                     const c10::optional<at::Tensor>& h_out, bool stream, bool relu) {
+                                     const c10::optional<at::Tensor>& h_out, bool nontemporal,
+                                     bool relu) {
   TORCH_CHECK(x.dim() == 2, "resnorm CPU kernel: x must be (rows, n)");
   check_rows(x, x, "x");
   const int64_t rows = x.size(0), n = x.size(1);
@@ -713,7 +717,7 @@ std::vector<at::Tensor> add_norm_fwd(const at::Tensor& x, const c10::optional<at
   const std::vector<float> b = as_float_vector(bias, n, 0.0f);
   const FwdArgs args{x, res, hout, y, w.data(), b.data(), rms, relu, static_cast<float>(eps),
                      rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                     stream && resident(y) && (!hout || resident(*hout))};
+                     nontemporal && resident(y) && (!hout || resident(*hout))};
   if (is_bf16(x))
     fwd_r<bf16>(args);
   else
@@ -729,8 +733,8 @@ std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<a
                                      const at::Tensor& h, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& mean, const at::Tensor& rstd, bool rms,
-                                     bool need_dw, bool need_db, const at::Tensor& dx, bool stream,
-                                     bool relu) {
+                                     bool need_dw, bool need_db, const at::Tensor& dx,
+                                     bool nontemporal, bool relu) {
   TORCH_CHECK(h.dim() == 2, "resnorm CPU kernel: h must be (rows, n)");
   check_rows(h, h, "h");
   check_rows(dy, h, "dy");
@@ -750,7 +754,7 @@ std::vector<at::Tensor> add_norm_bwd(const at::Tensor& dy, const c10::optional<a
     const BwdArgs args{dy, dhi, h, w.data(), b.data(),
                        rms ? nullptr : mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(),
                        rms, relu, dx, partial.data_ptr<float>(), need_dw, need_db,
-                       stream && resident(dx)};
+                       nontemporal && resident(dx)};
     if (is_bf16(dy))
       bwd_h<bf16>(args);
     else
