@@ -5,6 +5,8 @@ from its own weights, so a change of formula, order of operations or wiring fail
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -25,6 +27,7 @@ from resnorm.blocks import (
     PreActBottleneck,
     Residual,
     ResidualAdd,
+    ResidualConfig,
     ResidualMLPBlock,
     ScalarGain,
     SelfAttention,
@@ -34,6 +37,7 @@ from resnorm.blocks import (
     make_branch_scale,
     make_shortcut,
 )
+from resnorm.errors import UsageTypeError
 from resnorm.norms import NORM_KINDS, BatchNorm
 
 ALL_NORMS = list(NORM_KINDS)
@@ -160,12 +164,12 @@ def test_fixed_float_scale_multiplies_branch():
     torch.testing.assert_close(ResidualAdd(scale=2)(branch, skip), skip + 2 * branch)
 
 
-def test_alpha_weights_the_skip_only():
-    merge = ResidualAdd(alpha=1.7)
+def test_skip_weight_weights_the_skip_only():
+    merge = ResidualAdd(skip_weight=1.7)
     branch, skip = torch.randn(3, 4), torch.randn(3, 4)
     torch.testing.assert_close(merge(branch, skip), 1.7 * skip + branch)
-    # alpha does not apply to a plain twin's output
-    plain = ResidualAdd(alpha=1.7, residual=False)
+    # the skip weight does not apply to a plain twin's output
+    plain = ResidualAdd(skip_weight=1.7, residual=False)
     torch.testing.assert_close(plain(branch, skip), branch)
 
 
@@ -180,6 +184,86 @@ def test_shape_mismatch_raises():
 def test_unknown_scale_raises(scale):
     with pytest.raises(ValueError, match="scale"):
         ResidualAdd(scale=scale, channels=4)
+
+
+# --------------------------------------------------------------------------------------
+# ResidualConfig: one configuration of the merge, passed from model to block to merge
+# --------------------------------------------------------------------------------------
+
+def test_residual_config_defaults_are_the_plain_residual_add():
+    config = ResidualConfig()
+    assert (config.residual, config.scale, config.layerscale_init, config.skip_weight,
+            config.drop_path) == (True, None, 1e-5, 1.0, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.residual = False
+    branch, skip = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(ResidualAdd(config)(branch, skip), skip + branch)
+
+
+@pytest.mark.parametrize("fields,error,message", [
+    ({"residual": 1}, UsageTypeError, r"residual must be True or False, got 1 \(int\)"),
+    ({"scale": "rezeroo"}, ValueError, r"scale='rezeroo'.*accepted.*'rezero'.*a number"),
+    ({"scale": float("nan")}, ValueError, "scale"),
+    ({"layerscale_init": "small"}, UsageTypeError, "layerscale_init must be a number"),
+    ({"skip_weight": float("inf")}, ValueError, "skip_weight must be a finite number"),
+    ({"drop_path": 1.0}, ValueError, r"drop_path must be in \[0, 1\), got 1"),
+])
+def test_residual_config_checks_each_field(fields, error, message):
+    with pytest.raises(error, match=message):
+        ResidualConfig(**fields)
+    with pytest.raises(error, match=message):   # and through resolve(), as blocks get them
+        ResidualConfig.resolve(ResidualConfig(), **fields)
+
+
+def test_resolve_puts_the_keyword_fields_on_top_of_the_config():
+    base = ResidualConfig(scale="rezero", drop_path=0.1)
+    assert ResidualConfig.resolve() == ResidualConfig()
+    assert ResidualConfig.resolve(base) is base
+    assert ResidualConfig.resolve(base, residual=False) == ResidualConfig(
+        residual=False, scale="rezero", drop_path=0.1)
+    with pytest.raises(UsageTypeError, match="merge must be a ResidualConfig, got"):
+        ResidualConfig.resolve({"residual": False})
+
+
+def test_unknown_merge_field_names_the_class_and_what_it_accepts():
+    with pytest.raises(UsageTypeError, match=r"ResidualConfig got unexpected option\(s\) alpha; "
+                                             r"accepted: residual, scale, layerscale_init, "
+                                             r"skip_weight, drop_path"):
+        ResidualConfig.resolve(alpha=1.7)
+    with pytest.raises(UsageTypeError, match=r"BasicBlock\(\) got unexpected option\(s\) "
+                                             r"nrom; accepted: in_channels, .*norm, .*drop_path"):
+        BasicBlock(4, 4, nrom="batch")
+
+
+@pytest.mark.parametrize("cls", [ResidualAdd, Residual, BasicBlock, Bottleneck, PreActBasicBlock,
+                                 PreActBottleneck, ResidualMLPBlock, TransformerBlock])
+def test_blocks_list_the_config_fields_in_their_signature(cls):
+    parameters = inspect.signature(cls).parameters
+    for field in dataclasses.fields(ResidualConfig):
+        assert parameters[field.name].default == field.default, field.name
+        assert parameters[field.name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert parameters["merge"].default is None
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def test_a_block_takes_the_config_or_its_fields_alike():
+    torch.manual_seed(0)
+    by_config = BasicBlock(4, 8, 2, merge=ResidualConfig(scale="layerscale", layerscale_init=0.5))
+    torch.manual_seed(0)
+    by_fields = BasicBlock(4, 8, 2, scale="layerscale", layerscale_init=0.5)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(by_config.eval()(x), by_fields.eval()(x), rtol=0, atol=0)
+    # a field given beside the config wins over the config's value
+    plain = BasicBlock(4, 8, 2, merge=ResidualConfig(scale="layerscale"), residual=False)
+    assert plain.downsample is None and not plain.merge.residual
+
+
+def test_deepnorm_sets_the_skip_weight_and_refuses_another():
+    block = TransformerBlock(8, 2, placement="post", deepnorm_layers=3, scale="rezero")
+    assert block.merge1.skip_weight == pytest.approx(6 ** 0.25)
+    assert isinstance(block.merge2.scale, ScalarGain)
+    with pytest.raises(ValueError, match="deepnorm_layers sets the skip weight.*got skip_weight=2"):
+        TransformerBlock(8, 2, placement="post", deepnorm_layers=3, skip_weight=2.0)
 
 
 def test_drop_path_identity_in_eval_and_at_zero():
@@ -690,8 +774,8 @@ def test_deepnorm_alpha_and_init():
     assert beta == pytest.approx((8 * layers) ** -0.25)
     torch.manual_seed(3)
     block = TransformerBlock(dim, 4, placement="post", deepnorm_layers=layers)
-    assert block.merge1.alpha == pytest.approx(alpha)
-    assert block.merge2.alpha == pytest.approx(alpha)
+    assert block.merge1.skip_weight == pytest.approx(alpha)
+    assert block.merge2.skip_weight == pytest.approx(alpha)
 
     def xavier_std(weight, gain):
         fan_out, fan_in = weight.shape

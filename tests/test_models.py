@@ -598,7 +598,7 @@ def test_unknown_norm_lists_the_kinds():
 
 def test_deepnorm_transformer():
     model = create_model("transformer", deepnorm=True, placement="post", depth=3)
-    alphas = [m.alpha for m in model.modules() if isinstance(m, ResidualAdd)]
+    alphas = [m.skip_weight for m in model.modules() if isinstance(m, ResidualAdd)]
     assert alphas == [pytest.approx((2 * 3) ** 0.25)] * 6
     check_forward_backward(model, torch.randn(2, 40))
     with pytest.raises(ValueError, match="placement='post'"):

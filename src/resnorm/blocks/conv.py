@@ -5,6 +5,8 @@
 (``conv1``, ``bn1``, ..., ``downsample``) so state dicts load both ways. The
 pre-activation versions follow He et al. (2016), "Identity Mappings in Deep Residual
 Networks". The modules are named ``bn*`` whatever the normalization kind, to keep those keys.
+Each block merges its branch as ``merge`` (a :class:`~resnorm.blocks.ResidualConfig`, or its
+fields as keyword arguments: ``residual=False``, ``scale=``, ``drop_path=``, ...) says.
 
 Shortcuts when the shape changes (the ResNet paper's options):
 
@@ -24,7 +26,7 @@ from ..errors import UsageError
 from ..norms import make_norm
 from ..norms.factory import NormSpec
 from .activations import make_activation
-from .residual import ResidualAdd
+from .residual import ResidualAdd, ResidualConfig, takes_merge_fields
 
 SHORTCUTS = ("A", "B", "C")
 CONV_DIMS = (1, 2)
@@ -80,21 +82,38 @@ def make_shortcut(option: str, in_channels: int, out_channels: int, stride: int,
 
 class _ConvBlock(nn.Module):
     """What every convolutional residual block shares: argument checks, the merge, the
-    activation, and the input check."""
+    activation, the shortcut and the input check."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, dims: int,
-                 residual: bool, scale, layerscale_init: float, drop_path: float,
-                 activation: str) -> None:
+                 activation: str, merge: ResidualConfig | None, merge_fields: dict) -> None:
         super().__init__()
+        merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.out_channels = check_int("out_channels", out_channels, minimum=1)
         self.stride = check_int("stride", stride, minimum=1)
         self.dims = check_choice("dims", dims, CONV_DIMS)
         self.act = make_activation(activation)
-        self.merge = ResidualAdd(residual=residual, scale=scale, channels=out_channels,
-                                 layerscale_init=layerscale_init, drop_path=drop_path)
+        self.merge = ResidualAdd(merge, channels=out_channels)
+
+    def _add_shortcut(self, option: str, norm: NormSpec | None, norm_options: dict,
+                      zero_init: nn.Module | None = None) -> None:
+        """The skip path's projection where ``option`` needs one (none for a plain twin:
+        it only exists to make the addition possible), and the scale of the norm
+        ``zero_init`` set to zero. Called last, to keep torchvision's order of the state
+        dict's keys."""
+        self.downsample = (make_shortcut(option, self.in_channels, self.out_channels,
+                                         self.stride, dims=self.dims, norm=norm,
+                                         norm_options=norm_options)
+                           if self.merge.residual else None)
+        if zero_init is not None:
+            _zero_scale(zero_init)
+
+    def _merge_then_act(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The end of a post-activation block: ``Act(out + shortcut(x))``."""
+        skip = x if self.downsample is None else self.downsample(x)
+        return self.act(self.merge(out, skip))
 
     def _check(self, x: torch.Tensor) -> None:
         check_input("input", x, ndims=(self.dims + 2,), channels=self.in_channels,
@@ -104,6 +123,12 @@ class _ConvBlock(nn.Module):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}, dims={self.dims}"
 
 
+def _bottleneck_out(planes: int, expansion: int) -> int:
+    """A bottleneck's output channels, ``planes * expansion``, after checking both."""
+    return check_int("planes", planes, minimum=1) * check_int("expansion", expansion, minimum=1)
+
+
+@takes_merge_fields
 class BasicBlock(_ConvBlock):
     """Two 3x3 convolutions: ``y = Act(BN(Conv(Act(BN(Conv(x))))) + shortcut(x))``.
 
@@ -112,30 +137,27 @@ class BasicBlock(_ConvBlock):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", residual: bool = True,
-                 dims: int = 2, activation: str = "relu", scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
-                 zero_init_last: bool = False, norm_options: dict | None = None) -> None:
-        super().__init__(in_channels, out_channels, stride, dims, residual, scale,
-                         layerscale_init, drop_path, activation)
+                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
+                 activation: str = "relu", zero_init_last: bool = False,
+                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
+                 **merge_fields) -> None:
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
+                         merge_fields)
         options = dict(norm_options or {})
         self.conv1 = conv(dims, in_channels, out_channels, 3, stride)
         self.bn1 = make_norm(norm, out_channels, **options)
         self.conv2 = conv(dims, out_channels, out_channels, 3)
         self.bn2 = make_norm(norm, out_channels, **options)
-        self.downsample = (make_shortcut(shortcut, in_channels, out_channels, stride, dims=dims,
-                                         norm=norm, norm_options=options) if residual else None)
-        if zero_init_last:
-            _zero_scale(self.bn2)
+        self._add_shortcut(shortcut, norm, options, self.bn2 if zero_init_last else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        skip = x if self.downsample is None else self.downsample(x)
-        return self.act(self.merge(out, skip))
+        return self._merge_then_act(out, x)
 
 
+@takes_merge_fields
 class Bottleneck(_ConvBlock):
     """1x1 reduce, 3x3 (with the stride), 1x1 expand to ``planes * expansion`` channels:
     ``y = Act(BN(Conv1x1(Act(BN(Conv3x3(Act(BN(Conv1x1(x)))))))) + shortcut(x))``."""
@@ -143,15 +165,14 @@ class Bottleneck(_ConvBlock):
     expansion = 4
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", residual: bool = True,
-                 dims: int = 2, activation: str = "relu", expansion: int = 4, scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
-                 zero_init_last: bool = False, norm_options: dict | None = None) -> None:
-        check_int("planes", planes, minimum=1)
-        self.expansion = check_int("expansion", expansion, minimum=1)
-        out_channels = planes * expansion
-        super().__init__(in_channels, out_channels, stride, dims, residual, scale,
-                         layerscale_init, drop_path, activation)
+                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
+                 activation: str = "relu", expansion: int = 4, zero_init_last: bool = False,
+                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
+                 **merge_fields) -> None:
+        out_channels = _bottleneck_out(planes, expansion)
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
+                         merge_fields)
+        self.expansion = expansion
         options = dict(norm_options or {})
         self.conv1 = conv(dims, in_channels, planes, 1)
         self.bn1 = make_norm(norm, planes, **options)
@@ -159,20 +180,17 @@ class Bottleneck(_ConvBlock):
         self.bn2 = make_norm(norm, planes, **options)
         self.conv3 = conv(dims, planes, out_channels, 1)
         self.bn3 = make_norm(norm, out_channels, **options)
-        self.downsample = (make_shortcut(shortcut, in_channels, out_channels, stride, dims=dims,
-                                         norm=norm, norm_options=options) if residual else None)
-        if zero_init_last:
-            _zero_scale(self.bn3)
+        self._add_shortcut(shortcut, norm, options, self.bn3 if zero_init_last else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self.act(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        skip = x if self.downsample is None else self.downsample(x)
-        return self.act(self.merge(out, skip))
+        return self._merge_then_act(out, x)
 
 
+@takes_merge_fields
 class PreActBasicBlock(_ConvBlock):
     """Pre-activation basic block: ``y = x + Conv(Act(BN(Conv(Act(BN(x))))))``.
 
@@ -182,19 +200,17 @@ class PreActBasicBlock(_ConvBlock):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", residual: bool = True,
-                 dims: int = 2, activation: str = "relu", scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
-                 norm_options: dict | None = None) -> None:
-        super().__init__(in_channels, out_channels, stride, dims, residual, scale,
-                         layerscale_init, drop_path, activation)
+                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
+                 activation: str = "relu", norm_options: dict | None = None,
+                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
+                         merge_fields)
         options = dict(norm_options or {})
         self.bn1 = make_norm(norm, in_channels, **options)
         self.conv1 = conv(dims, in_channels, out_channels, 3, stride)
         self.bn2 = make_norm(norm, out_channels, **options)
         self.conv2 = conv(dims, out_channels, out_channels, 3)
-        self.downsample = (make_shortcut(shortcut, in_channels, out_channels, stride, dims=dims,
-                                         norm=None) if residual else None)
+        self._add_shortcut(shortcut, None, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -204,6 +220,7 @@ class PreActBasicBlock(_ConvBlock):
         return self.merge(out, _preact_skip(self.downsample, x, pre))
 
 
+@takes_merge_fields
 class PreActBottleneck(_ConvBlock):
     """Pre-activation bottleneck (ResNet-164 / ResNet-1001 of He et al., 2016):
     ``y = x + Conv1x1(Act(BN(Conv3x3(Act(BN(Conv1x1(Act(BN(x)))))))))``."""
@@ -211,15 +228,14 @@ class PreActBottleneck(_ConvBlock):
     expansion = 4
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", residual: bool = True,
-                 dims: int = 2, activation: str = "relu", expansion: int = 4, scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
-                 norm_options: dict | None = None) -> None:
-        check_int("planes", planes, minimum=1)
-        self.expansion = check_int("expansion", expansion, minimum=1)
-        out_channels = planes * expansion
-        super().__init__(in_channels, out_channels, stride, dims, residual, scale,
-                         layerscale_init, drop_path, activation)
+                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
+                 activation: str = "relu", expansion: int = 4,
+                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
+                 **merge_fields) -> None:
+        out_channels = _bottleneck_out(planes, expansion)
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
+                         merge_fields)
+        self.expansion = expansion
         options = dict(norm_options or {})
         self.bn1 = make_norm(norm, in_channels, **options)
         self.conv1 = conv(dims, in_channels, planes, 1)
@@ -227,8 +243,7 @@ class PreActBottleneck(_ConvBlock):
         self.conv2 = conv(dims, planes, planes, 3, stride)
         self.bn3 = make_norm(norm, planes, **options)
         self.conv3 = conv(dims, planes, out_channels, 1)
-        self.downsample = (make_shortcut(shortcut, in_channels, out_channels, stride, dims=dims,
-                                         norm=None) if residual else None)
+        self._add_shortcut(shortcut, None, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)

@@ -9,7 +9,7 @@ from ..errors import UsageError
 from ..norms import make_norm
 from ..norms.factory import FUSED_KINDS, NormSpec
 from .activations import make_activation
-from .residual import ResidualAdd
+from .residual import ResidualAdd, ResidualConfig, takes_merge_fields
 
 PLACEMENTS = ("post", "pre")
 
@@ -26,6 +26,7 @@ def fused_norm_options(norm_options: dict | None, fused: bool,
     return options, in_norm
 
 
+@takes_merge_fields
 class ResidualMLPBlock(nn.Module):
     r"""A two-layer residual MLP block on (N, width) features.
 
@@ -39,8 +40,9 @@ class ResidualMLPBlock(nn.Module):
 
         y = x + Linear(Act(Norm(Linear(Act(Norm(x))))))
 
-    ``residual=False`` drops the ``x +`` (same parameters); ``scale``, ``drop_path`` and
-    ``layerscale_init`` configure the merge (see :class:`~resnorm.blocks.ResidualAdd`).
+    ``merge`` (a :class:`~resnorm.blocks.ResidualConfig`, or its fields as keyword
+    arguments) configures the merge: ``residual=False`` drops the ``x +`` (same
+    parameters); ``scale``, ``layerscale_init`` and ``drop_path`` scale or drop the branch.
 
     ``fused=True`` (pre-norm residual blocks with ``norm="layer"`` or ``"rms"``) builds the
     norms as :class:`~resnorm.norms.FusedAddLayerNorm` / ``FusedAddRMSNorm`` and adds
@@ -52,16 +54,14 @@ class ResidualMLPBlock(nn.Module):
     """
 
     def __init__(self, width: int, norm: NormSpec = "batch", placement: str = "post", *,
-                 activation: str = "relu", residual: bool = True, scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0, dropout: float = 0.0,
-                 bias: bool = True, norm_options: dict | None = None,
-                 fused: bool = False) -> None:
+                 activation: str = "relu", dropout: float = 0.0, bias: bool = True,
+                 norm_options: dict | None = None, fused: bool = False,
+                 merge: ResidualConfig | None = None, **merge_fields) -> None:
         super().__init__()
+        merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.width = check_int("width", width, minimum=1)
-        self.placement = check_choice("placement", placement, PLACEMENTS)
-        self.fused = bool(fused)
-        if self.fused:
-            check_fusable("ResidualMLPBlock", norm, placement, residual)
+        self.placement, self.fused = check_placement("ResidualMLPBlock", placement, fused, norm,
+                                                     merge.residual)
         options, self.act_in_norm = fused_norm_options(norm_options, self.fused, activation)
         self.fc1 = nn.Linear(width, width, bias=bias)
         self.fc2 = nn.Linear(width, width, bias=bias)
@@ -69,8 +69,7 @@ class ResidualMLPBlock(nn.Module):
         self.norm2 = make_norm(norm, width, fused=self.fused, **options)
         self.act = make_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.merge = ResidualAdd(residual=residual, scale=scale, channels=width,
-                                 layerscale_init=layerscale_init, drop_path=drop_path)
+        self.merge = ResidualAdd(merge, channels=width)
 
     def stream(self, x: torch.Tensor, pending: torch.Tensor | None):
         """Fused pre-norm step: the block applied to ``x + pending`` (``pending``: the previous
@@ -103,10 +102,17 @@ class ResidualMLPBlock(nn.Module):
                 + (", fused=True" if self.fused else ""))
 
 
-def check_fusable(what: str, norm, placement: str, residual: bool) -> None:
-    """Raise unless a block can fuse its residual adds with its norms."""
+def check_placement(what: str, placement: str, fused: bool, norm: NormSpec,
+                    residual: bool) -> tuple[str, bool]:
+    """``(placement, fused)`` of a block after checking them: ``placement`` in
+    :data:`PLACEMENTS`; ``fused=True`` only for a pre-norm residual block whose norm has a
+    fused kind."""
+    check_choice("placement", placement, PLACEMENTS)
+    if not fused:
+        return placement, False
     if not (isinstance(norm, str) and norm in FUSED_KINDS):
         raise UsageError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
     if placement != "pre" or not residual:
         raise UsageError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
                          f"residual=True), got placement={placement!r}, residual={residual}")
+    return placement, True

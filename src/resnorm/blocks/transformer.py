@@ -1,17 +1,19 @@
 """Transformer encoder block with pre- or post-normalization, DeepNorm and residual scaling."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_float, check_input, check_int
+from .._checks import check_float, check_input, check_int
 from ..errors import UsageError
 from ..norms import make_norm
 from ..norms.factory import NormSpec
 from .activations import make_activation
-from .mlp import PLACEMENTS, check_fusable
-from .residual import ResidualAdd
+from .mlp import check_placement
+from .residual import ResidualAdd, ResidualConfig, takes_merge_fields
 
 
 def deepnorm_constants(num_layers: int) -> tuple[float, float]:
@@ -20,6 +22,20 @@ def deepnorm_constants(num_layers: int) -> tuple[float, float]:
     scales the initialization of the feed-forward, value and output projections."""
     check_int("num_layers", num_layers, minimum=1)
     return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+
+
+def _deepnorm_merge(merge: ResidualConfig, placement: str,
+                    num_layers: int) -> tuple[ResidualConfig, float]:
+    """``merge`` with DeepNorm's skip weight, and DeepNorm's ``beta``, for a post-norm
+    block in a stack of ``num_layers``."""
+    if placement != "post":
+        raise UsageError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
+                         f"scheme), got placement={placement!r}")
+    if merge.skip_weight != 1.0:
+        raise UsageError(f"deepnorm_layers sets the skip weight to (2N)^(1/4); leave "
+                         f"skip_weight at 1, got skip_weight={merge.skip_weight:g}")
+    alpha, beta = deepnorm_constants(num_layers)
+    return dataclasses.replace(merge, skip_weight=alpha), beta
 
 
 class SelfAttention(nn.Module):
@@ -64,6 +80,7 @@ class FeedForward(nn.Module):
         return self.fc2(self.dropout(self.act(self.fc1(x))))
 
 
+@takes_merge_fields
 class TransformerBlock(nn.Module):
     r"""A Transformer encoder block on tokens (N, T, dim).
 
@@ -76,12 +93,14 @@ class TransformerBlock(nn.Module):
         x = Norm1(x + Attn(x));   x = Norm2(x + FFN(x))
 
     ``deepnorm_layers=N`` turns a post-norm block into DeepNorm (Wang et al. 2022):
-    ``x = Norm(alpha * x + f(x))`` with ``alpha = (2N)^(1/4)`` and the feed-forward, value
+    ``x = Norm(alpha * x + f(x))`` with the skip weight ``alpha = (2N)^(1/4)`` and the
+    feed-forward, value
     and output projections initialized with Xavier-normal gain ``beta = (8N)^(-1/4)``,
     where N is the number of blocks in the stack. Any normalization kind works
     (``norm="rms"``, ``"dyt"``, ``"batch"`` (over batch and tokens), ``"none"``, ...);
-    ``residual=False`` removes both skip paths; ``scale`` and ``drop_path`` configure the
-    merges as in :class:`~resnorm.blocks.ResidualAdd`.
+    ``merge`` (a :class:`~resnorm.blocks.ResidualConfig`, or its fields as keyword
+    arguments) configures both merges: ``residual=False`` removes both skip paths;
+    ``scale`` and ``drop_path`` scale or drop the branches.
 
     ``fused=True`` (pre-norm, ``norm="layer"`` or ``"rms"``) adds each residual branch to
     the skip path in the same pass as the next norm normalizes the sum
@@ -92,33 +111,25 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, norm: NormSpec = "layer", placement: str = "pre",
                  *, mlp_ratio: float = 4.0, activation: str = "gelu", dropout: float = 0.0,
-                 attn_dropout: float = 0.0, residual: bool = True, scale=None,
-                 layerscale_init: float = 1e-5, drop_path: float = 0.0,
-                 deepnorm_layers: int | None = None, causal: bool = False,
-                 norm_options: dict | None = None, fused: bool = False) -> None:
+                 attn_dropout: float = 0.0, deepnorm_layers: int | None = None,
+                 causal: bool = False, norm_options: dict | None = None, fused: bool = False,
+                 merge: ResidualConfig | None = None, **merge_fields) -> None:
         super().__init__()
+        merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.dim = check_int("dim", dim, minimum=1)
-        self.placement = check_choice("placement", placement, PLACEMENTS)
-        self.fused = bool(fused)
-        if self.fused:
-            check_fusable("TransformerBlock", norm, placement, residual)
+        self.placement, self.fused = check_placement("TransformerBlock", placement, fused, norm,
+                                                     merge.residual)
         check_float("mlp_ratio", mlp_ratio, low=0.0, low_inclusive=False)
         options = {"channel_dim": -1, **(norm_options or {})}
-        alpha = 1.0
         if deepnorm_layers is not None:
-            if placement != "post":
-                raise UsageError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
-                                 f"scheme), got placement={placement!r}")
-            alpha, beta = deepnorm_constants(deepnorm_layers)
+            merge, beta = _deepnorm_merge(merge, placement, deepnorm_layers)
         self.deepnorm_layers = deepnorm_layers
         self.norm1 = make_norm(norm, dim, fused=self.fused, **options)
         self.attn = SelfAttention(dim, heads, dropout=attn_dropout, causal=causal)
-        merge = {"residual": residual, "scale": scale, "channels": dim, "channel_dim": -1,
-                 "layerscale_init": layerscale_init, "alpha": alpha, "drop_path": drop_path}
-        self.merge1 = ResidualAdd(**merge)
+        self.merge1 = ResidualAdd(merge, channels=dim, channel_dim=-1)
         self.norm2 = make_norm(norm, dim, fused=self.fused, **options)
         self.mlp = FeedForward(dim, max(1, round(dim * mlp_ratio)), activation, dropout)
-        self.merge2 = ResidualAdd(**merge)
+        self.merge2 = ResidualAdd(merge, channels=dim, channel_dim=-1)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         if deepnorm_layers is not None:
             self._deepnorm_init(beta)
