@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from resnorm.blocks import DropPath, LayerScale, ResidualAdd
+from resnorm.blocks import DropPath, LayerScale, ResidualAdd, ResidualConfig, ScalarGain
 from resnorm.models import (
     CifarDenseNet,
     CifarResNet,
@@ -28,7 +28,8 @@ from resnorm.models import (
 )
 from resnorm.norms import NORM_KINDS, BatchNorm, DyT, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet.json").read_text())
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = json.loads((FIXTURES / "torchvision_resnet.json").read_text())
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 ALL_NORMS = list(NORM_KINDS)
 NORM_CLASSES = {"batch": BatchNorm, "layer": LayerNorm, "rms": RMSNorm, "group": GroupNorm,
@@ -287,6 +288,26 @@ def test_preact_resnet_forward_by_hand():
     h = model.layer3(model.layer2(model.layer1(model.conv1(x))))
     h = torch.relu(_bn(h, model.final_norm))
     torch.testing.assert_close(model(x), model.fc(h.mean((2, 3))), rtol=1e-5, atol=1e-5)
+
+
+def test_cifar_resnet_placement_pre_is_the_preact_resnet():
+    """One vocabulary: CifarResNet's placement is the word of the MLP and Transformer
+    blocks; "pre" builds the pre-activation network the preact_* names register."""
+    assert "placement" in accepted_options("resnet_cifar")
+    assert "placement" not in accepted_options("preact_resnet")   # fixed at "pre"
+    torch.manual_seed(0)
+    generic = create_model("resnet_cifar", depth=11, block="bottleneck", placement="pre",
+                           shortcut="B")
+    torch.manual_seed(0)
+    named = create_model("preact_resnet", depth=11)
+    assert generic.placement == named.placement == "pre"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(generic.eval()(x), named.eval()(x), rtol=0, atol=0)
+    assert create_model("resnet20").placement == "post"
+    with pytest.raises(ValueError, match="placement='middle' is not supported.*'post', 'pre'"):
+        create_model("resnet_cifar", placement="middle")
+    with pytest.raises(TypeError, match="unexpected option.*preact"):
+        create_model("resnet_cifar", preact=True)
 
 
 def test_imagenet_resnet_forward_by_hand():
@@ -631,6 +652,35 @@ def test_norm_options_and_scale_reach_the_blocks():
     model = create_model("resnet1d_20", scale="layerscale", layerscale_init=1e-3)
     gammas = [m.gamma for m in model.modules() if isinstance(m, LayerScale)]
     assert len(gammas) == 9 and all(torch.all(g == 1e-3) for g in gammas)
+
+
+def test_one_merge_config_reaches_every_block():
+    """``merge=ResidualConfig(...)`` and its fields as keyword arguments are one option:
+    the fields win over the config's, and each block gets the config with its own
+    stochastic-depth rate."""
+    plain = create_model("resnet20", merge=ResidualConfig(residual=False))
+    assert list(plain.state_dict()) == list(create_model("plain20").state_dict())
+    model = create_model("mlp", depth=4, merge=ResidualConfig(scale="rezero", drop_path=0.9),
+                         drop_path=0.4)
+    merges = [m for m in model.modules() if isinstance(m, ResidualAdd)]
+    assert len(merges) == 4 and all(isinstance(m.scale, ScalarGain) for m in merges)
+    assert [m.drop_path.p for m in merges] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    for name in ("mlp", "resnet56", "resnet18", "transformer"):
+        assert {"merge", "residual", "scale", "layerscale_init", "skip_weight",
+                "drop_path"} <= set(accepted_options(name)), name
+    with pytest.raises(TypeError, match="merge must be a ResidualConfig"):
+        create_model("mlp", merge={"residual": False})
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "preact_resnet", "resnet1d"])
+def test_state_dict_keys_of_scaled_merges_are_those_of_before(name):
+    """Weights saved before blocks and models took one ResidualConfig load now: the same
+    keys in the same order (the ImageNet ResNets are checked against torchvision's)."""
+    case = json.loads((FIXTURES / "merge_state_dict_keys.json").read_text())["models"][name]
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in case["options"].items()}
+    model = create_model(name, **options)
+    assert list(model.state_dict()) == case["keys"]
+    model.load_state_dict(create_model(name, **options).state_dict(), strict=True)
 
 
 def test_zero_init_last_reaches_the_blocks():

@@ -9,11 +9,11 @@ from ..blocks import DenseBlock, Transition, make_activation
 from ..blocks.conv import conv
 from ..errors import UsageError
 from ..norms import make_norm
-from .common import check_image_input, kaiming_init_convs
+from .common import CifarSizedNet
 from .registry import register_model
 
 
-class CifarDenseNet(nn.Module):
+class CifarDenseNet(CifarSizedNet):
     """``conv3x3 -> 3 x (DenseBlock -> Transition) -> Norm -> Act -> pool -> fc``, with no
     transition after the last block.
 
@@ -56,19 +56,11 @@ class CifarDenseNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.final_norm = make_norm(norm, channels, **options)
         self.act = make_activation(activation)
-        self.pool = (nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d)(1)
-        self.fc = nn.Linear(channels, num_classes)
-        kaiming_init_convs(self)
-
-    @property
-    def example_input_shape(self) -> tuple[int, ...]:
-        """One sample: a CIFAR image (C, 32, 32), or a sequence (C, 40) when 1-D."""
-        return (self.in_channels, 40) if self.dims == 1 else (self.in_channels, 32, 32)
+        self._add_head(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_image_input(type(self).__name__, x, self.in_channels, self.dims)
-        x = self.act(self.final_norm(self.features(self.conv1(x))))
-        return self.fc(self.pool(x).flatten(1))
+        x = self.features(self.conv1(self._checked(x)))
+        return self._classify(self.act(self.final_norm(x)))
 
 
 @register_model

@@ -5,14 +5,16 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_int
-from ..blocks import ResidualMLPBlock, make_activation
+from ..blocks import ResidualConfig, ResidualMLPBlock, make_activation, takes_merge_fields
 from ..blocks.mlp import PLACEMENTS, fused_norm_options
 from ..errors import UsageError
 from ..norms import make_norm
-from .common import drop_path_rates
+from ..norms.factory import NormSpec
+from .common import per_block_merges
 from .registry import register_model
 
 
+@takes_merge_fields
 class ResidualMLP(nn.Module):
     """``Flatten -> input layer -> depth x ResidualMLPBlock -> classifier``.
 
@@ -21,7 +23,9 @@ class ResidualMLP(nn.Module):
     depth=1`` this is the seed texts' Keras model ``Input(128) -> residual_block(128) ->
     Dense(10)`` (34,826 trainable parameters; softmax is left to the loss). Pre-norm stacks
     end with ``Norm -> Act`` before the classifier, as pre-activation ResNets do.
-    ``drop_path`` is the last block's rate, growing linearly from the first.
+    ``merge`` (a :class:`~resnorm.blocks.ResidualConfig`, or its fields as keyword
+    arguments: ``residual=False``, ``scale="rezero"``, ...) configures every block's
+    merge; ``drop_path`` is the last block's rate, growing linearly from the first.
 
     ``fused=True`` runs each residual add with the next norm, and the ReLU after it, as
     one fused pass (:func:`resnorm.kernels.add_norm`; pre-norm residual stacks with
@@ -31,11 +35,12 @@ class ResidualMLP(nn.Module):
     """
 
     def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
-                 width: int = 128, norm="batch", placement: str = "post", residual: bool = True,
-                 *, activation: str = "relu", scale=None, layerscale_init: float = 1e-5,
-                 drop_path: float = 0.0, dropout: float = 0.0,
-                 norm_options: dict | None = None, fused: bool = False) -> None:
+                 width: int = 128, norm: NormSpec = "batch", placement: str = "post", *,
+                 activation: str = "relu", dropout: float = 0.0,
+                 norm_options: dict | None = None, fused: bool = False,
+                 merge: ResidualConfig | None = None, **merge_fields) -> None:
         super().__init__()
+        merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.in_features = check_int("in_features", in_features, minimum=1)
         check_int("num_classes", num_classes, minimum=1)
         check_int("depth", depth, minimum=0)
@@ -48,12 +53,10 @@ class ResidualMLP(nn.Module):
         else:
             self.stem = nn.Linear(in_features, width)
         self.fused = bool(fused)
-        rates = drop_path_rates(depth, drop_path) if depth else []
         self.blocks = nn.Sequential(*[
-            ResidualMLPBlock(width, norm, placement, activation=activation, residual=residual,
-                             scale=scale, layerscale_init=layerscale_init, drop_path=rate,
-                             dropout=dropout, norm_options=norm_options, fused=self.fused)
-            for rate in rates])
+            ResidualMLPBlock(width, norm, placement, activation=activation, dropout=dropout,
+                             norm_options=norm_options, fused=self.fused, merge=block_merge)
+            for block_merge in per_block_merges(depth, merge)])
         if placement == "pre":
             options, self.act_in_norm = fused_norm_options(norm_options, self.fused,
                                                            activation)

@@ -5,20 +5,25 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_int
-from ..blocks import TransformerBlock
+from ..blocks import ResidualConfig, TransformerBlock, takes_merge_fields
 from ..errors import UsageError
 from ..norms import make_norm
-from .common import drop_path_rates
+from ..norms.factory import NormSpec
+from .common import per_block_merges
 from .registry import register_model
 
 
+@takes_merge_fields
 class TransformerClassifier(nn.Module):
     """``Linear embedding + learned positions -> depth x TransformerBlock -> pool -> fc``.
 
     Takes (N, L) sequences of scalars or (N, L, C) sequences of C-vectors. Pre-norm stacks
     end with a final norm (as in GPT-2 and ViT); post-norm and DeepNorm stacks are already
-    normalized. ``deepnorm=True`` builds a DeepNorm stack (post-norm, ``alpha`` and ``beta``
-    from the depth). ``pool`` is ``"mean"`` over tokens or ``"cls"`` (a learned class token).
+    normalized. ``deepnorm=True`` builds a DeepNorm stack (post-norm, the skip weight
+    ``alpha`` and the init gain ``beta`` from the depth). ``pool`` is ``"mean"`` over tokens
+    or ``"cls"`` (a learned class token). ``merge`` (a
+    :class:`~resnorm.blocks.ResidualConfig`, or its fields as keyword arguments) configures
+    every merge; ``drop_path`` is the last block's rate, growing linearly from the first.
     ``fused=True`` runs each residual add with the next norm as one fused pass (pre-norm
     stacks with ``norm="layer"`` or ``"rms"``); same parameters and results. Off by default:
     it pays off on the CPU from about a million elements per activation (docs/kernels.md).
@@ -26,12 +31,12 @@ class TransformerClassifier(nn.Module):
 
     def __init__(self, seq_len: int = 40, in_channels: int = 1, num_classes: int = 10,
                  dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
-                 norm="layer", placement: str = "pre", residual: bool = True, *,
-                 deepnorm: bool = False, pool: str = "mean", activation: str = "gelu",
-                 dropout: float = 0.0, scale=None, layerscale_init: float = 1e-5,
-                 drop_path: float = 0.0, causal: bool = False,
-                 norm_options: dict | None = None, fused: bool = False) -> None:
+                 norm: NormSpec = "layer", placement: str = "pre", *, deepnorm: bool = False,
+                 pool: str = "mean", activation: str = "gelu", dropout: float = 0.0,
+                 causal: bool = False, norm_options: dict | None = None, fused: bool = False,
+                 merge: ResidualConfig | None = None, **merge_fields) -> None:
         super().__init__()
+        merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.seq_len = check_int("seq_len", seq_len, minimum=1)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         check_int("depth", depth, minimum=1)
@@ -45,11 +50,10 @@ class TransformerClassifier(nn.Module):
         self.fused = bool(fused)
         self.blocks = nn.Sequential(*[
             TransformerBlock(dim, heads, norm, placement, mlp_ratio=mlp_ratio,
-                             activation=activation, dropout=dropout, residual=residual,
-                             scale=scale, layerscale_init=layerscale_init, drop_path=rate,
+                             activation=activation, dropout=dropout,
                              deepnorm_layers=depth if deepnorm else None, causal=causal,
-                             norm_options=norm_options, fused=self.fused)
-            for rate in drop_path_rates(depth, drop_path)])
+                             norm_options=norm_options, fused=self.fused, merge=block_merge)
+            for block_merge in per_block_merges(depth, merge)])
         self.final_norm = (make_norm(norm, dim, channel_dim=-1, fused=self.fused,
                                      **(norm_options or {}))
                            if placement == "pre" else nn.Identity())
