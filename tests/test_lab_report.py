@@ -217,9 +217,9 @@ def test_report_depth_study(tmp_path):
 
     # findings for this data, with its numbers
     findings = summarize_findings(results, DEPTH_STUDY)
-    assert ("mlp, plain, batch norm: 80.0% at depth 2 -> 30.0% at depth 24 (-50.0 points; "
-            "1 diverged of 2 runs at depth 24, not averaged)." in findings)
-    assert "mlp, residual, batch norm: 80.5% at depth 2 -> 80.0% at depth 24 (-0.5 points)." \
+    assert ("mlp, plain, batch norm: 80.0% at 2 blocks -> 30.0% at 24 blocks (-50.0 points; "
+            "1 diverged of 2 runs at 24 blocks, not averaged)." in findings)
+    assert "mlp, residual, batch norm: 80.5% at 2 blocks -> 80.0% at 24 blocks (-0.5 points)." \
         in findings
     assert any(f.startswith("1 of 18 runs diverged: ") and "(at step 17)" in f
                for f in findings)
@@ -286,11 +286,11 @@ def test_summarize_findings_exact_numbers():
     add("slipping mlp", True, {2: (0.80, 0.80), 24: (0.785, 0.785)}, norm="rms")
 
     findings = summarize_findings(results, study)
-    assert "plain mlp, no norm: 80.0% at depth 2 -> 30.0% at depth 24 (-50.0 points)." in findings
-    assert "residual mlp, no norm: 80.0% at depth 2 -> 80.0% at depth 24 (+0.0 points)." \
+    assert "plain mlp, no norm: 80.0% at 2 blocks -> 30.0% at 24 blocks (-50.0 points)." in findings
+    assert "residual mlp, no norm: 80.0% at 2 blocks -> 80.0% at 24 blocks (+0.0 points)." \
         in findings
-    assert "noisy mlp: 80.0% at depth 2 -> 77.0% at depth 24 (-3.0 points)." in findings
-    assert "slipping mlp: 80.0% at depth 2 -> 78.5% at depth 24 (-1.5 points)." in findings
+    assert "noisy mlp: 80.0% at 2 blocks -> 77.0% at 24 blocks (-3.0 points)." in findings
+    assert "slipping mlp: 80.0% at 2 blocks -> 78.5% at 24 blocks (-1.5 points)." in findings
     degrade = next(f for f in findings if f.startswith("Degrade with depth"))
     assert "plain mlp, no norm (-50.0 points)" in degrade
     assert "slipping mlp (-1.5 points)" in degrade
@@ -300,8 +300,8 @@ def test_summarize_findings_exact_numbers():
     assert "noisy mlp (-3.0 points, allowance 10.0)" in hold
     assert "plain" not in hold and "slipping" not in hold
     assert ("residual mlp, no norm vs plain mlp, no norm: residual minus plain +0.0 points at "
-            "depth 2, +20.0 points at depth 8, +50.0 points at depth 24.") in findings
-    assert ("Best at depth 24: residual mlp, no norm with 80.0% (2 seeds), 1.5 points ahead "
+            "2 blocks, +20.0 points at 8 blocks, +50.0 points at 24 blocks.") in findings
+    assert ("Best at 24 blocks: residual mlp, no norm with 80.0% (2 seeds), 1.5 points ahead "
             "of slipping mlp (78.5%).") in findings
     assert "20 of 20 runs finished; none diverged or failed." in findings
     assert not any(f.startswith("At initialization") for f in findings)
@@ -376,3 +376,35 @@ def test_summary_table():
     assert "30.0%" in text
     empty = summary_table([], {"name": "none", "x": "depth"})
     assert empty.row_count == 0
+
+
+def test_depth_counts_one_thing_per_plot_and_sentence(tmp_path):
+    """An MLP's depth counts residual blocks, a 1-D ResNet's weight layers: the findings say
+    which, 'Best at' never ranks an MLP against a ResNet at the same number, and the
+    accuracy figure draws one panel per unit, each axis labelled with its unit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from resnorm.lab.report import figures
+    from resnorm.lab.report.groups import _groups
+
+    results = []
+    for model, depths, accs in (("mlp", (8, 20), (0.7, 0.6)), ("mlp", (8, 20), (0.72, 0.5)),
+                                ("resnet1d", (8, 20), (0.8, 0.9))):
+        plain = len(results) == 2
+        for depth, acc in zip(depths, accs):
+            results.append(_run(f"{model}{', plain' if plain else ''}", depth=depth, acc=acc,
+                                model=model, residual=not plain, history=False, init=False))
+    findings = summarize_findings(results, {"name": "t", "x": "depth"})
+    assert "resnet1d: 80.0% at 8 weight layers -> 90.0% at 20 weight layers (+10.0 points)." \
+        in findings
+    assert "mlp: 70.0% at 8 blocks -> 60.0% at 20 blocks (-10.0 points)." in findings
+    best = [f for f in findings if f.startswith("Best at")]
+    assert best == ["Best at 20 blocks: mlp with 60.0% (1 seed), 10.0 points ahead of "
+                    "mlp, plain (50.0%)."]
+    fig, _ = figures._accuracy_figure(_groups(results, "depth"), "depth")
+    try:
+        labels = sorted(ax.get_xlabel() for ax in fig.axes)
+        assert labels == ["depth (blocks)", "depth (weight layers)"]
+    finally:
+        matplotlib.pyplot.close(fig)

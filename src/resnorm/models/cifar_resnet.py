@@ -67,6 +67,10 @@ class CifarResNet(CifarSizedNet):
     the plain twin; ``drop_path`` is the last block's stochastic-depth rate (linear rule).
     """
 
+    # What depth= counts (models.registry.depth_unit): convolutions and the classifier,
+    # the paper's 6n+2.
+    depth_unit = "weight layers"
+
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, *,
                  block: str = "basic", placement: str = "post", norm: NormSpec = "batch",
                  shortcut: str = "A", dims: int = 2, widths: tuple[int, int, int] = (16, 32, 64),

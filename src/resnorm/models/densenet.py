@@ -23,6 +23,9 @@ class CifarDenseNet(CifarSizedNet):
     :class:`~resnorm.blocks.DenseBlock`), keeping every parameter.
     """
 
+    # What depth= counts (models.registry.depth_unit): convolutions and the classifier.
+    depth_unit = "weight layers"
+
     def __init__(self, depth: int = 100, growth_rate: int = 12, num_classes: int = 10,
                  in_channels: int = 3, *, bottleneck: bool = True, compression: float = 0.5,
                  norm="batch", residual: bool = True, dims: int = 2, activation: str = "relu",

@@ -35,6 +35,9 @@ class ImageNetResNet(nn.Module):
     configures every block's merge: ``residual=False`` gives the paper's plain nets.
     """
 
+    # What depth= counts (models.registry.depth_unit): the 18 ... 152 of the names.
+    depth_unit = "weight layers"
+
     def __init__(self, depth: int = 50, num_classes: int = 1000, in_channels: int = 3, *,
                  norm: NormSpec = "batch", shortcut: str = "B", activation: str = "relu",
                  zero_init_last: bool = False, norm_options: dict | None = None,

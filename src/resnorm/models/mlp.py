@@ -34,6 +34,9 @@ class ResidualMLP(nn.Module):
     pays off from about a million elements per activation (see docs/kernels.md).
     """
 
+    # What depth= counts (models.registry.depth_unit): residual blocks, two Linear each.
+    depth_unit = "blocks"
+
     def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
                  width: int = 128, norm: NormSpec = "batch", placement: str = "post", *,
                  activation: str = "relu", dropout: float = 0.0,

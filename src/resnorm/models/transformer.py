@@ -29,6 +29,9 @@ class TransformerClassifier(nn.Module):
     it pays off on the CPU from about a million elements per activation (docs/kernels.md).
     """
 
+    # What depth= counts (models.registry.depth_unit): Transformer blocks.
+    depth_unit = "blocks"
+
     def __init__(self, seq_len: int = 40, in_channels: int = 1, num_classes: int = 10,
                  dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
                  norm: NormSpec = "layer", placement: str = "pre", *, deepnorm: bool = False,
