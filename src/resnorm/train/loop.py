@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._io import json_safe
+from .._progress import show_progress
 from ..data import DataSplit
 from ..errors import UsageError, UsageTypeError
 from ..norms import convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
@@ -380,7 +380,7 @@ class _Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.compile:
             train_model = torch.compile(train_model)
-        show = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
+        show = show_progress(progress) and self.rank == 0
         self.model.train()
         with _Progress(show, description, config.epochs * self.steps_per_epoch,
                        self.global_step) as bar:
