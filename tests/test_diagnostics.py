@@ -881,7 +881,7 @@ def test_fused_relu_norms_count_as_rectifiers(monkeypatch):
     same values as the ReLU modules of the unfused twin."""
     from resnorm.kernels import ops
 
-    monkeypatch.setattr(ops, "EAGER_BELOW", 0)  # the kernel, not stock ops, at this size
+    monkeypatch.setattr(ops, "STOCK_BELOW", 0)  # the kernel, not stock ops, at this size
     torch.manual_seed(0)
     options = {"depth": 2, "width": 16, "norm": "layer", "placement": "pre"}
     plain = create_model("mlp", **options)
