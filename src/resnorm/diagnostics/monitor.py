@@ -15,7 +15,7 @@ from torch import nn
 
 from .._checks import check_int
 from ..errors import MissingExtraError, UsageError, UsageTypeError
-from ..kernels import cpu as cpu_kernels
+from .norm_stats import CompiledNorms, compiled_norms, grouped_update_norms, tensor_norms
 from .probes import is_rectifier, parameterized_layers, unwrap
 
 _OPEN_MONITORS: weakref.WeakSet = weakref.WeakSet()
@@ -30,6 +30,16 @@ def _close_open_monitors() -> None:  # a Monitor never closed still writes all i
 def _is_rank_zero() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _summary_writer_class():
+    """TensorBoard's ``SummaryWriter``, or an error naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise MissingExtraError("Monitor(tensorboard=...) needs the tensorboard package: "
+                                "pip install tensorboard") from exc
+    return SummaryWriter
 
 
 class Monitor:
@@ -72,8 +82,9 @@ class Monitor:
     writes files.
 
     The gradient norms and update norms of float32 CPU models are computed by the compiled
-    kernels of :mod:`resnorm.kernels` (one call for the whole model; built on first use,
-    about 30 s once per machine) and by PyTorch ops otherwise or with ``compiled=False``.
+    CPU kernel of :mod:`resnorm.kernels` (one call for the whole model; built on first use,
+    about 30 s once per machine; ``compiled=True`` requires it) and by PyTorch ops otherwise
+    or with ``compiled=False`` (see :mod:`resnorm.diagnostics.norm_stats`).
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, tensorboard=None,
@@ -91,37 +102,14 @@ class Monitor:
         if not named:
             raise UsageError("the model has no layer with a weight parameter to monitor")
         writes = _is_rank_zero()
-        summary_writer = None
-        if tensorboard is not None and writes:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise MissingExtraError("Monitor(tensorboard=...) needs the tensorboard package: "
-                                        "pip install tensorboard") from exc
-            summary_writer = SummaryWriter
+        summary_writer = (_summary_writer_class() if tensorboard is not None and writes
+                          else None)
         self.layer_names = [name for name, _ in named]
         self._weights = [m.weight for _, m in named]
-        self._sample_index = self._choose_samples(update_sample, seed)
-        sizes = [w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
-                 for w, block in zip(self._weights, self._sample_index)]
-        # The sampled blocks are concatenated grouped by size, so that the update ratios of
-        # a whole group are one row-wise norm of a (layers, size) view, not a norm per layer.
-        self._sample_total = sum(sizes)
-        self._order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
-        self._groups: list[tuple[int, int]] = []  # (segment size, number of layers)
-        for i in self._order:
-            if self._groups and self._groups[-1][0] == sizes[i]:
-                self._groups[-1] = (sizes[i], self._groups[-1][1] + 1)
-            else:
-                self._groups.append((sizes[i], 1))
+        self._lay_out_samples(update_sample, seed)
         self._views: list[torch.Tensor] = []
         self._view_pointers: list[int] = []
-        # The compiled statistics (resnorm.kernels): grad norms and update norms of the whole
-        # model in one call each; used for float32 CPU weights unless compiled=False.
-        self._kernels = cpu_kernels.load() if compiled is not False else None
-        if compiled and self._kernels is None:
-            raise RuntimeError("Monitor(compiled=True): the compiled CPU kernel is unavailable "
-                               f"({cpu_kernels.status()['reason']})")
+        self._compiled = compiled_norms(compiled)
         self._fast = False
         self._snapshot: torch.Tensor | None = None
         self.records: list[dict] = []
@@ -139,8 +127,32 @@ class Monitor:
         self._write_error: BaseException | None = None
         self._rectifiers = ([(name, m) for name, m in self.net.named_modules()
                              if is_rectifier(m)] if track_dead_units else [])
+        self._open_outputs(path if writes else None, tensorboard, summary_writer)
+        self._armed = self.every == 1
+        if self._armed:
+            self._previous = self._sampled_weights()
+            self._count_dead_units(True)
+
+    def _lay_out_samples(self, update_sample: int | None, seed: int) -> None:
+        """Choose each weight's sampled block and lay the blocks end to end, grouped by
+        size, so that the update ratios of a whole group are one row-wise norm of a
+        (layers, size) view, not a norm per layer."""
+        self._sample_index = self._choose_samples(update_sample, seed)
+        sizes = [w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
+                 for w, block in zip(self._weights, self._sample_index)]
+        self._sample_total = sum(sizes)
+        self._order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+        self._groups: list[tuple[int, int]] = []  # (segment size, number of layers)
+        for i in self._order:
+            if self._groups and self._groups[-1][0] == sizes[i]:
+                self._groups[-1] = (sizes[i], self._groups[-1][1] + 1)
+            else:
+                self._groups.append((sizes[i], 1))
+
+    def _open_outputs(self, path, tensorboard, summary_writer) -> None:
+        """Open the JSON-lines file and the TensorBoard writer; if one fails, close all."""
         try:
-            if path is not None and writes:
+            if path is not None:
                 path = Path(path)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = path.open("ab")
@@ -149,10 +161,6 @@ class Monitor:
         except BaseException:
             self.close()
             raise
-        self._armed = self.every == 1
-        if self._armed:
-            self._previous = self._sampled_weights()
-            self._count_dead_units(True)
 
     def _choose_samples(self, size: int | None, seed: int) -> list[tuple[int, int] | None]:
         """Per weight: ``(first row, number of rows)`` of the sampled block, or None for all."""
@@ -169,16 +177,21 @@ class Monitor:
         return chosen
 
     def _sampled_weights(self) -> torch.Tensor:
-        """The sampled rows of every weight, flattened and concatenated (one copy), float32.
+        """A ``(2, total)`` float32 buffer: row 1 holds the sampled rows of every weight,
+        flattened and concatenated (one copy); row 0 is room for their change over the next
+        step (:func:`~resnorm.diagnostics.norm_stats.grouped_update_norms`).
 
         The views are built once and rebuilt only when a weight's storage moved (after
         ``model.to(...)``, say): an optimizer updates weights in place."""
         self._refresh_views()
         if self._fast:  # one buffer, rewritten in place: the compiled path diffs against it
             if self._snapshot is None:
-                self._snapshot = torch.empty(self._sample_total)
-            return torch.cat(self._views, out=self._snapshot)
-        return torch.cat(self._views).float()
+                self._snapshot = torch.empty(2, self._sample_total)
+            rows = self._snapshot
+        else:
+            rows = torch.empty(2, self._sample_total, device=self._views[0].device)
+        torch.cat(self._views, out=rows[1])
+        return rows
 
     def _refresh_views(self) -> None:
         pointers = [w.data_ptr() for w in self._weights]
@@ -188,41 +201,8 @@ class Monitor:
                            .narrow(0, *self._sample_index[i]).reshape(-1)
                            for i in self._order]
             self._view_pointers = pointers
-            self._fast = self._kernels is not None and all(
-                v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
-                for v in self._views)
+            self._fast = self._compiled is not None and CompiledNorms.takes(self._views)
             self._snapshot = None
-
-    def _update_ratios(self, current: torch.Tensor) -> dict[str, float | None]:
-        """``||current - previous|| / ||current||`` per layer: two row-wise norms per group of
-        equally sized samples (few groups, whatever the number of layers)."""
-        change = current - self._previous
-        norms, offset = [], 0
-        for size, count in self._groups:
-            end = offset + size * count
-            norms += [torch.linalg.vector_norm(t[offset:end].view(count, size), dim=1)
-                      for t in (change, current)]
-            offset = end
-        values = torch.cat(norms).tolist()
-        ratios: dict[str, float | None] = dict.fromkeys(self.layer_names)
-        position = 0
-        order = iter(self._order)
-        for size, count in self._groups:
-            for k in range(count):
-                d, w = values[position + k], values[position + count + k]
-                ratios[self.layer_names[next(order)]] = d / w if w > 0 else None
-            position += 2 * count
-        return ratios
-
-    def _grad_norms(self, tensors: list[torch.Tensor]) -> list[float]:
-        """||g|| of every tensor: one compiled call for float32 CPU tensors (it refuses
-        others, which then take PyTorch's per-tensor path)."""
-        if self._kernels is not None:
-            try:
-                return self._kernels.norms(tensors).tolist()
-            except RuntimeError:
-                pass
-        return torch.stack(torch._foreach_norm(tensors)).tolist()
 
     def _ratios_from(self, change: list[float], size: list[float]) -> dict[str, float | None]:
         """Per-layer ratios from norms listed in sample order (``self._order``)."""
@@ -292,18 +272,20 @@ class Monitor:
         norms: list[float] = []
         if present:
             tensors = grads if len(present) == len(grads) else [grads[i] for i in present]
-            norms = self._grad_norms(tensors)
+            norms = tensor_norms(tensors, self._compiled)
             for i, value in zip(present, norms):
                 grad_norms[i] = value
         self._refresh_views()  # the weights may have moved (model.to(...)) since the last step
         if self._previous is not None and self._previous is self._snapshot:  # compiled path
             # One pass: ||w - previous||, ||w||, and the snapshot becomes w.
-            change, size = self._kernels.update_norms(self._views, self._snapshot, True).tolist()
-            update = self._ratios_from(change, size)
+            update = self._ratios_from(*self._compiled.update_norms(self._views,
+                                                                    self._snapshot[1]))
             current = self._snapshot
         else:
             current = self._sampled_weights()
-            update = self._update_ratios(current) if self._previous is not None else None
+            update = (self._ratios_from(*grouped_update_norms(current, self._previous,
+                                                              self._groups))
+                      if self._previous is not None else None)
         dead = self._dead_fractions() if self._dead_maxima else None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
         # A sum of non-negative norms is finite exactly when every norm is (short of 1e308).
