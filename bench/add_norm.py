@@ -6,6 +6,7 @@ runs it on any installed machine; this script is the same command:
     python bench/add_norm.py [--shapes 4096x768,16384x1024,8192x4096] [--repeats 7]
                              [--regimes fresh,reuse] [--no-compile] [--out f.json]
 """
+
 import sys
 
 from resnorm.cli import main

@@ -10,6 +10,7 @@ shared out (with and without synchronized batch norm). Configurations are interl
 
     python bench/ddp_throughput.py [--nproc 2] [--repeats 3] [--steps 40] [--out ddp.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ WORKLOADS = {
 }
 
 
-def timed_epoch(model_name: str, overrides: dict, batch_size: int, steps: int,
-                sync_bn: bool) -> float:
+def timed_epoch(
+    model_name: str, overrides: dict, batch_size: int, steps: int, sync_bn: bool
+) -> float:
     """In each worker: train two epochs of ``steps`` global batches; the second epoch's
     seconds (rank 0's value is the one used)."""
     from resnorm.data import load_dataset
@@ -38,8 +40,13 @@ def timed_epoch(model_name: str, overrides: dict, batch_size: int, steps: int,
 
     init_distributed("cpu")
     world_size = world()[1]
-    data = load_dataset("synthetic", shape=(40,), num_classes=10,
-                        train_samples=batch_size * world_size * steps, test_samples=64)
+    data = load_dataset(
+        "synthetic",
+        shape=(40,),
+        num_classes=10,
+        train_samples=batch_size * world_size * steps,
+        test_samples=64,
+    )
     torch.manual_seed(0)
     model = model_for_data(model_name, data, **overrides)
     config = TrainConfig(epochs=2, batch_size=batch_size, sync_bn=sync_bn)
@@ -59,24 +66,41 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     n = args.nproc
-    setups = {"1 process": (1, False), f"{n} processes, sync BN": (n, True),
-              f"{n} processes, no sync": (n, False)}
-    results = {"cores": cores, "nproc": n, "steps": args.steps, "repeats": args.repeats,
-               "torch": torch.__version__, "workloads": {}}
-    print(f"DDP throughput on {cores} CPU cores (gloo), samples/s of training, median of "
-          f"{args.repeats}; same global batch")
+    setups = {
+        "1 process": (1, False),
+        f"{n} processes, sync BN": (n, True),
+        f"{n} processes, no sync": (n, False),
+    }
+    results = {
+        "cores": cores,
+        "nproc": n,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "workloads": {},
+    }
+    print(
+        f"DDP throughput on {cores} CPU cores (gloo), samples/s of training, median of "
+        f"{args.repeats}; same global batch"
+    )
     for name, (model_name, overrides, global_batch) in WORKLOADS.items():
         trials: dict[str, list[float]] = {setup: [] for setup in setups}
         for _ in range(args.repeats):
             for setup, (nproc, sync_bn) in setups.items():
-                seconds = launch(timed_epoch, (model_name, overrides, global_batch // nproc,
-                                               args.steps, sync_bn), nproc=nproc)[0]
+                seconds = launch(
+                    timed_epoch,
+                    (model_name, overrides, global_batch // nproc, args.steps, sync_bn),
+                    nproc=nproc,
+                )[0]
                 trials[setup].append(global_batch * args.steps / seconds)
         medians = {setup: statistics.median(v) for setup, v in trials.items()}
         base = medians["1 process"]
         results["workloads"][name] = {
-            "global_batch": global_batch, "samples_per_second": trials, "median": medians,
-            "ratio_to_one_process": {setup: m / base for setup, m in medians.items()}}
+            "global_batch": global_batch,
+            "samples_per_second": trials,
+            "median": medians,
+            "ratio_to_one_process": {setup: m / base for setup, m in medians.items()},
+        }
         print(f"\n{name}, global batch {global_batch}")
         for setup, median in medians.items():
             print(f"  {setup:26s} {median:9,.0f} samples/s   {median / base:5.2f}x")

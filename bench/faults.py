@@ -61,6 +61,7 @@ each in a child process forked from this one, which never computes with torch it
    descendants of the lab, processes naming its folder); the same command run again must
    give every run the metrics rows, final accuracy and weights of an uninterrupted lab.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,9 +97,26 @@ from resnorm.train.checkpoint import content_digest
 _Made = TypeVar("_Made")
 KINDS = ("sigkill", "rename", "corrupt", "nan", "full-disk", "lab")
 CONFIG = TrainConfig(epochs=2, batch_size=30, lr=1e-2, seed=5, checkpoint_every=4, threads=1)
-CLI_TRAIN = ["train", "--model", "mlp", "--dataset", "synthetic", "--depth", "1", "--width",
-             "8", "--epochs", "2", "--batch-size", "128", "--checkpoint-every", "3",
-             "--threads", "1", "--quiet"]
+CLI_TRAIN = [
+    "train",
+    "--model",
+    "mlp",
+    "--dataset",
+    "synthetic",
+    "--depth",
+    "1",
+    "--width",
+    "8",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--checkpoint-every",
+    "3",
+    "--threads",
+    "1",
+    "--quiet",
+]
 STUDY = """\
 name = "faults"
 dataset = "synthetic"
@@ -123,6 +141,7 @@ NO_SPACE = re.compile(r"resnorm: error: No space left on device: \S.*\n")
 
 
 # ---------------------------------------------------------------------- the runs of kinds 1-4
+
 
 def _blobs(n: int = 240, classes: int = 3, dim: int = 8, seed: int = 0) -> DataSplit:
     g = torch.Generator().manual_seed(seed)
@@ -198,9 +217,15 @@ def _short_name(path) -> str:
     return "tmp" if name.startswith(".") and name.endswith(".tmp") else name
 
 
-def train_child(folder: Path, *, kill: tuple[int, str] | None = None, resume: bool = True,
-                nan: tuple[int, str] | None = None, width: int = 32,
-                log_replaces: bool = False) -> dict:
+def train_child(
+    folder: Path,
+    *,
+    kill: tuple[int, str] | None = None,
+    resume: bool = True,
+    nan: tuple[int, str] | None = None,
+    width: int = 32,
+    log_replaces: bool = False,
+) -> dict:
     """The run of kinds 1-4 into ``folder/run`` (its final weights into ``folder/final.pt``),
     in a child process; what it reports back."""
     log: list[str] = []
@@ -212,19 +237,31 @@ def train_child(folder: Path, *, kill: tuple[int, str] | None = None, resume: bo
     steps = _Steps()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit(model, _blobs(), CONFIG, out=folder / "run", resume=resume,
-                     progress=False, monitor=steps)
+        result = fit(
+            model,
+            _blobs(),
+            CONFIG,
+            out=folder / "run",
+            resume=resume,
+            progress=False,
+            monitor=steps,
+        )
     torch.save(model.state_dict(), folder / "final.pt")
-    return {"status": "diverged" if result.diverged else "finished",
-            "diverged_in": result.diverged_in, "diverged_at_step": result.diverged_at_step,
-            "resumed_from_step": result.resumed_from_step, "steps_trained": steps.count,
-            "warnings": [str(w.message) for w in caught], "replaces": log}
+    return {
+        "status": "diverged" if result.diverged else "finished",
+        "diverged_in": result.diverged_in,
+        "diverged_at_step": result.diverged_at_step,
+        "resumed_from_step": result.resumed_from_step,
+        "steps_trained": steps.count,
+        "warnings": [str(w.message) for w in caught],
+        "replaces": log,
+    }
 
 
 @dataclass
 class Child:
-    killed: bool            # ended by SIGKILL
-    report: dict | None     # what the target returned (ok) or raised (error), if it ended
+    killed: bool  # ended by SIGKILL
+    report: dict | None  # what the target returned (ok) or raised (error), if it ended
 
     @property
     def ok(self) -> bool:
@@ -244,8 +281,9 @@ class Child:
         return f"raised {self.report['type']}: {self.report['message']}"
 
 
-def in_child(target: Callable[..., dict], *args, kill_after: float | None = None,
-             **kwargs) -> Child:
+def in_child(
+    target: Callable[..., dict], *args, kill_after: float | None = None, **kwargs
+) -> Child:
     """Run ``target(*args, **kwargs)`` in a forked child process (SIGKILLed after
     ``kill_after`` seconds if given) and collect what it returned or raised."""
     sys.stdout.flush()
@@ -259,9 +297,13 @@ def in_child(target: Callable[..., dict], *args, kill_after: float | None = None
             report = {"ok": True, "value": target(*args, **kwargs)}
         except BaseException as exc:  # noqa: BLE001 - reported to the campaign
             code = 3
-            report = {"ok": False, "type": type(exc).__name__,
-                      "usage": isinstance(exc, UsageError), "message": str(exc),
-                      "traceback": traceback.format_exc(limit=-6)}
+            report = {
+                "ok": False,
+                "type": type(exc).__name__,
+                "usage": isinstance(exc, UsageError),
+                "message": str(exc),
+                "traceback": traceback.format_exc(limit=-6),
+            }
         try:
             with os.fdopen(write, "w") as pipe:
                 pipe.write(json.dumps(report, default=str))
@@ -280,6 +322,7 @@ def in_child(target: Callable[..., dict], *args, kill_after: float | None = None
 
 # ---------------------------------------------------------------------- comparing runs
 
+
 def _strict_json(text: str):
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
@@ -288,13 +331,17 @@ def _strict_json(text: str):
 
 
 def _rows_jsonl(path: Path) -> list[dict]:
-    return [{k: v for k, v in _strict_json(line).items() if k != "seconds"}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in _strict_json(line).items() if k != "seconds"}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def _rows_csv(path: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"}
-            for row in csv.DictReader(io.StringIO(path.read_text()))]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in csv.DictReader(io.StringIO(path.read_text()))
+    ]
 
 
 @dataclass
@@ -308,11 +355,15 @@ class Reference:
 
     @classmethod
     def of(cls, run: Path, final: Path | None = None) -> Reference:
-        weights = (torch.load(final, weights_only=True) if final is not None
-                   else load_checkpoint(run / "checkpoint.pt")["model"])
+        weights = (
+            torch.load(final, weights_only=True)
+            if final is not None
+            else load_checkpoint(run / "checkpoint.pt")["model"]
+        )
         status = _strict_json((run / "result.json").read_text())["status"]
-        return cls(weights, _rows_jsonl(run / "metrics.jsonl"), _rows_csv(run / "metrics.csv"),
-                   status)
+        return cls(
+            weights, _rows_jsonl(run / "metrics.jsonl"), _rows_csv(run / "metrics.csv"), status
+        )
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -320,8 +371,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     weights are compared bit for bit)."""
     if torch.equal(a, b):
         return True
-    return (a.dtype == b.dtype and a.shape == b.shape and a.is_floating_point()
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.is_floating_point()
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def _weight_differences(weights: dict, reference: dict) -> list[str]:
@@ -352,8 +407,10 @@ def compare(run: Path, reference: Reference, final: Path | None = None) -> tuple
             if differ:
                 problems.append(f"{what} differ from the reference ({', '.join(differ[:3])})")
     lost = 0
-    for name, how, expected in (("metrics.jsonl", _rows_jsonl, reference.jsonl),
-                                ("metrics.csv", _rows_csv, reference.csv)):
+    for name, how, expected in (
+        ("metrics.jsonl", _rows_jsonl, reference.jsonl),
+        ("metrics.csv", _rows_csv, reference.csv),
+    ):
         rows = read(name, how, run / name)
         if rows is None:
             lost = max(lost, len(expected))
@@ -361,20 +418,27 @@ def compare(run: Path, reference: Reference, final: Path | None = None) -> tuple
         epochs = {str(row.get("epoch")) for row in rows}
         lost = max(lost, sum(str(row["epoch"]) not in epochs for row in expected))
         if rows != expected:
-            problems.append(f"{name}: {len(rows)} rows, not the reference's {len(expected)}"
-                            if len(rows) != len(expected) else f"{name}: rows differ")
+            problems.append(
+                f"{name}: {len(rows)} rows, not the reference's {len(expected)}"
+                if len(rows) != len(expected)
+                else f"{name}: rows differ"
+            )
     result = read("result.json", lambda p: _strict_json(p.read_text()), run / "result.json")
     if result is not None:
         if result.get("status") != reference.status:
-            problems.append(f"result.json status {result.get('status')!r}, "
-                            f"not {reference.status!r}")
-        history = [{k: v for k, v in row.items() if k != "seconds"}
-                   for row in result.get("history", [])]
+            problems.append(
+                f"result.json status {result.get('status')!r}, not {reference.status!r}"
+            )
+        history = [
+            {k: v for k, v in row.items() if k != "seconds"} for row in result.get("history", [])
+        ]
         if history != reference.jsonl:
             problems.append("result.json history differs")
-    leftovers = sorted(p.name for p in run.iterdir()
-                       if p.name.endswith(".tmp") or p.name in ("checkpoint.pt.new",
-                                                                "checkpoint.prev.pt"))
+    leftovers = sorted(
+        p.name
+        for p in run.iterdir()
+        if p.name.endswith(".tmp") or p.name in ("checkpoint.pt.new", "checkpoint.prev.pt")
+    )
     if leftovers:
         problems.append(f"left behind: {', '.join(leftovers)}")
     return problems, lost
@@ -382,15 +446,16 @@ def compare(run: Path, reference: Reference, final: Path | None = None) -> tuple
 
 # ---------------------------------------------------------------------- the campaign
 
+
 @dataclass
 class Fault:
     kind: str
     name: str
-    expected: str            # the outcome the library promises
-    outcome: str = ""        # "identical", "diverged", "clear error", "skipped", "unexpected"
-    ok: bool = False         # ended as expected
+    expected: str  # the outcome the library promises
+    outcome: str = ""  # "identical", "diverged", "clear error", "skipped", "unexpected"
+    ok: bool = False  # ended as expected
     lost_rows: int = 0
-    detail: str = ""         # what happened, for every fault that is not bit-identical
+    detail: str = ""  # what happened, for every fault that is not bit-identical
 
 
 class Campaign:
@@ -411,12 +476,16 @@ class Campaign:
     def record(self, fault: Fault) -> None:
         self.faults.append(fault)
         mark = "ok " if fault.ok else "BAD"
-        print(f"[{mark}] {fault.kind:9s} {fault.name}: {fault.outcome}"
-              + (f" ({fault.detail})" if fault.detail and fault.outcome != "identical" else "")
-              + (f" LOST {fault.lost_rows} ROWS" if fault.lost_rows else ""), flush=True)
+        print(
+            f"[{mark}] {fault.kind:9s} {fault.name}: {fault.outcome}"
+            + (f" ({fault.detail})" if fault.detail and fault.outcome != "identical" else "")
+            + (f" LOST {fault.lost_rows} ROWS" if fault.lost_rows else ""),
+            flush=True,
+        )
 
-    def judge(self, fault: Fault, problems: list[str], lost: int,
-              outcome_if_clean: str = "identical") -> Fault:
+    def judge(
+        self, fault: Fault, problems: list[str], lost: int, outcome_if_clean: str = "identical"
+    ) -> Fault:
         fault.lost_rows = lost
         if problems:
             fault.outcome, fault.ok = "unexpected", False
@@ -434,21 +503,25 @@ class Campaign:
     def fit_reference(self, nan: tuple[int, str] | None = None) -> tuple[Reference, dict]:
         """The uninterrupted run of kinds 1-4 (with ``nan``, the diverging one) and what
         its child reported (its renames, its duration)."""
+
         def make():
             folder = self.folder(f"reference-{nan}")
             start = time.perf_counter()
             child = in_child(train_child, folder, nan=nan, log_replaces=True)
             seconds = time.perf_counter() - start
             if not child.ok:
-                raise RuntimeError(f"the reference run failed: {child.describe()}\n"
-                                   f"{(child.report or {}).get('traceback', '')}")
+                raise RuntimeError(
+                    f"the reference run failed: {child.describe()}\n"
+                    f"{(child.report or {}).get('traceback', '')}"
+                )
             report = {**child.value, "seconds": seconds, "folder": folder}
             return Reference.of(folder / "run", folder / "final.pt"), report
 
         return self.reference(("fit", nan), make)
 
-    def finish_and_compare(self, fault: Fault, folder: Path, reference: Reference,
-                           **kwargs) -> Fault:
+    def finish_and_compare(
+        self, fault: Fault, folder: Path, reference: Reference, **kwargs
+    ) -> Fault:
         """Run the faulted folder to completion (resume) and compare with ``reference``."""
         child = in_child(train_child, folder, **kwargs)
         if not child.ok:
@@ -458,9 +531,14 @@ class Campaign:
         return self.judge(fault, problems, lost)
 
     def cli(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "resnorm", *map(str, args)],
-                              capture_output=True, text=True, timeout=timeout, env=self.env,
-                              cwd=self.root)
+        return subprocess.run(
+            [sys.executable, "-m", "resnorm", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.root,
+        )
 
     def cli_reference(self) -> tuple[Path, Reference]:
         def make():
@@ -481,7 +559,7 @@ class Campaign:
             moments = []
             for attempt in range(4):  # a kill that came after the end is retried earlier
                 folder = self.folder(f"sigkill-{i}")
-                moment = self.rng.uniform(0.02, 0.95) * duration / 2 ** attempt
+                moment = self.rng.uniform(0.02, 0.95) * duration / 2**attempt
                 if in_child(train_child, folder, kill_after=moment).killed:
                     moments.append(moment)
                     break
@@ -498,16 +576,16 @@ class Campaign:
             self.record(fault)
 
     # -------------------------------------------------------------- 2. renames
-    def renames(self, choices: list[tuple[int, str]] | None = None,
-                recovery: bool = False) -> None:
+    def renames(self, choices: list[tuple[int, str]] | None = None, recovery: bool = False) -> None:
         reference, made = self.fit_reference()
         calls = made["replaces"]
         if choices is None:
             choices = [(k, when) for k in range(1, len(calls) + 1) for when in ("before", "after")]
         for k, when in choices:
             folder = self.folder(f"rename-{k}-{when}")
-            fault = Fault("rename", f"SIGKILL {when} replace {k}/{len(calls)} "
-                                    f"({calls[k - 1]})", "identical")
+            fault = Fault(
+                "rename", f"SIGKILL {when} replace {k}/{len(calls)} ({calls[k - 1]})", "identical"
+            )
             child = in_child(train_child, folder, kill=(k, when))
             if not child.killed:
                 fault.outcome, fault.detail = "unexpected", f"the run {child.describe()}"
@@ -518,14 +596,20 @@ class Campaign:
             return
         # A kill just before a ".new -> latest" rename leaves a complete pending checkpoint
         # that recover() renames into place: kill the recovering run at those renames too.
-        pending = next(k for k, call in enumerate(calls, 1)
-                       if call == "checkpoint.pt.new -> checkpoint.pt" and k > 4)
+        pending = next(
+            k
+            for k, call in enumerate(calls, 1)
+            if call == "checkpoint.pt.new -> checkpoint.pt" and k > 4
+        )
         for j in (1, 2):
             for when in ("before", "after"):
                 folder = self.folder(f"recover-{j}-{when}")
-                fault = Fault("rename", f"SIGKILL before replace {pending} ({calls[pending - 1]}), "
-                                        f"then {when} the recovering run's replace {j}",
-                              "identical")
+                fault = Fault(
+                    "rename",
+                    f"SIGKILL before replace {pending} ({calls[pending - 1]}), "
+                    f"then {when} the recovering run's replace {j}",
+                    "identical",
+                )
                 first = in_child(train_child, folder, kill=(pending, "before"))
                 second = in_child(train_child, folder, kill=(j, when))
                 if not (first.killed and second.killed):
@@ -540,8 +624,9 @@ class Campaign:
         """A run SIGKILLed just after its ``save``-th checkpoint is in place."""
         _, made = self.fit_reference()
         calls = made["replaces"]
-        k = [i for i, c in enumerate(calls, 1)
-             if c == "checkpoint.pt.new -> checkpoint.pt"][save - 1]
+        k = [i for i, c in enumerate(calls, 1) if c == "checkpoint.pt.new -> checkpoint.pt"][
+            save - 1
+        ]
         folder = self.folder(label)
         child = in_child(train_child, folder, kill=(k, "after"))
         if not child.killed:
@@ -572,8 +657,9 @@ class Campaign:
             return f"{len(raw)} random bytes"
         if how == "bit-flip":
             weights = torch.load(path, weights_only=True)["model"]
-            name = max((n for n in weights if n.endswith("weight")),
-                       key=lambda n: weights[n].numel())
+            name = max(
+                (n for n in weights if n.endswith("weight")), key=lambda n: weights[n].numel()
+            )
             data = weights[name].contiguous().view(torch.uint8).numpy().tobytes()
             start = raw.find(data[:64])
             if start < 0:
@@ -594,8 +680,10 @@ class Campaign:
             return f"the run {child.describe()} instead of one clear error"
         report = child.report
         if report["type"] not in types or not report["usage"] or "\n" in report["message"]:
-            return (f"{report['type']} (usage error: {report['usage']}): {report['message']}\n"
-                    f"{report['traceback']}")
+            return (
+                f"{report['type']} (usage error: {report['usage']}): {report['message']}\n"
+                f"{report['traceback']}"
+            )
         return None
 
     def corrupt(self, cases: list[tuple[str, str]], cli_cases: list[str]) -> None:
@@ -611,9 +699,12 @@ class Campaign:
                 what += "; previous: " + self._corrupt(run / "checkpoint.prev.pt", "truncated")
             has_prev = (run / "checkpoint.prev.pt").exists() and setting == "with-prev"
             fallback = has_prev and how != "foreign"
-            fault = Fault("corrupt", f"latest checkpoint {how} ({what}), "
-                          f"{'previous one there' if has_prev else setting}",
-                          "identical" if fallback else "clear error")
+            fault = Fault(
+                "corrupt",
+                f"latest checkpoint {how} ({what}), "
+                f"{'previous one there' if has_prev else setting}",
+                "identical" if fallback else "clear error",
+            )
             child = in_child(train_child, folder)
             if fallback:
                 if not child.ok:
@@ -656,13 +747,17 @@ class Campaign:
         run = self.folder(f"cli-{how}") / "run"
         shutil.copytree(source, run)
         what = self._corrupt(run / "checkpoint.pt", how)
-        fault = Fault("corrupt", f"CLI: a finished run's checkpoint {how} ({what})",
-                      "clear error")
+        fault = Fault("corrupt", f"CLI: a finished run's checkpoint {how} ({what})", "clear error")
         proc = self.cli(*CLI_TRAIN, "--out", run)
         expected = "different configuration" if how == "foreign" else "checkpoint"
-        if (proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
-                and proc.stderr.startswith("resnorm: error: ") and expected in proc.stderr
-                and "Traceback" not in proc.stderr):
+        if (
+            proc.returncode == 2
+            and proc.stderr.count("\n") == 1
+            and proc.stdout == ""
+            and proc.stderr.startswith("resnorm: error: ")
+            and expected in proc.stderr
+            and "Traceback" not in proc.stderr
+        ):
             fault.outcome, fault.ok = "clear error", True
             fault.detail = f"exit 2: {proc.stderr.strip()}"
         else:
@@ -671,9 +766,16 @@ class Campaign:
         self.record(fault)
 
     # -------------------------------------------------------------- 4. NaN
-    def _check_diverged(self, fault: Fault, folder: Path, first: Child, phase: str,
-                        step: int, nan: tuple[int, str] | None,
-                        reference: Reference | None = None) -> None:
+    def _check_diverged(
+        self,
+        fault: Fault,
+        folder: Path,
+        first: Child,
+        phase: str,
+        step: int,
+        nan: tuple[int, str] | None,
+        reference: Reference | None = None,
+    ) -> None:
         """``first`` (a run of ``train_child(nan=nan)``) ended the run in ``folder`` as
         diverged in ``phase`` at ``step``; a second run must not train. With
         ``reference``: bit-identical to it."""
@@ -683,10 +785,15 @@ class Campaign:
         if not first.ok:
             problems.append(f"the run {first.describe()}")
         elif (value["status"], value["diverged_in"], value["diverged_at_step"]) != (
-                "diverged", phase, step):
-            problems.append(f"ended {value['status']} (diverged_in={value['diverged_in']}, "
-                            f"at step {value['diverged_at_step']}), not diverged in {phase} "
-                            f"at step {step}")
+            "diverged",
+            phase,
+            step,
+        ):
+            problems.append(
+                f"ended {value['status']} (diverged_in={value['diverged_in']}, "
+                f"at step {value['diverged_at_step']}), not diverged in {phase} "
+                f"at step {step}"
+            )
         lost = 0
         if not problems:
             try:
@@ -696,46 +803,61 @@ class Campaign:
                 saved = {}
                 problems.append(f"result.json/metrics.jsonl: {exc}")
             if saved and (saved.get("status"), saved.get("diverged_in")) != ("diverged", phase):
-                problems.append(f"result.json says {saved.get('status')}/"
-                                f"{saved.get('diverged_in')}")
+                problems.append(
+                    f"result.json says {saved.get('status')}/{saved.get('diverged_in')}"
+                )
             before = Reference.of(run, folder / "final.pt")
             again = in_child(train_child, folder, nan=nan)
             if not again.ok:
                 problems.append(f"the second run {again.describe()}")
             elif again.value["steps_trained"] or again.value["status"] != "diverged":
-                problems.append(f"the second run trained {again.value['steps_trained']} steps "
-                                f"and ended {again.value['status']}")
+                problems.append(
+                    f"the second run trained {again.value['steps_trained']} steps "
+                    f"and ended {again.value['status']}"
+                )
             else:
                 more, lost = compare(run, reference or before, folder / "final.pt")
                 problems += more
         self.judge(fault, problems, lost, "diverged")
         if fault.ok:
-            fault.detail = (f"diverged in {phase} at step {value['diverged_at_step']}; "
-                            f"run again: not trained")
+            fault.detail = (
+                f"diverged in {phase} at step {value['diverged_at_step']}; run again: not trained"
+            )
 
     def nan(self, full: bool) -> None:
         for phase, step in (("train", 8), ("eval", 5)):
             reference, made = self.fit_reference((step, phase))
-            where = (f"a NaN loss at training step {step}" if phase == "train" else
-                     f"NaN outputs in evaluation from step {step} (a NaN test loss)")
+            where = (
+                f"a NaN loss at training step {step}"
+                if phase == "train"
+                else f"NaN outputs in evaluation from step {step} (a NaN test loss)"
+            )
             folder = self.folder(f"nan-{phase}")
             fault = Fault("nan", where, "diverged")
             expected_step = step if phase == "train" else 6  # eval: at the end of epoch 1
-            self._check_diverged(fault, folder, in_child(train_child, folder, nan=(step, phase)),
-                                 phase, expected_step, (step, phase))
+            self._check_diverged(
+                fault,
+                folder,
+                in_child(train_child, folder, nan=(step, phase)),
+                phase,
+                expected_step,
+                (step, phase),
+            )
             self.record(fault)
             if full:  # killed between its divergence and its result.json
                 k = made["replaces"].index("tmp -> result.json") + 1
                 folder = self.folder(f"nan-{phase}-killed")
-                fault = Fault("nan", f"{where}, SIGKILL before replace {k} (tmp -> result.json)",
-                              "diverged")
+                fault = Fault(
+                    "nan", f"{where}, SIGKILL before replace {k} (tmp -> result.json)", "diverged"
+                )
                 killed = in_child(train_child, folder, nan=(step, phase), kill=(k, "before"))
                 finished = in_child(train_child, folder, nan=(step, phase))
                 if not killed.killed:
                     fault.outcome, fault.detail = "unexpected", f"the run {killed.describe()}"
                 else:
-                    self._check_diverged(fault, folder, finished, phase, expected_step,
-                                         (step, phase), reference)
+                    self._check_diverged(
+                        fault, folder, finished, phase, expected_step, (step, phase), reference
+                    )
                 self.record(fault)
         edits = [("weights", "train", 7)]
         if full:
@@ -745,21 +867,22 @@ class Campaign:
             path = folder / "run" / "checkpoint.pt"
             state = load_checkpoint(path)
             if what == "weights":
-                state["model"]["input.weight" if "input.weight" in state["model"] else
-                               next(iter(state["model"]))].view(-1)[0] = float("nan")
+                state["model"][
+                    "input.weight"
+                    if "input.weight" in state["model"]
+                    else next(iter(state["model"]))
+                ].view(-1)[0] = float("nan")
             elif what == "optimizer state":
                 moments = next(iter(state["optimizer"]["state"].values()))
                 moments["exp_avg_sq"].view(-1)[0] = float("nan")
             else:
                 name = next(n for n in state["model"] if n.endswith("running_var"))
                 state["model"][name].view(-1)[0] = float("nan")
-            state["checksum"] = content_digest(state)   # a run gone bad, not a broken file
+            state["checksum"] = content_digest(state)  # a run gone bad, not a broken file
             with atomic_open(path, "wb") as f:
                 torch.save(state, f)
-            fault = Fault("nan", f"NaN in the latest checkpoint's {what}, then resumed",
-                          "diverged")
-            self._check_diverged(fault, folder, in_child(train_child, folder), phase, step,
-                                 None)
+            fault = Fault("nan", f"NaN in the latest checkpoint's {what}, then resumed", "diverged")
+            self._check_diverged(fault, folder, in_child(train_child, folder), phase, step, None)
             self.record(fault)
 
     # -------------------------------------------------------------- 5. full disk
@@ -771,15 +894,24 @@ class Campaign:
             reason = "no mount/umount command"
         if reason is None:
             probe = self.folder("mount-probe")
-            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 reason = f"mount -t tmpfs is not allowed here ({proc.stderr.strip()})"
             else:
                 subprocess.run(["umount", str(probe)], check=True)
         if reason is not None:
-            fault = Fault("full-disk", "python -m resnorm train into a full tmpfs", "identical",
-                          outcome="skipped", ok=True, detail=reason)
+            fault = Fault(
+                "full-disk",
+                "python -m resnorm train into a full tmpfs",
+                "identical",
+                outcome="skipped",
+                ok=True,
+                detail=reason,
+            )
             self.record(fault)
             return
         source, reference = self.cli_reference()
@@ -787,10 +919,16 @@ class Campaign:
         for factor in factors:
             kib = int(size * factor) // 1024 + 8  # + config.json and the metrics files
             disk = self.folder(f"full-disk-{kib}k")
-            fault = Fault("full-disk", f"python -m resnorm train into a {kib} KiB tmpfs "
-                                       f"({factor:g} checkpoints)", "identical")
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(disk)],
-                           check=True, capture_output=True)
+            fault = Fault(
+                "full-disk",
+                f"python -m resnorm train into a {kib} KiB tmpfs ({factor:g} checkpoints)",
+                "identical",
+            )
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(disk)],
+                check=True,
+                capture_output=True,
+            )
             try:
                 self._fill_disk(fault, disk, reference)
             finally:
@@ -812,36 +950,64 @@ class Campaign:
         stale = sorted(p.name for p in run.glob(".*.tmp")) if run.is_dir() else []
         if stale:
             problems.append(f"stale temporaries: {', '.join(stale)}")
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mount", "-o", "remount,size=64m", str(disk)], check=True, capture_output=True
+        )
         again = self.cli(*CLI_TRAIN, "--out", run)
         if again.returncode != 0:
-            problems.append(f"after freeing space: exit {again.returncode}, "
-                            f"stderr: {again.stderr.strip()[-2000:]}")
+            problems.append(
+                f"after freeing space: exit {again.returncode}, "
+                f"stderr: {again.stderr.strip()[-2000:]}"
+            )
             self.judge(fault, problems, len(reference.jsonl))
             return
         more, lost = compare(run, reference, None)
         self.judge(fault, problems + [f"after freeing space: {p}" for p in more], lost)
         if fault.ok:
-            fault.detail = (f"{full.stderr.strip()} (checkpoint at step {step} kept); after "
-                            f"freeing space: identical")
+            fault.detail = (
+                f"{full.stderr.strip()} (checkpoint at step {step} kept); after "
+                f"freeing space: identical"
+            )
 
     # -------------------------------------------------------------- 6. killed labs
     def _lab_command(self, study: Path, out: Path) -> list[str]:
-        return [sys.executable, "-m", "resnorm", "lab", str(study), "--workers", "2",
-                "--out", str(out), "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "resnorm",
+            "lab",
+            str(study),
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
 
     def _start_lab(self, study: Path, out: Path) -> subprocess.Popen:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"{out.name}.stderr.txt", "w") as stderr:
-            return subprocess.Popen(self._lab_command(study, out), stdout=subprocess.DEVNULL,
-                                    stderr=stderr, env=self.env, cwd=self.root,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                self._lab_command(study, out),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=self.env,
+                cwd=self.root,
+                start_new_session=True,
+            )
 
     def lab(self, count: int) -> None:
         if not Path("/proc/self/stat").exists():
-            self.record(Fault("lab", "killed lab parent", "identical", outcome="skipped",
-                              ok=True, detail="no /proc to find the workers"))
+            self.record(
+                Fault(
+                    "lab",
+                    "killed lab parent",
+                    "identical",
+                    outcome="skipped",
+                    ok=True,
+                    detail="no /proc to find the workers",
+                )
+            )
             return
         base = self.folder("lab")
         study = base / "study.toml"
@@ -854,32 +1020,46 @@ class Campaign:
             runs = list(reference.glob("runs/*"))
             if runs and training is None:
                 training = [time.perf_counter() - start, None]
-            if training and training[1] is None and len(
-                    list(reference.glob("runs/*/summary.json"))) == STUDY_RUNS:
+            if (
+                training
+                and training[1] is None
+                and len(list(reference.glob("runs/*/summary.json"))) == STUDY_RUNS
+            ):
                 training[1] = time.perf_counter() - start
             time.sleep(0.01)
         duration = time.perf_counter() - start
         if lab.wait() != 0 or training is None or training[1] is None:
-            raise RuntimeError("the reference lab failed: "
-                               + (base / "reference.stderr.txt").read_text()[-3000:])
+            raise RuntimeError(
+                "the reference lab failed: " + (base / "reference.stderr.txt").read_text()[-3000:]
+            )
         references = {run.name: Reference.of(run) for run in sorted((reference / "runs").iterdir())}
-        accuracies = {name: _strict_json((reference / "runs" / name / "summary.json")
-                                         .read_text())["final_test_acc"] for name in references}
+        accuracies = {
+            name: _strict_json((reference / "runs" / name / "summary.json").read_text())[
+                "final_test_acc"
+            ]
+            for name in references
+        }
         for i in range(count):
             # Two of three kills while the workers train (timed from the first run folder),
             # the others at any moment of the lab (start-up, training, the report).
             if i % 3 < 2:
-                self._kill_lab(i, study, True, training[1] - training[0], references,
-                               accuracies)
+                self._kill_lab(i, study, True, training[1] - training[0], references, accuracies)
             else:
                 self._kill_lab(i, study, False, duration, references, accuracies)
 
-    def _kill_lab(self, i: int, study: Path, in_training: bool, window: float,
-                  references: dict, accuracies: dict) -> None:
+    def _kill_lab(
+        self,
+        i: int,
+        study: Path,
+        in_training: bool,
+        window: float,
+        references: dict,
+        accuracies: dict,
+    ) -> None:
         fault = Fault("lab", "lab parent SIGKILLed", "identical")
         for attempt in range(4):  # a lab that ended before its kill is tried again earlier
             out = self.folder(f"lab-{i}-{attempt}") / "lab"
-            delay = self.rng.uniform(0.0, window) / 2 ** attempt
+            delay = self.rng.uniform(0.0, window) / 2**attempt
             lab, start = self._start_lab(study, out), time.perf_counter()
             seen: set[int] = set()
             try:
@@ -895,8 +1075,10 @@ class Campaign:
                 seen |= _descendants(lab.pid)
                 if lab.poll() is not None:
                     continue
-                phase = (f"{len(list(out.glob('runs/*/summary.json')))}/{STUDY_RUNS} runs "
-                         f"done, {len(list(out.glob('runs/*/checkpoint.pt')))} with a checkpoint")
+                phase = (
+                    f"{len(list(out.glob('runs/*/summary.json')))}/{STUDY_RUNS} runs "
+                    f"done, {len(list(out.glob('runs/*/checkpoint.pt')))} with a checkpoint"
+                )
                 os.kill(lab.pid, signal.SIGKILL)
                 lab.wait(timeout=30)
                 survivors = _wait_gone(seen, timeout=30) | _naming(out)
@@ -910,11 +1092,18 @@ class Campaign:
             when = f"{delay:.2f} s into training" if in_training else f"at {delay:.2f} s"
             fault.name = f"lab parent SIGKILLed {when} ({phase}; {len(seen)} descendants seen)"
             problems = [f"survived the lab: {_describe(pid)}" for pid in sorted(survivors)]
-            proc = subprocess.run(self._lab_command(study, out), capture_output=True, text=True,
-                                  timeout=600, env=self.env, cwd=self.root)
+            proc = subprocess.run(
+                self._lab_command(study, out),
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env=self.env,
+                cwd=self.root,
+            )
             if proc.returncode != 0:
-                problems.append(f"the lab run again: exit {proc.returncode}: "
-                                f"{proc.stderr.strip()[-2000:]}")
+                problems.append(
+                    f"the lab run again: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+                )
             lost = 0
             for name, reference in references.items():
                 run = out / "runs" / name
@@ -945,27 +1134,41 @@ class Campaign:
             kinds[kind] = {
                 "tried": sum(f.outcome != "skipped" for f in faults),
                 "identical": sum(f.outcome == "identical" for f in faults),
-                "expected_other": sum(f.ok and f.outcome not in ("identical", "skipped")
-                                      for f in faults),
+                "expected_other": sum(
+                    f.ok and f.outcome not in ("identical", "skipped") for f in faults
+                ),
                 "lost_rows": sum(f.lost_rows for f in faults),
                 "unexpected": sum(not f.ok for f in faults),
-                "skipped": sum(f.outcome == "skipped" for f in faults)}
-        total = {key: sum(k[key] for k in kinds.values())
-                 for key in ("tried", "identical", "expected_other", "lost_rows", "unexpected",
-                             "skipped")}
-        return {"total": total, "kinds": kinds,
-                "otherwise": [asdict(f) for f in self.faults if f.outcome != "identical"],
-                "faults": [asdict(f) for f in self.faults]}
+                "skipped": sum(f.outcome == "skipped" for f in faults),
+            }
+        total = {
+            key: sum(k[key] for k in kinds.values())
+            for key in (
+                "tried",
+                "identical",
+                "expected_other",
+                "lost_rows",
+                "unexpected",
+                "skipped",
+            )
+        }
+        return {
+            "total": total,
+            "kinds": kinds,
+            "otherwise": [asdict(f) for f in self.faults if f.outcome != "identical"],
+            "faults": [asdict(f) for f in self.faults],
+        }
 
 
 # ---------------------------------------------------------------------- processes
+
 
 def _stat(pid: int) -> tuple[str, int] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    state, ppid = text[text.rindex(")") + 2:].split()[:2]
+    state, ppid = text[text.rindex(")") + 2 :].split()[:2]
     return state, int(ppid)
 
 
@@ -1019,20 +1222,26 @@ def _describe(pid: int) -> str:
 
 # ---------------------------------------------------------------------- main
 
+
 def run_campaign(root: Path, seed: int, quick: bool) -> dict:
     rng = random.Random(seed)
     campaign = Campaign(root, rng)
     _, made = campaign.fit_reference()
     calls = made["replaces"]
     if quick:
+
         def pick(call: str) -> tuple[int, str]:
             ks = [k for k, c in enumerate(calls, 1) if c == call]
             return rng.choice(ks), rng.choice(("before", "after"))
 
         campaign.sigkill(1)
-        campaign.renames([pick("tmp -> checkpoint.pt.new"),
-                          pick("checkpoint.pt -> checkpoint.prev.pt"),
-                          pick("checkpoint.pt.new -> checkpoint.pt")])
+        campaign.renames(
+            [
+                pick("tmp -> checkpoint.pt.new"),
+                pick("checkpoint.pt -> checkpoint.prev.pt"),
+                pick("checkpoint.pt.new -> checkpoint.pt"),
+            ]
+        )
         campaign.corrupt([("bit-flip", "with-prev")], ["garbage"])
         campaign.nan(full=False)
         campaign.full_disk([2.5])
@@ -1041,8 +1250,10 @@ def run_campaign(root: Path, seed: int, quick: bool) -> dict:
         campaign.sigkill(6)
         campaign.renames(recovery=True)
         how = ("truncated", "empty", "bit-flip", "garbage", "foreign")
-        campaign.corrupt([(h, "with-prev") for h in how] + [(h, "no-prev") for h in how]
-                         + [("garbage", "both")], ["garbage", "foreign"])
+        campaign.corrupt(
+            [(h, "with-prev") for h in how] + [(h, "no-prev") for h in how] + [("garbage", "both")],
+            ["garbage", "foreign"],
+        )
         campaign.nan(full=True)
         campaign.full_disk([1.5, 2.5])
         campaign.lab(3)
@@ -1054,24 +1265,40 @@ def print_tally(tally: dict, seconds: float) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"fault campaign ({seconds:.0f} s)",
-                  caption="identical: survived bit-identically; expected: ended in the "
-                          "diverged result or the one clear error promised")
-    for column in ("kind", "tried", "identical", "expected", "lost rows", "unexpected",
-                   "skipped"):
+    table = Table(
+        title=f"fault campaign ({seconds:.0f} s)",
+        caption="identical: survived bit-identically; expected: ended in the "
+        "diverged result or the one clear error promised",
+    )
+    for column in ("kind", "tried", "identical", "expected", "lost rows", "unexpected", "skipped"):
         table.add_column(column, justify="left" if column == "kind" else "right")
     for kind, row in [*tally["kinds"].items(), ("total", tally["total"])]:
-        table.add_row(kind, *(str(row[k]) for k in ("tried", "identical", "expected_other",
-                                                     "lost_rows", "unexpected", "skipped")),
-                      style="bold" if kind == "total" else None)
+        table.add_row(
+            kind,
+            *(
+                str(row[k])
+                for k in (
+                    "tried",
+                    "identical",
+                    "expected_other",
+                    "lost_rows",
+                    "unexpected",
+                    "skipped",
+                )
+            ),
+            style="bold" if kind == "total" else None,
+        )
     console = Console(soft_wrap=True)
     console.print(table)
     if tally["otherwise"]:
         console.print("Faults that did not end bit-identical:")
         for fault in tally["otherwise"]:
             mark = "expected" if fault["ok"] else "[red]UNEXPECTED[/]"
-            console.print(f"- {mark} {fault['kind']}: {escape(fault['name'])}: "
-                          f"{fault['outcome']}: {escape(fault['detail'])}", highlight=False)
+            console.print(
+                f"- {mark} {fault['kind']}: {escape(fault['name'])}: "
+                f"{fault['outcome']}: {escape(fault['detail'])}",
+                highlight=False,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

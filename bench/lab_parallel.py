@@ -6,6 +6,7 @@ single process using PyTorch's default thread count; reports wall times and the 
 
     python bench/lab_parallel.py [--study depth] [--epochs 2] [--samples 4000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,21 +31,31 @@ def main() -> None:
     args = parser.parse_args()
     study = load_study(args.study).quick_version()
     study = dataclasses.replace(
-        study, train={**study.train, "epochs": args.epochs},
-        dataset_options={**study.dataset_options, "num_samples": args.samples})
+        study,
+        train={**study.train, "epochs": args.epochs},
+        dataset_options={**study.dataset_options, "num_samples": args.samples},
+    )
     runs = study.runs()
     workers, threads = plan_workers(len(runs))
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, n in (("serial (1 process, default threads)", 1),
-                        (f"parallel ({workers} workers x {threads} threads)", workers)):
+        for name, n in (
+            ("serial (1 process, default threads)", 1),
+            (f"parallel ({workers} workers x {threads} threads)", workers),
+        ):
             start = time.perf_counter()
             run_study(study, Path(tmp) / name.split()[0], workers=n, progress=False)
             timings[name] = time.perf_counter() - start
     serial, parallel = timings.values()
-    result = {"study": study.name, "runs": len(runs), "epochs": args.epochs,
-              "samples": args.samples, "default_threads": torch.get_num_threads(),
-              "seconds": timings, "speedup": serial / parallel}
+    result = {
+        "study": study.name,
+        "runs": len(runs),
+        "epochs": args.epochs,
+        "samples": args.samples,
+        "default_threads": torch.get_num_threads(),
+        "seconds": timings,
+        "speedup": serial / parallel,
+    }
     print(f"{study.name} grid, {len(runs)} runs of {args.epochs} epochs on {args.samples} samples")
     for name, seconds in timings.items():
         print(f"  {name:40s} {seconds:7.1f} s")

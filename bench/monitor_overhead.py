@@ -18,6 +18,7 @@ each kind's gradient norms from float64 ones. ``--model mlp`` is the lab's resid
 
     python bench/monitor_overhead.py [--model mlp] [--depth 8] [--width 256] [--batch 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ def _train_steps(model, optimizer, x, y, steps: int, monitors=()) -> list[float]
 
 def _statistics_step(model, repeats: int) -> dict[str, float]:
     """Median seconds of one recorded ``monitor.step()`` per kind, on the present grads."""
-    monitors = {name: Monitor(model, track_dead_units=False, compiled=compiled)
-                for name, compiled in KINDS.items()}
+    monitors = {
+        name: Monitor(model, track_dead_units=False, compiled=compiled)
+        for name, compiled in KINDS.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in KINDS}
     for name, monitor in monitors.items():  # warm-up
         for _ in range(10):
@@ -79,10 +82,15 @@ def _statistics_step(model, repeats: int) -> dict[str, float]:
 def _largest_difference(model, optimizer, x, y) -> dict[str, float]:
     """Largest relative differences over 5 training steps: between the kinds' records, and
     of each kind's gradient norms from float64 ones."""
-    monitors = {name: Monitor(model, track_dead_units=False, compiled=compiled)
-                for name, compiled in KINDS.items()}
-    worst = {"grad_norm, stock vs kernel": 0.0, "update_ratio, stock vs kernel": 0.0,
-             **{f"grad_norm, {name} vs float64": 0.0 for name in KINDS}}
+    monitors = {
+        name: Monitor(model, track_dead_units=False, compiled=compiled)
+        for name, compiled in KINDS.items()
+    }
+    worst = {
+        "grad_norm, stock vs kernel": 0.0,
+        "update_ratio, stock vs kernel": 0.0,
+        **{f"grad_norm, {name} vs float64": 0.0 for name in KINDS},
+    }
 
     def note(key, value, exact):
         if exact:  # None (a zero weight) or 0 on both sides has nothing to compare
@@ -118,8 +126,10 @@ def _train_step_times(model, optimizer, x, y, rounds: int, steps: int) -> dict[s
 
 def _model(args):
     if args.model == "mlp":
-        return (create_model("mlp", depth=args.depth, width=args.width, norm="batch"),
-                f"mlp depth={args.depth} width={args.width} norm=batch")
+        return (
+            create_model("mlp", depth=args.depth, width=args.width, norm="batch"),
+            f"mlp depth={args.depth} width={args.width} norm=batch",
+        )
     return create_model(args.model), args.model
 
 
@@ -151,26 +161,37 @@ def main() -> None:
 
     kernel, stock = KINDS
     result = {
-        "model": description, "batch": args.batch, "threads": torch.get_num_threads(),
+        "model": description,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
         "statistics_step_us": {name: 1e6 * t for name, t in record.items()},
         "statistics_step_ratio_stock_to_kernel": record[stock] / record[kernel],
         "train_step_ms": {name: 1e3 * t for name, t in step.items()},
-        "train_step_ratio_to_no_monitor": {name: t / step["no monitor"] for name, t in step.items()},
+        "train_step_ratio_to_no_monitor": {
+            name: t / step["no monitor"] for name, t in step.items()
+        },
         "train_step_ratio_stock_to_kernel": step[f"every=1, {stock}"] / step["every=1"],
         "largest_relative_difference": difference,
-        "repeats": args.repeats, "train_steps_each": args.rounds * args.steps,
+        "repeats": args.repeats,
+        "train_steps_each": args.rounds * args.steps,
     }
     print(f"{description}, batch {args.batch}, {result['threads']} threads, medians")
-    print(f"  statistics step ({args.repeats} each): " + ", ".join(
-        f"{name} {1e6 * t:.0f} us" for name, t in record.items())
-        + f"; stock/kernel {result['statistics_step_ratio_stock_to_kernel']:.2f}")
+    print(
+        f"  statistics step ({args.repeats} each): "
+        + ", ".join(f"{name} {1e6 * t:.0f} us" for name, t in record.items())
+        + f"; stock/kernel {result['statistics_step_ratio_stock_to_kernel']:.2f}"
+    )
     print(f"  training step ({args.rounds * args.steps} each):")
     for name, t in step.items():
-        print(f"    {name:26s} {1e3 * t:8.2f} ms   ratio to no monitor "
-              f"{result['train_step_ratio_to_no_monitor'][name]:.3f}")
+        print(
+            f"    {name:26s} {1e3 * t:8.2f} ms   ratio to no monitor "
+            f"{result['train_step_ratio_to_no_monitor'][name]:.3f}"
+        )
     print(f"    every=1, stock/kernel {result['train_step_ratio_stock_to_kernel']:.3f}")
-    print("  largest relative difference: " + ", ".join(
-        f"{name} {value:.1e}" for name, value in difference.items()))
+    print(
+        "  largest relative difference: "
+        + ", ".join(f"{name} {value:.1e}" for name, value in difference.items())
+    )
     if args.out:
         with atomic_open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -9,6 +9,7 @@ The numba kernel is the natural one: rows in parallel (``prange``), per row h = 
 its sum, the centred sum of squares from h, then y; ``fastmath`` lets it vectorize the
 reductions. Memory is reused between calls (the bench's ``reuse`` regime).
 """
+
 import argparse
 import sys
 import time
@@ -64,13 +65,17 @@ def measure(rows: int, n: int, repeats: int) -> None:
     oracle = F.layer_norm(x.double() + r.double(), (n,), w.double(), b.double(), 1e-5)
     error = (torch.from_numpy(y).double() - oracle).abs().max().item()
     src, dst = torch.randn(rows, n), torch.empty(rows, n)
-    peers = {"numba": with_numba,
-             "resnorm C++": lambda: add_norm(x, r, w, b, prenorm=True),
-             "eager": lambda: (lambda h: (F.layer_norm(h, (n,), w, b, 1e-5), h))(x + r),
-             "copy": lambda: dst.copy_(src)}
+    peers = {
+        "numba": with_numba,
+        "resnorm C++": lambda: add_norm(x, r, w, b, prenorm=True),
+        "eager": lambda: (lambda h: (F.layer_norm(h, (n,), w, b, 1e-5), h))(x + r),
+        "copy": lambda: dst.copy_(src),
+    }
     times = interleaved_medians(peers, repeats)
-    print(f"{rows}x{n}: numba's first call (JIT compile) {first:.2f} s, "
-          f"max |y - float64 oracle| {error:.1e}")
+    print(
+        f"{rows}x{n}: numba's first call (JIT compile) {first:.2f} s, "
+        f"max |y - float64 oracle| {error:.1e}"
+    )
     for name, seconds in times.items():
         print(f"  {name:12s} {1e3 * seconds:7.2f} ms  {times['eager'] / seconds:5.2f}x eager")
 

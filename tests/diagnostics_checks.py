@@ -1,5 +1,6 @@
 """What ``test_diagnostics.py`` and ``test_monitor.py`` share: strict JSON parsing, the
 check that no hook is left on a model, and a small model with dead ReLU units."""
+
 import json
 
 import torch
@@ -8,14 +9,21 @@ from torch import nn
 
 def _strict_json(text: str):
     """json.loads that rejects NaN, Infinity and -Infinity tokens."""
+
     def reject(token):
         raise ValueError(f"non-strict JSON token {token}")
+
     return json.loads(text, parse_constant=reject)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-               "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+)
 
 
 def _assert_no_hooks(model: nn.Module) -> None:
@@ -24,6 +32,7 @@ def _assert_no_hooks(model: nn.Module) -> None:
             hooks = getattr(module, attr, None)
             assert not hooks, f"{attr} left on {name or 'the model'}: {hooks}"
     from torch.nn.modules import module as module_mod
+
     assert not module_mod._global_forward_hooks
     assert not module_mod._global_forward_pre_hooks
 
@@ -32,5 +41,5 @@ def _dead_relu_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with torch.no_grad():
-        model[0].bias[:3] = -1e3           # units 0-2 never fire
+        model[0].bias[:3] = -1e3  # units 0-2 never fire
     return model

@@ -27,6 +27,7 @@ stay below 0.4 of the bound. The ulp term is the rounding of the float32 result 
 fp16 output (half an ulp, plus the float32 error that may cross a rounding boundary: one
 ulp in all); observed: at most 0.5 of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,12 @@ from resnorm.kernels import (
 
 EPS32 = torch.finfo(torch.float32).eps
 # tol of the gradients by the dtype h is stored in (see the module docstring); y: Y_TOL
-TOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
-       torch.float16: torch.finfo(torch.float16).eps, torch.float64: 1e-12}
+TOL = {
+    torch.float32: 1e-5,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.float64: 1e-12,
+}
 Y_TOL = 1e-5  # y is computed in float32 from the unrounded h, whatever the input dtype
 
 
@@ -77,6 +82,7 @@ def _through_the_operator(monkeypatch):
 @pytest.fixture
 def only_compiled(monkeypatch, compiled):
     """Fails the test if the pure-PyTorch reference runs instead of the compiled kernel."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the reference kernel ran where the compiled one should have")
 
@@ -109,8 +115,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _data(shape, seed: int, dtype=torch.float32, scale: float = 2.0, shift: float = 0.7):
     """Random data with a non-zero mean and a non-unit variance (so normalization matters)."""
-    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale
-            + shift).to(dtype)
+    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale + shift).to(dtype)
 
 
 def _params(n: int, seed: int, weight_dtype=torch.float32, bias_dtype=torch.float32):
@@ -139,9 +144,11 @@ def _assert_close(actual: Tensor, expected: Tensor, bound, what: str) -> None:
     ok = err <= bound
     if not bool(ok.all()):
         ratio = (err / bound).nan_to_num(nan=float("inf"))
-        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} elements off; worst "
-                             f"error/bound {ratio.max().item():.3g}, max error "
-                             f"{err.nan_to_num(nan=float('inf')).max().item():.3g}")
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {ok.numel()} elements off; worst "
+            f"error/bound {ratio.max().item():.3g}, max error "
+            f"{err.nan_to_num(nan=float('inf')).max().item():.3g}"
+        )
 
 
 def _same(a: Tensor | None, b: Tensor | None, what: str) -> None:
@@ -155,6 +162,7 @@ def _same(a: Tensor | None, b: Tensor | None, what: str) -> None:
 @dataclasses.dataclass
 class Run:
     """Outputs and gradients of one call: y, h (prenorm output) and the input gradients."""
+
     y: Tensor
     h: Tensor
     dx: Tensor | None
@@ -164,19 +172,40 @@ class Run:
     h_is_x: bool
 
     def fields(self):
-        return {"y": self.y, "h": self.h, "dx": self.dx, "dres": self.dres, "dw": self.dw,
-                "db": self.db}
+        return {
+            "y": self.y,
+            "h": self.h,
+            "dx": self.dx,
+            "dres": self.dres,
+            "dw": self.dw,
+            "db": self.db,
+        }
 
 
-def _run(fn, x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5, dy=None,
-         dh=None, residual_in_fp32=False, prenorm=True, activation=None) -> Run:
+def _run(
+    fn,
+    x,
+    residual=None,
+    weight=None,
+    bias=None,
+    *,
+    kind="layer",
+    eps=1e-5,
+    dy=None,
+    dh=None,
+    residual_in_fp32=False,
+    prenorm=True,
+    activation=None,
+) -> Run:
     """Call ``fn`` (add_norm or the reference) on leaves sharing the inputs' memory and
     layout, then backpropagate ``dy`` into y and ``dh`` into h (either may be None)."""
-    leaves = [None if t is None else t.detach().requires_grad_()
-              for t in (x, residual, weight, bias)]
+    leaves = [
+        None if t is None else t.detach().requires_grad_() for t in (x, residual, weight, bias)
+    ]
     extra = {"activation": activation} if activation is not None else {}
-    out = fn(*leaves, kind=kind, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
-             **extra)
+    out = fn(
+        *leaves, kind=kind, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32, **extra
+    )
     y, h = out if prenorm else (out, None)
     outputs, grads = [], []
     for tensor, grad in ((y, dy), (h, dh)):
@@ -186,24 +215,50 @@ def _run(fn, x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5
     if outputs:
         torch.autograd.backward(outputs, grads)
     grads = [None if t is None else t.grad for t in leaves]
-    return Run(y.detach(), None if h is None else h.detach(), *grads,
-               h_is_x=h is not None and h is leaves[0])
+    return Run(
+        y.detach(),
+        None if h is None else h.detach(),
+        *grads,
+        h_is_x=h is not None and h is leaves[0],
+    )
 
 
-def _oracle(x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5, dy=None,
-            dh=None, prenorm=True) -> Run:
+def _oracle(
+    x,
+    residual=None,
+    weight=None,
+    bias=None,
+    *,
+    kind="layer",
+    eps=1e-5,
+    dy=None,
+    dh=None,
+    prenorm=True,
+) -> Run:
     """The float64 oracle on float64 copies of the same values."""
+
     def f64(t):
         return None if t is None else t.detach().double().clone()
 
-    return _run(add_norm_reference, f64(x), f64(residual), f64(weight), f64(bias), kind=kind,
-                eps=eps, dy=f64(dy), dh=f64(dh), prenorm=prenorm)
+    return _run(
+        add_norm_reference,
+        f64(x),
+        f64(residual),
+        f64(weight),
+        f64(bias),
+        kind=kind,
+        eps=eps,
+        dy=f64(dy),
+        dh=f64(dh),
+        prenorm=prenorm,
+    )
 
 
 @dataclasses.dataclass
 class _Scales:
     """Magnitudes that the float32 rounding errors of each result are proportional to (see
     the module docstring), from the float64 values of the inputs."""
+
     y: Tensor
     y_centred: Tensor  # rstd * max|h - mean| * max|w| + max|b|: y's own magnitude
     dx: Tensor
@@ -212,8 +267,9 @@ class _Scales:
     db: Tensor
 
     @classmethod
-    def of(cls, x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5, dy=None,
-           dh=None):
+    def of(
+        cls, x, residual=None, weight=None, bias=None, *, kind="layer", eps=1e-5, dy=None, dh=None
+    ):
         h = x.detach().double()
         if residual is not None:
             h = h + residual.detach().double()
@@ -221,8 +277,11 @@ class _Scales:
         centred = h - h.mean(-1, keepdim=True) if kind == "layer" else h
         rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
         xhat = centred * rstd
-        w = (weight.detach().double().abs() if weight is not None
-             else torch.ones(n, dtype=torch.float64))
+        w = (
+            weight.detach().double().abs()
+            if weight is not None
+            else torch.ones(n, dtype=torch.float64)
+        )
         bmax = bias.detach().double().abs().max() if bias is not None else 0.0
         amp = rstd * h.abs().amax(-1, keepdim=True)
         y = amp * w.max() + bmax
@@ -230,9 +289,9 @@ class _Scales:
         dy = torch.zeros_like(h) if dy is None else dy.detach().double().abs()
         dh = torch.zeros_like(h) if dh is None else dh.detach().double().abs()
         g = dy * w
-        dx = (rstd * g.amax(-1, keepdim=True)
-              * (1 + amp * (1 + xhat.abs().amax(-1, keepdim=True)))
-              + dh.amax(-1, keepdim=True))
+        dx = rstd * g.amax(-1, keepdim=True) * (
+            1 + amp * (1 + xhat.abs().amax(-1, keepdim=True))
+        ) + dh.amax(-1, keepdim=True)
         lead = tuple(range(h.dim() - 1))
         dw = (dy * (xhat.abs() + amp)).sum(lead)
         db = dy.sum(lead)
@@ -252,8 +311,17 @@ def _expected_h(x, residual, residual_in_fp32=False):
     return h.to(_h_dtype(x, residual, residual_in_fp32))
 
 
-def _check(got: Run, want: Run, sc: _Scales, *, x, residual=None, weight=None,
-           residual_in_fp32=False, what="") -> None:
+def _check(
+    got: Run,
+    want: Run,
+    sc: _Scales,
+    *,
+    x,
+    residual=None,
+    weight=None,
+    residual_in_fp32=False,
+    what="",
+) -> None:
     """Every output and gradient of ``got`` against the float64 oracle ``want``."""
     # The backward recomputes xhat from h as stored (x itself when h is not materialized,
     # in which case h_dtype is x's dtype); the arithmetic is float32 (float64 for float64).
@@ -272,7 +340,7 @@ def _check(got: Run, want: Run, sc: _Scales, *, x, residual=None, weight=None,
     # sc.dx holds the first-order terms, sc.dx2 the second (which only matters for rows of
     # huge amp stored in bf16, e.g. n = 1 with a small eps: see
     # test_bfloat16_stream_gradient_at_rounded_h).
-    dx = tol * sc.dx + tol ** 2 * sc.dx2
+    dx = tol * sc.dx + tol**2 * sc.dx2
     for name, scale in (("dx", dx), ("dres", dx), ("dw", tol * sc.dw), ("db", tol * sc.db)):
         a, b = getattr(got, name), getattr(want, name)
         if b is None:
@@ -284,12 +352,24 @@ def _check(got: Run, want: Run, sc: _Scales, *, x, residual=None, weight=None,
         _same(got.dx, got.dres, f"{what}: the gradients of x and of the residual")
 
 
-def _case(shape, seed, *, dtype=torch.float32, residual=True, weight=True, bias=True,
-          kind="layer", param_dtype=torch.float32, residual_dtype=None):
+def _case(
+    shape,
+    seed,
+    *,
+    dtype=torch.float32,
+    residual=True,
+    weight=True,
+    bias=True,
+    kind="layer",
+    param_dtype=torch.float32,
+    residual_dtype=None,
+):
     """Inputs and upstream gradients of one test case."""
     n = shape[-1]
     x = _data(shape, seed, dtype)
-    res = _data(shape, seed + 1, residual_dtype or dtype, scale=1.5, shift=-0.3) if residual else None
+    res = (
+        _data(shape, seed + 1, residual_dtype or dtype, scale=1.5, shift=-0.3) if residual else None
+    )
     w, b = _params(n, seed + 2, param_dtype, param_dtype)
     dy = _data(shape, seed + 4, dtype, scale=1.0, shift=0.1)
     return x, res, w if weight else None, b if bias and kind == "layer" else None, dy

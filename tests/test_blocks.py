@@ -3,6 +3,7 @@
 Every numerical check compares a block with the same computation written out by hand
 from its own weights, so a change of formula, order of operations or wiring fails here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,13 +59,13 @@ def bn_train(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, keepdim=True, unbiased=False)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return ((x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(shape)
-            + norm.bias.view(shape))
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(shape) + norm.bias.view(shape)
 
 
 # --------------------------------------------------------------------------------------
 # ResidualAdd / Residual
 # --------------------------------------------------------------------------------------
+
 
 def test_residual_add_is_branch_plus_skip():
     branch, skip = torch.randn(4, 5), torch.randn(4, 5)
@@ -190,28 +191,37 @@ def test_unknown_scale_raises(scale):
 # ResidualConfig: one configuration of the merge, passed from model to block to merge
 # --------------------------------------------------------------------------------------
 
+
 def test_residual_config_defaults_are_the_plain_residual_add():
     config = ResidualConfig()
-    assert (config.residual, config.scale, config.layerscale_init, config.skip_weight,
-            config.drop_path) == (True, None, 1e-5, 1.0, 0.0)
+    assert (
+        config.residual,
+        config.scale,
+        config.layerscale_init,
+        config.skip_weight,
+        config.drop_path,
+    ) == (True, None, 1e-5, 1.0, 0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.residual = False
     branch, skip = torch.randn(3, 4), torch.randn(3, 4)
     torch.testing.assert_close(ResidualAdd(config)(branch, skip), skip + branch)
 
 
-@pytest.mark.parametrize("fields,error,message", [
-    ({"residual": 1}, UsageTypeError, r"residual must be True or False, got 1 \(int\)"),
-    ({"scale": "rezeroo"}, ValueError, r"scale='rezeroo'.*accepted.*'rezero'.*a number"),
-    ({"scale": float("nan")}, ValueError, "scale"),
-    ({"layerscale_init": "small"}, UsageTypeError, "layerscale_init must be a number"),
-    ({"skip_weight": float("inf")}, ValueError, "skip_weight must be a finite number"),
-    ({"drop_path": 1.0}, ValueError, r"drop_path must be in \[0, 1\), got 1"),
-])
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        ({"residual": 1}, UsageTypeError, r"residual must be True or False, got 1 \(int\)"),
+        ({"scale": "rezeroo"}, ValueError, r"scale='rezeroo'.*accepted.*'rezero'.*a number"),
+        ({"scale": float("nan")}, ValueError, "scale"),
+        ({"layerscale_init": "small"}, UsageTypeError, "layerscale_init must be a number"),
+        ({"skip_weight": float("inf")}, ValueError, "skip_weight must be a finite number"),
+        ({"drop_path": 1.0}, ValueError, r"drop_path must be in \[0, 1\), got 1"),
+    ],
+)
 def test_residual_config_checks_each_field(fields, error, message):
     with pytest.raises(error, match=message):
         ResidualConfig(**fields)
-    with pytest.raises(error, match=message):   # and through resolve(), as blocks get them
+    with pytest.raises(error, match=message):  # and through resolve(), as blocks get them
         ResidualConfig.resolve(ResidualConfig(), **fields)
 
 
@@ -220,23 +230,41 @@ def test_resolve_puts_the_keyword_fields_on_top_of_the_config():
     assert ResidualConfig.resolve() == ResidualConfig()
     assert ResidualConfig.resolve(base) is base
     assert ResidualConfig.resolve(base, residual=False) == ResidualConfig(
-        residual=False, scale="rezero", drop_path=0.1)
+        residual=False, scale="rezero", drop_path=0.1
+    )
     with pytest.raises(UsageTypeError, match="merge must be a ResidualConfig, got"):
         ResidualConfig.resolve({"residual": False})
 
 
 def test_unknown_merge_field_names_the_class_and_what_it_accepts():
-    with pytest.raises(UsageTypeError, match=r"ResidualConfig got unexpected option\(s\) alpha; "
-                                             r"accepted: residual, scale, layerscale_init, "
-                                             r"skip_weight, drop_path"):
+    with pytest.raises(
+        UsageTypeError,
+        match=r"ResidualConfig got unexpected option\(s\) alpha; "
+        r"accepted: residual, scale, layerscale_init, "
+        r"skip_weight, drop_path",
+    ):
         ResidualConfig.resolve(alpha=1.7)
-    with pytest.raises(UsageTypeError, match=r"BasicBlock\(\) got unexpected option\(s\) "
-                                             r"nrom; accepted: in_channels, .*norm, .*drop_path"):
+    with pytest.raises(
+        UsageTypeError,
+        match=r"BasicBlock\(\) got unexpected option\(s\) "
+        r"nrom; accepted: in_channels, .*norm, .*drop_path",
+    ):
         BasicBlock(4, 4, nrom="batch")
 
 
-@pytest.mark.parametrize("cls", [ResidualAdd, Residual, BasicBlock, Bottleneck, PreActBasicBlock,
-                                 PreActBottleneck, ResidualMLPBlock, TransformerBlock])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        ResidualAdd,
+        Residual,
+        BasicBlock,
+        Bottleneck,
+        PreActBasicBlock,
+        PreActBottleneck,
+        ResidualMLPBlock,
+        TransformerBlock,
+    ],
+)
 def test_blocks_list_the_config_fields_in_their_signature(cls):
     parameters = inspect.signature(cls).parameters
     for field in dataclasses.fields(ResidualConfig):
@@ -260,7 +288,7 @@ def test_a_block_takes_the_config_or_its_fields_alike():
 
 def test_deepnorm_sets_the_skip_weight_and_refuses_another():
     block = TransformerBlock(8, 2, placement="post", deepnorm_layers=3, scale="rezero")
-    assert block.merge1.skip_weight == pytest.approx(6 ** 0.25)
+    assert block.merge1.skip_weight == pytest.approx(6**0.25)
     assert isinstance(block.merge2.scale, ScalarGain)
     with pytest.raises(ValueError, match="deepnorm_layers sets the skip weight.*got skip_weight=2"):
         TransformerBlock(8, 2, placement="post", deepnorm_layers=3, skip_weight=2.0)
@@ -321,6 +349,7 @@ def test_drop_path_scale_by_keep_preserves_expectation():
 # --------------------------------------------------------------------------------------
 # ResidualMLPBlock
 # --------------------------------------------------------------------------------------
+
 
 def test_mlp_block_default_is_the_keras_seed_block():
     torch.manual_seed(1)
@@ -419,6 +448,7 @@ def test_mlp_block_every_norm(norm, placement):
 # --------------------------------------------------------------------------------------
 # Shortcuts
 # --------------------------------------------------------------------------------------
+
 
 def test_shortcut_a_subsamples_and_zero_pads_2d():
     sc = make_shortcut("A", 3, 5, 2)
@@ -562,7 +592,8 @@ def test_conv_block_plain_twin_option_a_same_params(cls, cin, width, stride, cou
 @pytest.mark.parametrize("shortcut", ["B", "C"])
 @pytest.mark.parametrize("cls,cin,width,stride,cout", BLOCK_CASES, ids=BLOCK_IDS)
 def test_conv_block_plain_twin_with_projection_drops_only_the_projection(
-        cls, cin, width, stride, cout, shortcut):
+    cls, cin, width, stride, cout, shortcut
+):
     res = cls(cin, width, stride, shortcut=shortcut)
     plain = cls(cin, width, stride, shortcut=shortcut, residual=False)
     projection = 0 if res.downsample is None else n_params(res.downsample)
@@ -576,8 +607,10 @@ def test_conv_block_plain_twin_with_projection_drops_only_the_projection(
 
 
 @pytest.mark.parametrize("dims", [1, 2])
-@pytest.mark.parametrize("cls,cin,width,stride", [
-    (BasicBlock, 8, 8, 1), (BasicBlock, 4, 8, 2), (Bottleneck, 16, 4, 1), (Bottleneck, 8, 4, 2)])
+@pytest.mark.parametrize(
+    "cls,cin,width,stride",
+    [(BasicBlock, 8, 8, 1), (BasicBlock, 4, 8, 2), (Bottleneck, 16, 4, 1), (Bottleneck, 8, 4, 2)],
+)
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_zero_init_last_starts_as_act_of_shortcut(cls, cin, width, stride, dims, shortcut):
     block = cls(cin, width, stride, dims=dims, shortcut=shortcut, zero_init_last=True)
@@ -692,6 +725,7 @@ def test_conv_block_layerscale_and_drop_path_options():
 # Transformer block
 # --------------------------------------------------------------------------------------
 
+
 def _randomize_norm(norm: nn.Module) -> None:
     with torch.no_grad():
         for name in ("weight", "bias"):
@@ -782,9 +816,15 @@ def test_deepnorm_alpha_and_init():
         return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
     qkv = block.attn.qkv.weight.detach()
-    q, k, v = qkv[:dim], qkv[dim:2 * dim], qkv[2 * dim:]
-    cases = [(q, 1.0), (k, 1.0), (v, beta), (block.attn.proj.weight.detach(), beta),
-             (block.mlp.fc1.weight.detach(), beta), (block.mlp.fc2.weight.detach(), beta)]
+    q, k, v = qkv[:dim], qkv[dim : 2 * dim], qkv[2 * dim :]
+    cases = [
+        (q, 1.0),
+        (k, 1.0),
+        (v, beta),
+        (block.attn.proj.weight.detach(), beta),
+        (block.mlp.fc1.weight.detach(), beta),
+        (block.mlp.fc2.weight.detach(), beta),
+    ]
     for weight, gain in cases:
         expected = xavier_std(weight, gain)
         # >= 16k samples: the std's relative standard error is below 0.6%
@@ -845,6 +885,7 @@ def test_self_attention_equals_torch_multihead_attention(heads, causal):
 # --------------------------------------------------------------------------------------
 # DenseNet blocks
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_dense_block_channels_and_passthrough(dims):

@@ -1,5 +1,6 @@
 """Bad command lines end in one line on stderr and exit status 2, before any work: no
 traceback, nothing written, no allocation the machine cannot hold."""
+
 import dataclasses
 import os
 
@@ -18,22 +19,34 @@ HUGE = "99999999999"
 # (command line, words the one line must hold); {tmp} is the test's empty folder.
 CASES = {
     # output paths: under a file, on a file system that takes no files, a folder for a file
-    "train-out-under-file": (["train", "--model", "mlp", "--out", "/etc/passwd/x"],
-                             ["--out", "/etc/passwd", "not a folder"]),
+    "train-out-under-file": (
+        ["train", "--model", "mlp", "--out", "/etc/passwd/x"],
+        ["--out", "/etc/passwd", "not a folder"],
+    ),
     "lab-out-under-file": (["lab", "--out", "/etc/passwd/x"], ["--out", "/etc/passwd"]),
-    "bench-out-under-file": (["bench", "--out", "/etc/passwd/x.json"],
-                             ["--out", "/etc/passwd", "not a folder"]),
-    "diagnose-html-under-file": (["diagnose", "mlp", "--html", "/etc/passwd/x.html"],
-                                 ["--html", "/etc/passwd"]),
-    "diagnose-figure-sys": (["diagnose", "mlp", "--figure", "/sys/x.png"],
-                            ["--figure", "/sys", "cannot create"]),
-    "train-out-proc": (["train", "--model", "mlp", "--out", "/proc/resnorm-x"],
-                       ["--out", "/proc", "cannot create"]),
+    "bench-out-under-file": (
+        ["bench", "--out", "/etc/passwd/x.json"],
+        ["--out", "/etc/passwd", "not a folder"],
+    ),
+    "diagnose-html-under-file": (
+        ["diagnose", "mlp", "--html", "/etc/passwd/x.html"],
+        ["--html", "/etc/passwd"],
+    ),
+    "diagnose-figure-sys": (
+        ["diagnose", "mlp", "--figure", "/sys/x.png"],
+        ["--figure", "/sys", "cannot create"],
+    ),
+    "train-out-proc": (
+        ["train", "--model", "mlp", "--out", "/proc/resnorm-x"],
+        ["--out", "/proc", "cannot create"],
+    ),
     "lab-out-sys": (["lab", "--out", "/sys/kernel/resnorm-x"], ["--out", "/sys/kernel"]),
     "bench-out-is-folder": (["bench", "--out", "{tmp}"], ["--out", "directory"]),
     "diagnose-html-is-folder": (["diagnose", "mlp", "--html", "{tmp}"], ["--html", "directory"]),
-    "train-out-is-file": (["train", "--model", "mlp", "--out", "/etc/passwd"],
-                          ["--out", "/etc/passwd", "is a file"]),
+    "train-out-is-file": (
+        ["train", "--model", "mlp", "--out", "/etc/passwd"],
+        ["--out", "/etc/passwd", "is a file"],
+    ),
     # study names that are not study files
     "lab-empty-study": (["lab", ""], ["study", "empty", "built-in"]),
     "lab-folder-study": (["lab", "/etc"], ["study", "/etc", "folder"]),
@@ -41,30 +54,48 @@ CASES = {
     "lab-unreadable-study": (["lab", "/proc/self/mem"], ["/proc/self/mem", "cannot be read"]),
     "lab-device-study": (["lab", "/dev/zero"], ["/dev/zero", "regular file"]),
     # devices
-    "train-device-index": (["train", "--model", "mlp", "--device", "cpu:notanumber"],
-                           ["--device", "cpu:notanumber", "cuda:N"]),
+    "train-device-index": (
+        ["train", "--model", "mlp", "--device", "cpu:notanumber"],
+        ["--device", "cpu:notanumber", "cuda:N"],
+    ),
     "lab-device-index": (["lab", "--device", "cpu:notanumber"], ["--device", "cpu:notanumber"]),
     "lab-device-kind": (["lab", "--device", "meta"], ["--device", "meta", "accepted"]),
-    "train-device-absent": (["train", "--model", "mlp", "--device", "cuda:99"],
-                            ["--device", "cuda:99"]),
+    "train-device-absent": (
+        ["train", "--model", "mlp", "--device", "cuda:99"],
+        ["--device", "cuda:99"],
+    ),
     # numbers without bounds
-    "train-dist-timeout-inf": (["train", "--model", "mlp", "--dist-timeout", "inf"],
-                               ["--dist-timeout", "inf", "finite"]),
-    "train-dist-timeout-nan": (["train", "--model", "mlp", "--dist-timeout", "nan"],
-                               ["--dist-timeout", "finite"]),
+    "train-dist-timeout-inf": (
+        ["train", "--model", "mlp", "--dist-timeout", "inf"],
+        ["--dist-timeout", "inf", "finite"],
+    ),
+    "train-dist-timeout-nan": (
+        ["train", "--model", "mlp", "--dist-timeout", "nan"],
+        ["--dist-timeout", "finite"],
+    ),
     "lab-seeds": (["lab", "--seeds", "99999999"], ["--seeds", "99,999,999 runs", "1000"]),
-    "train-width": (["train", "--model", "mlp", "--samples", "100", "--width", HUGE],
-                    ["mlp", f"width={HUGE}", "memory"]),
+    "train-width": (
+        ["train", "--model", "mlp", "--samples", "100", "--width", HUGE],
+        ["mlp", f"width={HUGE}", "memory"],
+    ),
     "diagnose-width": (["diagnose", "mlp", "--width", HUGE], ["mlp", f"width={HUGE}", "memory"]),
     "train-samples": (["train", "--model", "mlp", "--samples", HUGE], [HUGE, "memory"]),
-    "bench-shapes": (["bench", "--shapes", "999999999x999999999"],
-                     ["--shapes", "999999999x999999999", "GiB", "memory"]),
-    "diagnose-input-shape": (["diagnose", "mlp", "--input-shape", "99999999,99999999"],
-                             ["(99999999, 99999999)", "GiB", "memory"]),
-    "train-batch-size": (["train", "--model", "mlp", "--batch-size", "100000000"],
-                         ["--batch-size", "100000000", str(2**24)]),
-    "diagnose-batch-size": (["diagnose", "mlp", "--batch-size", "100000000", "--input-shape",
-                             "1000"], ["batch_size=100000000", "GiB", "memory"]),
+    "bench-shapes": (
+        ["bench", "--shapes", "999999999x999999999"],
+        ["--shapes", "999999999x999999999", "GiB", "memory"],
+    ),
+    "diagnose-input-shape": (
+        ["diagnose", "mlp", "--input-shape", "99999999,99999999"],
+        ["(99999999, 99999999)", "GiB", "memory"],
+    ),
+    "train-batch-size": (
+        ["train", "--model", "mlp", "--batch-size", "100000000"],
+        ["--batch-size", "100000000", str(2**24)],
+    ),
+    "diagnose-batch-size": (
+        ["diagnose", "mlp", "--batch-size", "100000000", "--input-shape", "1000"],
+        ["batch_size=100000000", "GiB", "memory"],
+    ),
 }
 
 
@@ -113,8 +144,9 @@ def test_well_formed_devices_are_accepted(device):
     assert check_device("device", device) == device
 
 
-@pytest.mark.parametrize("device", ["cpu:notanumber", "cpu:1", "cuda:x", "cuda:-1", "", "CPU",
-                                    "meta", "xla"])
+@pytest.mark.parametrize(
+    "device", ["cpu:notanumber", "cpu:1", "cuda:x", "cuda:-1", "", "CPU", "meta", "xla"]
+)
 def test_malformed_devices_are_rejected(device):
     with pytest.raises(UsageError, match="accepted: auto, cpu, cuda, cuda:N"):
         check_device("device", device)
@@ -144,16 +176,24 @@ def test_run_count_is_counted_without_expanding_and_bounded():
     assert check_run_count(study, 3) == len(study.runs(3))
     with pytest.raises(UsageError, match=f"at most {MAX_SEEDS} seeds"):
         check_run_count(study, MAX_SEEDS + 1)
-    wide = dataclasses.replace(study, grid=[{**study.grid[0],
-                                             "depths": list(range(1, MAX_RUNS + 2))}])
+    wide = dataclasses.replace(
+        study, grid=[{**study.grid[0], "depths": list(range(1, MAX_RUNS + 2))}]
+    )
     with pytest.raises(StudyError, match="runs; at most 100,000"):
         check_run_count(wide, 1)
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("mlp", {}), ("mlp", {"norm": "layer", "depth": 3}), ("resnet20", {}),
-    ("resnet1d_20", {"norm": "group"}), ("densenet_cifar", {}), ("transformer", {}),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("mlp", {}),
+        ("mlp", {"norm": "layer", "depth": 3}),
+        ("resnet20", {}),
+        ("resnet1d_20", {"norm": "group"}),
+        ("densenet_cifar", {}),
+        ("transformer", {}),
+    ],
+)
 def test_memory_check_keeps_weights_and_rng_bit_identical(name, overrides):
     """create_model's meta build neither draws from nor moves the RNG: the weights are
     those of the builder called directly, and so is the RNG state after."""
@@ -170,8 +210,9 @@ def test_memory_check_keeps_weights_and_rng_bit_identical(name, overrides):
 
 
 def test_memory_check_counts_parameters_and_buffers(monkeypatch):
-    monkeypatch.setattr(registry, "check_fits_in_memory",
-                        lambda what, nbytes, note: seen.append(nbytes))
+    monkeypatch.setattr(
+        registry, "check_fits_in_memory", lambda what, nbytes, note: seen.append(nbytes)
+    )
     seen = []
     model = create_model("resnet20")
     tensors = [*model.parameters(), *model.buffers()]
@@ -184,6 +225,7 @@ def test_a_builder_that_needs_real_tensors_still_builds(monkeypatch):
         layer.weight.detach().numpy()  # needs values: fails on the meta device
         return layer
 
-    monkeypatch.setitem(registry._REGISTRY, "needs_values",
-                        registry.ModelEntry("needs_values", builder))
+    monkeypatch.setitem(
+        registry._REGISTRY, "needs_values", registry.ModelEntry("needs_values", builder)
+    )
     assert isinstance(create_model("needs_values"), torch.nn.Linear)

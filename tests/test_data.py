@@ -50,9 +50,12 @@ def test_mnist1d_restores_global_random_state():
 
 def test_corrupted_cache_file_is_rebuilt():
     good = load_mnist1d(200, seed=5)
-    path = next(p for p in cache_dir().glob("mnist1d-*.npz")
-                if data_base.load_arrays(p) is not None
-                and np.array_equal(data_base.load_arrays(p)["x_train"], good.x_train.numpy()))
+    path = next(
+        p
+        for p in cache_dir().glob("mnist1d-*.npz")
+        if data_base.load_arrays(p) is not None
+        and np.array_equal(data_base.load_arrays(p)["x_train"], good.x_train.numpy())
+    )
     path.write_bytes(b"not an npz file")
     rebuilt = load_mnist1d(200, seed=5)
     assert torch.equal(rebuilt.x_train, good.x_train)
@@ -86,11 +89,14 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "resnorm"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_samples": 5}, "num_samples must be an integer >= 10"),
-    ({"num_samples": 100, "train_split": 1.5}, r"train_split must be in \(0, 1\)"),
-    ({"num_samples": 100, "seed": -1}, "seed must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 5}, "num_samples must be an integer >= 10"),
+        ({"num_samples": 100, "train_split": 1.5}, r"train_split must be in \(0, 1\)"),
+        ({"num_samples": 100, "seed": -1}, "seed must be an integer >= 0"),
+    ],
+)
 def test_mnist1d_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_mnist1d(**kwargs)
@@ -99,15 +105,19 @@ def test_mnist1d_bad_arguments(kwargs, match):
 def test_mnist1d_too_large_for_memory_is_refused_before_generating(monkeypatch):
     """make_dataset loops in Python per sample: without the check, 10^11 samples would run
     for days before running out of memory."""
-    monkeypatch.setattr(_checks, "physical_memory", lambda: 16 * 2 ** 30)
+    monkeypatch.setattr(_checks, "physical_memory", lambda: 16 * 2**30)
 
     def no_generating(*args):
         raise AssertionError("started generating before checking num_samples")
 
     monkeypatch.setattr(mnist1d, "_generate", no_generating)
-    with pytest.raises(UsageError, match=re.escape(
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
             "MNIST-1D with num_samples=99999999999 would need 223,517 GiB (about 2,400 bytes "
-            "per sample while generating), more than this machine's 16 GiB of memory")):
+            "per sample while generating), more than this machine's 16 GiB of memory"
+        ),
+    ):
         load_dataset("mnist1d", num_samples=99999999999)
     # A size that fits still gets as far as generating.
     with pytest.raises(AssertionError, match="started generating"):

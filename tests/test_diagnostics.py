@@ -1,6 +1,7 @@
 """Tests of resnorm.diagnostics: verdicts, statistics, state restoration, any nn.Module,
 torch.compile, DDP, reports, the ``diagnose`` command and thresholds (the Monitor's are
 in test_monitor.py)."""
+
 import base64
 import copy
 import functools
@@ -35,6 +36,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _hand_channel_stats(t: torch.Tensor, channel_dim: int) -> tuple[float, float]:
     """Average channel squared mean and average channel population variance, in Python."""
@@ -78,20 +80,29 @@ def _manual_grads(ref: nn.Module, x, y) -> dict[str, float]:
     for p in ref.parameters():
         p.grad = None
     F.cross_entropy(ref(x), y).backward()
-    return {name: float(m.weight.grad.double().norm()) for name, m in ref.named_modules()
-            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.grad is not None}
+    return {
+        name: float(m.weight.grad.double().norm())
+        for name, m in ref.named_modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.grad is not None
+    }
 
 
 # --------------------------------------------------------------- 1. verdict calibration
 
 PLAIN_NONE, PLAIN_BATCH, RESIDUAL_BATCH = (False, "none"), (False, "batch"), (True, "batch")
-EXPECTED = {PLAIN_NONE: Verdict.VANISHING, PLAIN_BATCH: Verdict.EXPLODING,
-            RESIDUAL_BATCH: Verdict.HEALTHY}
+EXPECTED = {
+    PLAIN_NONE: Verdict.VANISHING,
+    PLAIN_BATCH: Verdict.EXPLODING,
+    RESIDUAL_BATCH: Verdict.HEALTHY,
+}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("config", [PLAIN_NONE, PLAIN_BATCH, RESIDUAL_BATCH],
-                         ids=["plain-none", "plain-batch", "residual-batch"])
+@pytest.mark.parametrize(
+    "config",
+    [PLAIN_NONE, PLAIN_BATCH, RESIDUAL_BATCH],
+    ids=["plain-none", "plain-batch", "residual-batch"],
+)
 def test_verdict_calibration_at_initialization(seed, config):
     *_, d = _calibration(seed, *config)
     assert d.verdict is EXPECTED[config]
@@ -114,7 +125,7 @@ def test_verdict_calibration_at_initialization(seed, config):
     else:
         crosses = lambda r: r > d.thresholds.exploding_ratio  # noqa: E731
     assert crosses(grads[start] / grads[-1])
-    assert not any(crosses(g / grads[-1]) for g in grads[start + 1:])
+    assert not any(crosses(g / grads[-1]) for g in grads[start + 1 :])
     assert 0 < start < len(grads) - 1
     assert any("skip connections" in r for r in d.remedies)
     assert any(d.start_layer in f for f in d.findings)
@@ -124,21 +135,29 @@ def test_calibration_remedies_fit_the_structure():
     *_, vanishing = _calibration(0, *PLAIN_NONE)
     *_, exploding = _calibration(0, *PLAIN_BATCH)
     *_, healthy = _calibration(0, *RESIDUAL_BATCH)
-    assert vanishing.structure == {"has_skip": False, "has_norm": False, "post_norm": False,
-                                   "norm_kinds": [], "closed_gates": 0}
+    assert vanishing.structure == {
+        "has_skip": False,
+        "has_norm": False,
+        "post_norm": False,
+        "norm_kinds": [],
+        "closed_gates": 0,
+    }
     assert exploding.structure["has_skip"] is False and exploding.structure["has_norm"]
     assert healthy.structure["has_skip"] is True and healthy.structure["post_norm"] is True
     # No normalization: suggest adding it. Plain stacks: no advice that needs a skip path
     # (pre-norm placement, residual-branch scaling).
     assert any("Add normalization" in r for r in vanishing.remedies)
     text = " ".join(exploding.remedies)
-    assert "Yang et al." in text                       # batch norm named as the cause
+    assert "Yang et al." in text  # batch norm named as the cause
     assert "placement='pre'" not in text and "pre-norm" not in text
     assert "rezero" not in text and "residual branches" not in text
     assert "placement='pre'" not in " ".join(vanishing.remedies)
     for d in (vanishing, exploding):
-        assert d.summary().startswith({Verdict.VANISHING: "Gradients vanish",
-                                       Verdict.EXPLODING: "Gradients explode"}[d.verdict])
+        assert d.summary().startswith(
+            {Verdict.VANISHING: "Gradients vanish", Verdict.EXPLODING: "Gradients explode"}[
+                d.verdict
+            ]
+        )
 
 
 def test_torch_batchnorm_plain_stack_gets_the_batch_norm_remedy():
@@ -156,26 +175,35 @@ def test_torch_batchnorm_plain_stack_gets_the_batch_norm_remedy():
 def test_repeated_diagnosis_is_identical():
     model, x, y, first = _calibration(0, *RESIDUAL_BATCH)
     again = diagnose(model, x, y)
-    assert [layer.grad_norm for layer in again.layers] == [layer.grad_norm for layer in first.layers]
+    assert [layer.grad_norm for layer in again.layers] == [
+        layer.grad_norm for layer in first.layers
+    ]
     assert again.blocks == first.blocks and again.loss == first.loss
 
 
 # ------------------------------------------------------ 2. statistics by hand computation
 
+
 def test_channel_stats_known_values():
-    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])        # channel means 2, 4; variances 1, 4
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # channel means 2, 4; variances 1, 4
     assert channel_stats(x, 1) == pytest.approx((10.0, 2.5))
     # Channels last: (N, T, C); each channel pools over N and T.
     tokens = torch.tensor([[[1.0, 2.0], [3.0, 6.0]], [[5.0, -2.0], [7.0, 10.0]]])
-    expected = (statistics.fmean([4.0 ** 2, 4.0 ** 2]),
-                statistics.fmean([statistics.pvariance([1, 3, 5, 7]),
-                                  statistics.pvariance([2, 6, -2, 10])]))
+    expected = (
+        statistics.fmean([4.0**2, 4.0**2]),
+        statistics.fmean(
+            [statistics.pvariance([1, 3, 5, 7]), statistics.pvariance([2, 6, -2, 10])]
+        ),
+    )
     assert channel_stats(tokens, -1) == pytest.approx(expected)
     assert channel_stats(tokens, 2) == pytest.approx(expected)
     assert channel_stats(tokens, 1) != pytest.approx(expected)
     # Conv-shaped (N, C, H, W).
     g = torch.Generator().manual_seed(0)
-    conv = torch.randn(3, 4, 2, 5, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1) + 1.5
+    conv = (
+        torch.randn(3, 4, 2, 5, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+        + 1.5
+    )
     expected = _hand_channel_stats(conv, 1)
     assert channel_stats(conv) == pytest.approx(expected, rel=1e-10)
     assert channel_stats(conv.permute(0, 2, 3, 1), -1) == pytest.approx(expected, rel=1e-10)
@@ -194,10 +222,10 @@ def test_summarize_activation_by_hand():
     assert isinstance(s, ActivationSummary)
     assert s.mean == pytest.approx(statistics.fmean(values))
     assert s.std == pytest.approx(statistics.pstdev(values))
-    assert s.dead_fraction == pytest.approx(1 / 3)     # only column 0 is zero for all samples
+    assert s.dead_fraction == pytest.approx(1 / 3)  # only column 0 is zero for all samples
     assert s.nonfinite == 0 and s.numel == 9
     assert summarize_activation(x, rectified=False).dead_fraction is None
-    assert summarize_activation(x[:1], rectified=True).dead_fraction is None   # one sample
+    assert summarize_activation(x[:1], rectified=True).dead_fraction is None  # one sample
     # Conv-shaped: a unit is one channel at one position.
     conv = torch.ones(4, 2, 3, 3)
     conv[:, 1, 0, :] = 0.0
@@ -217,25 +245,32 @@ def test_tiny_residual_mlp_matches_hand_computation():
     outputs, merges, acts = {}, {}, {}
     for name in ("blocks.0", "blocks.1"):
         ref.get_submodule(name).register_forward_hook(
-            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone()))
+            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone())
+        )
         ref.get_submodule(name + ".merge").register_forward_hook(
-            lambda m, i, o, name=name: merges.__setitem__(name, [t.detach().clone() for t in i]))
+            lambda m, i, o, name=name: merges.__setitem__(name, [t.detach().clone() for t in i])
+        )
     ref.get_submodule("blocks.1.act").register_forward_hook(
-        lambda m, i, o: acts.setdefault("blocks.1.act", []).append(o.detach().clone()))
+        lambda m, i, o: acts.setdefault("blocks.1.act", []).append(o.detach().clone())
+    )
     loss = F.cross_entropy(ref(x), y)
     loss.backward()
 
     d = diagnose(model, x, y)
     assert isinstance(d, Diagnosis)
-    expected_order = ["stem.0"] + [f"blocks.{b}.{layer}" for b in (0, 1)
-                                   for layer in ("fc1", "norm1", "fc2", "norm2")] + ["head"]
+    expected_order = (
+        ["stem.0"]
+        + [f"blocks.{b}.{layer}" for b in (0, 1) for layer in ("fc1", "norm1", "fc2", "norm2")]
+        + ["head"]
+    )
     assert [layer.name for layer in d.layers] == expected_order
     assert [layer.kind for layer in d.layers[:3]] == ["Linear", "Linear", "BatchNorm"]
     for layer in d.layers:
         module = ref.get_submodule(layer.name)
         assert layer.grad_norm == pytest.approx(float(module.weight.grad.double().norm()), rel=1e-6)
-        assert layer.weight_norm == pytest.approx(float(module.weight.detach().double().norm()),
-                                                   rel=1e-9)
+        assert layer.weight_norm == pytest.approx(
+            float(module.weight.detach().double().norm()), rel=1e-9
+        )
         assert layer.relative == pytest.approx(layer.grad_norm / layer.weight_norm)
     assert d.grad_ratio == pytest.approx(d.layers[0].grad_norm / d.layers[-1].grad_norm, rel=1e-12)
     assert d.loss == pytest.approx(loss.item(), rel=1e-6)
@@ -254,15 +289,17 @@ def test_tiny_residual_mlp_matches_hand_computation():
     assert d.activations["blocks.1.act"].mean == pytest.approx(first.double().mean().item())
     assert d.activations["blocks.1.act#2"].mean == pytest.approx(second.double().mean().item())
     assert d.activations["blocks.1.act#2"].dead_fraction == pytest.approx(
-        (second == 0).all(dim=0).double().mean().item())
+        (second == 0).all(dim=0).double().mean().item()
+    )
     assert d.activations["blocks.0.fc1"].dead_fraction is None
 
 
 def test_plain_block_reports_branch_but_no_skip():
     model, x, y = _tiny_mlp(residual=False)
     d = diagnose(model, x, y)
-    assert all(b.residual is False and b.skip_var is None and b.branch_var is not None
-               for b in d.blocks)
+    assert all(
+        b.residual is False and b.skip_var is None and b.branch_var is not None for b in d.blocks
+    )
 
 
 def test_default_loss_without_targets_and_with_float_targets():
@@ -271,7 +308,9 @@ def test_default_loss_without_targets_and_with_float_targets():
     out = ref(x)
     assert diagnose(model, x).loss == pytest.approx((out.double() ** 2).mean().item() / 2, rel=1e-6)
     target = torch.zeros_like(out)
-    assert diagnose(model, x, target).loss == pytest.approx(F.mse_loss(out, target).item(), rel=1e-6)
+    assert diagnose(model, x, target).loss == pytest.approx(
+        F.mse_loss(out, target).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="loss_fn"):
         diagnose(model, x, torch.zeros(16, 7))
     with pytest.raises(TypeError):
@@ -282,9 +321,10 @@ def test_default_loss_without_targets_and_with_float_targets():
 
 # --------------------------------------------------------- 3. the model is left as found
 
+
 def _stateful_model():
     model, x, y = _tiny_mlp(depth=3, width=8, in_features=5)
-    with torch.no_grad():                     # non-trivial running statistics
+    with torch.no_grad():  # non-trivial running statistics
         model.train()(torch.randn(32, 5) * 3 + 1)
     model.train()
     model.blocks[1].eval()
@@ -294,9 +334,11 @@ def _stateful_model():
 
 
 def _snapshot(model):
-    return ({n: m.training for n, m in model.named_modules()},
-            {n: b.clone() for n, b in model.named_buffers()},
-            {n: p.detach().clone() for n, p in model.named_parameters()})
+    return (
+        {n: m.training for n, m in model.named_modules()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+    )
 
 
 def _assert_unchanged(model, snapshot):
@@ -354,11 +396,17 @@ def test_no_hooks_and_state_restored_when_something_raises(case):
     if case == "forward":
         model, kwargs, error = _RaisesAfterFirstLayer().eval(), {}, RuntimeError
     elif case == "loss_fn":
-        model, kwargs, error = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), \
-            {"loss_fn": _bad_loss}, ArithmeticError
+        model, kwargs, error = (
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+            {"loss_fn": _bad_loss},
+            ArithmeticError,
+        )
     else:
-        model, kwargs, error = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), {}, \
-            ValueError
+        model, kwargs, error = (
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+            {},
+            ValueError,
+        )
         y = torch.zeros(8, 3, 3, dtype=torch.long)
     first = model.fc1 if case == "forward" else model[0]
     first.weight.grad = torch.ones_like(first.weight)
@@ -376,6 +424,7 @@ def test_no_hooks_and_state_restored_when_something_raises(case):
 
 # ------------------------------------------------------------------- 4. any nn.Module
 
+
 class _BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride=1, inplace=True):
         super().__init__()
@@ -384,9 +433,11 @@ class _BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=inplace)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                         nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
         self.inplace = inplace
 
     def forward(self, x):
@@ -433,7 +484,8 @@ def test_torchvision_style_resnet_with_inplace_ops():
     ref = copy.deepcopy(plain).train()
     for name in RESNET_BLOCKS:
         ref.get_submodule(name).register_forward_hook(
-            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone()))
+            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone())
+        )
     manual = _manual_grads(ref, x, y)
     d_in, d_out = diagnose(inplace, x, y), diagnose(plain, x, y)
 
@@ -458,7 +510,7 @@ def test_torchvision_style_resnet_with_inplace_ops():
         assert other.mean == pytest.approx(summary.mean, rel=1e-6, abs=1e-9), key
         assert other.std == pytest.approx(summary.std, rel=1e-6, abs=1e-9), key
         assert other.dead_fraction == summary.dead_fraction, key
-    assert abs(d_in.activations["layer1.0.bn2"].mean) < 1e-5   # not bn2 + identity (> 0)
+    assert abs(d_in.activations["layer1.0.bn2"].mean) < 1e-5  # not bn2 + identity (> 0)
     _assert_no_hooks(inplace)
 
 
@@ -496,14 +548,16 @@ def test_transformer_encoder_classifier():
     ref = copy.deepcopy(model)
     for name in ("encoder.layers.0", "encoder.layers.1"):
         ref.get_submodule(name).register_forward_hook(
-            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone()))
+            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone())
+        )
     manual = _manual_grads(ref, x, y)
     d = diagnose(model, x, y)
 
     assert [b.name for b in d.blocks] == ["encoder.layers.0", "encoder.layers.1"]
     for b in d.blocks:
-        assert (b.sq_mean, b.var) == pytest.approx(_hand_channel_stats(outputs[b.name], -1),
-                                                   rel=1e-6)
+        assert (b.sq_mean, b.var) == pytest.approx(
+            _hand_channel_stats(outputs[b.name], -1), rel=1e-6
+        )
         assert b.var != pytest.approx(_hand_channel_stats(outputs[b.name], 1)[1], rel=1e-3)
     # out_proj's weight is used functionally by MultiheadAttention (no forward hook fires),
     # yet it gets a gradient: it is measured, in its place, and the head stays last.
@@ -511,8 +565,9 @@ def test_transformer_encoder_classifier():
     assert set(names) == set(manual)
     assert names[0] == "embed" and names[-1] == "head"
     for i in (0, 1):
-        assert (names.index(f"encoder.layers.{i}.self_attn.out_proj")
-                < names.index(f"encoder.layers.{i}.linear1"))
+        assert names.index(f"encoder.layers.{i}.self_attn.out_proj") < names.index(
+            f"encoder.layers.{i}.linear1"
+        )
     assert d.grad_ratio == pytest.approx(manual["embed"] / manual["head"], rel=1e-6)
     for layer in d.layers:
         assert layer.grad_norm == pytest.approx(manual[layer.name], rel=1e-6)
@@ -520,11 +575,13 @@ def test_transformer_encoder_classifier():
     # An explicit channel_dim wins over the default.
     d1 = diagnose(model, x, y, channel_dim=1)
     assert d1.blocks[0].var == pytest.approx(
-        _hand_channel_stats(outputs["encoder.layers.0"], 1)[1], rel=1e-6)
+        _hand_channel_stats(outputs["encoder.layers.0"], 1)[1], rel=1e-6
+    )
     _assert_no_hooks(model)
 
 
 # ------------------------------------------------------------------------ 5. non-finite
+
 
 class _InfNet(nn.Module):
     def __init__(self):
@@ -569,14 +626,20 @@ def test_to_json_is_complete():
     assert [layer["name"] for layer in data["layers"]] == [layer.name for layer in d.layers]
     assert data["layers"][0]["relative"] == pytest.approx(d.layers[0].relative)
     assert [b["var"] for b in data["blocks"]] == [b.var for b in d.blocks]
-    assert data["thresholds"] == {"vanishing_ratio": 1e-3, "exploding_ratio": 100.0,
-                                  "min_relative_grad": 1e-7, "dead_fraction": 0.7,
-                                  "signal_growth": 1e3, "signal_decay": 1e-3}
+    assert data["thresholds"] == {
+        "vanishing_ratio": 1e-3,
+        "exploding_ratio": 100.0,
+        "min_relative_grad": 1e-7,
+        "dead_fraction": 0.7,
+        "signal_growth": 1e3,
+        "signal_decay": 1e-3,
+    }
     assert str(Verdict.NONFINITE) == "non-finite"
     assert diagnose(nn.Sequential(nn.Linear(3, 3)), x, y).model_name == "Sequential"
 
 
 # ---------------------------------------------------------------------- 6. torch.compile
+
 
 def _compile_unavailable() -> str | None:
     try:
@@ -598,6 +661,7 @@ def test_torch_compile_matches_eager():
     if reason:
         pytest.skip(reason)
     import torch._dynamo
+
     try:
         model, x, y = _tiny_mlp(width=8, in_features=6)
         eager = diagnose(model, x, y)
@@ -610,7 +674,8 @@ def test_torch_compile_matches_eager():
         assert [b.name for b in d.blocks] == [b.name for b in eager.blocks]
         for a, b in zip(d.blocks, eager.blocks):
             assert (a.sq_mean, a.var, a.branch_var) == pytest.approx(
-                (b.sq_mean, b.var, b.branch_var), rel=1e-5)
+                (b.sq_mean, b.var, b.branch_var), rel=1e-5
+            )
         assert d.verdict is eager.verdict and d.model_name == "ResidualMLP"
         assert set(d.activations) == set(eager.activations)
         assert not model.training and not compiled.training
@@ -621,6 +686,7 @@ def test_torch_compile_matches_eager():
 
 
 # ------------------------------------------------------------------------------ 7. DDP
+
 
 def test_distributed_data_parallel_single_rank(tmp_path):
     dist = torch.distributed
@@ -649,6 +715,7 @@ def test_distributed_data_parallel_single_rank(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 8. report
+
 
 def _render(table) -> str:
     from rich.console import Console
@@ -703,8 +770,9 @@ def test_html_escapes_user_strings_and_writes_atomically(tmp_path):
     from resnorm.diagnostics.report import diagnosis_html_section
 
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict([("<b>in</b>", nn.Linear(4, 8)), ("act", nn.ReLU()),
-                                       ("out", nn.Linear(8, 3))]))
+    model = nn.Sequential(
+        OrderedDict([("<b>in</b>", nn.Linear(4, 8)), ("act", nn.ReLU()), ("out", nn.Linear(8, 3))])
+    )
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     d = diagnose(model, x, y, name="<script>alert(1)</script>")
     html = diagnosis_html_section(d)
@@ -720,10 +788,11 @@ def test_html_escapes_user_strings_and_writes_atomically(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "data:image/png;base64," in page and "<section" in page
-    assert os.listdir(path.parent) == ["page.html"]        # no *.tmp left behind
+    assert os.listdir(path.parent) == ["page.html"]  # no *.tmp left behind
 
 
 # ------------------------------------------------------------------------------- 9. CLI
+
 
 def _run(capsys, *argv):
     code = main(list(argv))
@@ -741,25 +810,38 @@ def test_cli_diagnose_json(capsys):
 
 @pytest.mark.parametrize("fail_on, code", [("vanishing", 1), ("exploding,non-finite", 0)])
 def test_cli_fail_on(capsys, fail_on, code):
-    got, out, _ = _run(capsys, "diagnose", "mlp", "--plain", "--norm", "none", "--depth", "48",
-                       "--fail-on", fail_on)
+    got, out, _ = _run(
+        capsys,
+        "diagnose",
+        "mlp",
+        "--plain",
+        "--norm",
+        "none",
+        "--depth",
+        "48",
+        "--fail-on",
+        fail_on,
+    )
     assert got == code
-    text = " ".join(out.split())                       # rich wraps long lines
+    text = " ".join(out.split())  # rich wraps long lines
     assert "vanishing" in text and "skip connections" in text
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["diagnose", "no-such-model"], "unknown model"),
-    (["diagnose", "mlp", "--fail-on", "foo"], "--fail-on"),
-    (["diagnose"], "--factory"),
-    (["diagnose", "mlp", "--factory", "pkg.mod:fn"], "--factory"),
-    (["diagnose", "--factory", "nope:fn"], "cannot import"),
-    (["diagnose", "--factory", "bad-spec"], "package.module:function"),
-    (["diagnose", "resnet56", "--depth", "20"], "depth=56"),
-    (["diagnose", "mlp", "--input-shape", "3,x"], "--input-shape"),
-    (["diagnose", "mlp", "--input-shape", "0"], "--input-shape"),
-    (["diagnose", "--factory", "os:getcwd"], "not an nn.Module"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["diagnose", "no-such-model"], "unknown model"),
+        (["diagnose", "mlp", "--fail-on", "foo"], "--fail-on"),
+        (["diagnose"], "--factory"),
+        (["diagnose", "mlp", "--factory", "pkg.mod:fn"], "--factory"),
+        (["diagnose", "--factory", "nope:fn"], "cannot import"),
+        (["diagnose", "--factory", "bad-spec"], "package.module:function"),
+        (["diagnose", "resnet56", "--depth", "20"], "depth=56"),
+        (["diagnose", "mlp", "--input-shape", "3,x"], "--input-shape"),
+        (["diagnose", "mlp", "--input-shape", "0"], "--input-shape"),
+        (["diagnose", "--factory", "os:getcwd"], "not an nn.Module"),
+    ],
+)
 def test_cli_diagnose_bad_input_exits_2(capsys, argv, fragment):
     code, out, err = _run(capsys, *argv)
     assert code == 2 and out == ""
@@ -787,12 +869,13 @@ def factory_module(tmp_path, monkeypatch):
 
 def test_cli_factory(capsys, factory_module):
     spec = f"{factory_module}:build"
-    code, out, err = _run(capsys, "diagnose", "--factory", spec, "--input-shape", "10",
-                          "--width", "12", "--json")
+    code, out, err = _run(
+        capsys, "diagnose", "--factory", spec, "--input-shape", "10", "--width", "12", "--json"
+    )
     assert code == 0, err
     data = _strict_json(out)
     assert data["model"] == spec and [layer["name"] for layer in data["layers"]] == ["0", "2"]
-    assert data["activations"]["0"]["numel"] == 128 * 12       # --width reached the factory
+    assert data["activations"]["0"]["numel"] == 128 * 12  # --width reached the factory
     code, out, err = _run(capsys, "diagnose", "--factory", spec)
     assert code == 2 and out == "" and "--input-shape" in err
     assert len(err.strip().splitlines()) == 1
@@ -800,8 +883,19 @@ def test_cli_factory(capsys, factory_module):
 
 def test_cli_writes_figure_and_html(capsys, tmp_path):
     figure, html = tmp_path / "d.png", tmp_path / "sub" / "d.html"
-    code, out, _ = _run(capsys, "diagnose", "mlp", "--depth", "2", "--width", "8",
-                        "--figure", str(figure), "--html", str(html))
+    code, out, _ = _run(
+        capsys,
+        "diagnose",
+        "mlp",
+        "--depth",
+        "2",
+        "--width",
+        "8",
+        "--figure",
+        str(figure),
+        "--html",
+        str(html),
+    )
     assert code == 0
     assert figure.read_bytes()[:8] == PNG_MAGIC
     page = html.read_text()
@@ -811,14 +905,24 @@ def test_cli_writes_figure_and_html(capsys, tmp_path):
 
 # ------------------------------------------------------------------------ 10. thresholds
 
-@pytest.mark.parametrize("kwargs", [
-    {"vanishing_ratio": 0}, {"vanishing_ratio": -1e-3}, {"exploding_ratio": 0},
-    {"exploding_ratio": -5.0}, {"min_relative_grad": 0.0}, {"dead_fraction": -0.1},
-    {"signal_growth": 0}, {"signal_decay": -1}, {"vanishing_ratio": float("nan")},
-    {"vanishing_ratio": 1.0, "exploding_ratio": 1.0},
-    {"vanishing_ratio": 10.0, "exploding_ratio": 5.0},
-    {"vanishing_ratio": 200.0},
-])
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"vanishing_ratio": 0},
+        {"vanishing_ratio": -1e-3},
+        {"exploding_ratio": 0},
+        {"exploding_ratio": -5.0},
+        {"min_relative_grad": 0.0},
+        {"dead_fraction": -0.1},
+        {"signal_growth": 0},
+        {"signal_decay": -1},
+        {"vanishing_ratio": float("nan")},
+        {"vanishing_ratio": 1.0, "exploding_ratio": 1.0},
+        {"vanishing_ratio": 10.0, "exploding_ratio": 5.0},
+        {"vanishing_ratio": 200.0},
+    ],
+)
 def test_thresholds_reject_invalid_values(kwargs):
     with pytest.raises(ValueError):
         Thresholds(**kwargs)
@@ -843,8 +947,9 @@ def test_custom_thresholds_change_the_verdict():
     # Residual post-norm stack: pre-norm and branch scaling are fitting advice here.
     assert any("placement='pre'" in r for r in exploding.remedies)
     assert any("rezero" in r for r in exploding.remedies)
-    vanishing = diagnose(model, x, y, thresholds=Thresholds(vanishing_ratio=ratio * 2,
-                                                            exploding_ratio=ratio * 4))
+    vanishing = diagnose(
+        model, x, y, thresholds=Thresholds(vanishing_ratio=ratio * 2, exploding_ratio=ratio * 4)
+    )
     assert vanishing.verdict is Verdict.VANISHING and vanishing.start_layer is not None
     assert any("placement='pre'" in r for r in vanishing.remedies)
 
@@ -874,7 +979,6 @@ def test_zero_initialized_gates_are_not_vanishing_gradients():
     assert d.structure["closed_gates"] == 4
 
 
-
 def test_fused_relu_norms_count_as_rectifiers(monkeypatch):
     """A fused pre-norm MLP applies its ReLUs inside the norms (activation="relu"): the
     Monitor counts their dead units and diagnose() summarizes them as rectified, with the
@@ -897,14 +1001,19 @@ def test_fused_relu_norms_count_as_rectifiers(monkeypatch):
             F.cross_entropy(model(x), y).backward()
             fractions.append(monitor.step()["dead_fraction"])
     # Unfused: the block's ReLU module runs twice (after norm1, after norm2), then final_act.
-    names = {"blocks.0.act": "blocks.0.norm1", "blocks.0.act#2": "blocks.0.norm2",
-             "blocks.1.act": "blocks.1.norm1", "blocks.1.act#2": "blocks.1.norm2",
-             "final_act": "final_norm"}
+    names = {
+        "blocks.0.act": "blocks.0.norm1",
+        "blocks.0.act#2": "blocks.0.norm2",
+        "blocks.1.act": "blocks.1.norm1",
+        "blocks.1.act#2": "blocks.1.norm2",
+        "final_act": "final_norm",
+    }
     assert set(fractions[0]) == set(names) and set(fractions[1]) == set(names.values())
     for old, new in names.items():
         assert fractions[1][new] == pytest.approx(fractions[0][old]), (old, new)
     assert fractions[1]["blocks.0.norm1"] >= 5 / 16
     report = diagnose(fused, x, y)
     assert report.activations["blocks.0.norm1"].dead_fraction == pytest.approx(
-        fractions[1]["blocks.0.norm1"])
+        fractions[1]["blocks.0.norm1"]
+    )
     assert diagnose(plain, x, y).activations["blocks.0.norm1"].dead_fraction is None

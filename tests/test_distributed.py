@@ -2,6 +2,7 @@
 
 The two-process tests start their own processes (torch.multiprocessing, spawn) and compare
 what they compute with a single process over the concatenated batch, computed here."""
+
 import datetime
 import json
 import os
@@ -37,6 +38,7 @@ PER_PROCESS_BATCH = 16
 
 
 # ------------------------------------------------------------------ one process: conversion
+
 
 class BatchNormReLU(BatchNorm):
     """A batch norm of the user's own that carries an activation."""
@@ -76,9 +78,19 @@ def _zoo():
 
 
 def _options(module):
-    return {k: getattr(module, k, None) for k in ("num_features", "eps", "momentum", "affine",
-                                                  "track_running_stats", "convention",
-                                                  "channel_dim", "training")}
+    return {
+        k: getattr(module, k, None)
+        for k in (
+            "num_features",
+            "eps",
+            "momentum",
+            "affine",
+            "track_running_stats",
+            "convention",
+            "channel_dim",
+            "training",
+        )
+    }
 
 
 def test_convert_keeps_tensors_options_and_subclasses_and_revert_restores_classes():
@@ -139,11 +151,13 @@ def test_convert_a_lone_batch_norm_and_refuse_what_would_lose_behaviour():
     with pytest.raises(TypeError, match="nn.Module"):
         convert_sync_batchnorm("model")
     assert has_batch_norm(create_model("mlp", in_features=8, num_classes=3, depth=1, width=8))
-    assert not has_batch_norm(create_model("mlp", in_features=8, num_classes=3, depth=1,
-                                           width=8, norm="layer"))
+    assert not has_batch_norm(
+        create_model("mlp", in_features=8, num_classes=3, depth=1, width=8, norm="layer")
+    )
 
 
 # ------------------------------------------------------------- one process: batches, checks
+
 
 def test_global_batches_of_n_processes_are_those_of_one_process_with_n_times_the_batch():
     for n in (199, 200, 197, 35):
@@ -165,8 +179,10 @@ def test_global_batches_of_n_processes_are_those_of_one_process_with_n_times_the
 def test_augmenting_slices_equals_augmenting_the_whole_batch():
     x = torch.randn(7, 2, 6, 6)
     whole = augment_images(x, 2, torch.Generator().manual_seed(4))
-    pieces = [augment_images(x[lo:hi], 2, torch.Generator().manual_seed(4), offset=lo, total=7)
-              for lo, hi in ((0, 4), (4, 7))]
+    pieces = [
+        augment_images(x[lo:hi], 2, torch.Generator().manual_seed(4), offset=lo, total=7)
+        for lo, hi in ((0, 4), (4, 7))
+    ]
     assert torch.equal(torch.cat(pieces), whole)
     with pytest.raises(ValueError, match="total=7"):
         augment_images(x[:4], 2, torch.Generator(), offset=5, total=7)
@@ -176,11 +192,13 @@ def test_resume_across_world_sizes_needs_the_same_global_batch(tmp_path):
     def identity(config, world_size):
         return {"train": train_identity(config.to_dict(), world_size)}
 
-    state = {"config": TrainConfig(batch_size=16).to_dict(), "world_size": 2,
-             "steps_per_epoch": 7}
+    state = {"config": TrainConfig(batch_size=16).to_dict(), "world_size": 2, "steps_per_epoch": 7}
     _check_resumable(state, identity(TrainConfig(batch_size=32), 1), 1, 7, tmp_path)  # 2x16 = 1x32
-    with pytest.raises(ValueError, match=r"different configuration \(train.global_batch_size: "
-                                         r"32 -> 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different configuration \(train.global_batch_size: "
+        r"32 -> 16\)",
+    ):
         _check_resumable(state, identity(TrainConfig(batch_size=16), 1), 1, 13, tmp_path)
     with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.003 -> 0.1\)"):
         _check_resumable(state, identity(TrainConfig(batch_size=32, lr=0.1), 1), 1, 7, tmp_path)
@@ -197,16 +215,22 @@ def test_check_nproc_and_failure_lines():
     for bad in (0, (os.cpu_count() or 1) + 1):
         with pytest.raises(ValueError, match=f"nproc={bad} .*CPU cores"):
             check_nproc(bad)
-    failures = {0: ProcessFailure(0, 100, -signal.SIGTERM, "<N/A>"),
-                1: ProcessFailure(1, 101, -signal.SIGKILL, "<N/A>")}
+    failures = {
+        0: ProcessFailure(0, 100, -signal.SIGTERM, "<N/A>"),
+        1: ProcessFailure(1, 101, -signal.SIGKILL, "<N/A>"),
+    }
     failures[1].timestamp += 5  # noticed later, still the cause
-    assert describe_failures(failures) == ("worker rank 1 (pid 101) was killed by SIGKILL; "
-                                           "the other worker(s) were stopped (rank 0)")
-    assert describe_failures({3: ProcessFailure(3, 7, 2, "<N/A>")}) == \
-        "worker rank 3 (pid 7) exited with status 2"
+    assert describe_failures(failures) == (
+        "worker rank 1 (pid 101) was killed by SIGKILL; the other worker(s) were stopped (rank 0)"
+    )
+    assert (
+        describe_failures({3: ProcessFailure(3, 7, 2, "<N/A>")})
+        == "worker rank 3 (pid 7) exited with status 2"
+    )
 
 
 # ------------------------------------------------------------------ CLI: bad input, forwarding
+
 
 def _cli(capsys, *argv):
     code = main(list(argv))
@@ -214,14 +238,19 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["train", "--model", "mlp", "--nproc", "0"], "--nproc"),
-    (["train", "--model", "mlp", "--nproc", "100000"], "nproc=100000 is not possible here"),
-    (["train", "--model", "mlp", "--samples", "100", "--norm", "layer", "--sync-bn"],
-     "has no batch norm"),
-    (["lab", "--nproc", "2", "--workers", "2"], "cannot be combined"),
-    (["lab", "--nproc", "100000"], "nproc=100000 is not possible here"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--model", "mlp", "--nproc", "0"], "--nproc"),
+        (["train", "--model", "mlp", "--nproc", "100000"], "nproc=100000 is not possible here"),
+        (
+            ["train", "--model", "mlp", "--samples", "100", "--norm", "layer", "--sync-bn"],
+            "has no batch norm",
+        ),
+        (["lab", "--nproc", "2", "--workers", "2"], "cannot be combined"),
+        (["lab", "--nproc", "100000"], "nproc=100000 is not possible here"),
+    ],
+)
 def test_distributed_bad_input_is_one_line_and_status_2(capsys, tmp_path, argv, fragment):
     code, out, err = _cli(capsys, *argv, "--out", str(tmp_path / "out"))
     assert code == 2 and out == ""
@@ -230,8 +259,21 @@ def test_distributed_bad_input_is_one_line_and_status_2(capsys, tmp_path, argv, 
 
 
 def test_train_forwards_exactly_the_options_given_to_its_workers():
-    argv = ["--model", "mlp", "--plain", "--lr", "0.0030000000000000001", "--nproc", "2",
-            "--sync-bn", "-q", "--out", "runs/x", "--warmup-epochs", "0.1"]
+    argv = [
+        "--model",
+        "mlp",
+        "--plain",
+        "--lr",
+        "0.0030000000000000001",
+        "--nproc",
+        "2",
+        "--sync-bn",
+        "-q",
+        "--out",
+        "runs/x",
+        "--warmup-epochs",
+        "0.1",
+    ]
     ctx = train.make_context("train", list(argv))
     forwarded = _forwarded_args(ctx, drop=("nproc",))
     assert "--nproc" not in forwarded and "--dataset" not in forwarded  # defaults stay out
@@ -240,6 +282,7 @@ def test_train_forwards_exactly_the_options_given_to_its_workers():
 
 
 # ------------------------------------------------------------------ two processes (gloo)
+
 
 def _blobs(dtype):
     g = torch.Generator().manual_seed(0)
@@ -252,8 +295,7 @@ def _blobs(dtype):
 
 def _model(norm, dtype):
     torch.manual_seed(1234)
-    return create_model("mlp", in_features=8, num_classes=3, depth=2, width=16,
-                        norm=norm).to(dtype)
+    return create_model("mlp", in_features=8, num_classes=3, depth=2, width=16, norm=norm).to(dtype)
 
 
 def _config(batch_size, sync_bn, **extra):
@@ -261,12 +303,16 @@ def _config(batch_size, sync_bn, **extra):
     # rounding noise of gradients that are exactly zero in theory (the bias of a linear
     # layer followed by batch norm) into +-lr steps, and a weight-by-weight comparison
     # into a comparison of noise.
-    return TrainConfig(epochs=2, batch_size=batch_size, optimizer="sgd", lr=0.05,
-                       sync_bn=sync_bn, **extra)
+    return TrainConfig(
+        epochs=2, batch_size=batch_size, optimizer="sgd", lr=0.05, sync_bn=sync_bn, **extra
+    )
 
 
-TRAIN_CASES = {"batch-sync": ("batch", True), "layer": ("layer", False),
-               "batch-nosync": ("batch", False)}
+TRAIN_CASES = {
+    "batch-sync": ("batch", True),
+    "layer": ("layer", False),
+    "batch-nosync": ("batch", False),
+}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 # name: (convention, shape of one sample, channel_dim, slice sizes, options, dtype)
@@ -277,8 +323,14 @@ SBN_CASES = {
     "keras-4d": ("keras", (5, 4, 3), 1, (3, 5), {}, torch.float32),
     "keras-4d-f64": ("keras", (5, 4, 3), 1, (3, 5), {}, torch.float64),
     "tokens-channels-last": ("torch", (6, 5), -1, (2, 3), {}, torch.float32),
-    "no-affine-no-stats": ("torch", (5, 3), 1, (3, 5),
-                           {"affine": False, "track_running_stats": False}, torch.float32),
+    "no-affine-no-stats": (
+        "torch",
+        (5, 3),
+        1,
+        (3, 5),
+        {"affine": False, "track_running_stats": False},
+        torch.float32,
+    ),
     "one-sample-slice": ("torch", (5,), 1, (1, 3), {}, torch.float32),
     "empty-slice": ("keras", (5, 2), 1, (0, 6), {}, torch.float64),
     "torch-nn-twin": ("nn", (5, 4, 4), 1, (5, 3), {}, torch.float32),
@@ -295,15 +347,20 @@ def _sbn_setup(name, as_dtype=None):
     g = torch.Generator().manual_seed(len(name))
     n = sum(sizes)
     mean = 1000.0 if name == "far-from-zero" else 2.0
-    steps = [((torch.randn(n, *sample, generator=g, dtype=torch.float64) * 3 + mean).to(dtype),
-              torch.randn(n, *sample, generator=g, dtype=torch.float64).to(dtype))
-             for _ in range(2)]
+    steps = [
+        (
+            (torch.randn(n, *sample, generator=g, dtype=torch.float64) * 3 + mean).to(dtype),
+            torch.randn(n, *sample, generator=g, dtype=torch.float64).to(dtype),
+        )
+        for _ in range(2)
+    ]
     channels = sample[channel_dim] if channel_dim == -1 else sample[0]
     if convention == "nn":
         layer = nn.BatchNorm2d(channels, dtype=dtype)
     else:
-        layer = BatchNorm(channels, convention=convention, channel_dim=channel_dim, dtype=dtype,
-                          **options)
+        layer = BatchNorm(
+            channels, convention=convention, channel_dim=channel_dim, dtype=dtype, **options
+        )
     if layer.affine:
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5, generator=g)
@@ -353,8 +410,13 @@ class _StopAt:
 
 def _worker(rank, store, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
 
     def reduce(t):
         dist.all_reduce(t)
@@ -364,12 +426,14 @@ def _worker(rank, store, out):
         layer, steps, sizes = _sbn_setup(name)
         layer = convert_sync_batchnorm(layer)
         lo = sum(sizes[:rank])
-        torch.save(_sbn_run(layer, steps, lo, lo + sizes[rank], reduce),
-                   f"{out}/sbn-{name}-{rank}.pt")
+        torch.save(
+            _sbn_run(layer, steps, lo, lo + sizes[rank], reduce), f"{out}/sbn-{name}-{rank}.pt"
+        )
     layer, steps, _ = _sbn_setup("torch-2d-f32")
     try:  # one value per channel over both processes
-        convert_sync_batchnorm(layer)(steps[0][0][rank:rank + 1] if rank == 0 else
-                                      steps[0][0][:0])
+        convert_sync_batchnorm(layer)(
+            steps[0][0][rank : rank + 1] if rank == 0 else steps[0][0][:0]
+        )
     except ValueError as exc:
         (out / f"one-value-{rank}.txt").write_text(str(exc))
 
@@ -377,8 +441,7 @@ def _worker(rank, store, out):
         for case, (norm, sync) in TRAIN_CASES.items():
             model = _model(norm, dtype)
             run = out / f"ddp-{dtype_name}-{case}" if case == "batch-sync" else None
-            fit(model, _blobs(dtype), _config(PER_PROCESS_BATCH, sync), out=run,
-                progress=False)
+            fit(model, _blobs(dtype), _config(PER_PROCESS_BATCH, sync), out=run, progress=False)
             if rank == 0:
                 torch.save(model.state_dict(), out / f"ddp-{dtype_name}-{case}.pt")
 
@@ -386,21 +449,32 @@ def _worker(rank, store, out):
     # by 1 process in the parent; and a 1-process checkpoint made by the parent resumed here.
     interrupted = out / "interrupted-2"
     with pytest.raises(_Stop):
-        fit(_model("batch", torch.float64), _blobs(torch.float64),
-            _config(PER_PROCESS_BATCH, True, checkpoint_every=4), out=interrupted,
-            progress=False, monitor=_StopAt(6))
+        fit(
+            _model("batch", torch.float64),
+            _blobs(torch.float64),
+            _config(PER_PROCESS_BATCH, True, checkpoint_every=4),
+            out=interrupted,
+            progress=False,
+            monitor=_StopAt(6),
+        )
     dist.barrier()
     if rank == 0:
         shutil.copytree(interrupted, out / "resume-2-by-1")
     dist.barrier()
     for source, run in ((interrupted, "resume-2-by-2"), (out / "interrupted-1", "resume-1-by-2")):
         model = _model("batch", torch.float64)
-        result = fit(model, _blobs(torch.float64),
-                     _config(PER_PROCESS_BATCH, True, checkpoint_every=4), out=source,
-                     progress=False)
+        result = fit(
+            model,
+            _blobs(torch.float64),
+            _config(PER_PROCESS_BATCH, True, checkpoint_every=4),
+            out=source,
+            progress=False,
+        )
         if rank == 0:
-            torch.save({"weights": model.state_dict(), "resumed": result.resumed_from_step},
-                       out / f"{run}.pt")
+            torch.save(
+                {"weights": model.state_dict(), "resumed": result.resumed_from_step},
+                out / f"{run}.pt",
+            )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -408,9 +482,13 @@ def _worker(rank, store, out):
 def _single(norm, dtype, **fit_options):
     model = _model(norm, dtype)
     sync = norm == "batch"
-    result = fit(model, _blobs(dtype), _config(WORLD * PER_PROCESS_BATCH, sync,
-                                               checkpoint_every=fit_options.pop("every", None)),
-                 progress=False, **fit_options)
+    result = fit(
+        model,
+        _blobs(dtype),
+        _config(WORLD * PER_PROCESS_BATCH, sync, checkpoint_every=fit_options.pop("every", None)),
+        progress=False,
+        **fit_options,
+    )
     return model, result
 
 
@@ -421,8 +499,9 @@ def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     with pytest.raises(_Stop):  # a 1-process checkpoint (global batch 32) for them to resume
         _single("batch", torch.float64, out=out / "interrupted-1", every=4, monitor=_StopAt(6))
-    context = mp.start_processes(_worker, args=(str(out / "store"), out), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(str(out / "store"), out), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 240
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -435,19 +514,23 @@ def two_processes(tmp_path_factory):
 def _max_error(actual, expected):
     """Largest absolute difference, relative to the largest entry (at least 1)."""
     scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
-    return (actual.double() - expected.double()).abs().max().item() / scale \
-        if expected.numel() else 0.0
+    return (
+        (actual.double() - expected.double()).abs().max().item() / scale
+        if expected.numel()
+        else 0.0
+    )
 
 
 @pytest.mark.parametrize("name", list(SBN_CASES))
 def test_sync_batch_norm_over_two_processes_equals_one_process_over_the_whole_batch(
-        two_processes, name):
+    two_processes, name
+):
     exact = name == "far-from-zero"  # the float32 reference's own error is 7e-6 here
     layer, steps, sizes = _sbn_setup(name, torch.float64 if exact else None)
     reference = _sbn_run(layer, steps, 0, sum(sizes), lambda t: t)
     tolerance = 1e-12 if SBN_CASES[name][-1] == torch.float64 else 1e-5 if exact else 1e-6
     for rank in range(WORLD):
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
         got = torch.load(two_processes / f"sbn-{name}-{rank}.pt", weights_only=True)
         for step, (mine, ref) in enumerate(zip(got, reference)):
             assert mine.keys() == ref.keys()
@@ -481,7 +564,8 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", ["batch-sync", "layer"])
 def test_ddp_on_two_processes_trains_like_one_process_with_twice_the_batch(
-        two_processes, dtype_name, case):
+    two_processes, dtype_name, case
+):
     norm, _ = TRAIN_CASES[case]
     model, _ = _single(norm, DTYPES[dtype_name])
     got = torch.load(two_processes / f"ddp-{dtype_name}-{case}.pt", weights_only=True)
@@ -502,8 +586,11 @@ def test_two_process_run_files_are_the_single_process_format(two_processes):
     assert state["format"] == "resnorm-checkpoint" and state["world_size"] == WORLD
     assert not any(k.startswith("module.") for k in state["model"])
     config = json.loads((run / "config.json").read_text())
-    assert config["distributed"] == {"world_size": 2, "backend": "gloo",
-                                     "global_batch_size": 2 * PER_PROCESS_BATCH}
+    assert config["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "global_batch_size": 2 * PER_PROCESS_BATCH,
+    }
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     _, single = _single("batch", torch.float64)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -522,20 +609,43 @@ def test_checkpoints_resume_exactly_and_across_world_sizes(two_processes):
     other = torch.load(two_processes / "resume-1-by-2.pt", weights_only=True)
     assert other["resumed"] == 4
     assert _weights_error(other["weights"], reference.state_dict()) <= TOLERANCE["float64"]
-    model, result = _single("batch", torch.float64, out=two_processes / "resume-2-by-1",
-                            every=4)
+    model, result = _single("batch", torch.float64, out=two_processes / "resume-2-by-1", every=4)
     assert result.resumed_from_step == 4
     assert _weights_error(model.state_dict(), reference.state_dict()) <= TOLERANCE["float64"]
 
 
 # ------------------------------------------------------------------ the command line, for real
 
+
 def _train_command(out, *extra):
     # 2 epochs of 50 steps (400 samples, 2 processes x 4), a checkpoint every 5 steps.
-    return [sys.executable, "-m", "resnorm", "train", "--model", "mlp", "--depth", "1",
-            "--width", "16", "--samples", "500", "--epochs", "2", "--batch-size", "4",
-            "--checkpoint-every", "5", "--sync-bn", "--nproc", "2", "--out", str(out), "-q",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "resnorm",
+        "train",
+        "--model",
+        "mlp",
+        "--depth",
+        "1",
+        "--width",
+        "16",
+        "--samples",
+        "500",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--sync-bn",
+        "--nproc",
+        "2",
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
 
 
 def _workers_of(launcher_pid):
@@ -563,8 +673,9 @@ def _workers_of(launcher_pid):
 def test_killed_worker_stops_the_launch_with_one_line_and_a_relaunch_resumes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(_train_command(out), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+    launcher = subprocess.Popen(
+        _train_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
         assert launcher.poll() is None, launcher.communicate()
@@ -575,13 +686,15 @@ def test_killed_worker_stops_the_launch_with_one_line_and_a_relaunch_resumes(tmp
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"resnorm: error: worker rank 1 (pid {workers[1]}) was killed by "
-                           f"SIGKILL"), err
+    assert last.startswith(
+        f"resnorm: error: worker rank 1 (pid {workers[1]}) was killed by SIGKILL"
+    ), err
     assert "run the same command again to resume from step" in last
     assert not (out / "result.json").exists()  # it really stopped mid-run
 
-    again = subprocess.run(_train_command(out), capture_output=True, text=True, env=env,
-                           timeout=300)
+    again = subprocess.run(
+        _train_command(out), capture_output=True, text=True, env=env, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     resumed = int(again.stdout.split("resumed from step ")[1].split()[0])
     assert resumed > 0 and resumed % 5 == 0
@@ -622,6 +735,7 @@ def test_lab_nproc_runs_like_one_process(tmp_path):
     for key in ("final_test_acc", "final_train_loss", "parameters"):
         assert double[0][key] == pytest.approx(single[0][key], rel=1e-4), key
     assert (tmp_path / "two" / "runs" / double[0]["run_id"] / "summary.json").exists()
-    config = json.loads((tmp_path / "two" / "runs" / double[0]["run_id"] /
-                         "config.json").read_text())
+    config = json.loads(
+        (tmp_path / "two" / "runs" / double[0]["run_id"] / "config.json").read_text()
+    )
     assert config["config"]["batch_size"] == 8 and config["distributed"]["world_size"] == 2

@@ -1,6 +1,7 @@
 """The fault campaign of bench/faults.py in its quick mode: every kind of fault (random and
 rename-exact SIGKILLs, corrupted checkpoints, NaN, a full disk, killed labs) ends
 bit-identical or in its promised outcome, with no metrics row lost."""
+
 import contextlib
 import errno
 import io
@@ -19,17 +20,33 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "faults.py"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/stat").exists(),
-                    reason="the campaign forks its runs and finds lab workers through /proc")
+@pytest.mark.skipif(
+    not hasattr(os, "fork") or not Path("/proc/self/stat").exists(),
+    reason="the campaign forks its runs and finds lab workers through /proc",
+)
 def test_quick_fault_campaign_loses_nothing(tmp_path):
     out = tmp_path / "faults.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seed", "3", "--json",
-                           str(out), "--keep", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+            "--keep",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.exists(), proc.stdout[-5000:] + proc.stderr[-5000:]
     tally = json.loads(out.read_text())
-    unexpected = [f"{f['kind']}: {f['name']}: {f['detail']}" for f in tally["otherwise"]
-                  if not f["ok"]]
+    unexpected = [
+        f"{f['kind']}: {f['name']}: {f['detail']}" for f in tally["otherwise"] if not f["ok"]
+    ]
     assert unexpected == [] and proc.returncode == 0, "\n".join(unexpected) or proc.stderr
     assert tally["total"]["lost_rows"] == 0
     assert tally["total"]["tried"] >= 10
@@ -61,18 +78,20 @@ class _FullDisk(io.RawIOBase):
         return len(data)
 
 
-def test_a_disk_full_during_torch_save_raises_the_os_error_naming_the_file(tmp_path,
-                                                                          monkeypatch):
+def test_a_disk_full_during_torch_save_raises_the_os_error_naming_the_file(tmp_path, monkeypatch):
     """What the campaign's full-disk fault found: torch.save's zip writer, closing the
     archive after a failed write, raises a RuntimeError ("unexpected pos") over the OSError,
     which the CLI showed as an internal error with a traceback. The save raises the OSError,
     naming the checkpoint it was writing (the CLI's one line, exit 1)."""
     with pytest.raises(RuntimeError, match="unexpected pos") as hidden:
         torch.save({"w": torch.zeros(10_000)}, _FullDisk(1000))
-    assert isinstance(hidden.value.__context__, OSError)    # what torch does
+    assert isinstance(hidden.value.__context__, OSError)  # what torch does
 
-    monkeypatch.setattr(checkpoint, "atomic_open",
-                        contextlib.contextmanager(lambda path, mode: (yield _FullDisk(1000))))
+    monkeypatch.setattr(
+        checkpoint,
+        "atomic_open",
+        contextlib.contextmanager(lambda path, mode: (yield _FullDisk(1000))),
+    )
     with pytest.raises(OSError) as info:
         CheckpointDir(tmp_path).save({"model": {"w": torch.zeros(10_000)}})
     assert info.value.errno == errno.ENOSPC

@@ -3,6 +3,7 @@
 Only ``test_cold_build_says_so_once_and_warm_load_is_silent`` compiles (in a subprocess, into
 a temporary cache); the others check the cache key and directory functions directly.
 """
+
 import json
 import os
 import shutil
@@ -41,7 +42,8 @@ CHANGES = {
     "sys.prefix": lambda mp, tmp: mp.setattr(sys, "prefix", "/opt/another-venv"),
     "torch version": lambda mp, tmp: mp.setattr(torch, "__version__", "2.99.0+cpu"),
     "torch install path": lambda mp, tmp: mp.setattr(
-        torch, "__file__", "/opt/another-venv/site-packages/torch/__init__.py"),
+        torch, "__file__", "/opt/another-venv/site-packages/torch/__init__.py"
+    ),
     "python version": lambda mp, tmp: mp.setattr(sys, "version", "3.99.0 (main) [GCC 99]"),
     "source bytes": lambda mp, tmp: mp.setattr(cpu, "CSRC", _copy_source(tmp, b"\n// v2\n")),
     "flags": lambda mp, tmp: mp.setattr(cpu, "FLAGS", [*cpu.FLAGS, "-DRESNORM_OTHER"]),
@@ -49,8 +51,7 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_what_changes_the_binary_changes_the_directory(change, shared_root, monkeypatch,
-                                                       tmp_path):
+def test_what_changes_the_binary_changes_the_directory(change, shared_root, monkeypatch, tmp_path):
     before = cpu.build_directory()
     CHANGES[change](monkeypatch, tmp_path)
     after = cpu.build_directory()
@@ -81,7 +82,9 @@ def test_build_key_covers_each_input():
         changed = dict(inputs, **{name: value + (b"x" if isinstance(value, bytes) else "x")})
         assert cpu.build_key(changed) != key, name
     # Values are delimited: moving a byte from one input to the next is another key.
-    shifted = dict(inputs, flags=inputs["flags"][:-1], prefix=inputs["flags"][-1] + inputs["prefix"])
+    shifted = dict(
+        inputs, flags=inputs["flags"][:-1], prefix=inputs["flags"][-1] + inputs["prefix"]
+    )
     assert cpu.build_key(shifted) != key
 
 
@@ -128,8 +131,7 @@ class _FakeModule:
         return {}
 
 
-def test_load_announces_a_compile_once_and_a_cached_load_never(shared_root, monkeypatch,
-                                                                capsys):
+def test_load_announces_a_compile_once_and_a_cached_load_never(shared_root, monkeypatch, capsys):
     """load()'s logic around cpp_extension.load, without compiling: the compile is faked."""
     builds = []
 
@@ -142,8 +144,11 @@ def test_load_announces_a_compile_once_and_a_cached_load_never(shared_root, monk
     monkeypatch.delenv("RESNORM_KERNELS", raising=False)
 
     def fresh_process():
-        monkeypatch.setattr(cpu, "_state", {"module": None, "error": None, "tried": False,
-                                            "pool_min_bytes": cpu.POOL_MIN_BYTES})
+        monkeypatch.setattr(
+            cpu,
+            "_state",
+            {"module": None, "error": None, "tried": False, "pool_min_bytes": cpu.POOL_MIN_BYTES},
+        )
 
     fresh_process()
     assert isinstance(cpu.load(), _FakeModule)
@@ -152,7 +157,8 @@ def test_load_announces_a_compile_once_and_a_cached_load_never(shared_root, monk
     err = capsys.readouterr().err
     directory = cpu.build_directory()
     assert err.splitlines() == [
-        f"resnorm: building the fused CPU kernel, once, ~30 s (cached in {directory})"]
+        f"resnorm: building the fused CPU kernel, once, ~30 s (cached in {directory})"
+    ]
     assert len(builds) == 1
 
     fresh_process()  # a later process finds the library built
@@ -172,8 +178,9 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(env):
-    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
@@ -182,8 +189,9 @@ def _probe(env):
 def test_cold_build_says_so_once_and_warm_load_is_silent(tmp_path):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RESNORM_KERNEL_CACHE", "RESNORM_KERNELS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RESNORM_KERNEL_CACHE", "RESNORM_KERNELS")
+    }
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
 
     cold, err = _probe(env)

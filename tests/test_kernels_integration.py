@@ -23,6 +23,7 @@ What is checked, and against what:
    the kernel's AVX-512 paths compiled out) gives the native build's results (slow: one
    more build).
 """
+
 from __future__ import annotations
 
 import gc
@@ -78,11 +79,22 @@ _STOCK_BELOW = getattr(ops, "STOCK_BELOW", None)  # the default, before any fixt
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck_float64(kind, prenorm, with_residual, affine, reference_calls):
     shape = (2, 3, 6)
-    x, res, w, b, _ = _case(shape, 50, dtype=torch.float64, residual=with_residual,
-                            weight=affine, bias=affine, kind=kind, param_dtype=torch.float64)
+    x, res, w, b, _ = _case(
+        shape,
+        50,
+        dtype=torch.float64,
+        residual=with_residual,
+        weight=affine,
+        bias=affine,
+        kind=kind,
+        param_dtype=torch.float64,
+    )
     assert kernel_name(x) == "reference"
-    names = [name for name, t in (("x", x), ("residual", res), ("weight", w), ("bias", b))
-             if t is not None]
+    names = [
+        name
+        for name, t in (("x", x), ("residual", res), ("weight", w), ("bias", b))
+        if t is not None
+    ]
     inputs = tuple(t.detach().requires_grad_() for t in (x, res, w, b) if t is not None)
 
     def fn(*tensors):
@@ -95,16 +107,22 @@ def test_gradcheck_float64(kind, prenorm, with_residual, affine, reference_calls
 
 def _opcheck(op, args):
     # test_schema is left out: it adds nothing here and costs tens of seconds on first use.
-    torch.library.opcheck(op, args, test_utils=("test_autograd_registration",
-                                                "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        op,
+        args,
+        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
-@pytest.mark.parametrize("dtype,param_dtype,h_dtype", [
-    (torch.float32, torch.float32, torch.float32),
-    (torch.bfloat16, torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16, None),
-    (torch.float64, torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    "dtype,param_dtype,h_dtype",
+    [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16, None),
+        (torch.float64, torch.float64, torch.float64),
+    ],
+)
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("activation", ["identity", "relu"])
 def test_opcheck(rms, activation, dtype, param_dtype, h_dtype, compiled):
@@ -121,8 +139,10 @@ def test_opcheck(rms, activation, dtype, param_dtype, h_dtype, compiled):
     dy = _data((5, 24), 63, dtype)
     dh = _data((5, 24), 64, h.dtype) if h_dtype is not None else None
     for need_dw, need_db in ((True, True), (False, False), (True, False)):
-        _opcheck(torch.ops.resnorm.add_norm_bwd.default,
-                 (dy, dh, h, w, b, mean, rstd, rms, need_dw, need_db and not rms, activation))
+        _opcheck(
+            torch.ops.resnorm.add_norm_bwd.default,
+            (dy, dh, h, w, b, mean, rstd, rms, need_dw, need_db and not rms, activation),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,8 +223,10 @@ def test_compile_inductor_matches_eager(compiled):
     for f in (_single, fn):
         inputs = _compile_inputs()
         y, h = f(*inputs)
-        torch.autograd.backward([y, h], [_data(y.shape, 72, scale=1.0, shift=0.0),
-                                         _data(h.shape, 73, scale=1.0, shift=0.0)])
+        torch.autograd.backward(
+            [y, h],
+            [_data(y.shape, 72, scale=1.0, shift=0.0), _data(h.shape, 73, scale=1.0, shift=0.0)],
+        )
         runs.append([y.detach(), h.detach()] + [t.grad for t in inputs])
     for a, b, name in zip(*runs, ("y", "h", "dx", "dres", "dw", "db")):
         _same(b, a, f"inductor vs eager: {name}")
@@ -223,8 +245,14 @@ def test_reference_fallback_dtypes(kind, dtype, reference_calls):
     assert kernel_name(x) == "reference"
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
     assert reference_calls == {"forward": 1, "backward": 1}
-    _check(got, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
-           _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what=str(dtype))
+    _check(
+        got,
+        _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        x=x,
+        residual=res,
+        what=str(dtype),
+    )
 
 
 def test_default_path_small_input():
@@ -237,13 +265,24 @@ def test_default_path_small_input():
         got = _run(add_norm, x, res, w, b, dy=dy, dh=dy)
     finally:
         monkeypatch.undo()
-    _check(got, _oracle(x, res, w, b, dy=dy, dh=dy), _Scales.of(x, res, w, b, dy=dy, dh=dy),
-           x=x, residual=res, what="default path")
+    _check(
+        got,
+        _oracle(x, res, w, b, dy=dy, dh=dy),
+        _Scales.of(x, res, w, b, dy=dy, dh=dy),
+        x=x,
+        residual=res,
+        what="default path",
+    )
 
 
-@pytest.mark.parametrize("kind,dtype,stock", [("layer", torch.float32, True),
-                                               ("layer", torch.bfloat16, False),
-                                               ("rms", torch.float32, False)])
+@pytest.mark.parametrize(
+    "kind,dtype,stock",
+    [
+        ("layer", torch.float32, True),
+        ("layer", torch.bfloat16, False),
+        ("rms", torch.float32, False),
+    ],
+)
 def test_default_path_without_residual(kind, dtype, stock, compiled, monkeypatch):
     """By default a float32 layer norm with nothing to add runs stock F.layer_norm (the
     compiled kernel is not called); bfloat16 and RMS norm keep the kernel. Both match the
@@ -254,24 +293,37 @@ def test_default_path_without_residual(kind, dtype, stock, compiled, monkeypatch
     x, _, w, b, dy = _case((6, 40), 136, dtype=dtype, residual=False, kind=kind)
     dh = _data((6, 40), 137, dtype, scale=1.0, shift=0.0)
     assert kernel_name(x, with_residual=False, kind=kind) == ("stock" if stock else "compiled cpu")
-    assert kernel_name(x, kind=kind) == "compiled cpu"   # with a residual: the kernel
+    assert kernel_name(x, kind=kind) == "compiled cpu"  # with a residual: the kernel
     got = _run(add_norm, x, None, w, b, kind=kind, dy=dy, dh=dh)
     assert (spy.calls == []) == stock
-    _check(got, _oracle(x, None, w, b, kind=kind, dy=dy, dh=dh),
-           _Scales.of(x, None, w, b, kind=kind, dy=dy, dh=dh), x=x, weight=w,
-           what=f"{kind} {dtype} without residual")
+    _check(
+        got,
+        _oracle(x, None, w, b, kind=kind, dy=dy, dh=dh),
+        _Scales.of(x, None, w, b, kind=kind, dy=dy, dh=dh),
+        x=x,
+        weight=w,
+        what=f"{kind} {dtype} without residual",
+    )
 
 
 def test_resnorm_kernels_reference_environment():
-    code = ("import torch\n"
-            "from resnorm import kernels as k\n"
-            "x = torch.randn(4, 8)\n"
-            "y, h = k.add_norm(x, x, prenorm=True)\n"
-            "assert torch.allclose(y, k.add_norm_reference(x, x), atol=1e-6)\n"
-            "print(k.kernel_name(torch.randn(2048, 1024)), k.cpu.status()['reason'])\n")
+    code = (
+        "import torch\n"
+        "from resnorm import kernels as k\n"
+        "x = torch.randn(4, 8)\n"
+        "y, h = k.add_norm(x, x, prenorm=True)\n"
+        "assert torch.allclose(y, k.add_norm_reference(x, x), atol=1e-6)\n"
+        "print(k.kernel_name(torch.randn(2048, 1024)), k.cpu.status()['reason'])\n"
+    )
     env = dict(os.environ, RESNORM_KERNELS="reference")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "reference", out.stdout
     assert "RESNORM_KERNELS=reference" in out.stdout, out.stdout
@@ -284,35 +336,72 @@ def test_resnorm_kernels_reference_environment():
 X = torch.zeros(2, 3)
 
 
-@pytest.mark.parametrize("kwargs,error,pattern", [
-    ({"x": [[1.0, 2.0]]}, TypeError, r"x must be a torch\.Tensor, got list"),
-    ({"x": X, "residual": torch.zeros(2, 4)}, ValueError,
-     r"residual must have shape \(2, 3\), got \(2, 4\)"),
-    ({"x": X, "residual": [1.0]}, TypeError,
-     r"residual must be a torch\.Tensor or None, got list"),
-    ({"x": X, "weight": torch.ones(4)}, ValueError, r"weight must have shape \(3,\), got \(4,\)"),
-    ({"x": X, "weight": torch.ones(2, 3)}, ValueError,
-     r"weight must have shape \(3,\), got \(2, 3\)"),
-    ({"x": X, "bias": torch.zeros(5)}, ValueError, r"bias must have shape \(3,\), got \(5,\)"),
-    ({"x": X, "bias": torch.zeros(3), "kind": "rms"}, ValueError,
-     r"bias.*kind='rms'.*bias=None"),
-    ({"x": torch.zeros(2, 3, dtype=torch.int64)}, TypeError,
-     r"x has dtype torch\.int64; accepted: float32, bfloat16, float16, float64"),
-    ({"x": torch.zeros(2, 3, dtype=torch.complex64)}, TypeError,
-     r"x has dtype torch\.complex64; accepted: float32"),
-    ({"x": X, "weight": torch.ones(3, dtype=torch.int32)}, TypeError,
-     r"weight has dtype torch\.int32; accepted"),
-    ({"x": X, "kind": "batch"}, ValueError,
-     r"kind='batch' is not supported; accepted values: 'layer', 'rms'"),
-    ({"x": X, "activation": "gelu"}, ValueError,
-     r"activation='gelu' is not supported; accepted values: 'identity', 'relu'"),
-    ({"x": X, "eps": -1e-5}, ValueError, r"eps must be in \[0, inf\], got -1e-05"),
-    ({"x": X, "eps": float("nan")}, ValueError, r"eps must be in \[0, inf\], got nan"),
-    ({"x": X, "eps": "small"}, TypeError, r"eps must be a number, got 'small'"),
-    ({"x": torch.zeros(2, 0)}, ValueError,
-     r"x must have a non-empty last dimension, got shape \(2, 0\)"),
-    ({"x": torch.tensor(1.0)}, ValueError, r"non-empty last dimension, got shape \(\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        ({"x": [[1.0, 2.0]]}, TypeError, r"x must be a torch\.Tensor, got list"),
+        (
+            {"x": X, "residual": torch.zeros(2, 4)},
+            ValueError,
+            r"residual must have shape \(2, 3\), got \(2, 4\)",
+        ),
+        (
+            {"x": X, "residual": [1.0]},
+            TypeError,
+            r"residual must be a torch\.Tensor or None, got list",
+        ),
+        (
+            {"x": X, "weight": torch.ones(4)},
+            ValueError,
+            r"weight must have shape \(3,\), got \(4,\)",
+        ),
+        (
+            {"x": X, "weight": torch.ones(2, 3)},
+            ValueError,
+            r"weight must have shape \(3,\), got \(2, 3\)",
+        ),
+        ({"x": X, "bias": torch.zeros(5)}, ValueError, r"bias must have shape \(3,\), got \(5,\)"),
+        (
+            {"x": X, "bias": torch.zeros(3), "kind": "rms"},
+            ValueError,
+            r"bias.*kind='rms'.*bias=None",
+        ),
+        (
+            {"x": torch.zeros(2, 3, dtype=torch.int64)},
+            TypeError,
+            r"x has dtype torch\.int64; accepted: float32, bfloat16, float16, float64",
+        ),
+        (
+            {"x": torch.zeros(2, 3, dtype=torch.complex64)},
+            TypeError,
+            r"x has dtype torch\.complex64; accepted: float32",
+        ),
+        (
+            {"x": X, "weight": torch.ones(3, dtype=torch.int32)},
+            TypeError,
+            r"weight has dtype torch\.int32; accepted",
+        ),
+        (
+            {"x": X, "kind": "batch"},
+            ValueError,
+            r"kind='batch' is not supported; accepted values: 'layer', 'rms'",
+        ),
+        (
+            {"x": X, "activation": "gelu"},
+            ValueError,
+            r"activation='gelu' is not supported; accepted values: 'identity', 'relu'",
+        ),
+        ({"x": X, "eps": -1e-5}, ValueError, r"eps must be in \[0, inf\], got -1e-05"),
+        ({"x": X, "eps": float("nan")}, ValueError, r"eps must be in \[0, inf\], got nan"),
+        ({"x": X, "eps": "small"}, TypeError, r"eps must be a number, got 'small'"),
+        (
+            {"x": torch.zeros(2, 0)},
+            ValueError,
+            r"x must have a non-empty last dimension, got shape \(2, 0\)",
+        ),
+        ({"x": torch.tensor(1.0)}, ValueError, r"non-empty last dimension, got shape \(\)"),
+    ],
+)
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         add_norm(**kwargs)
@@ -332,13 +421,16 @@ def pool(compiled):
     before = cpu.pool_stats()
     cpu.empty_cache()
     yield cpu.configure_pool(enabled=True, min_bytes=MiB, max_cached=64 * MiB)
-    cpu.configure_pool(enabled=before["min_bytes"] >= 0, min_bytes=cpu.POOL_MIN_BYTES,
-                       max_cached=before["max_cached"])
+    cpu.configure_pool(
+        enabled=before["min_bytes"] >= 0,
+        min_bytes=cpu.POOL_MIN_BYTES,
+        max_cached=before["max_cached"],
+    )
     cpu.empty_cache()
 
 
 def _pooled_case(kind, seed=170):
-    x, res, w, b, dy = _case((300, 1024), seed, kind=kind)      # 1.2 MiB per float32 output
+    x, res, w, b, dy = _case((300, 1024), seed, kind=kind)  # 1.2 MiB per float32 output
     return x, res, w, b, dy, _data((300, 1024), seed + 1, scale=1.0, shift=0.0)
 
 
@@ -351,13 +443,19 @@ def test_pool_outputs_match_oracle_and_unpooled(kind, only_compiled, pool):
     x, res, w, b, dy, dh = _pooled_case(kind)
     hits, misses = _counts(pool)
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
-    assert _counts(cpu.pool_stats()) == (hits, misses + 3)     # y, h forward; dx backward
+    assert _counts(cpu.pool_stats()) == (hits, misses + 3)  # y, h forward; dx backward
     hits, misses = _counts(cpu.pool_stats())
-    _check(got, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
-           _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what="pooled")
+    _check(
+        got,
+        _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        x=x,
+        residual=res,
+        what="pooled",
+    )
     cpu.configure_pool(enabled=False)
     plain = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
-    assert _counts(cpu.pool_stats()) == (hits, misses)        # off: the pool was not asked
+    assert _counts(cpu.pool_stats()) == (hits, misses)  # off: the pool was not asked
     for name, a in got.fields().items():
         _same(a, getattr(plain, name), f"pooled vs PyTorch's allocator: {name}")
 
@@ -387,8 +485,8 @@ def test_pool_hands_out_the_most_recently_freed_block(only_compiled, pool):
     try:
         blocks = [module.empty_output(300, 1024, torch.float32) for _ in range(3)]
         addresses = [t.data_ptr() for t in blocks]
-        del blocks[1]                      # freed first
-        del blocks[-1]                     # freed last
+        del blocks[1]  # freed first
+        del blocks[-1]  # freed last
         assert cpu.pool_stats()["cached_blocks"] == 2
         again = [module.empty_output(300, 1024, torch.float32) for _ in range(2)]
         assert [t.data_ptr() for t in again] == [addresses[2], addresses[1]]
@@ -399,13 +497,13 @@ def test_pool_hands_out_the_most_recently_freed_block(only_compiled, pool):
 
 def test_pool_cap_and_empty_cache(only_compiled, pool):
     x, res, w, b, _, _ = _pooled_case("rms")
-    cpu.configure_pool(max_cached=2 * MiB)          # room for one of the two 2 MiB blocks
+    cpu.configure_pool(max_cached=2 * MiB)  # room for one of the two 2 MiB blocks
     y, h = add_norm(x, res, w, None, kind="rms", prenorm=True)
     del y, h
     stats = cpu.pool_stats()
     assert stats["cached_bytes"] == 2 * MiB
     assert stats["released_blocks"] == pool["released_blocks"] + 1
-    cpu.configure_pool(max_cached=0)                # lowering the cap releases at once
+    cpu.configure_pool(max_cached=0)  # lowering the cap releases at once
     assert cpu.pool_stats()["cached_bytes"] == 0
     cpu.configure_pool(max_cached=64 * MiB)
     y, h = add_norm(x, res, w, None, kind="rms", prenorm=True)
@@ -420,20 +518,24 @@ def test_pool_tensors_behave_like_any_other(only_compiled, pool, tmp_path):
     y = add_norm(x, res, w, b)
     want = y.clone()
     torch.save(y, tmp_path / "y.pt")
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), want,
-                               rtol=0, atol=0)
-    y.resize_(600, 1024)                            # grows: a new block, the old data kept
+    torch.testing.assert_close(
+        torch.load(tmp_path / "y.pt", weights_only=True), want, rtol=0, atol=0
+    )
+    y.resize_(600, 1024)  # grows: a new block, the old data kept
     torch.testing.assert_close(y[:300], want, rtol=0, atol=0)
-    y.share_memory_()                               # moved to shared memory; block freed
+    y.share_memory_()  # moved to shared memory; block freed
     assert y.is_shared()
     torch.testing.assert_close(y[:300], want, rtol=0, atol=0)
-    z = add_norm(x, res, w, b) * 2 + 1              # pooled outputs feed stock ops
+    z = add_norm(x, res, w, b) * 2 + 1  # pooled outputs feed stock ops
     torch.testing.assert_close(z, want * 2 + 1, rtol=0, atol=0)
 
 
 def test_pool_settings_checked(compiled):
-    with pytest.raises(ValueError, match=r"configure_pool: min_bytes must be a non-negative "
-                                         r"int, got -1"):
+    with pytest.raises(
+        ValueError,
+        match=r"configure_pool: min_bytes must be a non-negative "
+        r"int, got -1",
+    ):
         cpu.configure_pool(min_bytes=-1)
     with pytest.raises(ValueError, match=r"max_cached must be a non-negative int, got 1\.5"):
         cpu.configure_pool(max_cached=1.5)
@@ -441,37 +543,64 @@ def test_pool_settings_checked(compiled):
         cpu.configure_pool(enabled="yes")
 
 
-@pytest.mark.parametrize("text,value", [("0", 0), ("4096", 4096), ("4K", 4096),
-                                        ("1.5M", 3 << 19), ("2GiB", 2 << 30), ("1gb", 1 << 30),
-                                        ("3 T", 3 << 40)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("4K", 4096),
+        ("1.5M", 3 << 19),
+        ("2GiB", 2 << 30),
+        ("1gb", 1 << 30),
+        ("3 T", 3 << 40),
+    ],
+)
 def test_parse_bytes(text, value):
     assert cpu.parse_bytes("RESNORM_POOL_MAX_CACHED", text) == value
 
 
 @pytest.mark.parametrize("text", ["", "G", "12x", "-1", "1.5.2M", "four"])
 def test_parse_bytes_rejects(text):
-    with pytest.raises(ValueError, match=rf"RESNORM_POOL_MAX_CACHED='{re.escape(text)}' is not "
-                                         r"a byte count; accepted: a non-negative number"):
+    with pytest.raises(
+        ValueError,
+        match=rf"RESNORM_POOL_MAX_CACHED='{re.escape(text)}' is not "
+        r"a byte count; accepted: a non-negative number",
+    ):
         cpu.parse_bytes("RESNORM_POOL_MAX_CACHED", text)
 
 
-@pytest.mark.parametrize("env,expect", [
-    ({"RESNORM_POOL": "off", "RESNORM_POOL_MAX_CACHED": "256M"}, "-1 268435456"),
-    ({"RESNORM_POOL": "on"}, f"{4 << 20} "),
-    ({"RESNORM_POOL": "maybe"}, "ValueError: RESNORM_POOL='maybe' is not accepted; accepted: "
-                                "on, off"),
-    ({"RESNORM_POOL_MAX_CACHED": "lots"}, "ValueError: RESNORM_POOL_MAX_CACHED='lots' is not a "
-                                          "byte count"),
-])
+@pytest.mark.parametrize(
+    "env,expect",
+    [
+        ({"RESNORM_POOL": "off", "RESNORM_POOL_MAX_CACHED": "256M"}, "-1 268435456"),
+        ({"RESNORM_POOL": "on"}, f"{4 << 20} "),
+        (
+            {"RESNORM_POOL": "maybe"},
+            "ValueError: RESNORM_POOL='maybe' is not accepted; accepted: on, off",
+        ),
+        (
+            {"RESNORM_POOL_MAX_CACHED": "lots"},
+            "ValueError: RESNORM_POOL_MAX_CACHED='lots' is not a byte count",
+        ),
+    ],
+)
 def test_pool_environment(env, expect, compiled):
-    code = ("from resnorm.kernels import cpu\n"
-            "try:\n"
-            "    s = cpu.status()['pool']\n"
-            "    print(s['min_bytes'], s['max_cached'])\n"
-            "except ValueError as e:\n"
-            "    print(f'ValueError: {e}')\n")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
-                         capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "from resnorm.kernels import cpu\n"
+        "try:\n"
+        "    s = cpu.status()['pool']\n"
+        "    print(s['min_bytes'], s['max_cached'])\n"
+        "except ValueError as e:\n"
+        "    print(f'ValueError: {e}')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(expect), out.stdout
 
@@ -481,28 +610,31 @@ def test_pool_in_forked_child(compiled):
     the parent's results; the pool's lock is taken around fork, so a fork cannot leave it
     held. The child runs one intra-op thread, as DataLoader workers do: GNU OpenMP, under
     PyTorch's own ops as under this kernel, hangs in a forked child whose parent used it."""
-    code = ("import multiprocessing as mp, torch\n"
-            "from resnorm.kernels import add_norm, cpu, ops\n"
-            "cpu.configure_pool(min_bytes=1 << 20)\n"
-            "torch.manual_seed(0)\n"
-            "x, r = torch.randn(300, 1024), torch.randn(300, 1024)\n"
-            "ops.STOCK_BELOW = 0\n"
-            "def child(_):\n"
-            "    torch.set_num_threads(1)\n"
-            "    y, h = add_norm(x, r, prenorm=True)\n"
-            "    return float(y.double().sum()), float(h.double().sum()), cpu.pool_stats()['hits']\n"
-            "y, h = add_norm(x, r, prenorm=True)\n"
-            "del y, h\n"
-            "y, h = add_norm(x, r, prenorm=True)\n"
-            "want = (float(y.double().sum()), float(h.double().sum()))\n"
-            "del y, h\n"
-            "with mp.get_context('fork').Pool(1) as pool:\n"
-            "    got = pool.map(child, [0, 1])\n"
-            "assert all(g[:2] == want for g in got), (got, want)\n"
-            "assert all(g[2] >= 2 for g in got), got\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False)
+    code = (
+        "import multiprocessing as mp, torch\n"
+        "from resnorm.kernels import add_norm, cpu, ops\n"
+        "cpu.configure_pool(min_bytes=1 << 20)\n"
+        "torch.manual_seed(0)\n"
+        "x, r = torch.randn(300, 1024), torch.randn(300, 1024)\n"
+        "ops.STOCK_BELOW = 0\n"
+        "def child(_):\n"
+        "    torch.set_num_threads(1)\n"
+        "    y, h = add_norm(x, r, prenorm=True)\n"
+        "    return float(y.double().sum()), float(h.double().sum()), cpu.pool_stats()['hits']\n"
+        "y, h = add_norm(x, r, prenorm=True)\n"
+        "del y, h\n"
+        "y, h = add_norm(x, r, prenorm=True)\n"
+        "want = (float(y.double().sum()), float(h.double().sum()))\n"
+        "del y, h\n"
+        "with mp.get_context('fork').Pool(1) as pool:\n"
+        "    got = pool.map(child, [0, 1])\n"
+        "assert all(g[:2] == want for g in got), (got, want)\n"
+        "assert all(g[2] >= 2 for g in got), got\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok", out.stdout
 
@@ -514,15 +646,25 @@ def test_pool_in_forked_child(compiled):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_relu_gradcheck_float64(kind, with_residual, reference_calls):
-    x, res, w, b, _ = _case((3, 8), 320, dtype=torch.float64, residual=with_residual,
-                            kind=kind, param_dtype=torch.float64)
-    names = [name for name, t in (("x", x), ("residual", res), ("weight", w), ("bias", b))
-             if t is not None]
+    x, res, w, b, _ = _case(
+        (3, 8),
+        320,
+        dtype=torch.float64,
+        residual=with_residual,
+        kind=kind,
+        param_dtype=torch.float64,
+    )
+    names = [
+        name
+        for name, t in (("x", x), ("residual", res), ("weight", w), ("bias", b))
+        if t is not None
+    ]
     inputs = tuple(t.detach().requires_grad_() for t in (x, res, w, b) if t is not None)
 
     def fn(*tensors):
-        return add_norm(**dict(zip(names, tensors)), kind=kind, eps=1e-3, prenorm=True,
-                        activation="relu")
+        return add_norm(
+            **dict(zip(names, tensors)), kind=kind, eps=1e-3, prenorm=True, activation="relu"
+        )
 
     y, _ = fn(*inputs)
     assert bool((y == 0).any()) and bool((y > 0).any())
@@ -591,9 +733,13 @@ def test_builds_and_matches_without_avx512(compiled):
     directory = cpu.build_directory().parent / name
     directory.mkdir(parents=True, exist_ok=True)
     flags = [f for f in cpu.FLAGS if not f.startswith(("-march", "-mprefer"))]
-    avx2 = cpp_extension.load(name=name, sources=[str(cpu.CSRC / f) for f in cpu.SOURCES],
-                              build_directory=str(directory),
-                              extra_cflags=flags + ["-march=x86-64-v3"], verbose=False)
+    avx2 = cpp_extension.load(
+        name=name,
+        sources=[str(cpu.CSRC / f) for f in cpu.SOURCES],
+        build_directory=str(directory),
+        extra_cflags=flags + ["-march=x86-64-v3"],
+        verbose=False,
+    )
     native = cpu.load()
     for rows, n in [(300, 768), (17, 100)]:
         x, res, w, b, dy = _case((rows, n), 400 + n)
@@ -601,14 +747,18 @@ def test_builds_and_matches_without_avx512(compiled):
             runs = []
             for module in (native, avx2):
                 h = torch.empty(rows, n)
-                y, mean, rstd = module.add_norm_fwd(x, res, w, b, False, 1e-5, h, nontemporal,
-                                                    relu)
+                y, mean, rstd = module.add_norm_fwd(x, res, w, b, False, 1e-5, h, nontemporal, relu)
                 dx = torch.empty(rows, n)
-                dw, db = module.add_norm_bwd(dy, h, h, w, b, mean, rstd, False, True, True, dx,
-                                             nontemporal, relu)
+                dw, db = module.add_norm_bwd(
+                    dy, h, h, w, b, mean, rstd, False, True, True, dx, nontemporal, relu
+                )
                 runs.append((y, h, mean, rstd, dx, dw, db))
             names = ("y", "h", "mean", "rstd", "dx", "dw", "db")
             for got, want, what in zip(runs[1], runs[0], names):
                 torch.testing.assert_close(
-                    got, want, rtol=1e-5, atol=1e-5,
-                    msg=lambda m: f"{rows}x{n} {nontemporal=} {relu=} {what}: {m}")
+                    got,
+                    want,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m: f"{rows}x{n} {nontemporal=} {relu=} {what}: {m}",
+                )

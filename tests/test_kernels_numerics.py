@@ -33,6 +33,7 @@ Tolerances: see ``kernel_cases.py``.
 
 ``RESNORM_HYPOTHESIS_EXAMPLES`` raises the number of hypothesis examples for a longer run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,18 +124,25 @@ def _as_layout(t: Tensor, how: str) -> Tensor:
 # 1. the compiled kernel against the float64 oracle
 
 
-CONFIGS = [(kind, res, w, b) for kind in KINDS for res in (False, True) for w in (False, True)
-           for b in ((False, True) if kind == "layer" else (False,))]
+CONFIGS = [
+    (kind, res, w, b)
+    for kind in KINDS
+    for res in (False, True)
+    for w in (False, True)
+    for b in ((False, True) if kind == "layer" else (False,))
+]
 
 
 @pytest.mark.parametrize("prenorm", [True, False])
 @pytest.mark.parametrize("kind,with_residual,with_weight,with_bias", CONFIGS)
-def test_compiled_kernel_matches_float64_oracle(kind, with_residual, with_weight, with_bias,
-                                                 prenorm, only_compiled):
+def test_compiled_kernel_matches_float64_oracle(
+    kind, with_residual, with_weight, with_bias, prenorm, only_compiled
+):
     # n = 200: twelve blocks of 16 partial sums and a tail of 8; 3-D input, 15 rows.
     shape = (3, 5, 200)
-    x, res, w, b, dy = _case(shape, 10, residual=with_residual, weight=with_weight,
-                             bias=with_bias, kind=kind)
+    x, res, w, b, dy = _case(
+        shape, 10, residual=with_residual, weight=with_weight, bias=with_bias, kind=kind
+    )
     dh = _data(shape, 20, scale=1.0, shift=-0.2) if prenorm else None
     assert kernel_name(x) == "compiled cpu"
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, prenorm=prenorm)
@@ -182,8 +190,11 @@ def test_matches_torch_nn_twin(kind, compiled):
     xt, rt = x.clone().requires_grad_(), res.clone().requires_grad_()
     yt = twin(xt + rt)
     yt.backward(dy)
-    functional = (F.layer_norm(x + res, (n,), w, b, eps) if kind == "layer"
-                  else F.rms_norm(x + res, (n,), w, eps))
+    functional = (
+        F.layer_norm(x + res, (n,), w, b, eps)
+        if kind == "layer"
+        else F.rms_norm(x + res, (n,), w, eps)
+    )
     _same(yt.detach(), functional, "module vs functional twin")
 
     sc = _Scales.of(x, res, w, bias, kind=kind, eps=eps, dy=dy)
@@ -237,10 +248,15 @@ def test_large_mean(kind, where, only_compiled):
 # 4. non-contiguous inputs
 
 
-@pytest.mark.parametrize("x_layout,res_layout", [
-    ("transposed", "row-strided"), ("column-strided", "transposed"),
-    ("row-strided", "column-strided"), ("row-strided", "broadcast"),
-])
+@pytest.mark.parametrize(
+    "x_layout,res_layout",
+    [
+        ("transposed", "row-strided"),
+        ("column-strided", "transposed"),
+        ("row-strided", "column-strided"),
+        ("row-strided", "broadcast"),
+    ],
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_equals_contiguous(kind, x_layout, res_layout, compiled):
     shape = (12, 72)
@@ -253,13 +269,25 @@ def test_non_contiguous_equals_contiguous(kind, x_layout, res_layout, compiled):
         res_view = _as_layout(res, res_layout)
     dh = _data(shape, 91, scale=1.0, shift=0.0)
     # weight, bias and both upstream gradients are non-contiguous too
-    views = {"x": _as_layout(x, x_layout), "residual": res_view,
-             "weight": _as_layout(w, "column-strided"),
-             "bias": None if b is None else _as_layout(b, "column-strided"),
-             "dy": _as_layout(dy, "transposed"), "dh": _as_layout(dh, "row-strided")}
+    views = {
+        "x": _as_layout(x, x_layout),
+        "residual": res_view,
+        "weight": _as_layout(w, "column-strided"),
+        "bias": None if b is None else _as_layout(b, "column-strided"),
+        "dy": _as_layout(dy, "transposed"),
+        "dh": _as_layout(dh, "row-strided"),
+    }
     assert not any(t.is_contiguous() for t in views.values() if t is not None)
-    got = _run(add_norm, views["x"], views["residual"], views["weight"], views["bias"],
-               kind=kind, dy=views["dy"], dh=views["dh"])
+    got = _run(
+        add_norm,
+        views["x"],
+        views["residual"],
+        views["weight"],
+        views["bias"],
+        kind=kind,
+        dy=views["dy"],
+        dh=views["dh"],
+    )
     want = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
     for name, a in got.fields().items():
         _same(a, getattr(want, name), f"{x_layout}/{res_layout}: {name}")
@@ -278,8 +306,14 @@ def test_non_contiguous_3d_and_broadcast_upstream_gradient(compiled):
     want = _run(add_norm, x, res, w, b, dy=dy.contiguous())
     for name, a in got.fields().items():
         _same(a, getattr(want, name), name)
-    _check(got, _oracle(x, res, w, b, dy=dy), _Scales.of(x, res, w, b, dy=dy), x=x,
-           residual=res, what="broadcast dy")
+    _check(
+        got,
+        _oracle(x, res, w, b, dy=dy),
+        _Scales.of(x, res, w, b, dy=dy),
+        x=x,
+        residual=res,
+        what="broadcast dy",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,14 +325,19 @@ def test_non_contiguous_3d_and_broadcast_upstream_gradient(compiled):
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_matches_oracle(kind, residual_in_fp32, param_dtype, only_compiled):
     shape = (6, 136)  # 2 blocks of 64 and a tail of 8
-    x, res, w, b, dy = _case(shape, 100, dtype=torch.bfloat16, kind=kind,
-                             weight=param_dtype is not None, bias=param_dtype is not None,
-                             param_dtype=param_dtype or torch.float32)
+    x, res, w, b, dy = _case(
+        shape,
+        100,
+        dtype=torch.bfloat16,
+        kind=kind,
+        weight=param_dtype is not None,
+        bias=param_dtype is not None,
+        param_dtype=param_dtype or torch.float32,
+    )
     h_dtype = torch.float32 if residual_in_fp32 else torch.bfloat16
     dh = _data(shape, 101, h_dtype, scale=1.0, shift=0.0)
     assert kernel_name(x) == "compiled cpu"
-    got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh,
-               residual_in_fp32=residual_in_fp32)
+    got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh, residual_in_fp32=residual_in_fp32)
     assert got.h.dtype == h_dtype and got.y.dtype == torch.bfloat16
     assert got.dx.dtype == torch.bfloat16 and got.dres.dtype == torch.bfloat16
     if w is not None:
@@ -309,8 +348,9 @@ def test_bfloat16_matches_oracle(kind, residual_in_fp32, param_dtype, only_compi
     sc = _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh)
     # y within one bf16 ulp of the exact value, elementwise (+ the float32 error, which
     # only matters for |y| < 1e-3, where an ulp is below 1e-5).
-    _check(got, want, sc, x=x, residual=res, weight=w, residual_in_fp32=residual_in_fp32,
-           what="bf16")
+    _check(
+        got, want, sc, x=x, residual=res, weight=w, residual_in_fp32=residual_in_fp32, what="bf16"
+    )
 
 
 def test_bfloat16_residual_in_fp32_same_y(compiled):
@@ -336,7 +376,7 @@ def _stream_case():
     sc = _Scales.of(x, res, dy=dy)
     # A bf16 gradient is held to 2^-8 of its row's magnitude (amp = rstd * |h| is 2000 here,
     # which leaves _check's bound for a bf16-stored h no teeth).
-    bound = 2.0 ** -8 * want.dx.abs().amax(-1, keepdim=True)
+    bound = 2.0**-8 * want.dx.abs().amax(-1, keepdim=True)
     return x, res, dy, want, bound, sc
 
 
@@ -349,8 +389,12 @@ def test_bfloat16_float32_stream_gradient_exact(compiled):
     # y is right with a bf16 stream too: it is normalized from the float32 h (a large mean:
     # bounded as in test_large_mean)
     y = add_norm(x, res)
-    _assert_close(y, want.y, _ulp(want.y, torch.bfloat16) + LARGE_MEAN_TOL * sc.y
-                  + Y_TOL * sc.y_centred, "y, bf16 stream")
+    _assert_close(
+        y,
+        want.y,
+        _ulp(want.y, torch.bfloat16) + LARGE_MEAN_TOL * sc.y + Y_TOL * sc.y_centred,
+        "y, bf16 stream",
+    )
 
 
 def test_bfloat16_stream_gradient_at_rounded_h(compiled):
@@ -370,8 +414,9 @@ def _mixed_case(x_dtype, res_dtype):
     return x, res, w, got, want, _Scales.of(x, res, w, b, dy=dy, dh=dh)
 
 
-@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.bfloat16),
-                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,res_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
 def test_mixed_dtypes(x_dtype, res_dtype, only_compiled):
     """x and the residual stream in different dtypes: h takes the residual's dtype, y x's;
     the gradient of h (hence of x and of the residual) is computed in float32 and rounded
@@ -379,8 +424,15 @@ def test_mixed_dtypes(x_dtype, res_dtype, only_compiled):
     x, res, w, got, want, sc = _mixed_case(x_dtype, res_dtype)
     assert (got.y.dtype, got.h.dtype) == (x_dtype, res_dtype)
     assert (got.dx.dtype, got.dres.dtype) == (x_dtype, res_dtype)
-    _check(dataclasses.replace(got, dres=None), dataclasses.replace(want, dres=None), sc, x=x,
-           residual=res, weight=w, what=f"{x_dtype} + {res_dtype}")
+    _check(
+        dataclasses.replace(got, dres=None),
+        dataclasses.replace(want, dres=None),
+        sc,
+        x=x,
+        residual=res,
+        weight=w,
+        what=f"{x_dtype} + {res_dtype}",
+    )
     if res_dtype.itemsize > x_dtype.itemsize:
         _same(got.dx, got.dres.to(x_dtype), "dx = dres in x's dtype")
     else:
@@ -393,8 +445,12 @@ def test_float32_stream_gradient_kept_in_float32(compiled):
     # The gradient of a float32 residual stream (residual_in_fp32 passed on to the next
     # block with a bf16 branch x) is computed in float32, not rounded to bf16 per block.
     _, _, _, got, want, sc = _mixed_case(torch.bfloat16, torch.float32)
-    _assert_close(got.dres, want.dres, _ulp(want.dres, torch.float32) + 1e-5 * sc.dx,
-                  "float32 residual gradient")
+    _assert_close(
+        got.dres,
+        want.dres,
+        _ulp(want.dres, torch.float32) + 1e-5 * sc.dx,
+        "float32 residual gradient",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,8 +460,11 @@ def test_float32_stream_gradient_kept_in_float32(compiled):
 @st.composite
 def cases(draw):
     rows = draw(st.integers(1, 17))
-    n = draw(st.one_of(st.integers(1, 300),
-                       st.sampled_from([1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 257])))
+    n = draw(
+        st.one_of(
+            st.integers(1, 300), st.sampled_from([1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 257])
+        )
+    )
     lead = draw(st.sampled_from([(), (1,), (2,)]))
     return {
         "shape": (*lead, rows, n),
@@ -418,7 +477,7 @@ def cases(draw):
         "bias": draw(st.booleans()),
         "prenorm": draw(st.booleans()),
         "residual_in_fp32": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2 ** 16)),
+        "seed": draw(st.integers(0, 2**16)),
     }
 
 
@@ -426,19 +485,45 @@ def cases(draw):
 @given(cases())
 def test_property_matches_float64_oracle(compiled, case):
     shape, dtype, kind, eps = case["shape"], case["dtype"], case["kind"], case["eps"]
-    x, res, w, b, dy = _case(shape, case["seed"], dtype=dtype, residual=case["residual"],
-                             weight=case["weight"], bias=case["bias"], kind=kind)
+    x, res, w, b, dy = _case(
+        shape,
+        case["seed"],
+        dtype=dtype,
+        residual=case["residual"],
+        weight=case["weight"],
+        bias=case["bias"],
+        kind=kind,
+    )
     h_dtype = _h_dtype(x, res, case["residual_in_fp32"])
     dh = _data(shape, case["seed"] + 7, h_dtype, scale=1.0, shift=0.0) if case["prenorm"] else None
     layout = case["layout"]
     views = [None if t is None else _as_layout(t, layout) for t in (x, res, dy)]
-    got = _run(add_norm, views[0], views[1], w, b, kind=kind, eps=eps, dy=views[2], dh=dh,
-               prenorm=case["prenorm"], residual_in_fp32=case["residual_in_fp32"])
+    got = _run(
+        add_norm,
+        views[0],
+        views[1],
+        w,
+        b,
+        kind=kind,
+        eps=eps,
+        dy=views[2],
+        dh=dh,
+        prenorm=case["prenorm"],
+        residual_in_fp32=case["residual_in_fp32"],
+    )
     want = _oracle(x, res, w, b, kind=kind, eps=eps, dy=dy, dh=dh, prenorm=case["prenorm"])
     sc = _Scales.of(x, res, w, b, kind=kind, eps=eps, dy=dy, dh=dh)
     assert got.y.shape == x.shape
-    _check(got, want, sc, x=x, residual=res, weight=w,
-           residual_in_fp32=case["residual_in_fp32"], what=str(case))
+    _check(
+        got,
+        want,
+        sc,
+        x=x,
+        residual=res,
+        weight=w,
+        residual_in_fp32=case["residual_in_fp32"],
+        what=str(case),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,8 +545,14 @@ def test_streaming_threshold_matches_oracle(rows, nontemporal, kind, only_compil
     got = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dh)
     assert spy.calls == [("fwd", nontemporal), ("bwd", nontemporal)]
     want = _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh)
-    _check(got, want, _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res,
-           what=f"{rows} rows")
+    _check(
+        got,
+        want,
+        _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        x=x,
+        residual=res,
+        what=f"{rows} rows",
+    )
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -485,8 +576,14 @@ def test_streaming_and_normal_stores_identical(kind, n, activation, only_compile
             _same(run.y, base.y.clamp_min(0), "relu(y) vs clamped y")
         assert bool((runs[0].y == 0).any()) and bool((runs[0].y > 0).any())
         return
-    _check(runs[0], _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
-           _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh), x=x, residual=res, what="streamed")
+    _check(
+        runs[0],
+        _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        _Scales.of(x, res, w, b, kind=kind, dy=dy, dh=dh),
+        x=x,
+        residual=res,
+        what="streamed",
+    )
 
 
 @pytest.mark.parametrize("nontemporal", [False, True])
@@ -500,9 +597,9 @@ def test_rows_in_blocks_equal_rows_alone(kind, n, nontemporal, only_compiled, mo
     x, res, w, b, _ = _case((70, n), 130, kind=kind)
     together = add_norm(x, res, w, b, kind=kind, prenorm=True)
     for i in range(x.shape[0]):
-        alone = add_norm(x[i:i + 1], res[i:i + 1], w, b, kind=kind, prenorm=True)
+        alone = add_norm(x[i : i + 1], res[i : i + 1], w, b, kind=kind, prenorm=True)
         for got, want, name in zip(together, alone, ("y", "h")):
-            _same(got[i:i + 1], want, f"row {i}: {name}")
+            _same(got[i : i + 1], want, f"row {i}: {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,8 +627,9 @@ def test_one_thread_vs_two(kind, threads, compiled):
     _assert_close(two.dw, one.dw, 1e-5 * sc.dw, "dweight: 2 threads vs 1")
     if kind == "layer":
         _assert_close(two.db, one.db, 1e-5 * sc.db, "dbias: 2 threads vs 1")
-    _check(two, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh), sc, x=x, residual=res,
-           what="2 threads")
+    _check(
+        two, _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh), sc, x=x, residual=res, what="2 threads"
+    )
 
 
 @pytest.mark.parametrize("shape", [(2000, 35), (77, 1024), (70, 4096), (5, 40000)])
@@ -546,9 +644,15 @@ def test_row_blocks(shape, dtype, count, threads, only_compiled):
     dh = _data(shape, 146, dtype, scale=1.0, shift=0.0)
     got = _run(add_norm, x, res, w, b, kind="layer", dy=dy, dh=dh)
     torch.set_num_threads(threads)
-    _check(got, _oracle(x, res, w, b, kind="layer", dy=dy, dh=dh),
-           _Scales.of(x, res, w, b, kind="layer", dy=dy, dh=dh), x=x, residual=res,
-           weight=w, what=f"{shape} {dtype}, {count} threads")
+    _check(
+        got,
+        _oracle(x, res, w, b, kind="layer", dy=dy, dh=dh),
+        _Scales.of(x, res, w, b, kind="layer", dy=dy, dh=dh),
+        x=x,
+        residual=res,
+        weight=w,
+        what=f"{shape} {dtype}, {count} threads",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,8 +679,7 @@ def test_zero_rows(kind, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", KINDS)
 def test_prenorm_without_residual_returns_x(kind, dtype):
-    x, _, w, b, dy = _case((4, 33), 160, dtype=dtype, residual=False, kind=kind,
-                           param_dtype=dtype)
+    x, _, w, b, dy = _case((4, 33), 160, dtype=dtype, residual=False, kind=kind, param_dtype=dtype)
     dh = _data((4, 33), 161, dtype, scale=1.0, shift=0.0)
     xl = x.clone().requires_grad_()
     _, h = add_norm(xl, None, w, b, kind=kind, prenorm=True)
@@ -601,23 +704,27 @@ def _masked_reference(mask: Tensor):
     """The float64 oracle with the ReLU applied through a given mask (the kernel's own, y > 0):
     where the kernel's mask and the sign of the exact z differ, |z| is within rounding of 0
     (``_assert_mask_within_rounding``), and the gradients follow the mask the forward used."""
+
     def fn(x, residual, weight, bias, *, kind, eps, prenorm, residual_in_fp32):
         out = add_norm_reference(x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32)
         y, h = out if prenorm else (out, None)
         y = y * mask.to(y.dtype)
         return (y, h) if prenorm else y
+
     return fn
 
 
 def _exact_z(x, res, w, b, kind, eps=1e-5):
-    return add_norm_reference(*(None if t is None else t.double() for t in (x, res, w, b)),
-                              kind=kind, eps=eps)
+    return add_norm_reference(
+        *(None if t is None else t.double() for t in (x, res, w, b)), kind=kind, eps=eps
+    )
 
 
 def _assert_mask_within_rounding(y: Tensor, z: Tensor, bound: Tensor) -> None:
     flips = (y > 0) != (z > 0)
-    assert bool((z.abs()[flips] <= bound.expand_as(z)[flips]).all()), \
+    assert bool((z.abs()[flips] <= bound.expand_as(z)[flips]).all()), (
         f"{int(flips.sum())} mask flips beyond rounding"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -635,8 +742,13 @@ def test_relu_matches_float64_oracle(kind, with_residual, dtype, only_compiled):
     assert 0.2 < zeros < 0.8, zeros  # both sides of the kink are exercised
     _assert_close(got.y, torch.relu(z), y_bound, "y vs relu(exact z)")
     _assert_mask_within_rounding(got.y, z, y_bound)
-    want = _run(_masked_reference((got.y > 0).double()), *(None if t is None else t.double()
-                for t in (x, res, w, b)), kind=kind, dy=dy.double(), dh=dh.double())
+    want = _run(
+        _masked_reference((got.y > 0).double()),
+        *(None if t is None else t.double() for t in (x, res, w, b)),
+        kind=kind,
+        dy=dy.double(),
+        dh=dh.double(),
+    )
     _check(got, want, sc, x=x, residual=res, weight=w, what=f"relu {kind} {dtype}")
     # The check has teeth: the gradients without the ReLU's mask are far off.
     unmasked = _oracle(x, res, w, b, kind=kind, dy=dy, dh=dh)
@@ -650,7 +762,16 @@ def test_relu_layouts_bit_equal(kind, how, only_compiled):
     shape = (6, 45)
     x, res, w, b, dy = _case(shape, 310, kind=kind)
     base = _run(add_norm, x, res, w, b, kind=kind, dy=dy, dh=dy, activation="relu")
-    laid = _run(add_norm, _as_layout(x, how), _as_layout(res, how), w, b, kind=kind,
-                dy=_as_layout(dy, how), dh=_as_layout(dy, how), activation="relu")
+    laid = _run(
+        add_norm,
+        _as_layout(x, how),
+        _as_layout(res, how),
+        w,
+        b,
+        kind=kind,
+        dy=_as_layout(dy, how),
+        dh=_as_layout(dy, how),
+        activation="relu",
+    )
     for name, value in base.fields().items():
         _same(getattr(laid, name), value, f"{how}: {name}")

@@ -41,24 +41,30 @@ options = { width = 8 }
 """
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name = ", "not valid TOML"),
-    ("bogus = 1\n" + BASE + GRID, "unknown key(s) bogus"),
-    ('dataset = "synthetic"\n' + GRID, "missing required key 'name'"),
-    (BASE.replace('dataset = "synthetic"', 'dataset = "nope"') + GRID, "unknown dataset 'nope'"),
-    ('x = "width"\n' + BASE + GRID, "x='width' is not supported"),
-    (_study(GRID.replace('"mlp"', '"nope"')), "unknown model 'nope'"),
-    (_study(GRID.replace('"mlp"', '"resnet20"')), "fixed depth"),
-    (_study(GRID.replace("width = 8", "colour = 8")), "takes no option(s) colour"),
-    (_study(GRID.replace('"none"', '"weird"')), "unknown norm 'weird'"),
-    (_study(GRID.replace("[1, 2]", "[0, 2]")), "depths must be a non-empty list of integers"),
-    (_study(GRID.replace("[true, false]", "[]")), "residual must be a non-empty list"),
-    (_study(GRID).replace("epochs = 1", "epochs = 0"), r"\[train\]: epochs must be"),
-    (_study(GRID).replace("epochs = 1", "batch_size = 4"), "must not set batch_size"),
-    (_study(GRID, "[quick]\nfast = true\n"), r"\[quick\]: unknown key\(s\) fast"),
-    (_study(GRID.replace("models", "modles")), "unknown key(s) modles"),
-    ("grid = []\n" + BASE, "at least one table"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name = ", "not valid TOML"),
+        ("bogus = 1\n" + BASE + GRID, "unknown key(s) bogus"),
+        ('dataset = "synthetic"\n' + GRID, "missing required key 'name'"),
+        (
+            BASE.replace('dataset = "synthetic"', 'dataset = "nope"') + GRID,
+            "unknown dataset 'nope'",
+        ),
+        ('x = "width"\n' + BASE + GRID, "x='width' is not supported"),
+        (_study(GRID.replace('"mlp"', '"nope"')), "unknown model 'nope'"),
+        (_study(GRID.replace('"mlp"', '"resnet20"')), "fixed depth"),
+        (_study(GRID.replace("width = 8", "colour = 8")), "takes no option(s) colour"),
+        (_study(GRID.replace('"none"', '"weird"')), "unknown norm 'weird'"),
+        (_study(GRID.replace("[1, 2]", "[0, 2]")), "depths must be a non-empty list of integers"),
+        (_study(GRID.replace("[true, false]", "[]")), "residual must be a non-empty list"),
+        (_study(GRID).replace("epochs = 1", "epochs = 0"), r"\[train\]: epochs must be"),
+        (_study(GRID).replace("epochs = 1", "batch_size = 4"), "must not set batch_size"),
+        (_study(GRID, "[quick]\nfast = true\n"), r"\[quick\]: unknown key\(s\) fast"),
+        (_study(GRID.replace("models", "modles")), "unknown key(s) modles"),
+        ("grid = []\n" + BASE, "at least one table"),
+    ],
+)
 def test_study_validation_errors(text, message):
     with pytest.raises(StudyError) as info:
         parse_study(text, "t.toml")
@@ -78,8 +84,10 @@ def test_grid_expansion_is_the_product_in_a_stable_order():
 
 
 def test_quick_version_uses_quick_lists_and_settings():
-    text = _study(GRID.replace("options", "quick_depths = [1]\noptions"),
-                  "[quick]\ntrain = { epochs = 1 }\ndataset_options = { train_samples = 50 }\n")
+    text = _study(
+        GRID.replace("options", "quick_depths = [1]\noptions"),
+        "[quick]\ntrain = { epochs = 1 }\ndataset_options = { train_samples = 50 }\n",
+    )
     quick = parse_study(text).quick_version()
     assert {r.depth for r in quick.runs()} == {1}
     assert quick.dataset_options["train_samples"] == 50 and quick.seeds == 1
@@ -123,7 +131,9 @@ def test_failed_and_diverged_runs_are_recorded_and_the_others_go_on(tmp_path):
         by_norm.setdefault(r["norm"], []).append(r)
     # Instance norm needs positions to normalize over; (N, C) features have none.
     assert all(r["status"] == "failed" and "UsageError" in r["error"] for r in by_norm["instance"])
-    assert all((tmp_path / "runs" / r["run_id"] / "error.txt").exists() for r in by_norm["instance"])
+    assert all(
+        (tmp_path / "runs" / r["run_id"] / "error.txt").exists() for r in by_norm["instance"]
+    )
     assert all(r["status"] == "diverged" and r["diverged_at_step"] for r in by_norm["none"])
 
 
@@ -142,22 +152,25 @@ def test_killed_lab_resumes_and_keeps_finished_runs(tmp_path):
     (tmp_path / "study.toml").write_text(text)
     (tmp_path / "child.py").write_text(_CHILD)
     out = tmp_path / "lab"
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
-                              str(tmp_path / "study.toml"), str(out)], start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "study.toml"), str(out)],
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while len(list(out.glob("runs/*/summary.json"))) < 2 and time.monotonic() < deadline:
         assert child.poll() is None, "the lab process ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)            # the lab and its workers
+    os.killpg(child.pid, signal.SIGKILL)  # the lab and its workers
     child.wait(timeout=30)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert 2 <= len(finished) < 12
     results = run_study(parse_study(text), out, workers=1, progress=False)
     assert len(results) == 12 and all(r["status"] in ("finished", "diverged") for r in results)
     for path, stamp in finished.items():
-        assert path.stat().st_mtime_ns == stamp      # not run again
-    assert all(json.loads(p.read_text())["status"] != "failed"
-               for p in out.glob("runs/*/summary.json"))
+        assert path.stat().st_mtime_ns == stamp  # not run again
+    assert all(
+        json.loads(p.read_text())["status"] != "failed" for p in out.glob("runs/*/summary.json")
+    )
 
 
 def _write_cifar10(folder, per_batch=8):
@@ -168,9 +181,12 @@ def _write_cifar10(folder, per_batch=8):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
-                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"{i}.png".encode() for i in range(per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
 
@@ -179,8 +195,20 @@ def test_cifar10_resnet_study_quick_runs_on_official_format_files(tmp_path, caps
     from resnorm.cli import main
 
     _write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
-    code = main(["lab", "cifar10-resnet", "--quick", "--data-root", str(tmp_path / "data"),
-                 "--out", str(tmp_path / "lab"), "--workers", "1", "--json"])
+    code = main(
+        [
+            "lab",
+            "cifar10-resnet",
+            "--quick",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "lab"),
+            "--workers",
+            "1",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and (tmp_path / "lab" / "report.html").exists()
     assert {r["depth"] for r in report["results"]} == {8}

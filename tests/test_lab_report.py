@@ -1,5 +1,6 @@
 """The lab's report: files, self-contained HTML, escaping, and findings computed from the
 numbers. Synthetic results only (no training), so the whole file takes seconds."""
+
 from __future__ import annotations
 
 import base64
@@ -22,9 +23,17 @@ def _history(final_acc, epochs=3, final_loss=0.5, diverge=False):
     rows = []
     for e in range(1, epochs + 1):
         frac = e / epochs
-        rows.append({"epoch": e, "train_loss": 2.3 - (2.3 - final_loss) * frac,
-                     "train_acc": final_acc * frac, "test_loss": 2.0 - frac,
-                     "test_acc": final_acc * frac, "lr": 1e-3, "seconds": 0.1 * e})
+        rows.append(
+            {
+                "epoch": e,
+                "train_loss": 2.3 - (2.3 - final_loss) * frac,
+                "train_acc": final_acc * frac,
+                "test_loss": 2.0 - frac,
+                "test_acc": final_acc * frac,
+                "lr": 1e-3,
+                "seconds": 0.1 * e,
+            }
+        )
     if diverge:
         rows[-1]["train_loss"] = float("nan")
         rows[-1]["test_loss"] = float("inf")
@@ -32,45 +41,86 @@ def _history(final_acc, epochs=3, final_loss=0.5, diverge=False):
 
 
 def _init(depth, verdict="healthy", ratio=2.0, decay=1.0):
-    layers = [{"name": f"blocks.{i}.fc", "kind": "Linear", "grad_norm": 0.1 * decay ** (depth - i)}
-              for i in range(depth)]
-    blocks = [{"name": f"blocks.{i}", "sq_mean": 0.5 * decay ** i, "var": 1.0 + i,
-               "branch_var": 0.5 if verdict == "healthy" else None} for i in range(depth)]
+    layers = [
+        {"name": f"blocks.{i}.fc", "kind": "Linear", "grad_norm": 0.1 * decay ** (depth - i)}
+        for i in range(depth)
+    ]
+    blocks = [
+        {
+            "name": f"blocks.{i}",
+            "sq_mean": 0.5 * decay**i,
+            "var": 1.0 + i,
+            "branch_var": 0.5 if verdict == "healthy" else None,
+        }
+        for i in range(depth)
+    ]
     return {"verdict": verdict, "grad_ratio": ratio, "layers": layers, "blocks": blocks}
 
 
-def _run(variant, *, depth=8, batch_size=128, seed=0, acc=0.8, residual=True, norm="batch",
-         model="mlp", status="finished", history=True, init=True, verdict="healthy",
-         ratio=2.0, error=None, diverged_at_step=None):
+def _run(
+    variant,
+    *,
+    depth=8,
+    batch_size=128,
+    seed=0,
+    acc=0.8,
+    residual=True,
+    norm="batch",
+    model="mlp",
+    status="finished",
+    history=True,
+    init=True,
+    verdict="healthy",
+    ratio=2.0,
+    error=None,
+    diverged_at_step=None,
+):
     finished = status == "finished" and acc is not None
-    hist = _history(acc if acc is not None else 0.1, diverge=status == "diverged") \
-        if history and status != "failed" else []
+    hist = (
+        _history(acc if acc is not None else 0.1, diverge=status == "diverged")
+        if history and status != "failed"
+        else []
+    )
     return {
         "run_id": f"{model}-d{depth}-{norm}-{'res' if residual else 'plain'}-post-b{batch_size}"
-                  f"-s{seed}-{zlib.crc32(variant.encode()) % 1000}",
-        "variant": variant, "family": model, "model": model, "depth": depth, "norm": norm,
-        "residual": residual, "placement": "post", "batch_size": batch_size, "seed": seed,
-        "dataset": "mnist1d", "status": status, "error": error,
+        f"-s{seed}-{zlib.crc32(variant.encode()) % 1000}",
+        "variant": variant,
+        "family": model,
+        "model": model,
+        "depth": depth,
+        "norm": norm,
+        "residual": residual,
+        "placement": "post",
+        "batch_size": batch_size,
+        "seed": seed,
+        "dataset": "mnist1d",
+        "status": status,
+        "error": error,
         "diverged_at_step": diverged_at_step,
         "final_test_acc": acc if finished else None,
         "best_test_acc": acc if finished else None,
         "final_train_loss": (hist[-1]["train_loss"] if hist else None),
-        "parameters": 1000 * depth, "seconds": 1.5,
+        "parameters": 1000 * depth,
+        "seconds": 1.5,
         "history": hist,
-        "init": _init(depth, verdict, ratio, decay=1.0 if residual else 0.3) if init else None}
+        "init": _init(depth, verdict, ratio, decay=1.0 if residual else 0.3) if init else None,
+    }
 
 
-DEPTH_STUDY = {"name": "depth <b>bold</b>", "description": "Plain vs residual & norms.",
-               "x": "depth"}
+DEPTH_STUDY = {
+    "name": "depth <b>bold</b>",
+    "description": "Plain vs residual & norms.",
+    "x": "depth",
+}
 
 
 def depth_results():
     results = []
-    accs = {("mlp, residual, batch norm", True): {2: (0.80, 0.81), 8: (0.80, 0.80),
-                                                  24: (0.79, 0.81)},
-            ("mlp, plain, batch norm", False): {2: (0.80, 0.80), 8: (0.60, 0.62),
-                                                24: (0.30, 0.30)},
-            (XSS, True): {2: (0.75, 0.77), 8: (0.74, 0.76), 24: (0.75, 0.75)}}
+    accs = {
+        ("mlp, residual, batch norm", True): {2: (0.80, 0.81), 8: (0.80, 0.80), 24: (0.79, 0.81)},
+        ("mlp, plain, batch norm", False): {2: (0.80, 0.80), 8: (0.60, 0.62), 24: (0.30, 0.30)},
+        (XSS, True): {2: (0.75, 0.77), 8: (0.74, 0.76), 24: (0.75, 0.75)},
+    }
     for (variant, residual), by_depth in accs.items():
         norm = "layer" if variant == XSS else "batch"
         for depth, seeds in by_depth.items():
@@ -80,12 +130,24 @@ def depth_results():
                 if variant == "mlp, plain, batch norm" and depth == 24 and seed == 1:
                     kwargs = {"status": "diverged", "acc": None, "diverged_at_step": 17}
                 if variant == XSS and depth == 8 and seed == 0:
-                    kwargs = {"status": "failed", "acc": None, "init": False,
-                              "error": "RuntimeError: boom <img src=x onerror=alert(2)>"}
-                results.append(_run(variant, depth=depth, seed=seed, residual=residual,
-                                    norm=norm, verdict=verdict,
-                                    ratio=2.0 if residual else 10.0 ** depth,
-                                    **{"acc": acc, **kwargs}))
+                    kwargs = {
+                        "status": "failed",
+                        "acc": None,
+                        "init": False,
+                        "error": "RuntimeError: boom <img src=x onerror=alert(2)>",
+                    }
+                results.append(
+                    _run(
+                        variant,
+                        depth=depth,
+                        seed=seed,
+                        residual=residual,
+                        norm=norm,
+                        verdict=verdict,
+                        ratio=2.0 if residual else 10.0**depth,
+                        **{"acc": acc, **kwargs},
+                    )
+                )
     # a non-finite number the JSON must turn into null
     results[0]["seconds"] = float("inf")
     return results
@@ -156,8 +218,7 @@ def _check_common(out, results, page, html, n_figures):
     assert "http://" not in html and "https://" not in html
     # the runs table matches results.json: same run ids in order, same accuracies
     header, *rows = page.rows
-    assert header[:6] == ["run_id", "variant", header[2], "seed", "status",
-                          "final test acc (%)"]
+    assert header[:6] == ["run_id", "variant", header[2], "seed", "status", "final test acc (%)"]
     assert [row[0] for row in rows] == [r["run_id"] for r in data]
     for row, run in zip(rows, data):
         if run["final_test_acc"] is None:
@@ -174,8 +235,7 @@ def _check_common(out, results, page, html, n_figures):
     for row, run in zip(csv_rows, data):
         assert row["variant"] == run["variant"] and row["status"] == run["status"]
         acc = run["final_test_acc"]
-        assert (row["final_test_acc"] == "") if acc is None else \
-            float(row["final_test_acc"]) == acc
+        assert (row["final_test_acc"] == "") if acc is None else float(row["final_test_acc"]) == acc
         init = run["init"] or {}
         assert row["init_verdict"] == (init.get("verdict") or "")
         assert int(row["depth"]) == run["depth"] and int(row["seed"]) == run["seed"]
@@ -217,27 +277,38 @@ def test_report_depth_study(tmp_path):
 
     # findings for this data, with its numbers
     findings = summarize_findings(results, DEPTH_STUDY)
-    assert ("mlp, plain, batch norm: 80.0% at 2 blocks -> 30.0% at 24 blocks (-50.0 points; "
-            "1 diverged of 2 runs at 24 blocks, not averaged)." in findings)
-    assert "mlp, residual, batch norm: 80.5% at 2 blocks -> 80.0% at 24 blocks (-0.5 points)." \
+    assert (
+        "mlp, plain, batch norm: 80.0% at 2 blocks -> 30.0% at 24 blocks (-50.0 points; "
+        "1 diverged of 2 runs at 24 blocks, not averaged)." in findings
+    )
+    assert (
+        "mlp, residual, batch norm: 80.5% at 2 blocks -> 80.0% at 24 blocks (-0.5 points)."
         in findings
-    assert any(f.startswith("1 of 18 runs diverged: ") and "(at step 17)" in f
-               for f in findings)
-    assert any(f.startswith("1 of 18 runs failed: ") and "RuntimeError: boom" in f
-               for f in findings)
+    )
+    assert any(f.startswith("1 of 18 runs diverged: ") and "(at step 17)" in f for f in findings)
+    assert any(
+        f.startswith("1 of 18 runs failed: ") and "RuntimeError: boom" in f for f in findings
+    )
     for f in findings:  # every finding is on the page, escaped
         assert f"<li>{markupsafe.escape(f)}</li>" in html
 
 
-BATCH_STUDY = {"name": "batch-size", "description": "Batch norm needs batches.",
-               "x": "batch_size"}
+BATCH_STUDY = {"name": "batch-size", "description": "Batch norm needs batches.", "x": "batch_size"}
 
 
 def batch_results():
-    accs = {("mlp, residual, batch norm", "batch"): {256: (0.80, 0.80), 32: (0.70, 0.72),
-                                                     2: (0.40, 0.40)},
-            ("mlp, residual, layer norm", "layer"): {256: (0.78, 0.78), 32: (0.78, 0.78),
-                                                     2: (0.775, 0.775)}}
+    accs = {
+        ("mlp, residual, batch norm", "batch"): {
+            256: (0.80, 0.80),
+            32: (0.70, 0.72),
+            2: (0.40, 0.40),
+        },
+        ("mlp, residual, layer norm", "layer"): {
+            256: (0.78, 0.78),
+            32: (0.78, 0.78),
+            2: (0.775, 0.775),
+        },
+    }
     results = []
     for (variant, norm), by_batch in accs.items():
         for batch, seeds in by_batch.items():
@@ -255,17 +326,21 @@ def test_report_batch_size_study(tmp_path):
     assert page.rows[0][2] == "batch size"
     findings = summarize_findings(results, BATCH_STUDY)
     # from the largest batch to the smallest
-    assert ("mlp, residual, batch norm: 80.0% at batch size 256 -> 40.0% at batch size 2 "
-            "(-40.0 points).") in findings
-    assert ("mlp, residual, layer norm: 78.0% at batch size 256 -> 77.5% at batch size 2 "
-            "(-0.5 points).") in findings
+    assert (
+        "mlp, residual, batch norm: 80.0% at batch size 256 -> 40.0% at batch size 2 "
+        "(-40.0 points)."
+    ) in findings
+    assert (
+        "mlp, residual, layer norm: 78.0% at batch size 256 -> 77.5% at batch size 2 (-0.5 points)."
+    ) in findings
     by_norm = next(f for f in findings if f.startswith("By norm kind"))
     assert "batch norm 80.0% at batch size 256 -> 40.0% at batch size 2 (-40.0 points)" in by_norm
     assert "layer norm 78.0% at batch size 256 -> 77.5% at batch size 2 (-0.5 points)" in by_norm
     degrade = next(f for f in findings if f.startswith("Degrade as the batch shrinks"))
     assert "batch norm" in degrade and "layer norm" not in degrade
-    assert any(f.startswith("Best at batch size 2: mlp, residual, layer norm with 77.5%")
-               for f in findings)
+    assert any(
+        f.startswith("Best at batch size 2: mlp, residual, layer norm with 77.5%") for f in findings
+    )
 
 
 def test_summarize_findings_exact_numbers():
@@ -275,8 +350,18 @@ def test_summarize_findings_exact_numbers():
     def add(variant, residual, by_depth, norm="none"):
         for depth, seeds in by_depth.items():
             for seed, acc in enumerate(seeds):
-                results.append(_run(variant, depth=depth, seed=seed, acc=acc, norm=norm,
-                                    residual=residual, history=False, init=False))
+                results.append(
+                    _run(
+                        variant,
+                        depth=depth,
+                        seed=seed,
+                        acc=acc,
+                        norm=norm,
+                        residual=residual,
+                        history=False,
+                        init=False,
+                    )
+                )
 
     add("plain mlp, no norm", False, {2: (0.8, 0.8), 8: (0.6, 0.6), 24: (0.3, 0.3)})
     add("residual mlp, no norm", True, {2: (0.81, 0.79), 8: (0.8, 0.8), 24: (0.8, 0.8)})
@@ -287,8 +372,9 @@ def test_summarize_findings_exact_numbers():
 
     findings = summarize_findings(results, study)
     assert "plain mlp, no norm: 80.0% at 2 blocks -> 30.0% at 24 blocks (-50.0 points)." in findings
-    assert "residual mlp, no norm: 80.0% at 2 blocks -> 80.0% at 24 blocks (+0.0 points)." \
-        in findings
+    assert (
+        "residual mlp, no norm: 80.0% at 2 blocks -> 80.0% at 24 blocks (+0.0 points)." in findings
+    )
     assert "noisy mlp: 80.0% at 2 blocks -> 77.0% at 24 blocks (-3.0 points)." in findings
     assert "slipping mlp: 80.0% at 2 blocks -> 78.5% at 24 blocks (-1.5 points)." in findings
     degrade = next(f for f in findings if f.startswith("Degrade with depth"))
@@ -299,10 +385,14 @@ def test_summarize_findings_exact_numbers():
     assert "residual mlp, no norm (+0.0 points, allowance 2.0)" in hold
     assert "noisy mlp (-3.0 points, allowance 10.0)" in hold
     assert "plain" not in hold and "slipping" not in hold
-    assert ("residual mlp, no norm vs plain mlp, no norm: residual minus plain +0.0 points at "
-            "2 blocks, +20.0 points at 8 blocks, +50.0 points at 24 blocks.") in findings
-    assert ("Best at 24 blocks: residual mlp, no norm with 80.0% (2 seeds), 1.5 points ahead "
-            "of slipping mlp (78.5%).") in findings
+    assert (
+        "residual mlp, no norm vs plain mlp, no norm: residual minus plain +0.0 points at "
+        "2 blocks, +20.0 points at 8 blocks, +50.0 points at 24 blocks."
+    ) in findings
+    assert (
+        "Best at 24 blocks: residual mlp, no norm with 80.0% (2 seeds), 1.5 points ahead "
+        "of slipping mlp (78.5%)."
+    ) in findings
     assert "20 of 20 runs finished; none diverged or failed." in findings
     assert not any(f.startswith("At initialization") for f in findings)
 
@@ -313,16 +403,26 @@ def test_summarize_findings_exact_numbers():
 
 def test_init_only_training_only_and_empty(tmp_path):
     # an init study: diagnostics, no training, no accuracy
-    init_results = [_run(v, depth=d, seed=0, acc=None, residual=res, history=False,
-                         verdict="healthy" if res else "vanishing",
-                         ratio=3.0 if res else 1e-30)
-                    for v, res in (("mlp, residual, no norm", True), ("mlp, plain, no norm", False))
-                    for d in (8, 20)]
+    init_results = [
+        _run(
+            v,
+            depth=d,
+            seed=0,
+            acc=None,
+            residual=res,
+            history=False,
+            verdict="healthy" if res else "vanishing",
+            ratio=3.0 if res else 1e-30,
+        )
+        for v, res in (("mlp, residual, no norm", True), ("mlp, plain, no norm", False))
+        for d in (8, 20)
+    ]
     for r in init_results:
         r["status"] = "finished"
     out = tmp_path / "init"
-    html = write_report(init_results, {"name": "init", "description": "", "x": "depth"},
-                        out).read_text(encoding="utf-8")
+    html = write_report(
+        init_results, {"name": "init", "description": "", "x": "depth"}, out
+    ).read_text(encoding="utf-8")
     page = _parse(html)
     _check_common(out, init_results, page, html, n_figures=2)
     assert html.count("Not drawn:") == 2
@@ -335,10 +435,14 @@ def test_init_only_training_only_and_empty(tmp_path):
 
     # a training study without init diagnostics, into the same folder: the stale init
     # figures go, the verdict table says there is nothing
-    train_results = [_run("mlp, residual, batch norm", depth=d, seed=s, acc=0.8, init=False)
-                     for d in (2, 8) for s in (0, 1)]
-    html = write_report(train_results, {"name": "train", "x": "depth"}, out) \
-        .read_text(encoding="utf-8")
+    train_results = [
+        _run("mlp, residual, batch norm", depth=d, seed=s, acc=0.8, init=False)
+        for d in (2, 8)
+        for s in (0, 1)
+    ]
+    html = write_report(train_results, {"name": "train", "x": "depth"}, out).read_text(
+        encoding="utf-8"
+    )
     page = _parse(html)
     _check_common(out, train_results, page, html, n_figures=2)
     assert "No initialization diagnostics in these results." in html
@@ -347,8 +451,9 @@ def test_init_only_training_only_and_empty(tmp_path):
 
     # no runs at all
     empty = tmp_path / "empty"
-    html = write_report([], {"name": "nothing", "x": "batch_size"}, empty) \
-        .read_text(encoding="utf-8")
+    html = write_report([], {"name": "nothing", "x": "batch_size"}, empty).read_text(
+        encoding="utf-8"
+    )
     assert _parse(html).images == []
     assert _strict_json(empty / "results.json") == []
     assert (empty / "results.csv").read_text().strip() == ",".join(CSV_COLUMNS)
@@ -371,7 +476,7 @@ def test_summary_table():
     console = Console(record=True, width=250, color_system=None)
     console.print(table)
     text = console.export_text()
-    assert "[red]odd[/red] variant" in text   # markup in a name is shown, not interpreted
+    assert "[red]odd[/red] variant" in text  # markup in a name is shown, not interpreted
     assert "80.5%" in text and "±1.0" in text
     assert "30.0%" in text
     empty = summary_table([], {"name": "none", "x": "depth"})
@@ -389,19 +494,34 @@ def test_depth_counts_one_thing_per_plot_and_sentence(tmp_path):
     from resnorm.lab.report.groups import _groups
 
     results = []
-    for model, depths, accs in (("mlp", (8, 20), (0.7, 0.6)), ("mlp", (8, 20), (0.72, 0.5)),
-                                ("resnet1d", (8, 20), (0.8, 0.9))):
+    for model, depths, accs in (
+        ("mlp", (8, 20), (0.7, 0.6)),
+        ("mlp", (8, 20), (0.72, 0.5)),
+        ("resnet1d", (8, 20), (0.8, 0.9)),
+    ):
         plain = len(results) == 2
         for depth, acc in zip(depths, accs):
-            results.append(_run(f"{model}{', plain' if plain else ''}", depth=depth, acc=acc,
-                                model=model, residual=not plain, history=False, init=False))
+            results.append(
+                _run(
+                    f"{model}{', plain' if plain else ''}",
+                    depth=depth,
+                    acc=acc,
+                    model=model,
+                    residual=not plain,
+                    history=False,
+                    init=False,
+                )
+            )
     findings = summarize_findings(results, {"name": "t", "x": "depth"})
-    assert "resnet1d: 80.0% at 8 weight layers -> 90.0% at 20 weight layers (+10.0 points)." \
+    assert (
+        "resnet1d: 80.0% at 8 weight layers -> 90.0% at 20 weight layers (+10.0 points)."
         in findings
+    )
     assert "mlp: 70.0% at 8 blocks -> 60.0% at 20 blocks (-10.0 points)." in findings
     best = [f for f in findings if f.startswith("Best at")]
-    assert best == ["Best at 20 blocks: mlp with 60.0% (1 seed), 10.0 points ahead of "
-                    "mlp, plain (50.0%)."]
+    assert best == [
+        "Best at 20 blocks: mlp with 60.0% (1 seed), 10.0 points ahead of mlp, plain (50.0%)."
+    ]
     fig, _ = figures._accuracy_figure(_groups(results, "depth"), "depth")
     try:
         labels = sorted(ax.get_xlabel() for ax in fig.axes)

@@ -1,5 +1,6 @@
 """The lab's worker processes: they die with the lab, Ctrl-C ends them at once, a resumed
 run gets the threads the uninterrupted lab gave it, and runs report their epochs."""
+
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 
 from resnorm.lab import parse_study, plan_workers, progress, run_study, runner
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                                reason="finds worker processes through /proc")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="finds worker processes through /proc"
+)
 
 TINY = """
 name = "tiny"
@@ -49,7 +51,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    state, ppid = text[text.rindex(")") + 2:].split()[:2]
+    state, ppid = text[text.rindex(")") + 2 :].split()[:2]
     return state, int(ppid)
 
 
@@ -85,13 +87,17 @@ def _wait_gone(pids, timeout: float) -> float:
 
 def _start_lab(tmp_path):
     """A lab of 4 long runs on 2 workers, in its own session, once both workers train."""
-    (tmp_path / "study.toml").write_text(TINY.format(samples=20000, epochs=200,
-                                                     depths=[1, 2, 3, 4]))
+    (tmp_path / "study.toml").write_text(
+        TINY.format(samples=20000, epochs=200, depths=[1, 2, 3, 4])
+    )
     (tmp_path / "lab.py").write_text(LAB)
     out = tmp_path / "lab"
-    lab = subprocess.Popen([sys.executable, str(tmp_path / "lab.py"),
-                            str(tmp_path / "study.toml"), str(out)], start_new_session=True,
-                           stderr=subprocess.PIPE, text=True)
+    lab = subprocess.Popen(
+        [sys.executable, str(tmp_path / "lab.py"), str(tmp_path / "study.toml"), str(out)],
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert lab.poll() is None, f"the lab ended before it could be stopped: {lab.stderr.read()}"
@@ -106,8 +112,8 @@ def _start_lab(tmp_path):
 def test_workers_die_with_a_killed_lab(tmp_path, sig):
     lab, workers = _start_lab(tmp_path)
     try:
-        children = _children(lab.pid)          # the workers and multiprocessing's tracker
-        os.kill(lab.pid, sig)                  # the lab only, not its process group
+        children = _children(lab.pid)  # the workers and multiprocessing's tracker
+        os.kill(lab.pid, sig)  # the lab only, not its process group
         lab.wait(timeout=30)
         _wait_gone(children, timeout=30)
         assert [p for p in children if _alive(p)] == []
@@ -122,7 +128,7 @@ def test_ctrl_c_ends_every_worker_without_waiting_for_their_runs(tmp_path):
     are gone within about 2 s (measured 0.01-0.19 s; no timing is asserted here)."""
     lab, workers = _start_lab(tmp_path)
     try:
-        os.killpg(lab.pid, signal.SIGINT)       # what the terminal does on Ctrl-C
+        os.killpg(lab.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         seconds = _wait_gone(workers, timeout=30)
         print(f"Ctrl-C to the last worker gone: {seconds:.3f} s")
         assert [p for p in workers if _alive(p)] == []
@@ -131,7 +137,7 @@ def test_ctrl_c_ends_every_worker_without_waiting_for_their_runs(tmp_path):
     finally:
         os.killpg(lab.pid, signal.SIGKILL)
     done = list((tmp_path / "lab").glob("runs/*/summary.json"))
-    assert len(done) < 4                        # the queued runs were not trained
+    assert len(done) < 4  # the queued runs were not trained
 
 
 def _ignore_sigterm_and_sleep():
@@ -154,10 +160,10 @@ def test_stop_workers_kills_a_worker_that_ignores_termination():
         def shutdown(self, wait, cancel_futures):
             Pool.cancelled = (wait, cancel_futures)
 
-    time.sleep(0.3)                            # let it install its handler
+    time.sleep(0.3)  # let it install its handler
     workers._stop_workers(Pool())
     assert not process.is_alive() and process.exitcode == -signal.SIGKILL
-    assert Pool.cancelled == (False, True)     # queued runs cancelled, nothing waited for
+    assert Pool.cancelled == (False, True)  # queued runs cancelled, nothing waited for
 
 
 # A process whose spawned child uses the portable watch (not Linux's parent-death signal).
@@ -179,11 +185,15 @@ WATCHED = textwrap.dedent("""
 
 def test_the_portable_watch_ends_a_worker_whose_parent_was_killed(tmp_path):
     (tmp_path / "watched.py").write_text(WATCHED)
-    parent = subprocess.Popen([sys.executable, str(tmp_path / "watched.py")],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, str(tmp_path / "watched.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         child = int(parent.stdout.readline())
-        time.sleep(0.5)                        # let the child reach its sleep
+        time.sleep(0.5)  # let the child reach its sleep
         assert _alive(child)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
@@ -245,36 +255,36 @@ def test_the_progress_display_hears_every_epoch_of_every_run(tmp_path, monkeypat
     run_study(study, tmp_path, workers=workers, progress=True)
     for spec in study.runs():
         mine = [e for e in _Recording.events if e[1] == spec.run_id]
-        assert mine == [("started", spec.run_id)] + [("epoch", spec.run_id, e)
-                                                     for e in (1, 2, 3)] + [("finished",
-                                                                            spec.run_id)]
+        assert mine == [("started", spec.run_id)] + [
+            ("epoch", spec.run_id, e) for e in (1, 2, 3)
+        ] + [("finished", spec.run_id)]
 
 
 def test_execute_run_passes_every_epoch_row_to_on_epoch(tmp_path):
     study = parse_study(TINY.format(samples=96, epochs=3, depths=[1]))
     rows = []
-    summary = runner.execute_run(study.runs()[0], study, str(tmp_path / "run"), "cpu", 1,
-                                 on_epoch=rows.append)
+    summary = runner.execute_run(
+        study.runs()[0], study, str(tmp_path / "run"), "cpu", 1, on_epoch=rows.append
+    )
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows == summary["history"]
 
 
 def test_the_eta_comes_from_measured_epochs_and_counts_down():
     now = [0.0]
-    bar = progress._LabProgress(False, total=5, done=1, epochs=10, workers=2,
-                              clock=lambda: now[0])
+    bar = progress._LabProgress(False, total=5, done=1, epochs=10, workers=2, clock=lambda: now[0])
     bar.started("a")
     bar.started("b")
-    assert bar.seconds_left() is None          # nothing measured: no estimate
+    assert bar.seconds_left() is None  # nothing measured: no estimate
     now[0] = 10.0
-    bar.epoch("a", 1)                          # 10 s per epoch, run b resumed at epoch 6:
+    bar.epoch("a", 1)  # 10 s per epoch, run b resumed at epoch 6:
     now[0] = 12.0
-    bar.epoch("b", 7)                          # 22 s for 2 epochs
+    bar.epoch("b", 7)  # 22 s for 2 epochs
     # left: a 9, b 3, two runs not started 20: 32 epochs x 11 s / 2 workers
     assert bar.seconds_left() == pytest.approx(32 * 11 / 2)
     now[0] = 20.0
     assert bar.seconds_left() == pytest.approx(32 * 11 / 2 - 8)
-    bar.finished("a")                          # ended (diverged) after its epoch 1
+    bar.finished("a")  # ended (diverged) after its epoch 1
     assert bar.seconds_left() == pytest.approx((3 + 20) * 11 / 2)
     for run in ("b", "c", "d"):
         bar.finished(run)
@@ -283,8 +293,7 @@ def test_the_eta_comes_from_measured_epochs_and_counts_down():
 
 def test_the_eta_of_an_init_only_study_counts_runs():
     now = [0.0]
-    bar = progress._LabProgress(False, total=4, done=0, epochs=0, workers=1,
-                              clock=lambda: now[0])
+    bar = progress._LabProgress(False, total=4, done=0, epochs=0, workers=1, clock=lambda: now[0])
     bar.started("a")
     now[0] = 3.0
     bar.finished("a")

@@ -1,6 +1,7 @@
 """Tests of the model zoo (resnorm.models): published parameter counts, torchvision
 compatibility, every registered model end to end, every normalization kind, the
 registry's errors and bad input."""
+
 from __future__ import annotations
 
 import io
@@ -32,8 +33,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = json.loads((FIXTURES / "torchvision_resnet.json").read_text())
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 ALL_NORMS = list(NORM_KINDS)
-NORM_CLASSES = {"batch": BatchNorm, "layer": LayerNorm, "rms": RMSNorm, "group": GroupNorm,
-                "instance": InstanceNorm, "dyt": DyT}
+NORM_CLASSES = {
+    "batch": BatchNorm,
+    "layer": LayerNorm,
+    "rms": RMSNorm,
+    "group": GroupNorm,
+    "instance": InstanceNorm,
+    "dyt": DyT,
+}
 
 
 def n_params(model: nn.Module) -> int:
@@ -95,8 +102,14 @@ def check_forward_backward(model: nn.Module, x: torch.Tensor) -> None:
 # Parameter counts
 # --------------------------------------------------------------------------------------
 
-CIFAR_COUNTS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962,
-                1202: 19_421_274}
+CIFAR_COUNTS = {
+    20: 269_722,
+    32: 464_154,
+    44: 658_586,
+    56: 853_018,
+    110: 1_727_962,
+    1202: 19_421_274,
+}
 
 
 @pytest.mark.parametrize("depth", list(CIFAR_COUNTS))
@@ -136,8 +149,11 @@ def test_seed_mlp_keras_counts():
     model = create_model("seed_mlp")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == n_params(model) == 34_826
-    moving = sum(b.numel() for name, b in model.named_buffers()
-                 if name.endswith(("running_mean", "running_var")))
+    moving = sum(
+        b.numel()
+        for name, b in model.named_buffers()
+        if name.endswith(("running_mean", "running_var"))
+    )
     assert moving == 512
     assert trainable + moving == 35_338
     # Input(128) -> residual block (two Dense 128 + two BN) -> Dense(10)
@@ -155,8 +171,9 @@ def test_imagenet_plain_twins_drop_only_the_projections(depth):
     res, plain = create_model(f"resnet{depth}"), create_model(f"plain{depth}")
     projections = downsample_params(res)
     # layer2..4 each open with a projection: conv1x1 + BN
-    assert projections == sum(cin * cout + 2 * cout for cin, cout in [(64, 128), (128, 256),
-                                                                      (256, 512)])
+    assert projections == sum(
+        cin * cout + 2 * cout for cin, cout in [(64, 128), (128, 256), (256, 512)]
+    )
     assert n_params(plain) == FIXTURE[f"resnet{depth}"]["num_parameters"] - projections
     assert downsample_params(plain) == 0
 
@@ -183,11 +200,13 @@ def test_densenet_bc100_count():
     expected = densenet_bc_count(100, 12)
     assert expected == 769_162
     assert n_params(create_model("densenet_bc100")) == expected
-    assert n_params(create_model("densenet_cifar", depth=40, growth_rate=24)) == \
-        densenet_bc_count(40, 24)
+    assert n_params(create_model("densenet_cifar", depth=40, growth_rate=24)) == densenet_bc_count(
+        40, 24
+    )
     # an odd channel count before a transition: compression rounds down (floor(0.5 m))
-    assert n_params(create_model("densenet_cifar", depth=10, growth_rate=5)) == \
-        densenet_bc_count(10, 5)
+    assert n_params(create_model("densenet_cifar", depth=10, growth_rate=5)) == densenet_bc_count(
+        10, 5
+    )
     # the plain twin keeps every parameter
     assert n_params(create_model("densenet_bc100", residual=False)) == expected
 
@@ -220,8 +239,13 @@ def test_mlp_and_transformer_default_counts():
     assert n_params(create_model("mlp")) == (40 * 128 + 128) + 48 * block + (128 * 10 + 10)
     assert n_params(create_model("plain_mlp")) == n_params(create_model("mlp"))
     dim, hidden, depth = 64, 128, 4
-    block = 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) \
-        + (dim * hidden + hidden) + (hidden * dim + dim)
+    block = (
+        2 * 2 * dim
+        + (3 * dim * dim + 3 * dim)
+        + (dim * dim + dim)
+        + (dim * hidden + hidden)
+        + (hidden * dim + dim)
+    )
     expected = (dim + dim) + 40 * dim + depth * block + 2 * dim + dim * 10 + 10
     assert n_params(create_model("transformer")) == expected == 137_354
 
@@ -229,6 +253,7 @@ def test_mlp_and_transformer_default_counts():
 # --------------------------------------------------------------------------------------
 # The models' forward, by hand from their parts
 # --------------------------------------------------------------------------------------
+
 
 def _bn(h, norm):
     dims = [0, *range(2, h.dim())]
@@ -276,8 +301,10 @@ def test_cifar_resnet_forward_by_hand():
     h = model.layer3(model.layer2(model.layer1(h)))
     assert h.shape == (2, 64, 4, 4)
     torch.testing.assert_close(model(x), model.fc(h.mean((2, 3))), rtol=1e-5, atol=1e-5)
-    widths = [(s[0].in_channels, s[-1].out_channels, s[0].stride)
-              for s in (model.layer1, model.layer2, model.layer3)]
+    widths = [
+        (s[0].in_channels, s[-1].out_channels, s[0].stride)
+        for s in (model.layer1, model.layer2, model.layer3)
+    ]
     assert widths == [(16, 16, 1), (16, 32, 2), (32, 64, 2)]
 
 
@@ -294,10 +321,11 @@ def test_cifar_resnet_placement_pre_is_the_preact_resnet():
     """One vocabulary: CifarResNet's placement is the word of the MLP and Transformer
     blocks; "pre" builds the pre-activation network the preact_* names register."""
     assert "placement" in accepted_options("resnet_cifar")
-    assert "placement" not in accepted_options("preact_resnet")   # fixed at "pre"
+    assert "placement" not in accepted_options("preact_resnet")  # fixed at "pre"
     torch.manual_seed(0)
-    generic = create_model("resnet_cifar", depth=11, block="bottleneck", placement="pre",
-                           shortcut="B")
+    generic = create_model(
+        "resnet_cifar", depth=11, block="bottleneck", placement="pre", shortcut="B"
+    )
     torch.manual_seed(0)
     named = create_model("preact_resnet", depth=11)
     assert generic.placement == named.placement == "pre"
@@ -325,6 +353,7 @@ def test_imagenet_resnet_forward_by_hand():
 # torchvision compatibility
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", IMAGENET)
 def test_imagenet_state_dict_equals_torchvision(name):
     model = create_model(name)
@@ -336,8 +365,14 @@ def test_imagenet_state_dict_equals_torchvision(name):
         assert list(tensor.shape) == theirs[key], key
     # a torchvision-shaped state dict loads strictly (a distinct value per key, so a key
     # landing in the wrong tensor shows)
-    fake = {k: (torch.tensor(i, dtype=torch.long) if k.endswith("num_batches_tracked")
-                else torch.full(s, float(i))) for i, (k, s) in enumerate(theirs.items())}
+    fake = {
+        k: (
+            torch.tensor(i, dtype=torch.long)
+            if k.endswith("num_batches_tracked")
+            else torch.full(s, float(i))
+        )
+        for i, (k, s) in enumerate(theirs.items())
+    }
     model.load_state_dict(fake, strict=True)
     torch.testing.assert_close(model.conv1.weight.detach(), fake["conv1.weight"], rtol=0, atol=0)
     # a state dict saved from ours loads strictly into a fresh one, values and all
@@ -361,6 +396,7 @@ def test_imagenet_loaded_weights_give_the_same_outputs():
 # --------------------------------------------------------------------------------------
 # Every registered model, end to end
 # --------------------------------------------------------------------------------------
+
 
 # The biggest (resnet1202, preact_resnet1001, resnet152, resnet101) take under a second
 # each here on two idle cores (CIFAR nets deeper than 200 layers get 8x8 inputs), so none
@@ -481,13 +517,26 @@ def test_residual_false_changes_the_function_not_the_weights():
 
 
 @settings(max_examples=20, deadline=None, database=None)
-@given(depth=st.integers(0, 4), width=st.integers(1, 32), norm=st.sampled_from(ALL_NORMS),
-       placement=st.sampled_from(["post", "pre"]), batch=st.integers(2, 6),
-       in_features=st.integers(1, 48), num_classes=st.integers(1, 12))
+@given(
+    depth=st.integers(0, 4),
+    width=st.integers(1, 32),
+    norm=st.sampled_from(ALL_NORMS),
+    placement=st.sampled_from(["post", "pre"]),
+    batch=st.integers(2, 6),
+    in_features=st.integers(1, 48),
+    num_classes=st.integers(1, 12),
+)
 def test_mlp_property(depth, width, norm, placement, batch, in_features, num_classes):
     torch.manual_seed(depth * 1000 + width)
-    model = create_model("mlp", depth=depth, width=width, norm=norm, placement=placement,
-                         in_features=in_features, num_classes=num_classes)
+    model = create_model(
+        "mlp",
+        depth=depth,
+        width=width,
+        norm=norm,
+        placement=placement,
+        in_features=in_features,
+        num_classes=num_classes,
+    )
     x = torch.randn(batch, in_features)
     uses_norm = depth > 0 or placement == "pre"
     if norm == "instance" and uses_norm:
@@ -502,6 +551,7 @@ def test_mlp_property(depth, width, norm, placement, batch, in_features, num_cla
 # --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
+
 
 def test_unknown_model_suggests_close_names():
     with pytest.raises(ValueError, match=r"unknown model 'resnet57'.*did you mean.*resnet56"):
@@ -527,11 +577,27 @@ def test_overriding_a_fixed_argument_names_its_value():
 def test_list_models_pattern():
     names = list_models()
     assert len(names) == len(set(names)) >= 40
-    for expected in ["resnet20", "resnet1202", "plain56", "resnet1d_20", "preact_resnet1001",
-                     "resnet50", "plain34", "densenet_bc100", "mlp", "seed_mlp", "transformer"]:
+    for expected in [
+        "resnet20",
+        "resnet1202",
+        "plain56",
+        "resnet1d_20",
+        "preact_resnet1001",
+        "resnet50",
+        "plain34",
+        "densenet_bc100",
+        "mlp",
+        "seed_mlp",
+        "transformer",
+    ]:
         assert expected in names
-    assert list_models("resnet1d_*") == ["resnet1d_20", "resnet1d_32", "resnet1d_44",
-                                         "resnet1d_56", "resnet1d_110"]
+    assert list_models("resnet1d_*") == [
+        "resnet1d_20",
+        "resnet1d_32",
+        "resnet1d_44",
+        "resnet1d_56",
+        "resnet1d_110",
+    ]
     assert list_models("plain?0") == ["plain20"]
     assert set(list_models("*mlp")) == {"mlp", "plain_mlp", "seed_mlp"}
     assert list_models("no_such_*") == []
@@ -570,6 +636,7 @@ def test_defaults_apply_and_can_be_overridden():
 # Bad input
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("depth", [21, 2, 9])
 def test_cifar_depth_must_be_6n_plus_2(depth):
     with pytest.raises(ValueError, match=rf"depth={depth} is not of the form 6n\+2"):
@@ -591,19 +658,22 @@ def test_other_depth_errors():
         create_model("resnet_imagenet", depth=20)
 
 
-@pytest.mark.parametrize("name,bad,pattern", [
-    ("resnet20", (2, 1, 32, 32), r"\(N, C, H, W\) must have 3 channels"),
-    ("resnet20", (3, 32, 32), r"\(N, C, H, W\) must be 4-D"),
-    ("resnet18", (2, 1, 64, 64), r"\(N, C, H, W\) must have 3 channels"),
-    ("resnet18", (2, 3, 64), r"\(N, C, H, W\) must be 4-D"),
-    ("densenet_bc100", (2, 4, 16, 16), r"\(N, C, H, W\) must have 3 channels"),
-    ("resnet1d_20", (2, 3, 40), r"\(N, C, L\) must have 1 channels"),
-    ("resnet1d_20", (2, 1, 1, 40), r"\(N, C, L\) must be 3-D"),
-    ("mlp", (2, 39), r"\(N, 40\)"),
-    ("seed_mlp", (2, 40), r"\(N, 128\)"),
-    ("transformer", (2, 39), r"\(N, 40, 1\)"),
-    ("transformer", (2, 40, 2), r"\(N, 40, 1\)"),
-])
+@pytest.mark.parametrize(
+    "name,bad,pattern",
+    [
+        ("resnet20", (2, 1, 32, 32), r"\(N, C, H, W\) must have 3 channels"),
+        ("resnet20", (3, 32, 32), r"\(N, C, H, W\) must be 4-D"),
+        ("resnet18", (2, 1, 64, 64), r"\(N, C, H, W\) must have 3 channels"),
+        ("resnet18", (2, 3, 64), r"\(N, C, H, W\) must be 4-D"),
+        ("densenet_bc100", (2, 4, 16, 16), r"\(N, C, H, W\) must have 3 channels"),
+        ("resnet1d_20", (2, 3, 40), r"\(N, C, L\) must have 1 channels"),
+        ("resnet1d_20", (2, 1, 1, 40), r"\(N, C, L\) must be 3-D"),
+        ("mlp", (2, 39), r"\(N, 40\)"),
+        ("seed_mlp", (2, 40), r"\(N, 128\)"),
+        ("transformer", (2, 39), r"\(N, 40, 1\)"),
+        ("transformer", (2, 40, 2), r"\(N, 40, 1\)"),
+    ],
+)
 def test_bad_input_names_the_layout(name, bad, pattern):
     model = create_model(name)
     with pytest.raises(ValueError, match=pattern):
@@ -612,8 +682,11 @@ def test_bad_input_names_the_layout(name, bad, pattern):
 
 def test_unknown_norm_lists_the_kinds():
     for name in ("resnet20", "mlp", "transformer", "densenet_bc100", "resnet18"):
-        with pytest.raises(ValueError, match=r"norm='batchnorm'.*'batch', 'layer', 'rms', "
-                                             r"'group', 'instance', 'dyt', 'none'"):
+        with pytest.raises(
+            ValueError,
+            match=r"norm='batchnorm'.*'batch', 'layer', 'rms', "
+            r"'group', 'instance', 'dyt', 'none'",
+        ):
             create_model(name, norm="batchnorm")
 
 
@@ -629,6 +702,7 @@ def test_deepnorm_transformer():
 # --------------------------------------------------------------------------------------
 # Options passed through to every block
 # --------------------------------------------------------------------------------------
+
 
 def test_drop_path_follows_the_linear_rule():
     model = create_model("resnet20", drop_path=0.3)
@@ -660,14 +734,16 @@ def test_one_merge_config_reaches_every_block():
     stochastic-depth rate."""
     plain = create_model("resnet20", merge=ResidualConfig(residual=False))
     assert list(plain.state_dict()) == list(create_model("plain20").state_dict())
-    model = create_model("mlp", depth=4, merge=ResidualConfig(scale="rezero", drop_path=0.9),
-                         drop_path=0.4)
+    model = create_model(
+        "mlp", depth=4, merge=ResidualConfig(scale="rezero", drop_path=0.9), drop_path=0.4
+    )
     merges = [m for m in model.modules() if isinstance(m, ResidualAdd)]
     assert len(merges) == 4 and all(isinstance(m.scale, ScalarGain) for m in merges)
     assert [m.drop_path.p for m in merges] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     for name in ("mlp", "resnet56", "resnet18", "transformer"):
-        assert {"merge", "residual", "scale", "layerscale_init", "skip_weight",
-                "drop_path"} <= set(accepted_options(name)), name
+        assert {"merge", "residual", "scale", "layerscale_init", "skip_weight", "drop_path"} <= set(
+            accepted_options(name)
+        ), name
     with pytest.raises(TypeError, match="merge must be a ResidualConfig"):
         create_model("mlp", merge={"residual": False})
 
@@ -685,15 +761,21 @@ def test_state_dict_keys_of_scaled_merges_are_those_of_before(name):
 
 def test_zero_init_last_reaches_the_blocks():
     model = create_model("resnet18", zero_init_last=True)
-    last = [b.bn2.weight for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
-            for b in stage]
+    last = [
+        b.bn2.weight
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+        for b in stage
+    ]
     assert len(last) == 8 and all(torch.count_nonzero(w) == 0 for w in last)
     assert torch.count_nonzero(model.layer1[0].bn1.weight) == 64
     model = create_model("resnet20", zero_init_last=True)
     blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
     assert len(blocks) == 9 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
-    assert all(torch.count_nonzero(b.bn2.weight) == b.out_channels
-               for stage in (create_model("resnet20").layer1,) for b in stage)
+    assert all(
+        torch.count_nonzero(b.bn2.weight) == b.out_channels
+        for stage in (create_model("resnet20").layer1,)
+        for b in stage
+    )
 
 
 def test_convolutions_get_kaiming_fan_out_init():
@@ -720,5 +802,6 @@ def test_a_variant_function_builds_what_its_registered_fixed_options_say(name):
         built = entry.build()
         declared = entry.builder(**{**entry.defaults, **entry.fixed})
     assert type(built) is type(declared)
-    assert [(k, v.shape, v.dtype) for k, v in built.state_dict().items()] == \
-        [(k, v.shape, v.dtype) for k, v in declared.state_dict().items()]
+    assert [(k, v.shape, v.dtype) for k, v in built.state_dict().items()] == [
+        (k, v.shape, v.dtype) for k, v in declared.state_dict().items()
+    ]

@@ -1,6 +1,7 @@
 """Tests of resnorm.diagnostics.Monitor: records every k-th step against hand computation,
 dead units, update ratios on sampled rows, non-finite values and strict JSON lines,
 TensorBoard, bad arguments, flush and write errors, float64 models."""
+
 import importlib.util
 import math
 import os
@@ -58,14 +59,17 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every, compiled):
                 continue
             expected[step] = {
                 "loss": loss.item(),
-                "grad_norm": {n: model[i].weight.grad.norm().item() for n, i in (("0", 0), ("2", 2))},
-                "update_ratio": {n: ((model[i].weight - before[n]).norm()
-                                     / model[i].weight.norm()).item()
-                                 for n, i in (("0", 0), ("2", 2))},
+                "grad_norm": {
+                    n: model[i].weight.grad.norm().item() for n, i in (("0", 0), ("2", 2))
+                },
+                "update_ratio": {
+                    n: ((model[i].weight - before[n]).norm() / model[i].weight.norm()).item()
+                    for n, i in (("0", 0), ("2", 2))
+                },
                 "dead": (relu_out[-1] == 0).all(dim=0).float().mean().item(),
             }
             assert record is monitor.records[-1]
-            assert monitor._fast is compiled        # the path under test is the one that ran
+            assert monitor._fast is compiled  # the path under test is the one that ran
         assert monitor.steps == 7
         assert [r["step"] for r in monitor.records] == [s for s in range(1, 8) if s % every == 0]
         assert list(expected) == [r["step"] for r in monitor.records]
@@ -82,10 +86,10 @@ def test_monitor_records_every_kth_step_by_hand(tmp_path, every, compiled):
     lines = path.read_text().splitlines()
     assert len(lines) == len(monitor.records)
     assert [_strict_json(line) for line in lines] == monitor.records
-    handle.remove()                                    # ours; the Monitor's must be gone
+    handle.remove()  # ours; the Monitor's must be gone
     _assert_no_hooks(model)
     assert os.path.realpath(path) not in _open_paths()
-    monitor.close()                                    # idempotent
+    monitor.close()  # idempotent
 
 
 def test_monitor_counts_dead_units_on_every_tenth_record_by_default():
@@ -135,15 +139,18 @@ def test_monitor_update_ratio_on_sampled_rows(update_sample, compiled):
                 assert record["update_ratio"]["0"] == pytest.approx(exact, rel=1e-4)
             else:
                 first, rows = block
-                assert rows * 256 >= 4096 and rows < 256          # a block of whole rows
-                sampled = ((after - before)[first:first + rows].norm()
-                           / after[first:first + rows].norm()).item()
+                assert rows * 256 >= 4096 and rows < 256  # a block of whole rows
+                sampled = (
+                    (after - before)[first : first + rows].norm()
+                    / after[first : first + rows].norm()
+                ).item()
                 assert record["update_ratio"]["0"] == pytest.approx(sampled, rel=1e-4)
                 assert record["update_ratio"]["0"] == pytest.approx(exact, rel=0.5)
             # The small layer (4 x 256 = 1,024 entries) is always exact.
             if previous_small is not None:
-                small = ((model[2].weight.detach() - previous_small).norm()
-                         / model[2].weight.norm()).item()
+                small = (
+                    (model[2].weight.detach() - previous_small).norm() / model[2].weight.norm()
+                ).item()
                 assert record["update_ratio"]["2"] == pytest.approx(small, rel=1e-4)
             previous_small = model[2].weight.detach().clone()
             assert monitor._fast is compiled
@@ -202,17 +209,17 @@ def test_monitor_flush_writes_pending_records_and_write_errors_surface(tmp_path)
         for _ in range(3):
             F.cross_entropy(model(x), y).backward()
             monitor.step()
-        monitor.flush()                                   # written while still open
+        monitor.flush()  # written while still open
         assert [_strict_json(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
         def broken(_line):
             raise OSError("No space left on device")
 
         monitor._file.write = broken
-        monitor.step()                                    # the writer thread fails ...
+        monitor.step()  # the writer thread fails ...
         with pytest.raises(RuntimeError, match="could not write its records: No space left"):
-            monitor.flush()                               # ... and the error surfaces
-    assert monitor._thread is None                        # close() joined the writer
+            monitor.flush()  # ... and the error surfaces
+    assert monitor._thread is None  # close() joined the writer
 
 
 def test_monitor_float64_model_takes_the_pytorch_path():
@@ -227,7 +234,7 @@ def test_monitor_float64_model_takes_the_pytorch_path():
             before = model[0].weight.detach().clone()
             optimizer.step()
             record = monitor.step()
-        assert monitor._fast is False                 # the compiled statistics are float32 only
+        assert monitor._fast is False  # the compiled statistics are float32 only
     assert record["grad_norm"]["0"] == pytest.approx(model[0].weight.grad.norm().item(), rel=1e-12)
     exact = ((model[0].weight - before).norm() / model[0].weight.norm()).item()
     # The weight samples are kept in float32, whatever the model's dtype.

@@ -18,6 +18,7 @@ What is checked, and against what:
 
 ``RESNORM_HYPOTHESIS_EXAMPLES`` raises the number of hypothesis examples for a longer run.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,8 +61,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _data(shape, seed: int, dtype=torch.float64, scale: float = 2.0, shift: float = 0.7):
     """Random data with a non-zero mean and a non-unit variance (so normalization matters)."""
-    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale
-            + shift).to(dtype)
+    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale + shift).to(dtype)
 
 
 def _randomize_affine(*modules, seed: int = 123) -> None:
@@ -87,8 +87,9 @@ def _param_names(module):
     return [n for n, _ in module.named_parameters()]
 
 
-def _check_twin_parity(ours, twin, shape, *, to_twin=lambda t: t, from_twin=lambda t: t,
-                       steps=3, seed=0):
+def _check_twin_parity(
+    ours, twin, shape, *, to_twin=lambda t: t, from_twin=lambda t: t, steps=3, seed=0
+):
     """Train both for ``steps`` steps on the same batches, comparing outputs, gradients and
     buffers at every step, then compare eval-mode outputs. ``to_twin``/``from_twin`` map an
     input/output between our layout and the twin's. Every layer calls the same torch
@@ -243,8 +244,12 @@ def _p64(module, name):
 # ============================================================================================
 # 1. parity with the torch.nn twins
 
-BN_SHAPES = [((6, 4), nn.BatchNorm1d), ((4, 4, 7), nn.BatchNorm1d),
-             ((3, 4, 5, 6), nn.BatchNorm2d), ((2, 4, 3, 4, 5), nn.BatchNorm3d)]
+BN_SHAPES = [
+    ((6, 4), nn.BatchNorm1d),
+    ((4, 4, 7), nn.BatchNorm1d),
+    ((3, 4, 5, 6), nn.BatchNorm2d),
+    ((2, 4, 3, 4, 5), nn.BatchNorm3d),
+]
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
@@ -265,45 +270,66 @@ def test_batch_norm_matches_torch_without_affine_or_stats(shape, twin_cls, affin
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize(("shape", "twin_cls"),
-                         [((5, 7, 4), nn.BatchNorm1d), ((2, 3, 5, 4), nn.BatchNorm2d),
-                          ((6, 4), nn.BatchNorm1d)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("shape", "twin_cls"),
+    [((5, 7, 4), nn.BatchNorm1d), ((2, 3, 5, 4), nn.BatchNorm2d), ((6, 4), nn.BatchNorm1d)],
+    ids=lambda v: str(v),
+)
 def test_channels_last_batch_norm_matches_torch_on_transposed_input(shape, twin_cls, momentum):
     ours = BatchNorm(4, momentum=momentum, channel_dim=-1)
     twin = twin_cls(4, momentum=momentum)
-    _check_twin_parity(ours, twin, shape,
-                       to_twin=lambda t: _channels_first(t, -1),
-                       from_twin=lambda t: _channels_back(t, -1))
+    _check_twin_parity(
+        ours,
+        twin,
+        shape,
+        to_twin=lambda t: _channels_first(t, -1),
+        from_twin=lambda t: _channels_back(t, -1),
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False},
-                                    {"eps": 1e-2}], ids=str)
-@pytest.mark.parametrize(("normalized_shape", "shape"),
-                         [(8, (4, 8)), (8, (3, 5, 8)), ((3, 8), (2, 3, 8)),
-                          ((2, 3, 4), (3, 2, 2, 3, 4))], ids=str)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"bias": False}, {"elementwise_affine": False}, {"eps": 1e-2}], ids=str
+)
+@pytest.mark.parametrize(
+    ("normalized_shape", "shape"),
+    [(8, (4, 8)), (8, (3, 5, 8)), ((3, 8), (2, 3, 8)), ((2, 3, 4), (3, 2, 2, 3, 4))],
+    ids=str,
+)
 def test_layer_norm_matches_torch(normalized_shape, shape, kwargs):
-    _check_twin_parity(LayerNorm(normalized_shape, **kwargs),
-                       nn.LayerNorm(normalized_shape, **kwargs), shape)
+    _check_twin_parity(
+        LayerNorm(normalized_shape, **kwargs), nn.LayerNorm(normalized_shape, **kwargs), shape
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}],
-                         ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}], ids=str)
 @pytest.mark.parametrize("shape", [(3, 6, 4, 5), (4, 6, 7), (5, 6)], ids=str)
-@pytest.mark.parametrize("cls", [LayerNorm2d, lambda c, **kw: LayerNorm(c, channel_dim=1, **kw)],
-                         ids=["LayerNorm2d", "LayerNorm(channel_dim=1)"])
+@pytest.mark.parametrize(
+    "cls",
+    [LayerNorm2d, lambda c, **kw: LayerNorm(c, channel_dim=1, **kw)],
+    ids=["LayerNorm2d", "LayerNorm(channel_dim=1)"],
+)
 def test_channels_first_layer_norm_matches_torch_on_permuted_input(cls, shape, kwargs):
-    _check_twin_parity(cls(6, **kwargs), nn.LayerNorm(6, **kwargs), shape,
-                       to_twin=lambda t: _channels_back(t, -1),
-                       from_twin=lambda t: _channels_first(t, -1))
+    _check_twin_parity(
+        cls(6, **kwargs),
+        nn.LayerNorm(6, **kwargs),
+        shape,
+        to_twin=lambda t: _channels_back(t, -1),
+        from_twin=lambda t: _channels_first(t, -1),
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"eps": None}, {"eps": 1e-6}, {"eps": 0.1},
-                                    {"elementwise_affine": False}], ids=str)
-@pytest.mark.parametrize(("normalized_shape", "shape"),
-                         [(8, (4, 8)), (8, (3, 5, 8)), ((3, 8), (2, 3, 8))], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"eps": None}, {"eps": 1e-6}, {"eps": 0.1}, {"elementwise_affine": False}],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    ("normalized_shape", "shape"), [(8, (4, 8)), (8, (3, 5, 8)), ((3, 8), (2, 3, 8))], ids=str
+)
 def test_rms_norm_matches_torch(normalized_shape, shape, kwargs):
-    _check_twin_parity(RMSNorm(normalized_shape, **kwargs),
-                       nn.RMSNorm(normalized_shape, **kwargs), shape)
+    _check_twin_parity(
+        RMSNorm(normalized_shape, **kwargs), nn.RMSNorm(normalized_shape, **kwargs), shape
+    )
 
 
 def test_rms_norm_eps_none_is_machine_epsilon_like_torch():
@@ -318,36 +344,55 @@ def test_rms_norm_eps_none_is_machine_epsilon_like_torch():
 
 
 def test_channels_first_rms_norm_matches_torch_on_permuted_input():
-    _check_twin_parity(RMSNorm(6, channel_dim=1), nn.RMSNorm(6), (3, 6, 4, 5),
-                       to_twin=lambda t: _channels_back(t, -1),
-                       from_twin=lambda t: _channels_first(t, -1))
+    _check_twin_parity(
+        RMSNorm(6, channel_dim=1),
+        nn.RMSNorm(6),
+        (3, 6, 4, 5),
+        to_twin=lambda t: _channels_back(t, -1),
+        from_twin=lambda t: _channels_first(t, -1),
+    )
 
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])
 @pytest.mark.parametrize("shape", [(4, 6), (3, 6, 5), (2, 6, 3, 4), (2, 6, 2, 3, 2)], ids=str)
 def test_group_norm_matches_torch(shape, groups, affine):
-    _check_twin_parity(GroupNorm(groups, 6, affine=affine),
-                       nn.GroupNorm(groups, 6, affine=affine), shape)
+    _check_twin_parity(
+        GroupNorm(groups, 6, affine=affine), nn.GroupNorm(groups, 6, affine=affine), shape
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("shape", [(3, 5, 6), (2, 3, 4, 6)], ids=str)
 def test_channels_last_group_norm_matches_torch_on_permuted_input(shape, groups):
-    _check_twin_parity(GroupNorm(groups, 6, eps=1e-3, channel_dim=-1),
-                       nn.GroupNorm(groups, 6, eps=1e-3), shape,
-                       to_twin=lambda t: _channels_first(t, -1),
-                       from_twin=lambda t: _channels_back(t, -1))
+    _check_twin_parity(
+        GroupNorm(groups, 6, eps=1e-3, channel_dim=-1),
+        nn.GroupNorm(groups, 6, eps=1e-3),
+        shape,
+        to_twin=lambda t: _channels_first(t, -1),
+        from_twin=lambda t: _channels_back(t, -1),
+    )
 
 
-IN_SHAPES = [((3, 4, 7), nn.InstanceNorm1d), ((2, 4, 5, 3), nn.InstanceNorm2d),
-             ((2, 4, 2, 3, 3), nn.InstanceNorm3d)]
+IN_SHAPES = [
+    ((3, 4, 7), nn.InstanceNorm1d),
+    ((2, 4, 5, 3), nn.InstanceNorm2d),
+    ((2, 4, 2, 3, 3), nn.InstanceNorm3d),
+]
 
 
-@pytest.mark.parametrize(("affine", "track", "momentum"),
-                         [(False, False, 0.1), (True, False, 0.1), (False, True, 0.1),
-                          (True, True, 0.1), (True, True, 0.5), (False, True, None),
-                          (True, True, None)])
+@pytest.mark.parametrize(
+    ("affine", "track", "momentum"),
+    [
+        (False, False, 0.1),
+        (True, False, 0.1),
+        (False, True, 0.1),
+        (True, True, 0.1),
+        (True, True, 0.5),
+        (False, True, None),
+        (True, True, None),
+    ],
+)
 @pytest.mark.parametrize(("shape", "twin_cls"), IN_SHAPES, ids=lambda v: str(v))
 def test_instance_norm_matches_torch(shape, twin_cls, affine, track, momentum):
     ours = InstanceNorm(4, momentum=momentum, affine=affine, track_running_stats=track)
@@ -357,22 +402,30 @@ def test_instance_norm_matches_torch(shape, twin_cls, affine, track, momentum):
 
 def test_instance_norm_defaults_are_torchs():
     ours, twin = InstanceNorm(5), nn.InstanceNorm2d(5)
-    assert (ours.eps, ours.momentum, ours.affine, ours.track_running_stats) == \
-        (twin.eps, twin.momentum, twin.affine, twin.track_running_stats)
+    assert (ours.eps, ours.momentum, ours.affine, ours.track_running_stats) == (
+        twin.eps,
+        twin.momentum,
+        twin.affine,
+        twin.track_running_stats,
+    )
     assert ours.state_dict().keys() == twin.state_dict().keys() == set()
 
 
 def test_channels_last_instance_norm_matches_torch_on_permuted_input():
-    _check_twin_parity(InstanceNorm(4, affine=True, track_running_stats=True, channel_dim=-1),
-                       nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
-                       (2, 5, 3, 4),
-                       to_twin=lambda t: _channels_first(t, -1),
-                       from_twin=lambda t: _channels_back(t, -1))
+    _check_twin_parity(
+        InstanceNorm(4, affine=True, track_running_stats=True, channel_dim=-1),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        (2, 5, 3, 4),
+        to_twin=lambda t: _channels_first(t, -1),
+        from_twin=lambda t: _channels_back(t, -1),
+    )
 
 
 def test_defaults_match_torch():
-    assert (BatchNorm(3).eps, BatchNorm(3).momentum) == (nn.BatchNorm2d(3).eps,
-                                                         nn.BatchNorm2d(3).momentum)
+    assert (BatchNorm(3).eps, BatchNorm(3).momentum) == (
+        nn.BatchNorm2d(3).eps,
+        nn.BatchNorm2d(3).momentum,
+    )
     assert LayerNorm(3).eps == nn.LayerNorm(3).eps
     assert RMSNorm(3).eps is nn.RMSNorm(3).eps is None
     assert GroupNorm(1, 3).eps == nn.GroupNorm(1, 3).eps
@@ -408,7 +461,8 @@ def test_batch_norm_training_output_is_the_formula(shape, channel_dim):
     _check_against_reference(
         lambda: BatchNorm(5, eps=1e-3, channel_dim=channel_dim),
         lambda m, x: ref_batch_norm(x, _p64(m, "weight"), _p64(m, "bias"), 1e-3, channel_dim),
-        shape)
+        shape,
+    )
 
 
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -441,29 +495,35 @@ def test_batch_norm_running_stats_follow_the_torch_rule(momentum, channel_dim):
             torch.testing.assert_close(
                 bn(x).double(),
                 ref_batch_norm(x.double(), None, None, bn.eps, channel_dim, mean=mean, var=var),
-                **tol)
+                **tol,
+            )
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}],
-                         ids=str)
-@pytest.mark.parametrize(("normalized_shape", "shape"),
-                         [(6, (3, 6)), (6, (2, 4, 6)), ((4, 6), (3, 4, 6))], ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"elementwise_affine": False}], ids=str)
+@pytest.mark.parametrize(
+    ("normalized_shape", "shape"), [(6, (3, 6)), (6, (2, 4, 6)), ((4, 6), (3, 4, 6))], ids=str
+)
 def test_layer_norm_is_the_formula(normalized_shape, shape, kwargs):
     ns = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     _check_against_reference(
         lambda: LayerNorm(normalized_shape, eps=1e-4, **kwargs),
         lambda m, x: ref_layer_norm(x, ns, _p64(m, "weight"), _p64(m, "bias"), 1e-4),
-        shape)
+        shape,
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 6), (2, 6, 5), (2, 6, 3, 4)], ids=str)
-@pytest.mark.parametrize("make", [lambda: LayerNorm2d(6, eps=1e-4),
-                                  lambda: LayerNorm(6, eps=1e-4, channel_dim=1)],
-                         ids=["LayerNorm2d", "LayerNorm(channel_dim=1)"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: LayerNorm2d(6, eps=1e-4), lambda: LayerNorm(6, eps=1e-4, channel_dim=1)],
+    ids=["LayerNorm2d", "LayerNorm(channel_dim=1)"],
+)
 def test_channels_first_layer_norm_is_the_formula(make, shape):
     _check_against_reference(
-        make, lambda m, x: ref_layer_norm_channels(x, _p64(m, "weight"), _p64(m, "bias"),
-                                                   1e-4, 1), shape)
+        make,
+        lambda m, x: ref_layer_norm_channels(x, _p64(m, "weight"), _p64(m, "bias"), 1e-4, 1),
+        shape,
+    )
 
 
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -477,14 +537,15 @@ def test_rms_norm_is_the_formula(shape, eps, channel_dim):
         e = torch.finfo(m.weight.dtype).eps if eps is None else eps
         return ref_rms_norm_channels(x, _p64(m, "weight"), e, channel_dim)
 
-    _check_against_reference(lambda: RMSNorm(6, eps=eps, channel_dim=channel_dim), reference,
-                             shape)
+    _check_against_reference(lambda: RMSNorm(6, eps=eps, channel_dim=channel_dim), reference, shape)
 
 
 def test_rms_norm_multi_dim_is_the_formula():
-    _check_against_reference(lambda: RMSNorm((3, 4), eps=1e-3),
-                             lambda m, x: ref_rms_norm(x, (3, 4), _p64(m, "weight"), 1e-3),
-                             (2, 5, 3, 4))
+    _check_against_reference(
+        lambda: RMSNorm((3, 4), eps=1e-3),
+        lambda m, x: ref_rms_norm(x, (3, 4), _p64(m, "weight"), 1e-3),
+        (2, 5, 3, 4),
+    )
 
 
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -495,9 +556,11 @@ def test_group_norm_is_the_formula(shape, groups, channel_dim):
         shape = (shape[0], *shape[2:], shape[1])
     _check_against_reference(
         lambda: GroupNorm(groups, 6, eps=1e-4, channel_dim=channel_dim),
-        lambda m, x: ref_group_norm(x, groups, _p64(m, "weight"), _p64(m, "bias"), 1e-4,
-                                    channel_dim),
-        shape)
+        lambda m, x: ref_group_norm(
+            x, groups, _p64(m, "weight"), _p64(m, "bias"), 1e-4, channel_dim
+        ),
+        shape,
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 16), (1, 16, 1), (1, 16, 1, 1)], ids=str)
@@ -509,8 +572,9 @@ def test_group_norm_of_one_sample_with_one_value_per_group_is_the_bias(shape):
     x = _data(shape, 0, torch.float32).requires_grad_()
     y = norm(x)
     # x - E[x] is 0 up to rounding, which 1/sqrt(eps) amplifies: about 1e-4 here
-    torch.testing.assert_close(y.detach(), norm.bias.detach().view(1, 16, *shape[2:]),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        y.detach(), norm.bias.detach().view(1, 16, *shape[2:]), atol=1e-3, rtol=0
+    )
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.zeros(shape), atol=1e-3, rtol=0)
     torch.testing.assert_close(norm.bias.grad, torch.ones(16))
@@ -522,10 +586,14 @@ def test_group_norm_of_one_sample_with_one_value_per_group_is_the_bias(shape):
 def test_group_norm_with_one_group_per_channel_is_instance_norm_and_one_group_layer_norm():
     x = _data((2, 4, 3, 5), 0, torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(GroupNorm(4, 4, eps=1e-4).double()(x),
-                                   InstanceNorm(4, eps=1e-4).double()(x), **TIGHT)
-        torch.testing.assert_close(GroupNorm(1, 4, eps=1e-4).double()(x),
-                                   ref_layer_norm(x, (4, 3, 5), None, None, 1e-4), **TIGHT)
+        torch.testing.assert_close(
+            GroupNorm(4, 4, eps=1e-4).double()(x), InstanceNorm(4, eps=1e-4).double()(x), **TIGHT
+        )
+        torch.testing.assert_close(
+            GroupNorm(1, 4, eps=1e-4).double()(x),
+            ref_layer_norm(x, (4, 3, 5), None, None, 1e-4),
+            **TIGHT,
+        )
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -536,9 +604,9 @@ def test_instance_norm_is_the_formula(shape, channel_dim, affine):
         shape = (shape[0], *shape[2:], shape[1])
     _check_against_reference(
         lambda: InstanceNorm(5, eps=1e-4, affine=affine, channel_dim=channel_dim),
-        lambda m, x: ref_instance_norm(x, _p64(m, "weight"), _p64(m, "bias"), 1e-4,
-                                       channel_dim),
-        shape)
+        lambda m, x: ref_instance_norm(x, _p64(m, "weight"), _p64(m, "bias"), 1e-4, channel_dim),
+        shape,
+    )
 
 
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -549,9 +617,9 @@ def test_dyt_is_the_formula(shape, alpha, channel_dim):
         shape = (shape[0], *shape[2:], shape[1])
     _check_against_reference(
         lambda: DyT(6, alpha_init=alpha, channel_dim=channel_dim),
-        lambda m, x: ref_dyt(x, _p64(m, "alpha"), _p64(m, "weight"), _p64(m, "bias"),
-                             channel_dim),
-        shape)
+        lambda m, x: ref_dyt(x, _p64(m, "alpha"), _p64(m, "weight"), _p64(m, "bias"), channel_dim),
+        shape,
+    )
     assert DyT(6, alpha_init=alpha).alpha.item() == pytest.approx(alpha, rel=1e-7)
 
 
@@ -565,8 +633,12 @@ def test_dyt_gradients_are_those_of_the_formula():
     b = dyt.bias.detach().clone().requires_grad_()
     a = dyt.alpha.detach().clone().requires_grad_()
     ref_dyt(x_ref, a, w, b, 1).sum().backward()
-    for got, want in ((x.grad, x_ref.grad), (dyt.weight.grad, w.grad), (dyt.bias.grad, b.grad),
-                      (dyt.alpha.grad, a.grad)):
+    for got, want in (
+        (x.grad, x_ref.grad),
+        (dyt.weight.grad, w.grad),
+        (dyt.bias.grad, b.grad),
+        (dyt.alpha.grad, a.grad),
+    ):
         torch.testing.assert_close(got, want, **TIGHT)
 
 
@@ -575,18 +647,33 @@ def test_dyt_gradients_are_those_of_the_formula():
 
 STATE_DICT_PAIRS = [
     pytest.param(lambda: BatchNorm(4), lambda: nn.BatchNorm2d(4), (3, 4, 2, 5), id="batch"),
-    pytest.param(lambda: BatchNorm(4, momentum=None), lambda: nn.BatchNorm1d(4, momentum=None),
-                 (3, 4, 5), id="batch-cumulative"),
-    pytest.param(lambda: BatchNorm(4, affine=False), lambda: nn.BatchNorm1d(4, affine=False),
-                 (6, 4), id="batch-no-affine"),
+    pytest.param(
+        lambda: BatchNorm(4, momentum=None),
+        lambda: nn.BatchNorm1d(4, momentum=None),
+        (3, 4, 5),
+        id="batch-cumulative",
+    ),
+    pytest.param(
+        lambda: BatchNorm(4, affine=False),
+        lambda: nn.BatchNorm1d(4, affine=False),
+        (6, 4),
+        id="batch-no-affine",
+    ),
     pytest.param(lambda: LayerNorm(4), lambda: nn.LayerNorm(4), (3, 5, 4), id="layer"),
-    pytest.param(lambda: LayerNorm((2, 4), bias=False), lambda: nn.LayerNorm((2, 4), bias=False),
-                 (3, 2, 4), id="layer-no-bias"),
+    pytest.param(
+        lambda: LayerNorm((2, 4), bias=False),
+        lambda: nn.LayerNorm((2, 4), bias=False),
+        (3, 2, 4),
+        id="layer-no-bias",
+    ),
     pytest.param(lambda: RMSNorm(4), lambda: nn.RMSNorm(4), (3, 5, 4), id="rms"),
     pytest.param(lambda: GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4), (3, 4, 5), id="group"),
-    pytest.param(lambda: InstanceNorm(4, affine=True, track_running_stats=True),
-                 lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
-                 (3, 4, 3, 2), id="instance"),
+    pytest.param(
+        lambda: InstanceNorm(4, affine=True, track_running_stats=True),
+        lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        (3, 4, 3, 2),
+        id="instance",
+    ),
 ]
 
 
@@ -623,13 +710,15 @@ def test_state_dict_loads_into_torch_and_back(make_ours, make_twin, shape):
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), twin.eval()(x))
     # the version metadata that guides old-checkpoint loading is torch's
-    assert ours.state_dict()._metadata[""].get("version") == \
-        twin.state_dict()._metadata[""].get("version")
+    assert ours.state_dict()._metadata[""].get("version") == twin.state_dict()._metadata[""].get(
+        "version"
+    )
 
 
 def _without_num_batches_tracked(state, version):
-    old = collections.OrderedDict((k, v.clone()) for k, v in state.items()
-                                  if not k.endswith("num_batches_tracked"))
+    old = collections.OrderedDict(
+        (k, v.clone()) for k, v in state.items() if not k.endswith("num_batches_tracked")
+    )
     if version is not None:
         old._metadata = collections.OrderedDict({"": {"version": version}})
     return old
@@ -638,7 +727,8 @@ def _without_num_batches_tracked(state, version):
 @pytest.mark.parametrize("version", [None, 1])
 @pytest.mark.parametrize("trained_before", [False, True])
 def test_old_batch_norm_state_dict_without_num_batches_tracked_loads_like_torch(
-        version, trained_before):
+    version, trained_before
+):
     source = nn.BatchNorm2d(4, momentum=None)
     _train_some(source, (3, 4, 2, 2), steps=2)
     old = _without_num_batches_tracked(source.state_dict(), version)
@@ -704,9 +794,11 @@ def test_keras_and_torch_momentum_on_a_batch_worked_by_hand():
 
 
 @pytest.mark.parametrize("momentum", [None, 0.9])
-@pytest.mark.parametrize(("shape", "channel_dim"),
-                         [((6, 3), 1), ((4, 3, 5), 1), ((3, 3, 4, 2), 1), ((4, 5, 3), -1),
-                          ((2, 3, 4, 3), -1)], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"),
+    [((6, 3), 1), ((4, 3, 5), 1), ((3, 3, 4, 2), 1), ((4, 5, 3), -1), ((2, 3, 4, 3), -1)],
+    ids=str,
+)
 def test_keras_batch_norm_follows_the_keras_rule(shape, channel_dim, momentum):
     """moving = moving * momentum + batch_stat * (1 - momentum), biased variance; training
     normalizes with the batch's biased variance and eps 1e-3, eval with the moving stats."""
@@ -725,9 +817,9 @@ def test_keras_batch_norm_follows_the_keras_rule(shape, channel_dim, momentum):
             moving_mean = moving_mean * m + mean * (1 - m)
             moving_var = moving_var * m + biased * (1 - m)
             assert y.dtype == dtype
-            torch.testing.assert_close(y.detach().double(),
-                                       ref_batch_norm(x.double(), w, b, 1e-3, channel_dim),
-                                       **tol)
+            torch.testing.assert_close(
+                y.detach().double(), ref_batch_norm(x.double(), w, b, 1e-3, channel_dim), **tol
+            )
             torch.testing.assert_close(bn.running_mean.double(), moving_mean, **tol)
             torch.testing.assert_close(bn.running_var.double(), moving_var, **tol)
         assert int(bn.num_batches_tracked) == 4
@@ -736,8 +828,11 @@ def test_keras_batch_norm_follows_the_keras_rule(shape, channel_dim, momentum):
         with torch.no_grad():
             torch.testing.assert_close(
                 bn(x).double(),
-                ref_batch_norm(x.double(), w, b, 1e-3, channel_dim, mean=moving_mean,
-                               var=moving_var), **tol)
+                ref_batch_norm(
+                    x.double(), w, b, 1e-3, channel_dim, mean=moving_mean, var=moving_var
+                ),
+                **tol,
+            )
 
 
 def test_keras_batch_norm_training_gradients_are_those_of_the_formula():
@@ -771,10 +866,14 @@ def test_keras_momentum_none_is_rejected():
 
 
 def test_unknown_convention_is_rejected():
-    for build in (lambda: BatchNorm(4, convention="jax"), lambda: LayerNorm(4, convention="jax"),
-                  lambda: RMSNorm(4, convention="jax"), lambda: GroupNorm(2, 4, convention="jax"),
-                  lambda: InstanceNorm(4, convention="jax"),
-                  lambda: make_norm("batch", 4, convention="jax")):
+    for build in (
+        lambda: BatchNorm(4, convention="jax"),
+        lambda: LayerNorm(4, convention="jax"),
+        lambda: RMSNorm(4, convention="jax"),
+        lambda: GroupNorm(2, 4, convention="jax"),
+        lambda: InstanceNorm(4, convention="jax"),
+        lambda: make_norm("batch", 4, convention="jax"),
+    ):
         with pytest.raises(ValueError, match="convention='jax'.*'torch', 'keras'"):
             build()
 
@@ -800,9 +899,16 @@ def norm_cases(draw, kinds=ALL_KINDS, dtypes=DTYPES):
     shape = (n, c, *spatial) if channel_dim == 1 else (n, *spatial, c)
     dtype = draw(st.sampled_from(dtypes))
     eps = draw(st.sampled_from((1e-5, 1e-3, 0.1)) | st.floats(1e-6, 1.0))
-    case = {"kind": kind, "shape": shape, "channel_dim": channel_dim, "dtype": dtype,
-            "eps": eps, "seed": draw(st.integers(0, 2**31 - 1)),
-            "scale": draw(st.floats(0.5, 3.0)), "shift": draw(st.floats(-2.0, 2.0))}
+    case = {
+        "kind": kind,
+        "shape": shape,
+        "channel_dim": channel_dim,
+        "dtype": dtype,
+        "eps": eps,
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "scale": draw(st.floats(0.5, 3.0)),
+        "shift": draw(st.floats(-2.0, 2.0)),
+    }
     if kind == "rms" and dtype != torch.bfloat16 and draw(st.booleans()):
         case["eps"] = None
     if kind in ("layer", "rms") and channel_dim == -1 and rank >= 3 and draw(st.booleans()):
@@ -898,9 +1004,11 @@ def _statistics_case(case, x64):
 
 
 # Per dtype: absolute and relative tolerance on the output, and the unit roundoff u.
-TOLERANCE = {torch.float64: (1e-10, 1e-10, 2.0 ** -53),
-             torch.float32: (1e-5, 1e-5, 2.0 ** -24),
-             torch.bfloat16: (0.06, 0.03, 2.0 ** -8)}
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10, 2.0**-53),
+    torch.float32: (1e-5, 1e-5, 2.0**-24),
+    torch.bfloat16: (0.06, 0.03, 2.0**-8),
+}
 
 
 def _assert_close_to_reference(case, module, x, y, expected):
@@ -919,7 +1027,8 @@ def _assert_close_to_reference(case, module, x, y, expected):
         mean, scale = stats
         gamma = _p64(module, "weight")
         per_channel = case["kind"] not in ("layer", "layer2d", "rms") or (
-            case["channel_dim"] == 1 and x.dim() > 2 and "normalized_shape" not in case)
+            case["channel_dim"] == 1 and x.dim() > 2 and "normalized_shape" not in case
+        )
         if per_channel:  # else gamma already broadcasts over the trailing dims
             gamma = _channels_back(_per_channel(gamma, x.dim()), case["channel_dim"])
         slack = gamma.abs() * 16 * u * (x64.abs() + mean) / scale
@@ -927,7 +1036,8 @@ def _assert_close_to_reference(case, module, x, y, expected):
     excess = err - (atol + rtol * expected.abs() + slack)
     assert excess.max() <= 0, (
         f"{case['dtype']} output off the float64 reference by {err.flatten()[excess.argmax()]}"
-        f" at flat index {excess.argmax().item()}, beyond its bound")
+        f" at flat index {excess.argmax().item()}, beyond its bound"
+    )
 
 
 def _case_input(case):
@@ -959,9 +1069,11 @@ def test_property_batch_norm_running_stats_follow_their_convention(case):
         want_mean, want_var = 0.01 * mean, 0.99 + 0.01 * biased
     else:
         want_mean, want_var = 0.1 * mean, 0.9 + 0.1 * unbiased
-    tol = {torch.float64: {"atol": 1e-10, "rtol": 1e-10},
-           torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-           torch.bfloat16: {"atol": 0.06, "rtol": 0.03}}[case["dtype"]]
+    tol = {
+        torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+        torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+        torch.bfloat16: {"atol": 0.06, "rtol": 0.03},
+    }[case["dtype"]]
     torch.testing.assert_close(bn.running_mean.double(), want_mean, **tol)
     torch.testing.assert_close(bn.running_var.double(), want_var, **tol)
     assert bn.running_mean.dtype == case["dtype"] and int(bn.num_batches_tracked) == 1
@@ -979,8 +1091,9 @@ def test_property_per_sample_norms_ignore_the_rest_of_the_batch(case):
         # the same sample in another batch: the same output, to rounding
         _assert_close_to_reference(case, module, x[:1], module(others)[:1], y[:1].double())
         for i in range(x.shape[0]):
-            _assert_close_to_reference(case, module, x[i:i + 1], module(x[i:i + 1]),
-                                       y[i:i + 1].double())
+            _assert_close_to_reference(
+                case, module, x[i : i + 1], module(x[i : i + 1]), y[i : i + 1].double()
+            )
 
 
 @HYPOTHESIS
@@ -1016,8 +1129,15 @@ def _features(module):
     return module.num_features
 
 
-KIND_CLASSES = {"batch": BatchNorm, "layer": LayerNorm, "rms": RMSNorm, "group": GroupNorm,
-                "instance": InstanceNorm, "dyt": DyT, "none": nn.Identity}
+KIND_CLASSES = {
+    "batch": BatchNorm,
+    "layer": LayerNorm,
+    "rms": RMSNorm,
+    "group": GroupNorm,
+    "instance": InstanceNorm,
+    "dyt": DyT,
+    "none": nn.Identity,
+}
 
 
 def test_norm_kinds_are_the_documented_ones():
@@ -1079,9 +1199,23 @@ def test_make_norm_calls_a_callable_kind():
     assert make_norm(nn.BatchNorm1d, 7).num_features == 7
 
 
-@pytest.mark.parametrize(("channels", "groups"),
-                         [(64, 32), (96, 32), (48, 16), (24, 8), (12, 4), (6, 2), (7, 1), (1, 1),
-                          (32, 16), (16, 8), (8, 4), (2, 1)])
+@pytest.mark.parametrize(
+    ("channels", "groups"),
+    [
+        (64, 32),
+        (96, 32),
+        (48, 16),
+        (24, 8),
+        (12, 4),
+        (6, 2),
+        (7, 1),
+        (1, 1),
+        (32, 16),
+        (16, 8),
+        (8, 4),
+        (2, 1),
+    ],
+)
 def test_make_norm_group_defaults_to_gcd_of_32_and_channels(channels, groups):
     # gcd(32, C), halved where it would leave one channel per group.
     assert default_num_groups(channels) == groups
@@ -1108,9 +1242,17 @@ def test_make_norm_unknown_kind_lists_the_valid_ones(kind):
         assert repr(valid) in message
 
 
-@pytest.mark.parametrize(("kind", "option"),
-                         [("batch", "groups"), ("layer", "momentum"), ("rms", "bias"),
-                          ("group", "momentum"), ("instance", "num_groups"), ("dyt", "eps")])
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [
+        ("batch", "groups"),
+        ("layer", "momentum"),
+        ("rms", "bias"),
+        ("group", "momentum"),
+        ("instance", "num_groups"),
+        ("dyt", "eps"),
+    ],
+)
 def test_make_norm_unknown_option_is_a_type_error_naming_it(kind, option):
     with pytest.raises(TypeError, match=rf"\b{option}\b"):
         make_norm(kind, 4, **{option: 1})
@@ -1160,16 +1302,19 @@ def test_wrong_channel_count_is_a_value_error(make, shape):
     assert str(tuple(wrong)) in str(info.value)
 
 
-@pytest.mark.parametrize(("make", "bad_shape", "pattern"), [
-    (lambda: BatchNorm(4), (4,), r"2-D or 3-D or 4-D or 5-D.*1-D"),
-    (lambda: BatchNorm(4), (2, 4, 2, 2, 2, 2), r"2-D or 3-D or 4-D or 5-D.*6-D"),
-    (lambda: InstanceNorm(4), (3, 4), r"3-D or 4-D or 5-D.*2-D"),
-    (lambda: GroupNorm(2, 4), (4,), r"2-D or 3-D or 4-D or 5-D.*1-D"),
-    (lambda: DyT(4), (2, 2, 2, 2, 2, 4), r"6-D"),
-    (lambda: LayerNorm2d(4), (4,), r"\(N, 4, \.\.\.\)"),
-    (lambda: LayerNorm((3, 4)), (4,), r"\(\.\.\., 3, 4\)"),
-    (lambda: RMSNorm((3, 4)), (2, 4), r"\(\.\.\., 3, 4\)"),
-])
+@pytest.mark.parametrize(
+    ("make", "bad_shape", "pattern"),
+    [
+        (lambda: BatchNorm(4), (4,), r"2-D or 3-D or 4-D or 5-D.*1-D"),
+        (lambda: BatchNorm(4), (2, 4, 2, 2, 2, 2), r"2-D or 3-D or 4-D or 5-D.*6-D"),
+        (lambda: InstanceNorm(4), (3, 4), r"3-D or 4-D or 5-D.*2-D"),
+        (lambda: GroupNorm(2, 4), (4,), r"2-D or 3-D or 4-D or 5-D.*1-D"),
+        (lambda: DyT(4), (2, 2, 2, 2, 2, 4), r"6-D"),
+        (lambda: LayerNorm2d(4), (4,), r"\(N, 4, \.\.\.\)"),
+        (lambda: LayerNorm((3, 4)), (4,), r"\(\.\.\., 3, 4\)"),
+        (lambda: RMSNorm((3, 4)), (2, 4), r"\(\.\.\., 3, 4\)"),
+    ],
+)
 def test_wrong_rank_is_a_value_error_naming_the_accepted_ranks(make, bad_shape, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()(torch.randn(bad_shape))
@@ -1208,19 +1353,28 @@ def test_instance_norm_training_on_one_position_is_a_value_error():
 
 @pytest.mark.parametrize(("groups", "channels"), [(4, 6), (5, 12), (7, 3)])
 def test_group_norm_groups_must_divide_channels(groups, channels):
-    with pytest.raises(ValueError, match=f"num_groups={groups} must divide "
-                                         f"num_channels={channels}"):
+    with pytest.raises(
+        ValueError, match=f"num_groups={groups} must divide num_channels={channels}"
+    ):
         GroupNorm(groups, channels)
     with pytest.raises(ValueError, match="must divide"):
         make_norm("group", channels, num_groups=groups)
 
 
 @pytest.mark.parametrize("eps", [-1e-5, -1.0, float("nan"), "1e-5"])
-@pytest.mark.parametrize("build", [
-    lambda e: BatchNorm(4, eps=e), lambda e: LayerNorm(4, eps=e), lambda e: LayerNorm2d(4, eps=e),
-    lambda e: RMSNorm(4, eps=e), lambda e: GroupNorm(2, 4, eps=e),
-    lambda e: InstanceNorm(4, eps=e), lambda e: make_norm("batch", 4, eps=e)],
-    ids=["batch", "layer", "layer2d", "rms", "group", "instance", "make_norm"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda e: BatchNorm(4, eps=e),
+        lambda e: LayerNorm(4, eps=e),
+        lambda e: LayerNorm2d(4, eps=e),
+        lambda e: RMSNorm(4, eps=e),
+        lambda e: GroupNorm(2, 4, eps=e),
+        lambda e: InstanceNorm(4, eps=e),
+        lambda e: make_norm("batch", 4, eps=e),
+    ],
+    ids=["batch", "layer", "layer2d", "rms", "group", "instance", "make_norm"],
+)
 def test_bad_eps_is_rejected(build, eps):
     with pytest.raises(ValueError, match="eps must be a number >= 0"):
         build(eps)
@@ -1232,9 +1386,15 @@ def test_zero_eps_is_accepted():
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan"), float("inf")])
-@pytest.mark.parametrize("build", [
-    lambda m: BatchNorm(4, momentum=m), lambda m: BatchNorm(4, momentum=m, convention="keras"),
-    lambda m: InstanceNorm(4, momentum=m)], ids=["batch", "batch-keras", "instance"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda m: BatchNorm(4, momentum=m),
+        lambda m: BatchNorm(4, momentum=m, convention="keras"),
+        lambda m: InstanceNorm(4, momentum=m),
+    ],
+    ids=["batch", "batch-keras", "instance"],
+)
 def test_momentum_outside_zero_one_is_rejected(build, momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         build(momentum)
@@ -1250,22 +1410,38 @@ def test_momentum_bounds_and_types():
 
 
 @pytest.mark.parametrize("channel_dim", [0, 2, -2, 3, None])
-@pytest.mark.parametrize("build", [
-    lambda d: BatchNorm(4, channel_dim=d), lambda d: LayerNorm(4, channel_dim=d),
-    lambda d: RMSNorm(4, channel_dim=d), lambda d: GroupNorm(2, 4, channel_dim=d),
-    lambda d: InstanceNorm(4, channel_dim=d), lambda d: DyT(4, channel_dim=d),
-    lambda d: make_norm("layer", 4, channel_dim=d)],
-    ids=["batch", "layer", "rms", "group", "instance", "dyt", "make_norm"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda d: BatchNorm(4, channel_dim=d),
+        lambda d: LayerNorm(4, channel_dim=d),
+        lambda d: RMSNorm(4, channel_dim=d),
+        lambda d: GroupNorm(2, 4, channel_dim=d),
+        lambda d: InstanceNorm(4, channel_dim=d),
+        lambda d: DyT(4, channel_dim=d),
+        lambda d: make_norm("layer", 4, channel_dim=d),
+    ],
+    ids=["batch", "layer", "rms", "group", "instance", "dyt", "make_norm"],
+)
 def test_channel_dim_must_be_one_or_minus_one(build, channel_dim):
-    with pytest.raises(ValueError, match=rf"channel_dim={channel_dim!r} is not supported; "
-                                         r"accepted values: 1, -1"):
+    with pytest.raises(
+        ValueError,
+        match=rf"channel_dim={channel_dim!r} is not supported; "
+        r"accepted values: 1, -1",
+    ):
         build(channel_dim)
 
 
 def test_bad_feature_counts_are_rejected():
-    for build in (lambda: BatchNorm(0), lambda: InstanceNorm(-1), lambda: DyT(0),
-                  lambda: GroupNorm(1, 0), lambda: GroupNorm(0, 4), lambda: LayerNorm(0),
-                  lambda: RMSNorm((3, 0))):
+    for build in (
+        lambda: BatchNorm(0),
+        lambda: InstanceNorm(-1),
+        lambda: DyT(0),
+        lambda: GroupNorm(1, 0),
+        lambda: GroupNorm(0, 4),
+        lambda: LayerNorm(0),
+        lambda: RMSNorm((3, 0)),
+    ):
         with pytest.raises(ValueError, match=">= 1"):
             build()
     with pytest.raises(TypeError, match="num_features must be an integer"):
@@ -1280,10 +1456,18 @@ def test_bad_feature_counts_are_rejected():
 # 8. extra_repr and reset_parameters
 
 
-@pytest.mark.parametrize("module", [
-    BatchNorm(7, eps=0.0123), LayerNorm(7, eps=0.0123), LayerNorm2d(7, eps=0.0123),
-    RMSNorm(7, eps=0.0123), GroupNorm(1, 7, eps=0.0123), InstanceNorm(7, eps=0.0123)],
-    ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "module",
+    [
+        BatchNorm(7, eps=0.0123),
+        LayerNorm(7, eps=0.0123),
+        LayerNorm2d(7, eps=0.0123),
+        RMSNorm(7, eps=0.0123),
+        GroupNorm(1, 7, eps=0.0123),
+        InstanceNorm(7, eps=0.0123),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_repr_shows_features_and_eps(module):
     text = repr(module)
     assert text.startswith(type(module).__name__ + "(")
@@ -1309,10 +1493,20 @@ def test_repr_shows_non_default_settings():
     assert "channel_dim=1" in repr(DyT(9, channel_dim=1))
 
 
-@pytest.mark.parametrize("module", [
-    BatchNorm(5), InstanceNorm(5, affine=True, track_running_stats=True), LayerNorm((2, 5)),
-    LayerNorm(5, bias=False), LayerNorm2d(5), RMSNorm(5), GroupNorm(5, 5), DyT(5, 0.3)],
-    ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "module",
+    [
+        BatchNorm(5),
+        InstanceNorm(5, affine=True, track_running_stats=True),
+        LayerNorm((2, 5)),
+        LayerNorm(5, bias=False),
+        LayerNorm2d(5),
+        RMSNorm(5),
+        GroupNorm(5, 5),
+        DyT(5, 0.3),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_reset_parameters_restores_ones_and_zeros(module):
     shape = (4, 5, 3) if module.channel_dim == 1 else (4, 2, 5)
     _randomize_affine(module, seed=3)

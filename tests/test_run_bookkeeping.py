@@ -2,6 +2,7 @@
 run identity and folders, checkpoints that are empty, foreign or corrupted, a kill between
 the last checkpoint and its metrics, NaN at evaluation, a full disk, the lab's reuse rules
 and exit status, and the CLI's usage-error/bug split."""
+
 import errno
 import json
 import math
@@ -45,8 +46,10 @@ def _model():
 
 
 def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def _cli(capsys, *argv):
@@ -60,35 +63,74 @@ CONFIG = TrainConfig(epochs=3, batch_size=30, seed=2, checkpoint_every=2)
 
 # ------------------------------------------------------------------ a run is its configuration
 
+
 def test_another_model_in_the_same_folder_is_refused_naming_what_differs(tmp_path):
     data = _blobs()
-    train_named("mlp", "synthetic", model_options={"depth": 2, "width": 8},
-                dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
-                config=TrainConfig(epochs=1, batch_size=16), out=tmp_path)
+    train_named(
+        "mlp",
+        "synthetic",
+        model_options={"depth": 2, "width": 8},
+        dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
+        config=TrainConfig(epochs=1, batch_size=16),
+        out=tmp_path,
+    )
     # The plain twin has the very same parameters: only the recorded options tell them apart.
     with pytest.raises(RunMismatchError, match=r"model_options.residual: true -> false.*--restart"):
-        train_named("mlp", "synthetic", model_options={"depth": 2, "width": 8, "residual": False},
-                    dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
-                    config=TrainConfig(epochs=1, batch_size=16), out=tmp_path)
+        train_named(
+            "mlp",
+            "synthetic",
+            model_options={"depth": 2, "width": 8, "residual": False},
+            dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
+            config=TrainConfig(epochs=1, batch_size=16),
+            out=tmp_path,
+        )
     with pytest.raises(RunMismatchError, match=r"train.epochs: 1 -> 2"):
-        train_named("mlp", "synthetic", model_options={"depth": 2, "width": 8},
-                    dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
-                    config=TrainConfig(epochs=2, batch_size=16), out=tmp_path)
+        train_named(
+            "mlp",
+            "synthetic",
+            model_options={"depth": 2, "width": 8},
+            dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
+            config=TrainConfig(epochs=2, batch_size=16),
+            out=tmp_path,
+        )
     with pytest.raises(RunMismatchError, match=r"dataset_options.train_samples: 64 -> 80"):
-        train_named("mlp", "synthetic", model_options={"depth": 2, "width": 8},
-                    dataset_options={"shape": 8, "train_samples": 80, "test_samples": 32},
-                    config=TrainConfig(epochs=1, batch_size=16), out=tmp_path)
+        train_named(
+            "mlp",
+            "synthetic",
+            model_options={"depth": 2, "width": 8},
+            dataset_options={"shape": 8, "train_samples": 80, "test_samples": 32},
+            config=TrainConfig(epochs=1, batch_size=16),
+            out=tmp_path,
+        )
     # A raw fit of another model: only its structure differs.
-    fit(_model(), data, TrainConfig(epochs=1, batch_size=16), out=tmp_path / "raw",
-        progress=False)
+    fit(_model(), data, TrainConfig(epochs=1, batch_size=16), out=tmp_path / "raw", progress=False)
     with pytest.raises(RunMismatchError, match=r"\(model_structure: \S+ -> \S+\)"):
-        fit(nn.Linear(8, 3), data, TrainConfig(epochs=1, batch_size=16), out=tmp_path / "raw",
-            progress=False)
+        fit(
+            nn.Linear(8, 3),
+            data,
+            TrainConfig(epochs=1, batch_size=16),
+            out=tmp_path / "raw",
+            progress=False,
+        )
 
 
 def test_cli_rerun_with_plain_into_the_same_folder_is_one_line_exit_2(tmp_path, capsys):
-    common = ["train", "--model", "mlp", "--dataset", "digits", "--depth", "1", "--width", "8",
-              "--epochs", "1", "--quiet", "--out", tmp_path / "run"]
+    common = [
+        "train",
+        "--model",
+        "mlp",
+        "--dataset",
+        "digits",
+        "--depth",
+        "1",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--out",
+        tmp_path / "run",
+    ]
     code, out, err = _cli(capsys, *common)
     assert code == 0, err
     code, out, err = _cli(capsys, *common, "--plain")
@@ -104,9 +146,13 @@ def test_default_folders_differ_by_configuration_and_match_for_the_same(tmp_path
     options = {"shape": 8, "train_samples": 64, "test_samples": 32}
 
     def folder(**model_options):
-        return prepare_run("mlp", "synthetic", model_options={"depth": 1, "width": 8,
-                                                              **model_options},
-                           dataset_options=options, config=TrainConfig(epochs=1)).out
+        return prepare_run(
+            "mlp",
+            "synthetic",
+            model_options={"depth": 1, "width": 8, **model_options},
+            dataset_options=options,
+            config=TrainConfig(epochs=1),
+        ).out
 
     residual, plain, again = folder(), folder(residual=False), folder()
     assert residual == again and residual != plain
@@ -116,12 +162,18 @@ def test_default_folders_differ_by_configuration_and_match_for_the_same(tmp_path
 
 def test_sync_bn_without_batch_norm_is_one_rule(tmp_path):
     with pytest.raises(UsageError, match="has no batch norm"):
-        prepare_run("mlp", "synthetic", model_options={"norm": "layer", "depth": 1, "width": 8},
-                    dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
-                    config=TrainConfig(sync_bn=True), out=tmp_path)
+        prepare_run(
+            "mlp",
+            "synthetic",
+            model_options={"norm": "layer", "depth": 1, "width": 8},
+            dataset_options={"shape": 8, "train_samples": 64, "test_samples": 32},
+            config=TrainConfig(sync_bn=True),
+            out=tmp_path,
+        )
 
 
 # ------------------------------------------------------------------ checkpoints
+
 
 def _interrupted(tmp_path, steps=9):
     """A run stopped mid-way (its second epoch), and the reference run uninterrupted."""
@@ -160,7 +212,7 @@ def test_flipped_byte_inside_a_tensor_is_detected_by_the_checksum(tmp_path):
     raw = path.read_bytes()
     needle = weight.contiguous().view(torch.uint8).numpy().tobytes()[:64]
     at = raw.find(needle)
-    assert at > 0                                  # the tensor's bytes are stored as they are
+    assert at > 0  # the tensor's bytes are stored as they are
     corrupted = bytearray(raw)
     corrupted[at + 5] ^= 0x10
     path.write_bytes(bytes(corrupted))
@@ -174,8 +226,13 @@ def test_flipped_byte_inside_a_tensor_is_detected_by_the_checksum(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
     other = tmp_path / "other"
-    fit(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)), _blobs(),
-        TrainConfig(epochs=2, batch_size=30), out=other, progress=False)
+    fit(
+        nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)),
+        _blobs(),
+        TrainConfig(epochs=2, batch_size=30),
+        out=other,
+        progress=False,
+    )
     run = tmp_path / "run"
     fit(_model(), _blobs(), TrainConfig(epochs=1, batch_size=30), out=run, progress=False)
     # Foreign checkpoint copied over (with its identity): refused by identity.
@@ -224,13 +281,12 @@ def test_a_complete_pending_checkpoint_is_put_in_place_and_temporaries_removed(t
     resumed = fit(_model(), _blobs(), CONFIG, out=run, progress=False)
     names = {p.name for p in run.iterdir()}
     assert "checkpoint.pt.new" not in names and not any(n.endswith(".tmp") for n in names)
-    assert "checkpoint.prev.pt" not in names                 # finished: one checkpoint kept
+    assert "checkpoint.prev.pt" not in names  # finished: one checkpoint kept
     assert _rows(run / "metrics.jsonl") == _rows(tmp_path / "ref" / "metrics.jsonl")
     assert resumed.resumed_from_step == 8
 
 
-def test_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch,
-                                                                     capsys):
+def test_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     _, run = _interrupted(tmp_path)
     before = (run / "checkpoint.pt").read_bytes()
     real_save = torch.save
@@ -247,14 +303,20 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, m
     assert load_checkpoint(run / "checkpoint.pt")["global_step"] > 0
     monkeypatch.setattr(torch, "save", real_save)
     # The CLI's line for it: one line, exit 1, no traceback.
-    monkeypatch.setattr("resnorm.cli.cli.main", lambda **_: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoint.pt.new")))
+    monkeypatch.setattr(
+        "resnorm.cli.cli.main",
+        lambda **_: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoint.pt.new")
+        ),
+    )
     code, out, err = _cli(capsys, "train", "--model", "mlp")
-    assert code == 1 and err == "resnorm: error: No space left on device: " \
-                                "runs/x/checkpoint.pt.new\n"
+    assert (
+        code == 1 and err == "resnorm: error: No space left on device: runs/x/checkpoint.pt.new\n"
+    )
 
 
 # ------------------------------------------------------------------ divergence at evaluation
+
 
 class _NanAtEval(nn.Module):
     """Trains fine; its evaluation-mode output is NaN (as running statistics gone to inf)."""
@@ -275,10 +337,10 @@ def test_nan_first_seen_at_evaluation_is_recorded_as_diverged(tmp_path):
     assert math.isnan(result.history[0]["test_loss"])
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "diverged" and saved["diverged_in"] == "eval"
-    assert saved["final"]["test_loss"] is None                   # strict JSON: null
+    assert saved["final"]["test_loss"] is None  # strict JSON: null
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["test_loss"] is None
     again = fit(_NanAtEval(), _blobs(), CONFIG, out=tmp_path, progress=False)
-    assert again.diverged and len(again.history) == 1            # a result, not trained again
+    assert again.diverged and len(again.history) == 1  # a result, not trained again
 
 
 # ------------------------------------------------------------------ the lab
@@ -316,11 +378,14 @@ def test_editing_the_study_reruns_exactly_the_runs_it_changes(tmp_path):
     assert [bool(r.get("reused")) for r in grown] == [True, True, False]
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ('name = "tiny"', 'name = "../escape"'),
-    ('name = "tiny"', 'name = "a/b"'),
-    ("test_samples = 32", "test_samples = 32\nnum_samples = 5"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ('name = "tiny"', 'name = "../escape"'),
+        ('name = "tiny"', 'name = "a/b"'),
+        ("test_samples = 32", "test_samples = 32\nnum_samples = 5"),
+    ],
+)
 def test_study_names_and_dataset_options_are_checked_when_loaded(edit, fragment):
     with pytest.raises(StudyError):
         parse_study(STUDY.replace(edit, fragment))
@@ -334,8 +399,17 @@ def test_lab_checks_device_and_data_before_anything_runs(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert code == 2 and err.count("\n") == 1 and "cuda" in err.lower()
         assert not out.exists()
-    code, _, err = _cli(capsys, "lab", "cifar10-resnet", "--quick", "--data-root",
-                        tmp_path / "nowhere", "--out", out, "--quiet")
+    code, _, err = _cli(
+        capsys,
+        "lab",
+        "cifar10-resnet",
+        "--quick",
+        "--data-root",
+        tmp_path / "nowhere",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err and not out.exists()
     bad = tmp_path / "bad.toml"
     bad.write_text(STUDY.replace("train_samples = 64", "train_samples = -1"))
@@ -351,8 +425,11 @@ def test_lab_exits_1_when_a_run_failed_and_0_for_diverged(tmp_path, capsys):
     assert "2 finished, 0 diverged, 2 failed" in out
     assert (tmp_path / "a" / "report.html").exists()
     diverging = tmp_path / "diverging.toml"
-    diverging.write_text(STUDY.replace("epochs = 1", "epochs = 1\nlr = 1e30")
-                         .replace('norms = ["batch"]', 'norms = ["none"]'))
+    diverging.write_text(
+        STUDY.replace("epochs = 1", "epochs = 1\nlr = 1e30").replace(
+            'norms = ["batch"]', 'norms = ["none"]'
+        )
+    )
     code, out, err = _cli(capsys, "lab", diverging, "--out", tmp_path / "b", "--workers", "1")
     assert code == 0 and "0 finished, 2 diverged, 0 failed" in out, err
     code, out, err = _cli(capsys, "lab", diverging, "--out", tmp_path / "b", "--workers", "1")
@@ -372,9 +449,10 @@ def test_quick_report_says_it_is_a_smoke_run_and_records_provenance(tmp_path):
 
 # ------------------------------------------------------------------ usage errors vs bugs
 
+
 def test_a_bug_is_not_a_usage_error(monkeypatch, capsys):
     def broken(**_):
-        raise ValueError("an internal invariant broke")   # not a UsageError: a bug
+        raise ValueError("an internal invariant broke")  # not a UsageError: a bug
 
     monkeypatch.setattr("resnorm.cli.cli.main", broken)
     code, out, err = _cli(capsys, "models")
@@ -394,18 +472,25 @@ def test_usage_errors_keep_their_builtin_types():
 
 def test_python_m_resnorm_bug_exit_status(tmp_path):
     """The real entry point: a usage error is exit 2 and one line."""
-    proc = subprocess.run([sys.executable, "-m", "resnorm", "train", "--model", "nope"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnorm", "train", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "unknown model 'nope'" in proc.stderr
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["train", "--model", "mlp", "--lr", "inf"], "lr must be a finite number, got inf"),
-    (["train", "--model", "mlp", "--weight-decay", "inf"], "weight_decay must be a finite"),
-    (["train", "--model", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
-    (["diagnose", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--model", "mlp", "--lr", "inf"], "lr must be a finite number, got inf"),
+        (["train", "--model", "mlp", "--weight-decay", "inf"], "weight_decay must be a finite"),
+        (["train", "--model", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
+        (["diagnose", "mlp", "--depth", "99999999999"], "1<=x<=10000"),
+    ],
+)
 def test_more_bad_numbers_are_one_line(capsys, tmp_path, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)
     code, out, err = _cli(capsys, *argv)
@@ -427,7 +512,7 @@ def test_a_failed_atomic_write_names_its_file_and_keeps_the_old_one(tmp_path):
     with pytest.raises(OSError) as info:
         with atomic_open(target, "w") as f:
             f.write("new")
-            raise OSError(errno.ENOSPC, "No space left on device")   # as a full disk says it
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk says it
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
@@ -440,5 +525,5 @@ def test_provenance_names_the_command_the_user_typed(monkeypatch):
     assert command_line() == "python -m resnorm train --out 'a b'"
     monkeypatch.setattr(sys, "argv", ["/venv/bin/resnorm", "lab", "--quick"])
     assert command_line() == "resnorm lab --quick"
-    monkeypatch.setenv("RESNORM_COMMAND", "resnorm train --nproc 2")   # set by the launcher
+    monkeypatch.setenv("RESNORM_COMMAND", "resnorm train --nproc 2")  # set by the launcher
     assert command_line() == "resnorm train --nproc 2"

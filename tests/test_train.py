@@ -48,14 +48,25 @@ def _metrics(history):
 
 # ------------------------------------------------------------------------ configuration
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"epochs": 0}, ValueError), ({"batch_size": 0}, ValueError), ({"lr": 0.0}, ValueError),
-    ({"weight_decay": -1.0}, ValueError), ({"epochs": 1.5}, TypeError),
-    ({"optimizer": "adam"}, ValueError), ({"schedule": "linear"}, ValueError),
-    ({"warmup_epochs": 30.0}, ValueError), ({"milestones": (0.5, 1.5)}, ValueError),
-    ({"label_smoothing": 1.0}, ValueError), ({"device": "tpu"}, ValueError),
-    ({"threads": 0}, ValueError), ({"checkpoint_every": 0}, ValueError),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"epochs": 0}, ValueError),
+        ({"batch_size": 0}, ValueError),
+        ({"lr": 0.0}, ValueError),
+        ({"weight_decay": -1.0}, ValueError),
+        ({"epochs": 1.5}, TypeError),
+        ({"optimizer": "adam"}, ValueError),
+        ({"schedule": "linear"}, ValueError),
+        ({"warmup_epochs": 30.0}, ValueError),
+        ({"milestones": (0.5, 1.5)}, ValueError),
+        ({"label_smoothing": 1.0}, ValueError),
+        ({"device": "tpu"}, ValueError),
+        ({"threads": 0}, ValueError),
+        ({"checkpoint_every": 0}, ValueError),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         TrainConfig(**kwargs)
@@ -73,8 +84,14 @@ def test_schedule_warmup_cosine_and_step():
     model = nn.Linear(2, 2)
     lrs = {}
     for schedule in ("cosine", "step", "constant"):
-        config = TrainConfig(epochs=4, lr=1.0, schedule=schedule, warmup_epochs=1.0,
-                             milestones=(0.5, 0.75), gamma=0.1)
+        config = TrainConfig(
+            epochs=4,
+            lr=1.0,
+            schedule=schedule,
+            warmup_epochs=1.0,
+            milestones=(0.5, 0.75),
+            gamma=0.1,
+        )
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config, steps_per_epoch=10)
         seen = []
@@ -106,13 +123,14 @@ def test_weight_decay_skips_one_dimensional_parameters():
 
 # ------------------------------------------------------------------------ augmentation
 
+
 def test_augment_crops_windows_of_the_padded_image_and_flips():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5) + 1
     out = augment_images(x, 2, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     padded = nn.functional.pad(x, (2, 2, 2, 2))
     for n in range(2):
-        windows = [padded[n, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
+        windows = [padded[n, :, i : i + 5, j : j + 5] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1)) for w in windows)
     again = augment_images(x, 2, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
@@ -128,12 +146,21 @@ def test_augment_refuses_non_images():
 
 # ------------------------------------------------------------------------ training
 
+
 def test_fit_learns_and_reports_every_epoch():
-    result = fit(_small_model(), _blobs(), TrainConfig(epochs=4, batch_size=32, lr=1e-2),
-                 progress=False)
+    result = fit(
+        _small_model(), _blobs(), TrainConfig(epochs=4, batch_size=32, lr=1e-2), progress=False
+    )
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
-    assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "test_loss",
-                                      "test_acc", "lr", "seconds"}
+    assert set(result.history[0]) == {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "seconds",
+    }
     assert result.final["test_acc"] > 0.9  # well-separated blobs; chance is 1/3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert not result.diverged and result.seconds > 0 and result.out is None
@@ -143,8 +170,12 @@ def test_fit_is_deterministic_for_a_seed():
     runs = []
     for _ in range(2):
         model = _small_model(dropout=0.2)
-        runs.append((model, fit(model, _blobs(), TrainConfig(epochs=2, batch_size=32, seed=7),
-                                progress=False)))
+        runs.append(
+            (
+                model,
+                fit(model, _blobs(), TrainConfig(epochs=2, batch_size=32, seed=7), progress=False),
+            )
+        )
     (m1, r1), (m2, r2) = runs
     assert _metrics(r1.history) == _metrics(r2.history)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
@@ -161,8 +192,9 @@ class _Explodes(nn.Module):
 
 
 def test_divergence_stops_cleanly_and_is_recorded(tmp_path):
-    result = fit(_Explodes(), _blobs(), TrainConfig(epochs=3, batch_size=50), out=tmp_path,
-                 progress=False)
+    result = fit(
+        _Explodes(), _blobs(), TrainConfig(epochs=3, batch_size=50), out=tmp_path, progress=False
+    )
     assert result.diverged and result.diverged_at_step == 1 and result.history == []
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "diverged" and saved["diverged_at_step"] == 1
@@ -196,8 +228,13 @@ def test_threads_are_restored_and_monitor_is_called():
             self.losses.append(loss.item())
 
     counter, before = Counter(), torch.get_num_threads()
-    result = fit(_small_model(), _blobs(), TrainConfig(epochs=2, batch_size=100, threads=1),
-                 monitor=counter, progress=False)
+    result = fit(
+        _small_model(),
+        _blobs(),
+        TrainConfig(epochs=2, batch_size=100, threads=1),
+        monitor=counter,
+        progress=False,
+    )
     assert torch.get_num_threads() == before
     assert len(counter.losses) == 2 * 3 and all(math.isfinite(v) for v in counter.losses)
     assert result.history[-1]["train_loss"] > 0
@@ -209,20 +246,33 @@ def test_augmented_amp_training_on_images_runs():
     data = DataSplit("images", x[:48], y[:48], x[48:], y[48:], 4)
     torch.manual_seed(0)
     model = create_model("resnet_cifar", depth=8, num_classes=4, widths=(4, 8, 8))
-    result = fit(model, data, TrainConfig(epochs=2, batch_size=16, augment=True, amp=True),
-                 progress=False)
+    result = fit(
+        model, data, TrainConfig(epochs=2, batch_size=16, augment=True, amp=True), progress=False
+    )
     assert len(result.history) == 2 and math.isfinite(result.final["train_loss"])
 
 
 # ------------------------------------------------------------------------ run directory
 
+
 def test_run_directory_files(tmp_path):
-    result = fit(_small_model(), _blobs(), TrainConfig(epochs=3, batch_size=32), out=tmp_path,
-                 progress=False, meta={"model": "mlp"})
+    result = fit(
+        _small_model(),
+        _blobs(),
+        TrainConfig(epochs=3, batch_size=32),
+        out=tmp_path,
+        progress=False,
+        meta={"model": "mlp"},
+    )
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
-            "result.json"} <= names and not any(n.endswith(".tmp") for n in names)
-    assert "checkpoint.prev.pt" not in names            # a finished run keeps one checkpoint
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "checkpoint.pt",
+        "result.json",
+    } <= names and not any(n.endswith(".tmp") for n in names)
+    assert "checkpoint.prev.pt" not in names  # a finished run keeps one checkpoint
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] == "mlp" and config["config"]["epochs"] == 3
     assert config["identity"]["model"] == "mlp" and config["identity"]["train"]["epochs"] == 3
@@ -257,8 +307,14 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, stop_
     reference = _small_model(dropout=0.2)
     expected = fit(reference, data, config, out=tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        fit(_small_model(dropout=0.2), data, config, out=tmp_path / "b", progress=False,
-            monitor=_StopAt(stop_after))
+        fit(
+            _small_model(dropout=0.2),
+            data,
+            config,
+            out=tmp_path / "b",
+            progress=False,
+            monitor=_StopAt(stop_after),
+        )
     resumed_model = _small_model(dropout=0.2)
     resumed = fit(resumed_model, data, config, out=tmp_path / "b", progress=False)
     assert resumed.resumed_from_step is not None and resumed.resumed_from_step <= stop_after
@@ -279,13 +335,25 @@ def test_finished_run_is_not_trained_again(tmp_path):
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
-    fit(_small_model(), _blobs(), TrainConfig(epochs=1, batch_size=32), out=tmp_path,
-        progress=False)
+    fit(
+        _small_model(), _blobs(), TrainConfig(epochs=1, batch_size=32), out=tmp_path, progress=False
+    )
     with pytest.raises(ValueError, match="different configuration"):
-        fit(_small_model(), _blobs(), TrainConfig(epochs=2, batch_size=32), out=tmp_path,
-            progress=False)
-    restarted = fit(_small_model(), _blobs(), TrainConfig(epochs=2, batch_size=32), out=tmp_path,
-                    progress=False, resume=False)
+        fit(
+            _small_model(),
+            _blobs(),
+            TrainConfig(epochs=2, batch_size=32),
+            out=tmp_path,
+            progress=False,
+        )
+    restarted = fit(
+        _small_model(),
+        _blobs(),
+        TrainConfig(epochs=2, batch_size=32),
+        out=tmp_path,
+        progress=False,
+        resume=False,
+    )
     assert len(restarted.history) == 2
 
 
@@ -296,7 +364,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         fit(_small_model(), _blobs(), config, out=run, progress=False, monitor=_StopAt(22))
     data = (run / "checkpoint.pt").read_bytes()
-    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])       # truncated
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="checkpoint.pt is corrupted or truncated"):
         load_checkpoint(run / "checkpoint.pt")
     with pytest.warns(UserWarning, match="previous good checkpoint"):
@@ -364,17 +432,25 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     script.write_text(_CHILD)
 
     def run(out, mode):
-        return subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True,
-                              text=True, timeout=300, check=True)
+        return subprocess.run(
+            [sys.executable, str(script), str(out), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
 
     run(tmp_path / "reference", "fast")
     killed_dir = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, str(script), str(killed_dir), "slow"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(killed_dir), "slow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not (killed_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)                                   # somewhere after a checkpoint
+    time.sleep(0.3)  # somewhere after a checkpoint
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
@@ -386,10 +462,14 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     assert reference.keys() == weights.keys()
     for name in reference:
         assert torch.equal(reference[name], weights[name]), name
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-               for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    expected = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    expected = [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert metrics == expected and len(metrics) == 4
 
 
@@ -398,8 +478,9 @@ def test_compiled_training_matches_eager():
     losses = {}
     for compiled in (False, True):
         model = _small_model()
-        result = fit(model, data, TrainConfig(epochs=2, batch_size=64, compile=compiled),
-                     progress=False)
+        result = fit(
+            model, data, TrainConfig(epochs=2, batch_size=64, compile=compiled), progress=False
+        )
         losses[compiled] = [row["train_loss"] for row in result.history]
     # Inductor may fuse reductions in another order: equal to float32 rounding over 2 epochs.
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

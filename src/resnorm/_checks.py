@@ -3,6 +3,7 @@
 Each check raises a ``ValueError``/``TypeError`` that names the argument, the value it got
 and what is accepted, so a user can fix the call without reading our source.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ def check_options(what: str, given: Iterable[str], accepted: Iterable[str]) -> N
     accepted = list(accepted)
     unknown = [option for option in given if option not in accepted]
     if unknown:
-        raise UsageTypeError(f"{what} got unexpected option(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(accepted)}")
+        raise UsageTypeError(
+            f"{what} got unexpected option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
@@ -41,9 +43,16 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
-def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True,
-                finite: bool = False) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    finite: bool = False,
+) -> float:
     """Return ``float(value)`` if it is a real number inside the given bounds (and, with
     ``finite=True``, not infinite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -61,8 +70,15 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
     return value
 
 
-def check_input(name: str, x: Any, *, ndims: Iterable[int], channels: int | None = None,
-                channel_dim: int = 1, what: str = "") -> None:
+def check_input(
+    name: str,
+    x: Any,
+    *,
+    ndims: Iterable[int],
+    channels: int | None = None,
+    channel_dim: int = 1,
+    what: str = "",
+) -> None:
     """Check a module input's type, rank and channel count before the first op touches it."""
     import torch
 
@@ -72,11 +88,14 @@ def check_input(name: str, x: Any, *, ndims: Iterable[int], channels: int | None
         raise UsageTypeError(f"{prefix}{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in ndims:
         accepted = " or ".join(f"{d}-D" for d in ndims)
-        raise UsageError(f"{prefix}{name} must be {accepted}, got a {x.dim()}-D tensor "
-                         f"of shape {tuple(x.shape)}")
+        raise UsageError(
+            f"{prefix}{name} must be {accepted}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
     if channels is not None and x.shape[channel_dim] != channels:
-        raise UsageError(f"{prefix}{name} must have {channels} channels at dim {channel_dim}, "
-                         f"got shape {tuple(x.shape)}")
+        raise UsageError(
+            f"{prefix}{name} must have {channels} channels at dim {channel_dim}, "
+            f"got shape {tuple(x.shape)}"
+        )
 
 
 DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
@@ -90,24 +109,30 @@ def check_device(name: str, value: Any, *, available: bool = False) -> str:
     import torch
 
     if not isinstance(value, str):
-        raise UsageTypeError(f"{name} must be a string ({DEVICES}), got {value!r} "
-                             f"({type(value).__name__})")
+        raise UsageTypeError(
+            f"{name} must be a string ({DEVICES}), got {value!r} ({type(value).__name__})"
+        )
     if value == "auto":
         return value
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (
-            device.index is not None and device.type != "cuda"):
+    if (
+        device is None
+        or device.type not in ("cpu", "cuda", "mps")
+        or (device.index is not None and device.type != "cuda")
+    ):
         raise UsageError(f"{name}={value!r} is not a device; accepted: {DEVICES}")
     if available and device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
             raise UsageError(f"{name}={value!r} but CUDA is not available here; use cpu")
         if device.index is not None and device.index >= count:
-            raise UsageError(f"{name}={value!r} but this machine has {count} CUDA device(s): "
-                             f"cuda:0 to cuda:{count - 1}")
+            raise UsageError(
+                f"{name}={value!r} but this machine has {count} CUDA device(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
     if available and device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"{name}={value!r} but MPS is not available here; use cpu")
     return value
@@ -139,5 +164,7 @@ def check_fits_in_memory(what: str, nbytes: int, *, note: str = "") -> None:
     if total is None or nbytes <= total:
         return
     note = f" ({note})" if note else ""
-    raise UsageError(f"{what} would need {format_bytes(nbytes)}{note}, more than this "
-                     f"machine's {format_bytes(total)} of memory")
+    raise UsageError(
+        f"{what} would need {format_bytes(nbytes)}{note}, more than this "
+        f"machine's {format_bytes(total)} of memory"
+    )

@@ -1,6 +1,7 @@
 """Writing files safely: atomically (a temporary file in the target's folder, then a
 rename, so a reader never sees half a file and an interrupted write leaves the old file
 or nothing), and as strict JSON."""
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,7 @@ def json_safe(value, *, coerce: bool = False):
     ``.item()``), and anything else that is not ``None``, a bool, str, int or float its
     ``str``."""
     if isinstance(value, dict):
-        return {(str(k) if coerce else k): json_safe(v, coerce=coerce)
-                for k, v in value.items()}
+        return {(str(k) if coerce else k): json_safe(v, coerce=coerce) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v, coerce=coerce) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -86,10 +86,14 @@ def check_writable_path(name: str, path, kind: str = "dir") -> None:
     start = target if kind == "dir" else target.parent
     existing = next(p for p in (start, *start.parents) if os.path.exists(p))
     if not os.path.isdir(existing):
-        raise UsageError(f"{name}={str(path)!r}: {existing} is a file, not a folder; give "
-                         f"{what} you can write to")
+        raise UsageError(
+            f"{name}={str(path)!r}: {existing} is a file, not a folder; give "
+            f"{what} you can write to"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".resnorm-write-check-", dir=existing))
     except OSError as exc:
-        raise UsageError(f"{name}={str(path)!r}: cannot create anything in {existing} "
-                         f"({exc.strerror or exc}); give {what} you can write to") from None
+        raise UsageError(
+            f"{name}={str(path)!r}: cannot create anything in {existing} "
+            f"({exc.strerror or exc}); give {what} you can write to"
+        ) from None

@@ -5,6 +5,7 @@ asked (or, by default, when stderr is a terminal), so piped output stays clean.
 (:mod:`resnorm.train.progress`) and the lab's display (:mod:`resnorm.lab.progress`) say
 only which columns and tasks they show.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ class StderrProgress:
             from rich.console import Console
             from rich.progress import Progress
 
-            self.progress = Progress(*self.columns(), console=Console(stderr=True),
-                                     transient=self.transient)
+            self.progress = Progress(
+                *self.columns(), console=Console(stderr=True), transient=self.transient
+            )
             self.progress.start()
             self.on_start()
         return self

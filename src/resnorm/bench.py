@@ -35,6 +35,7 @@ well; a small input to ``add_norm`` runs those same stock ops, see ``STOCK_BELOW
 End-to-end rows time a training step (forward, backward, AdamW) of the pre-norm residual
 MLP and of the small Transformer, fused vs unfused, same weights.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -72,12 +73,16 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise UsageError(f"{item!r} is not ROWSxHIDDEN with positive integers "
-                             "(e.g. 16384x1024)")
+            raise UsageError(
+                f"{item!r} is not ROWSxHIDDEN with positive integers (e.g. 16384x1024)"
+            )
         rows, hidden = int(parts[0]), int(parts[1])
-        check_fits_in_memory(f"shape {rows}x{hidden}", TENSORS_PER_SHAPE * rows * hidden * 4,
-                             note=f"the benchmark holds about {TENSORS_PER_SHAPE} float32 "
-                                  f"tensors of that shape at once")
+        check_fits_in_memory(
+            f"shape {rows}x{hidden}",
+            TENSORS_PER_SHAPE * rows * hidden * 4,
+            note=f"the benchmark holds about {TENSORS_PER_SHAPE} float32 "
+            f"tensors of that shape at once",
+        )
         shapes.append((rows, hidden))
     return tuple(shapes)
 
@@ -93,15 +98,22 @@ def set_allocator(regime: str) -> bool:
     # mallopt takes a C int: 2**31 - 1 is the largest trim threshold (a larger Python int
     # would wrap around, to 0 for 2**40, and trim the heap at every free).
     if regime == "reuse":
-        return (bool(libc.mallopt(_M_MMAP_MAX, 0))
-                and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
-    return (bool(libc.mallopt(_M_MMAP_MAX, 65536))
-            and bool(libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX))
-            and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    return (
+        bool(libc.mallopt(_M_MMAP_MAX, 65536))
+        and bool(libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX))
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX))
+    )
 
 
-def interleaved_medians(peers: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                        around: dict | None = None) -> dict[str, float]:
+def interleaved_medians(
+    peers: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    around: dict | None = None,
+) -> dict[str, float]:
     """Median seconds of each peer, timed in turns: every round times each peer once, in a
     rotated order, so that drifts of a shared, noisy machine fall on all peers alike.
     ``around[name]`` is an optional (before, after) pair of untimed calls for that peer."""
@@ -109,7 +121,7 @@ def interleaved_medians(peers: dict[str, Callable[[], object]], repeats: int, wa
     names = list(peers)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             before, after = around.get(name, (None, None))
             if before:
                 before()
@@ -129,19 +141,23 @@ def _stock(kind: str):
     """The stock PyTorch ops of add+norm, unfused: the "eager" peer as it is, the "compile"
     peer under ``torch.compile``."""
     if kind == "layer":
+
         def fn(x, r, w, b):
             h = x + r
             return F.layer_norm(h, (h.shape[-1],), w, b, 1e-5), h
     else:
+
         def fn(x, r, w, b):
             h = x + r
             return F.rms_norm(h, (h.shape[-1],), w, 1e-5), h
+
     return fn
 
 
 def _fused(kind: str):
     def fn(x, r, w, b):
         return add_norm(x, r, w, b if kind == "layer" else None, kind=kind, prenorm=True)
+
     return fn
 
 
@@ -188,13 +204,23 @@ def _peer_calls(impls, x, r, w, b, dy) -> tuple[dict, dict, dict]:
         fwd_peers[name] = lambda fn=fn: fn(x, r, w, b)
         step_peers[name] = step
         if name == "resnorm-nopool":
-            around[name] = (lambda: cpu.configure_pool(enabled=False),
-                            lambda: cpu.configure_pool(enabled=True))
+            around[name] = (
+                lambda: cpu.configure_pool(enabled=False),
+                lambda: cpu.configure_pool(enabled=True),
+            )
     return fwd_peers, step_peers, around
 
 
-def _timed_rows(timed: dict[str, dict[str, float]], *, regime: str, shape: str, kind: str,
-                rounds: int, nbytes: int, copy_gbs: float) -> list[dict]:
+def _timed_rows(
+    timed: dict[str, dict[str, float]],
+    *,
+    regime: str,
+    shape: str,
+    kind: str,
+    rounds: int,
+    nbytes: int,
+    copy_gbs: float,
+) -> list[dict]:
     """One row per (peer, pass) of ``timed[peer][pass]`` seconds: milliseconds, effective
     GB/s, percent of the copy bandwidth and, for resnorm's rows, the speed-up over each
     other peer (``x_vs_<peer>``)."""
@@ -203,9 +229,17 @@ def _timed_rows(timed: dict[str, dict[str, float]], *, regime: str, shape: str, 
         for pass_, moved in (("fwd", 4 * nbytes), ("fwd+bwd", 7 * nbytes)):
             seconds = timed[name][pass_]
             gbs = moved / seconds / 1e9
-            row = {"regime": regime, "shape": shape, "kind": kind, "impl": name,
-                   "pass": pass_, "ms": 1e3 * seconds, "GB/s": gbs,
-                   "pct_copy": 100 * gbs / copy_gbs, "rounds": rounds}
+            row = {
+                "regime": regime,
+                "shape": shape,
+                "kind": kind,
+                "impl": name,
+                "pass": pass_,
+                "ms": 1e3 * seconds,
+                "GB/s": gbs,
+                "pct_copy": 100 * gbs / copy_gbs,
+                "rounds": rounds,
+            }
             if name.startswith("resnorm"):
                 for peer in timed:
                     if not peer.startswith("resnorm"):
@@ -214,8 +248,15 @@ def _timed_rows(timed: dict[str, dict[str, float]], *, regime: str, shape: str, 
     return rows
 
 
-def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, repeats: int = 7,
-                use_compile: bool = True, regime: str = "fresh", progress=None) -> list[dict]:
+def kernel_rows(
+    shapes: Iterable[tuple[int, int]],
+    kinds=("layer", "rms"),
+    *,
+    repeats: int = 7,
+    use_compile: bool = True,
+    regime: str = "fresh",
+    progress=None,
+) -> list[dict]:
     """Time every peer at every shape; one dict per (shape, kind, impl, pass)."""
     rows = []
     for n, d in shapes:
@@ -228,26 +269,48 @@ def kernel_rows(shapes: Iterable[tuple[int, int]], kinds=("layer", "rms"), *, re
         rounds = rounds_for(repeats, n * d)
         copy_times, kind_rows = [], []
         for kind in kinds:
-            fwd_peers, step_peers, around = _peer_calls(_peers(kind, regime, use_compile),
-                                                        x, r, w, b, dy)
+            fwd_peers, step_peers, around = _peer_calls(
+                _peers(kind, regime, use_compile), x, r, w, b, dy
+            )
             if progress:
                 progress(f"{regime} {shape} {kind}")
             if use_compile:  # compile outside the timed rounds
                 fwd_peers["compile"]()
                 step_peers["compile"]()
-            fwd = interleaved_medians({**fwd_peers, "copy": lambda: dst.copy_(src)}, rounds,
-                                      around=around)
+            fwd = interleaved_medians(
+                {**fwd_peers, "copy": lambda: dst.copy_(src)}, rounds, around=around
+            )
             both = interleaved_medians(step_peers, rounds, around=around)
             copy_times.append(fwd.pop("copy"))
             copy_gbs = 2 * nbytes / copy_times[-1] / 1e9  # this kind's rounds
             timed = {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}
-            kind_rows += _timed_rows(timed, regime=regime, shape=shape, kind=kind,
-                                     rounds=rounds, nbytes=nbytes, copy_gbs=copy_gbs)
-        copy = (statistics.median(copy_times) if copy_times
-                else interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"])
-        rows.append({"regime": regime, "shape": shape, "kind": "-", "impl": "copy", "pass": "-",
-                     "ms": 1e3 * copy, "GB/s": 2 * nbytes / copy / 1e9, "pct_copy": 100.0,
-                     "rounds": rounds})
+            kind_rows += _timed_rows(
+                timed,
+                regime=regime,
+                shape=shape,
+                kind=kind,
+                rounds=rounds,
+                nbytes=nbytes,
+                copy_gbs=copy_gbs,
+            )
+        copy = (
+            statistics.median(copy_times)
+            if copy_times
+            else interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"]
+        )
+        rows.append(
+            {
+                "regime": regime,
+                "shape": shape,
+                "kind": "-",
+                "impl": "copy",
+                "pass": "-",
+                "ms": 1e3 * copy,
+                "GB/s": 2 * nbytes / copy / 1e9,
+                "pct_copy": 100.0,
+                "rounds": rounds,
+            }
+        )
         rows += kind_rows
     return rows
 
@@ -259,15 +322,38 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
     # Activations of 2 million elements (fused): 256 wide, where the memory-bound ops are a
     # fifth of the step, and 1,024 wide, where the matmuls are nearly all of it; and the
     # lab's MLP (128 x 128: stock ops below STOCK_BELOW, so the two should tie).
-    cases = [("mlp", {"depth": 4 if quick else 8, "width": 64 if quick else 256,
-                      "norm": "layer", "placement": "pre"}, (64 if quick else 8192, 40)),
-             ("mlp", {"depth": 4, "width": 128 if quick else 1024, "norm": "layer",
-                      "placement": "pre"}, (64 if quick else 2048, 40)),
-             ("mlp", {"depth": 4 if quick else 8, "width": 128, "norm": "layer",
-                      "placement": "pre"}, (128, 40)),
-             ("transformer", {"depth": 2 if quick else 4, "dim": 64 if quick else 512,
-                              "heads": 4 if quick else 8, "norm": "layer"},
-              (16 if quick else 128, 40))]
+    cases = [
+        (
+            "mlp",
+            {
+                "depth": 4 if quick else 8,
+                "width": 64 if quick else 256,
+                "norm": "layer",
+                "placement": "pre",
+            },
+            (64 if quick else 8192, 40),
+        ),
+        (
+            "mlp",
+            {"depth": 4, "width": 128 if quick else 1024, "norm": "layer", "placement": "pre"},
+            (64 if quick else 2048, 40),
+        ),
+        (
+            "mlp",
+            {"depth": 4 if quick else 8, "width": 128, "norm": "layer", "placement": "pre"},
+            (128, 40),
+        ),
+        (
+            "transformer",
+            {
+                "depth": 2 if quick else 4,
+                "dim": 64 if quick else 512,
+                "heads": 4 if quick else 8,
+                "norm": "layer",
+            },
+            (16 if quick else 128, 40),
+        ),
+    ]
     rows = []
     for name, options, shape in cases:
         if progress:
@@ -289,32 +375,66 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
             steps[fused] = step
         timed = interleaved_medians(steps, repeats, warmup=3)
         described = ", ".join(f"{k}={v}" for k, v in options.items())
-        rows.append({"model": f"{name}({described})", "batch": shape[0],
-                     "unfused_ms": 1e3 * timed[False], "fused_ms": 1e3 * timed[True],
-                     "speedup": timed[False] / timed[True]})
+        rows.append(
+            {
+                "model": f"{name}({described})",
+                "batch": shape[0],
+                "unfused_ms": 1e3 * timed[False],
+                "fused_ms": 1e3 * timed[True],
+                "speedup": timed[False] / timed[True],
+            }
+        )
     return rows
 
 
-def run(*, shapes=DEFAULT_SHAPES, kinds=("layer", "rms"), regimes=REGIMES, repeats: int = 7,
-        use_compile: bool = True, end_to_end: bool = True, quick: bool = False,
-        progress=None) -> dict:
+def run(
+    *,
+    shapes=DEFAULT_SHAPES,
+    kinds=("layer", "rms"),
+    regimes=REGIMES,
+    repeats: int = 7,
+    use_compile: bool = True,
+    end_to_end: bool = True,
+    quick: bool = False,
+    progress=None,
+) -> dict:
     """The whole benchmark as one JSON-ready dict."""
     status = cpu.status()
-    result = {"resnorm": __version__, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "kernel": status, "kernels": [], "end_to_end": [], "regimes": []}
+    result = {
+        "resnorm": __version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "kernel": status,
+        "kernels": [],
+        "end_to_end": [],
+        "regimes": [],
+    }
     for regime in regimes:
         if not set_allocator(regime):
             continue
         result["regimes"].append(regime)
-        result["kernels"] += kernel_rows(shapes, kinds, repeats=repeats, use_compile=use_compile,
-                                         regime=regime, progress=progress)
+        result["kernels"] += kernel_rows(
+            shapes,
+            kinds,
+            repeats=repeats,
+            use_compile=use_compile,
+            regime=regime,
+            progress=progress,
+        )
     if not result["regimes"]:  # not glibc: the platform's own allocator, once
         result["regimes"].append("default")
-        result["kernels"] += kernel_rows(shapes, kinds, repeats=repeats, use_compile=use_compile,
-                                         regime="default", progress=progress)
+        result["kernels"] += kernel_rows(
+            shapes,
+            kinds,
+            repeats=repeats,
+            use_compile=use_compile,
+            regime="default",
+            progress=progress,
+        )
     set_allocator("fresh")
     if end_to_end:
-        result["end_to_end"] = end_to_end_rows(repeats=max(5, 3 * repeats), quick=quick,
-                                               progress=progress)
+        result["end_to_end"] = end_to_end_rows(
+            repeats=max(5, 3 * repeats), quick=quick, progress=progress
+        )
     return result

@@ -1,5 +1,6 @@
 """The starter job: the seed texts' residual MLP and its plain twin, shallow and deep, on
 MNIST-1D. It trains four small models and reports what it measured."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,15 @@ def _blocks(n: int) -> str:
     return f"{n} block" if n == 1 else f"{n} blocks"
 
 
-def run_demo(*, depths: tuple[int, ...] = (1, 16), epochs: int = 10, num_samples: int = 10_000,
-             width: int = 128, seed: int = 0, progress: bool | None = None) -> list[DemoRun]:
+def run_demo(
+    *,
+    depths: tuple[int, ...] = (1, 16),
+    epochs: int = 10,
+    num_samples: int = 10_000,
+    width: int = 128,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> list[DemoRun]:
     """Train the residual MLP of the seed texts (Linear-ReLU-BN-Linear-BN, add, ReLU; batch
     norm, post placement) and its plain twin at each depth in ``depths`` on MNIST-1D."""
     for depth in depths:
@@ -40,16 +48,35 @@ def run_demo(*, depths: tuple[int, ...] = (1, 16), epochs: int = 10, num_samples
     runs = []
     for depth in depths:
         for residual in (True, False):
-            model = create_model("mlp", in_features=data.sample_shape[0],
-                                 num_classes=data.num_classes, depth=depth, width=width,
-                                 norm="batch", placement="post", residual=residual)
-            result = fit(model, data, config, progress=progress,
-                         description=f"{'residual' if residual else 'plain'} depth {depth}")
+            model = create_model(
+                "mlp",
+                in_features=data.sample_shape[0],
+                num_classes=data.num_classes,
+                depth=depth,
+                width=width,
+                norm="batch",
+                placement="post",
+                residual=residual,
+            )
+            result = fit(
+                model,
+                data,
+                config,
+                progress=progress,
+                description=f"{'residual' if residual else 'plain'} depth {depth}",
+            )
             final = result.final
-            runs.append(DemoRun(depth, residual, sum(p.numel() for p in model.parameters()),
-                                final.get("test_acc", float("nan")),
-                                final.get("train_loss", float("nan")), result.seconds,
-                                result.diverged))
+            runs.append(
+                DemoRun(
+                    depth,
+                    residual,
+                    sum(p.numel() for p in model.parameters()),
+                    final.get("test_acc", float("nan")),
+                    final.get("train_loss", float("nan")),
+                    result.seconds,
+                    result.diverged,
+                )
+            )
     return runs
 
 
@@ -63,9 +90,11 @@ def summarize(runs: list[DemoRun]) -> list[str]:
         if res and plain:
             gap = 100 * (res.test_acc - plain.test_acc)
             verb = "beats" if gap > 0 else "trails"
-            lines.append(f"At {_blocks(depth)} the residual MLP {verb} its plain twin by "
-                         f"{abs(gap):.1f} points of test accuracy ({100 * res.test_acc:.1f}% vs "
-                         f"{100 * plain.test_acc:.1f}%).")
+            lines.append(
+                f"At {_blocks(depth)} the residual MLP {verb} its plain twin by "
+                f"{abs(gap):.1f} points of test accuracy ({100 * res.test_acc:.1f}% vs "
+                f"{100 * plain.test_acc:.1f}%)."
+            )
     if len(depths) >= 2:
         lo, hi = depths[0], depths[-1]
         for residual in (False, True):
@@ -74,6 +103,8 @@ def summarize(runs: list[DemoRun]) -> list[str]:
                 change = 100 * (b.test_acc - a.test_acc)
                 kind = "residual" if residual else "plain"
                 trend = "loses" if change < 0 else "gains"
-                lines.append(f"Going from {lo} to {hi} blocks, the {kind} MLP {trend} "
-                             f"{abs(change):.1f} points.")
+                lines.append(
+                    f"Going from {lo} to {hi} blocks, the {kind} MLP {trend} "
+                    f"{abs(change):.1f} points."
+                )
     return lines

@@ -6,6 +6,7 @@ subclass ``ValueError`` and ``TypeError`` so ``except ValueError`` keeps working
 command line prints them as one line with exit status 2; any other exception escaping the
 library is a bug in resnorm (or in code it ran) and is shown with its traceback, exit 1.
 """
+
 from __future__ import annotations
 
 

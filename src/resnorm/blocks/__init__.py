@@ -5,36 +5,58 @@ Every block builds its normalization with :func:`resnorm.norms.make_norm` (any k
 :class:`ResidualConfig` (``merge=``) or its fields as keyword arguments
 (``residual=False`` gives the plain twin).
 """
+
 from .activations import ACTIVATIONS, make_activation
 from .conv import (
-                   SHORTCUTS,
-                   BasicBlock,
-                   Bottleneck,
-                   PadShortcut,
-                   PreActBasicBlock,
-                   PreActBottleneck,
-                   make_shortcut,
+    SHORTCUTS,
+    BasicBlock,
+    Bottleneck,
+    PadShortcut,
+    PreActBasicBlock,
+    PreActBottleneck,
+    make_shortcut,
 )
 from .dense import DenseBlock, DenseLayer, Transition
 from .mlp import PLACEMENTS, ResidualMLPBlock
 from .residual import (
-                   SCALES,
-                   DropPath,
-                   LayerScale,
-                   Residual,
-                   ResidualAdd,
-                   ResidualConfig,
-                   ScalarGain,
-                   make_branch_scale,
-                   takes_merge_fields,
+    SCALES,
+    DropPath,
+    LayerScale,
+    Residual,
+    ResidualAdd,
+    ResidualConfig,
+    ScalarGain,
+    make_branch_scale,
+    takes_merge_fields,
 )
 from .transformer import FeedForward, SelfAttention, TransformerBlock, deepnorm_constants
 
 __all__ = [
-    "ACTIVATIONS", "BasicBlock", "Bottleneck", "DenseBlock", "DenseLayer", "DropPath",
-    "FeedForward", "LayerScale", "PLACEMENTS", "PadShortcut", "PreActBasicBlock",
-    "PreActBottleneck", "Residual", "ResidualAdd", "ResidualConfig", "ResidualMLPBlock",
-    "SCALES", "SHORTCUTS", "ScalarGain", "SelfAttention", "Transition", "TransformerBlock",
-    "deepnorm_constants", "make_activation", "make_branch_scale", "make_shortcut",
+    "ACTIVATIONS",
+    "BasicBlock",
+    "Bottleneck",
+    "DenseBlock",
+    "DenseLayer",
+    "DropPath",
+    "FeedForward",
+    "LayerScale",
+    "PLACEMENTS",
+    "PadShortcut",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "Residual",
+    "ResidualAdd",
+    "ResidualConfig",
+    "ResidualMLPBlock",
+    "SCALES",
+    "SHORTCUTS",
+    "ScalarGain",
+    "SelfAttention",
+    "Transition",
+    "TransformerBlock",
+    "deepnorm_constants",
+    "make_activation",
+    "make_branch_scale",
+    "make_shortcut",
     "takes_merge_fields",
 ]

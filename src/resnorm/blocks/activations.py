@@ -1,4 +1,5 @@
 """Activation functions by name, for the blocks' ``activation=`` argument."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -15,6 +15,7 @@ Shortcuts when the shape changes (the ResNet paper's options):
 - ``"B"``: a 1x1 projection (conv + norm) only where the shape changes (torchvision);
 - ``"C"``: a projection on every block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,13 +33,20 @@ SHORTCUTS = ("A", "B", "C")
 CONV_DIMS = (1, 2)
 
 
-def conv(dims: int, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-         bias: bool = False) -> nn.Module:
+def conv(
+    dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    bias: bool = False,
+) -> nn.Module:
     """A 1-D or 2-D convolution with "same" padding for odd kernels."""
     check_choice("dims", dims, CONV_DIMS)
     cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    return cls(in_channels, out_channels, kernel_size, stride=stride,
-               padding=kernel_size // 2, bias=bias)
+    return cls(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
+    )
 
 
 class PadShortcut(nn.Module):
@@ -47,8 +55,10 @@ class PadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise UsageError(f"shortcut='A' cannot reduce channels ({in_channels} -> "
-                             f"{out_channels}); use shortcut='B' or 'C'")
+            raise UsageError(
+                f"shortcut='A' cannot reduce channels ({in_channels} -> "
+                f"{out_channels}); use shortcut='B' or 'C'"
+            )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,9 +73,16 @@ class PadShortcut(nn.Module):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
 
 
-def make_shortcut(option: str, in_channels: int, out_channels: int, stride: int, *,
-                  dims: int = 2, norm: NormSpec = "batch", norm_options: dict | None = None
-                  ) -> nn.Module | None:
+def make_shortcut(
+    option: str,
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    *,
+    dims: int = 2,
+    norm: NormSpec = "batch",
+    norm_options: dict | None = None,
+) -> nn.Module | None:
     """The shortcut module for ``option`` ("A", "B" or "C"), or ``None`` for the identity.
     ``norm=None`` gives a projection without normalization (pre-activation blocks)."""
     check_choice("shortcut", option, SHORTCUTS)
@@ -86,8 +103,16 @@ class _ConvBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, dims: int,
-                 activation: str, merge: ResidualConfig | None, merge_fields: dict) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        dims: int,
+        activation: str,
+        merge: ResidualConfig | None,
+        merge_fields: dict,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
@@ -97,16 +122,30 @@ class _ConvBlock(nn.Module):
         self.act = make_activation(activation)
         self.merge = ResidualAdd(merge, channels=out_channels)
 
-    def _add_shortcut(self, option: str, norm: NormSpec | None, norm_options: dict,
-                      zero_init: nn.Module | None = None) -> None:
+    def _add_shortcut(
+        self,
+        option: str,
+        norm: NormSpec | None,
+        norm_options: dict,
+        zero_init: nn.Module | None = None,
+    ) -> None:
         """The skip path's projection where ``option`` needs one (none for a plain twin:
         it only exists to make the addition possible), and the scale of the norm
         ``zero_init`` set to zero. Called last, to keep torchvision's order of the state
         dict's keys."""
-        self.downsample = (make_shortcut(option, self.in_channels, self.out_channels,
-                                         self.stride, dims=self.dims, norm=norm,
-                                         norm_options=norm_options)
-                           if self.merge.residual else None)
+        self.downsample = (
+            make_shortcut(
+                option,
+                self.in_channels,
+                self.out_channels,
+                self.stride,
+                dims=self.dims,
+                norm=norm,
+                norm_options=norm_options,
+            )
+            if self.merge.residual
+            else None
+        )
         if zero_init is not None:
             _zero_scale(zero_init)
 
@@ -116,8 +155,9 @@ class _ConvBlock(nn.Module):
         return self.act(self.merge(out, skip))
 
     def _check(self, x: torch.Tensor) -> None:
-        check_input("input", x, ndims=(self.dims + 2,), channels=self.in_channels,
-                    what=type(self).__name__)
+        check_input(
+            "input", x, ndims=(self.dims + 2,), channels=self.in_channels, what=type(self).__name__
+        )
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}, dims={self.dims}"
@@ -136,13 +176,22 @@ class BasicBlock(_ConvBlock):
     identity (Goyal et al., 2017).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
-                 activation: str = "relu", zero_init_last: bool = False,
-                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
-                 **merge_fields) -> None:
-        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
-                         merge_fields)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        norm: NormSpec = "batch",
+        shortcut: str = "B",
+        dims: int = 2,
+        activation: str = "relu",
+        zero_init_last: bool = False,
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge, merge_fields)
         options = dict(norm_options or {})
         self.conv1 = conv(dims, in_channels, out_channels, 3, stride)
         self.bn1 = make_norm(norm, out_channels, **options)
@@ -164,14 +213,24 @@ class Bottleneck(_ConvBlock):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
-                 activation: str = "relu", expansion: int = 4, zero_init_last: bool = False,
-                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
-                 **merge_fields) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        norm: NormSpec = "batch",
+        shortcut: str = "B",
+        dims: int = 2,
+        activation: str = "relu",
+        expansion: int = 4,
+        zero_init_last: bool = False,
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         out_channels = _bottleneck_out(planes, expansion)
-        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
-                         merge_fields)
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge, merge_fields)
         self.expansion = expansion
         options = dict(norm_options or {})
         self.conv1 = conv(dims, in_channels, planes, 1)
@@ -199,12 +258,21 @@ class PreActBasicBlock(_ConvBlock):
     shortcut takes ``x`` itself, so the skip path stays clean from block to block.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
-                 activation: str = "relu", norm_options: dict | None = None,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
-        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
-                         merge_fields)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        norm: NormSpec = "batch",
+        shortcut: str = "B",
+        dims: int = 2,
+        activation: str = "relu",
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge, merge_fields)
         options = dict(norm_options or {})
         self.bn1 = make_norm(norm, in_channels, **options)
         self.conv1 = conv(dims, in_channels, out_channels, 3, stride)
@@ -227,14 +295,23 @@ class PreActBottleneck(_ConvBlock):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", dims: int = 2,
-                 activation: str = "relu", expansion: int = 4,
-                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
-                 **merge_fields) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        norm: NormSpec = "batch",
+        shortcut: str = "B",
+        dims: int = 2,
+        activation: str = "relu",
+        expansion: int = 4,
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         out_channels = _bottleneck_out(planes, expansion)
-        super().__init__(in_channels, out_channels, stride, dims, activation, merge,
-                         merge_fields)
+        super().__init__(in_channels, out_channels, stride, dims, activation, merge, merge_fields)
         self.expansion = expansion
         options = dict(norm_options or {})
         self.bn1 = make_norm(norm, in_channels, **options)
@@ -265,6 +342,8 @@ def _preact_skip(downsample: nn.Module | None, x: torch.Tensor, pre: torch.Tenso
 def _zero_scale(norm: nn.Module) -> None:
     weight = getattr(norm, "weight", None)
     if weight is None:
-        raise UsageError("zero_init_last=True needs a normalization with a learnable scale "
-                         f"(got {type(norm).__name__})")
+        raise UsageError(
+            "zero_init_last=True needs a normalization with a learnable scale "
+            f"(got {type(norm).__name__})"
+        )
     nn.init.zeros_(weight)

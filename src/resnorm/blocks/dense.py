@@ -1,4 +1,5 @@
 """DenseNet blocks (Huang et al., 2017): concatenation instead of addition."""
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,18 @@ class DenseLayer(nn.Module):
     ``bn_size=0`` drops it, giving the original DenseNet layer). Module names follow
     torchvision (``norm1``, ``conv1``, ``norm2``, ``conv2``)."""
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4, *,
-                 norm: NormSpec = "batch", dims: int = 2, activation: str = "relu",
-                 dropout: float = 0.0, norm_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int = 4,
+        *,
+        norm: NormSpec = "batch",
+        dims: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm_options: dict | None = None,
+    ) -> None:
         super().__init__()
         check_int("growth_rate", growth_rate, minimum=1)
         check_int("bn_size", bn_size, minimum=0)
@@ -58,26 +68,47 @@ class DenseBlock(nn.Module):
     are zeros (the dense skip connections are cut, nothing else changes).
     """
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int = 4, *,
-                 norm: NormSpec = "batch", residual: bool = True, dims: int = 2,
-                 activation: str = "relu", dropout: float = 0.0,
-                 norm_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int = 4,
+        *,
+        norm: NormSpec = "batch",
+        residual: bool = True,
+        dims: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm_options: dict | None = None,
+    ) -> None:
         super().__init__()
         check_int("num_layers", num_layers, minimum=1)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.growth_rate = growth_rate
         self.dims = check_choice("dims", dims, CONV_DIMS)
         self.residual = bool(residual)
-        self.layers = nn.ModuleDict({
-            f"denselayer{i + 1}": DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size,
-                                             norm=norm, dims=dims, activation=activation,
-                                             dropout=dropout, norm_options=norm_options)
-            for i in range(num_layers)})
+        self.layers = nn.ModuleDict(
+            {
+                f"denselayer{i + 1}": DenseLayer(
+                    in_channels + i * growth_rate,
+                    growth_rate,
+                    bn_size,
+                    norm=norm,
+                    dims=dims,
+                    activation=activation,
+                    dropout=dropout,
+                    norm_options=norm_options,
+                )
+                for i in range(num_layers)
+            }
+        )
         self.out_channels = in_channels + num_layers * growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("input", x, ndims=(self.dims + 2,), channels=self.in_channels,
-                    what="DenseBlock")
+        check_input(
+            "input", x, ndims=(self.dims + 2,), channels=self.in_channels, what="DenseBlock"
+        )
         if self.residual:
             features = [x]
             for layer in self.layers.values():
@@ -100,8 +131,16 @@ def _zeros_before(x: torch.Tensor, channels: int) -> torch.Tensor:
 class Transition(nn.Module):
     """DenseNet transition: ``AvgPool2(Conv1x1(Act(Norm(x))))``, compressing the channels."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, norm: NormSpec = "batch",
-                 dims: int = 2, activation: str = "relu", norm_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        norm: NormSpec = "batch",
+        dims: int = 2,
+        activation: str = "relu",
+        norm_options: dict | None = None,
+    ) -> None:
         super().__init__()
         self.norm = make_norm(norm, in_channels, **(norm_options or {}))
         self.act = make_activation(activation)

@@ -1,4 +1,5 @@
 """The residual MLP block of the seed texts, with pre- and post-normalization placements."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ from .residual import ResidualAdd, ResidualConfig, takes_merge_fields
 PLACEMENTS = ("post", "pre")
 
 
-def fused_norm_options(norm_options: dict | None, fused: bool,
-                       activation: str) -> tuple[dict, bool]:
+def fused_norm_options(
+    norm_options: dict | None, fused: bool, activation: str
+) -> tuple[dict, bool]:
     """The options of a pre-norm MLP's norms, and whether the norms apply the activation
     themselves: fused norms apply a ReLU in the same pass (Norm -> ReLU), so the stack does
     not call its ReLU modules."""
@@ -53,15 +55,26 @@ class ResidualMLPBlock(nn.Module):
     ``self.act`` is then not called). Same parameters and results.
     """
 
-    def __init__(self, width: int, norm: NormSpec = "batch", placement: str = "post", *,
-                 activation: str = "relu", dropout: float = 0.0, bias: bool = True,
-                 norm_options: dict | None = None, fused: bool = False,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+    def __init__(
+        self,
+        width: int,
+        norm: NormSpec = "batch",
+        placement: str = "post",
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        norm_options: dict | None = None,
+        fused: bool = False,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.width = check_int("width", width, minimum=1)
-        self.placement, self.fused = check_placement("ResidualMLPBlock", placement, fused, norm,
-                                                     merge.residual)
+        self.placement, self.fused = check_placement(
+            "ResidualMLPBlock", placement, fused, norm, merge.residual
+        )
         options, self.act_in_norm = fused_norm_options(norm_options, self.fused, activation)
         self.fc1 = nn.Linear(width, width, bias=bias)
         self.fc2 = nn.Linear(width, width, bias=bias)
@@ -98,12 +111,14 @@ class ResidualMLPBlock(nn.Module):
         return self.merge(h, x)
 
     def extra_repr(self) -> str:
-        return (f"width={self.width}, placement={self.placement!r}"
-                + (", fused=True" if self.fused else ""))
+        return f"width={self.width}, placement={self.placement!r}" + (
+            ", fused=True" if self.fused else ""
+        )
 
 
-def check_placement(what: str, placement: str, fused: bool, norm: NormSpec,
-                    residual: bool) -> tuple[str, bool]:
+def check_placement(
+    what: str, placement: str, fused: bool, norm: NormSpec, residual: bool
+) -> tuple[str, bool]:
     """``(placement, fused)`` of a block after checking them: ``placement`` in
     :data:`PLACEMENTS`; ``fused=True`` only for a pre-norm residual block whose norm has a
     fused kind."""
@@ -113,6 +128,8 @@ def check_placement(what: str, placement: str, fused: bool, norm: NormSpec,
     if not (isinstance(norm, str) and norm in FUSED_KINDS):
         raise UsageError(f"{what}: fused=True needs norm in {FUSED_KINDS}, got {norm!r}")
     if placement != "pre" or not residual:
-        raise UsageError(f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
-                         f"residual=True), got placement={placement!r}, residual={residual}")
+        raise UsageError(
+            f"{what}: fused=True needs a pre-norm residual block (placement='pre', "
+            f"residual=True), got placement={placement!r}, residual={residual}"
+        )
     return placement, True

@@ -7,6 +7,7 @@ Inception-ResNet, a learnable scalar at zero as in ReZero and SkipInit, per-chan
 LayerScale as in CaiT), DeepNorm's skip weight and stochastic depth. Models pass one
 config to their blocks, and blocks to their merges, as nanoGPT passes one config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,9 +87,13 @@ class ScalarGain(nn.Module):
         return x * self.gain
 
 
-def make_branch_scale(scale: str | float | None, channels: int | None = None, *,
-                      channel_dim: int = 1,
-                      layerscale_init: float = LAYERSCALE_INIT) -> nn.Module | None:
+def make_branch_scale(
+    scale: str | float | None,
+    channels: int | None = None,
+    *,
+    channel_dim: int = 1,
+    layerscale_init: float = LAYERSCALE_INIT,
+) -> nn.Module | None:
     """The module that multiplies a residual branch, or ``None`` for no scaling.
 
     ``scale`` is ``None``/``"none"``; ``"rezero"`` or ``"skipinit"`` (a learnable scalar
@@ -114,8 +119,10 @@ def _check_scale(scale) -> str | float | None:
     if scale is None or (isinstance(scale, str) and scale in SCALES):
         return scale
     accepted = ", ".join(repr(kind) for kind in SCALES)
-    raise UsageError(f"scale={scale!r} is not supported; accepted values: None, {accepted} "
-                     f"or a number (a fixed factor)")
+    raise UsageError(
+        f"scale={scale!r} is not supported; accepted values: None, {accepted} "
+        f"or a number (a fixed factor)"
+    )
 
 
 class _FixedScale(nn.Module):
@@ -161,21 +168,25 @@ class ResidualConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.residual, bool):
-            raise UsageTypeError(f"residual must be True or False, got {self.residual!r} "
-                                 f"({type(self.residual).__name__})")
+            raise UsageTypeError(
+                f"residual must be True or False, got {self.residual!r} "
+                f"({type(self.residual).__name__})"
+            )
         checked = {
             "scale": _check_scale(self.scale),
             "layerscale_init": check_float("layerscale_init", self.layerscale_init, finite=True),
             "skip_weight": check_float("skip_weight", self.skip_weight, finite=True),
-            "drop_path": check_float("drop_path", self.drop_path, low=0.0, high=1.0,
-                                     high_inclusive=False),
+            "drop_path": check_float(
+                "drop_path", self.drop_path, low=0.0, high=1.0, high_inclusive=False
+            ),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
     @classmethod
-    def resolve(cls, merge: ResidualConfig | None = None, /, *, owner: type | None = None,
-                **fields) -> ResidualConfig:
+    def resolve(
+        cls, merge: ResidualConfig | None = None, /, *, owner: type | None = None, **fields
+    ) -> ResidualConfig:
         """``merge`` (the defaults when ``None``) with ``fields`` on top: how a block or
         model that takes ``merge=`` and the fields as keyword arguments gets its one config.
         An unknown field raises :class:`~resnorm.errors.UsageTypeError` naming ``owner``
@@ -183,8 +194,9 @@ class ResidualConfig:
         if merge is None:
             merge = cls()
         elif not isinstance(merge, cls):
-            raise UsageTypeError(f"merge must be a ResidualConfig, got {merge!r} "
-                                 f"({type(merge).__name__})")
+            raise UsageTypeError(
+                f"merge must be a ResidualConfig, got {merge!r} ({type(merge).__name__})"
+            )
         names = [field.name for field in dataclasses.fields(cls)]
         if owner is None:
             check_options("ResidualConfig", fields, names)
@@ -204,9 +216,12 @@ def takes_merge_fields(cls: type) -> type:
     kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     if len(kept) == len(signature.parameters):
         raise TypeError(f"@takes_merge_fields: {cls.__name__}.__init__ needs **merge_fields")
-    fields = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
-                                default=field.default, annotation=field.type)
-              for field in dataclasses.fields(ResidualConfig)]
+    fields = [
+        inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.type
+        )
+        for field in dataclasses.fields(ResidualConfig)
+    ]
     init.__signature__ = signature.replace(parameters=kept + fields)
     return cls
 
@@ -222,14 +237,21 @@ class ResidualAdd(nn.Module):
     are the branch's, for ``scale="layerscale"``.
     """
 
-    def __init__(self, merge: ResidualConfig | None = None, *, channels: int | None = None,
-                 channel_dim: int = 1, **merge_fields) -> None:
+    def __init__(
+        self,
+        merge: ResidualConfig | None = None,
+        *,
+        channels: int | None = None,
+        channel_dim: int = 1,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.residual = merge.residual
         self.skip_weight = merge.skip_weight
-        self.scale = make_branch_scale(merge.scale, channels, channel_dim=channel_dim,
-                                       layerscale_init=merge.layerscale_init)
+        self.scale = make_branch_scale(
+            merge.scale, channels, channel_dim=channel_dim, layerscale_init=merge.layerscale_init
+        )
         self.drop_path = DropPath(merge.drop_path) if merge.drop_path else None
 
     def branch_term(self, branch: torch.Tensor) -> torch.Tensor:
@@ -248,9 +270,11 @@ class ResidualAdd(nn.Module):
         if self.skip_weight != 1.0:
             skip = skip * self.skip_weight
         if branch.shape != skip.shape:
-            raise UsageError(f"residual branch output {tuple(branch.shape)} and skip path "
-                             f"{tuple(skip.shape)} differ; give the block a shortcut that "
-                             f"maps the input to the branch's shape")
+            raise UsageError(
+                f"residual branch output {tuple(branch.shape)} and skip path "
+                f"{tuple(skip.shape)} differ; give the block a shortcut that "
+                f"maps the input to the branch's shape"
+            )
         return skip + branch
 
     def extra_repr(self) -> str:
@@ -270,18 +294,28 @@ class Residual(nn.Module):
     :class:`ResidualAdd`.
     """
 
-    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None, *,
-                 post: nn.Module | None = None, channels: int | None = None,
-                 channel_dim: int = 1, merge: ResidualConfig | None = None,
-                 **merge_fields) -> None:
+    def __init__(
+        self,
+        branch: nn.Module,
+        shortcut: nn.Module | None = None,
+        *,
+        post: nn.Module | None = None,
+        channels: int | None = None,
+        channel_dim: int = 1,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         for name, module in (("branch", branch), ("shortcut", shortcut), ("post", post)):
             if module is not None and not isinstance(module, nn.Module):
                 raise UsageTypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
         self.branch = branch
         self.shortcut = shortcut
-        self.merge = ResidualAdd(ResidualConfig.resolve(merge, owner=type(self), **merge_fields),
-                                 channels=channels, channel_dim=channel_dim)
+        self.merge = ResidualAdd(
+            ResidualConfig.resolve(merge, owner=type(self), **merge_fields),
+            channels=channels,
+            channel_dim=channel_dim,
+        )
         self.post = post
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

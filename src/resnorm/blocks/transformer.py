@@ -1,4 +1,5 @@
 """Transformer encoder block with pre- or post-normalization, DeepNorm and residual scaling."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,16 +25,21 @@ def deepnorm_constants(num_layers: int) -> tuple[float, float]:
     return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
 
 
-def _deepnorm_merge(merge: ResidualConfig, placement: str,
-                    num_layers: int) -> tuple[ResidualConfig, float]:
+def _deepnorm_merge(
+    merge: ResidualConfig, placement: str, num_layers: int
+) -> tuple[ResidualConfig, float]:
     """``merge`` with DeepNorm's skip weight, and DeepNorm's ``beta``, for a post-norm
     block in a stack of ``num_layers``."""
     if placement != "post":
-        raise UsageError("deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
-                         f"scheme), got placement={placement!r}")
+        raise UsageError(
+            "deepnorm_layers needs placement='post' (DeepNorm is a post-norm "
+            f"scheme), got placement={placement!r}"
+        )
     if merge.skip_weight != 1.0:
-        raise UsageError(f"deepnorm_layers sets the skip weight to (2N)^(1/4); leave "
-                         f"skip_weight at 1, got skip_weight={merge.skip_weight:g}")
+        raise UsageError(
+            f"deepnorm_layers sets the skip weight to (2N)^(1/4); leave "
+            f"skip_weight at 1, got skip_weight={merge.skip_weight:g}"
+        )
     alpha, beta = deepnorm_constants(num_layers)
     return dataclasses.replace(merge, skip_weight=alpha), beta
 
@@ -42,8 +48,9 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention on (N, T, C) with a fused ``qkv`` projection and
     ``torch.nn.functional.scaled_dot_product_attention``."""
 
-    def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = False) -> None:
+    def __init__(
+        self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True, causal: bool = False
+    ) -> None:
         super().__init__()
         check_int("dim", dim, minimum=1)
         check_int("heads", heads, minimum=1)
@@ -57,8 +64,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
     def extra_repr(self) -> str:
@@ -68,8 +76,14 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """``Linear(dim, hidden) -> Act -> Dropout -> Linear(hidden, dim)``."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0,
-                 bias: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = make_activation(activation)
@@ -109,16 +123,30 @@ class TransformerBlock(nn.Module):
     Same parameters and results.
     """
 
-    def __init__(self, dim: int, heads: int, norm: NormSpec = "layer", placement: str = "pre",
-                 *, mlp_ratio: float = 4.0, activation: str = "gelu", dropout: float = 0.0,
-                 attn_dropout: float = 0.0, deepnorm_layers: int | None = None,
-                 causal: bool = False, norm_options: dict | None = None, fused: bool = False,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        norm: NormSpec = "layer",
+        placement: str = "pre",
+        *,
+        mlp_ratio: float = 4.0,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        deepnorm_layers: int | None = None,
+        causal: bool = False,
+        norm_options: dict | None = None,
+        fused: bool = False,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.dim = check_int("dim", dim, minimum=1)
-        self.placement, self.fused = check_placement("TransformerBlock", placement, fused, norm,
-                                                     merge.residual)
+        self.placement, self.fused = check_placement(
+            "TransformerBlock", placement, fused, norm, merge.residual
+        )
         check_float("mlp_ratio", mlp_ratio, low=0.0, low_inclusive=False)
         options = {"channel_dim": -1, **(norm_options or {})}
         if deepnorm_layers is not None:
@@ -139,9 +167,9 @@ class TransformerBlock(nn.Module):
         qkv = self.attn.qkv.weight
         # The fused qkv holds three (dim, dim) projections; each gets the Xavier std of its
         # own shape, as the separate q_proj, k_proj and v_proj of the paper do.
-        nn.init.xavier_normal_(qkv[:dim], gain=1.0)            # query
-        nn.init.xavier_normal_(qkv[dim: 2 * dim], gain=1.0)    # key
-        nn.init.xavier_normal_(qkv[2 * dim:], gain=beta)       # value
+        nn.init.xavier_normal_(qkv[:dim], gain=1.0)  # query
+        nn.init.xavier_normal_(qkv[dim : 2 * dim], gain=1.0)  # key
+        nn.init.xavier_normal_(qkv[2 * dim :], gain=beta)  # value
         for layer in (self.attn.proj, self.mlp.fc1, self.mlp.fc2):
             nn.init.xavier_normal_(layer.weight, gain=beta)
 
@@ -158,8 +186,9 @@ class TransformerBlock(nn.Module):
         return x, self.merge2.branch_term(self.dropout(self.mlp(y)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("input", x, ndims=(3,), channels=self.dim, channel_dim=-1,
-                    what="TransformerBlock")
+        check_input(
+            "input", x, ndims=(3,), channels=self.dim, channel_dim=-1, what="TransformerBlock"
+        )
         if self.fused:
             x, branch = self.stream(x, None)
             return x + branch
@@ -170,5 +199,7 @@ class TransformerBlock(nn.Module):
         return self.norm2(self.merge2(self.dropout(self.mlp(x)), x))
 
     def extra_repr(self) -> str:
-        text = f"dim={self.dim}, placement={self.placement!r}" + (", fused=True" if self.fused else "")
+        text = f"dim={self.dim}, placement={self.placement!r}" + (
+            ", fused=True" if self.fused else ""
+        )
         return text + (f", deepnorm_layers={self.deepnorm_layers}" if self.deepnorm_layers else "")

@@ -2,6 +2,7 @@
 
 One module per command (or pair of commands); ``_app`` holds the group and the option
 checks; :func:`main` turns what escapes into one line and an exit status."""
+
 from __future__ import annotations
 
 import errno
@@ -19,9 +20,22 @@ __all__ = ["_forwarded_args", "cli", "main", "train"]
 
 # Failures of the machine rather than of the user or of resnorm: one line, exit 1.
 _ENVIRONMENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
-                                      "ENOTDIR", "EISDIR", "ENAMETOOLONG", "EMFILE", "ENOMEM")
-    if hasattr(errno, name))
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EROFS",
+        "EACCES",
+        "EPERM",
+        "EIO",
+        "ENOTDIR",
+        "EISDIR",
+        "ENAMETOOLONG",
+        "EMFILE",
+        "ENOMEM",
+    )
+    if hasattr(errno, name)
+)
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -49,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"resnorm: error: {_one_line(exc)}", err=True)
         return 2
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("resnorm: interrupted (run the same command again to resume: finished "
-                   "work is kept)", err=True)
+        click.echo(
+            "resnorm: interrupted (run the same command again to resume: finished work is kept)",
+            err=True,
+        )
         return 130
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
@@ -70,10 +86,12 @@ def _internal_error(exc: BaseException) -> int:
     import traceback
 
     traceback.print_exception(type(exc), exc, exc.__traceback__, limit=-8, file=sys.stderr)
-    click.echo(f"resnorm: internal error: {type(exc).__name__}: {_one_line(exc)}\n"
-               f"This is a bug in resnorm (or in code it ran, such as a --factory model), not "
-               f"a problem with your command; please report it with the traceback above.",
-               err=True)
+    click.echo(
+        f"resnorm: internal error: {type(exc).__name__}: {_one_line(exc)}\n"
+        f"This is a bug in resnorm (or in code it ran, such as a --factory model), not "
+        f"a problem with your command; please report it with the traceback above.",
+        err=True,
+    )
     return 1
 
 

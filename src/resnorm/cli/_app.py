@@ -1,4 +1,5 @@
 """The command group and the option checks that run while a command line is parsed."""
+
 from __future__ import annotations
 
 import click
@@ -18,8 +19,9 @@ def _parse_depths(ctx, param, value: str) -> tuple[int, ...]:
     try:
         depths = tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers "
-                                 f"(e.g. 1,16)") from None
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of integers (e.g. 1,16)"
+        ) from None
     if not depths or min(depths) < 1:
         raise click.BadParameter(f"{value!r}: depths must be integers >= 1")
     return depths
@@ -27,14 +29,17 @@ def _parse_depths(ctx, param, value: str) -> tuple[int, ...]:
 
 # Option checks that run while the command line is parsed, before any work starts.
 
+
 def _writable(kind: str):
     """A callback: the option's path can be written as a ``kind`` ('dir' or 'file')."""
+
     def check(ctx, param, value):
         if value is not None:
             from .._io import check_writable_path
 
             check_writable_path(param.opts[0], value, kind)
         return value
+
     return check
 
 
@@ -71,8 +76,9 @@ def _parse_shape(ctx, param, value):
     try:
         shape = tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes "
-                                 f"(e.g. 3,32,32)") from None
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of sizes (e.g. 3,32,32)"
+        ) from None
     if min(shape) < 1:
         raise click.BadParameter(f"{value!r}: sizes must be >= 1")
     return shape
@@ -111,4 +117,5 @@ def _parse_list(choices):
         if not items:
             raise click.BadParameter(f"give at least one of {', '.join(choices)}", ctx, param)
         return items
+
     return parse

@@ -1,4 +1,5 @@
 """``resnorm demo`` and ``resnorm lab``."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,21 @@ from ._app import _check_device, _check_seeds, _parse_depths, _writable, cli
 
 
 @cli.command(short_help="Residual vs plain MLPs on MNIST-1D (the starter job).")
-@click.option("--depths", default="1,16", show_default=True, callback=_parse_depths,
-              help="Comma-separated numbers of residual blocks to compare.")
+@click.option(
+    "--depths",
+    default="1,16",
+    show_default=True,
+    callback=_parse_depths,
+    help="Comma-separated numbers of residual blocks to compare.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--samples", type=click.IntRange(min=100), default=10_000, show_default=True,
-              help="MNIST-1D samples to generate (80% train, 20% test).")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=100),
+    default=10_000,
+    show_default=True,
+    help="MNIST-1D samples to generate (80% train, 20% test).",
+)
 @click.option("--width", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
@@ -24,11 +35,18 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
 
     from ..demo import run_demo, summarize
 
-    runs = run_demo(depths=depths, epochs=epochs, num_samples=samples, width=width, seed=seed,
-                    progress=False if (quiet or as_json) else None)
+    runs = run_demo(
+        depths=depths,
+        epochs=epochs,
+        num_samples=samples,
+        width=width,
+        seed=seed,
+        progress=False if (quiet or as_json) else None,
+    )
     if as_json:
-        click.echo(json.dumps({"runs": [asdict(r) for r in runs],
-                               "summary": summarize(runs)}, indent=2))
+        click.echo(
+            json.dumps({"runs": [asdict(r) for r in runs], "summary": summarize(runs)}, indent=2)
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -45,32 +63,56 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
         console.print(line)
 
 
-
-
 @cli.command(short_help="Run a study (default: depth) and write a report with plots.")
 @click.argument("study", default="depth")
 @click.option("--quick", is_flag=True, help="A small version of the study (a smoke test).")
-@click.option("--seeds", type=click.IntRange(min=1), callback=_check_seeds,
-              help="Seeds per grid point (at most 1000).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Worker processes [default: one per core].")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train each run with DistributedDataParallel over N processes (a torchrun "
-                   "launch per run, runs one at a time; not with --workers). The study's "
-                   "batch sizes stay global: each process takes batch/N.")
-@click.option("--sync-bn", is_flag=True,
-              help="With --nproc: synchronized batch norm in the runs that have batch norm, "
-                   "so they train as in one process.")
-@click.option("--device", default="cpu", show_default=True, callback=_check_device,
-              help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--data-root", type=click.Path(file_okay=False),
-              help="Folder of the official files of a file-based data set (CIFAR-10).")
-@click.option("--out", type=click.Path(file_okay=False), callback=_writable("dir"),
-              help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.")
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    callback=_check_seeds,
+    help="Seeds per grid point (at most 1000).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Worker processes [default: one per core]."
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train each run with DistributedDataParallel over N processes (a torchrun "
+    "launch per run, runs one at a time; not with --workers). The study's "
+    "batch sizes stay global: each process takes batch/N.",
+)
+@click.option(
+    "--sync-bn",
+    is_flag=True,
+    help="With --nproc: synchronized batch norm in the runs that have batch norm, "
+    "so they train as in one process.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=_check_device,
+    help="cpu, cuda, cuda:N, mps or auto.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder of the official files of a file-based data set (CIFAR-10).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    callback=_writable("dir"),
+    help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json,
-        quiet) -> None:
+def lab(
+    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet
+) -> None:
     """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
     study TOML file, and
     write report.html, figures, results.csv and results.json into the lab folder.
@@ -81,27 +123,50 @@ def lab(study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as
     from ..lab import run_lab
     from ..lab.report import summarize_findings, summary_table
 
-    result = run_lab(study, out, quick=quick, seeds=seeds, workers=workers, device=device,
-                     data_root=data_root, progress=False if (quiet or as_json) else None,
-                     nproc=nproc, sync_bn=sync_bn)
+    result = run_lab(
+        study,
+        out,
+        quick=quick,
+        seeds=seeds,
+        workers=workers,
+        device=device,
+        data_root=data_root,
+        progress=False if (quiet or as_json) else None,
+        nproc=nproc,
+        sync_bn=sync_bn,
+    )
     counts = result.counts
     if as_json:
-        click.echo(json.dumps({"report": str(result.report), "seconds": result.seconds,
-                               "counts": counts, "results": result.results},
-                              indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "report": str(result.report),
+                    "seconds": result.seconds,
+                    "counts": counts,
+                    "results": result.results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         console = Console(soft_wrap=True)
         console.print(summary_table(result.results, result.study.to_dict()))
         for line in summarize_findings(result.results, result.study.to_dict()):
             console.print(f"- {line}")
-        console.print(f"{counts['runs']} runs: {counts['reused']} reused, {counts['trained']} "
-                      f"run now; {counts['finished']} finished, {counts['diverged']} diverged, "
-                      f"{counts['failed']} failed; {result.seconds:.0f} s")
+        console.print(
+            f"{counts['runs']} runs: {counts['reused']} reused, {counts['trained']} "
+            f"run now; {counts['finished']} finished, {counts['diverged']} diverged, "
+            f"{counts['failed']} failed; {result.seconds:.0f} s"
+        )
         console.print(f"report: {result.report}")
     if counts["failed"]:
         failed = [r["run_id"] for r in result.results if r["status"] == "failed"]
-        click.echo(f"resnorm: error: {counts['failed']} of {counts['runs']} runs failed "
-                   f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); their "
-                   f"errors are in {result.out}/runs/RUN/error.txt; run the same command "
-                   f"again to retry them", err=True)
+        click.echo(
+            f"resnorm: error: {counts['failed']} of {counts['runs']} runs failed "
+            f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); their "
+            f"errors are in {result.out}/runs/RUN/error.txt; run the same command "
+            f"again to retry them",
+            err=True,
+        )
         raise click.exceptions.Exit(1)

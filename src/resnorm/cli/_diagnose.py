@@ -1,4 +1,5 @@
 """``resnorm diagnose`` and ``resnorm models``."""
+
 from __future__ import annotations
 
 import json
@@ -11,26 +12,58 @@ from ._app import MAX_DEPTH, _parse_shape, _parse_verdicts, _UserError, _writabl
 @cli.command(short_help="Gradient flow and signal propagation of a model at initialization.")
 @click.argument("model", required=False)
 @click.option("--factory", help="Your own model: 'package.module:function' returning an nn.Module.")
-@click.option("--input-shape", callback=_parse_shape,
-              help="Shape of one input sample, e.g. 3,32,32 (registered models know theirs).")
+@click.option(
+    "--input-shape",
+    callback=_parse_shape,
+    help="Shape of one input sample, e.g. 3,32,32 (registered models know theirs).",
+)
 @click.option("--norm", help="Normalization kind (batch, layer, rms, group, instance, dyt, none).")
-@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH),
-              help="Depth of the model family.")
+@click.option(
+    "--depth", type=click.IntRange(min=1, max=MAX_DEPTH), help="Depth of the model family."
+)
 @click.option("--width", type=click.IntRange(min=1), help="Width (MLPs).")
 @click.option("--placement", type=click.Choice(["pre", "post"]), help="Norm placement.")
 @click.option("--residual/--plain", default=None, help="With or without skip connections.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--figure", "figure_path", type=click.Path(dir_okay=False),
-              callback=_writable("file"), help="Write the figure (PNG or SVG by suffix).")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False),
-              callback=_writable("file"), help="Write a self-contained HTML page.")
+@click.option(
+    "--figure",
+    "figure_path",
+    type=click.Path(dir_okay=False),
+    callback=_writable("file"),
+    help="Write the figure (PNG or SVG by suffix).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    callback=_writable("file"),
+    help="Write a self-contained HTML page.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON on stdout.")
-@click.option("--fail-on", callback=_parse_verdicts, default="",
-              help="Exit with status 1 when the verdict is one of these "
-                   "(e.g. vanishing,exploding,non-finite).")
-def diagnose(model, factory, input_shape, norm, depth, width, placement, residual, batch_size,
-             seed, figure_path, html_path, as_json, fail_on) -> None:
+@click.option(
+    "--fail-on",
+    callback=_parse_verdicts,
+    default="",
+    help="Exit with status 1 when the verdict is one of these "
+    "(e.g. vanishing,exploding,non-finite).",
+)
+def diagnose(
+    model,
+    factory,
+    input_shape,
+    norm,
+    depth,
+    width,
+    placement,
+    residual,
+    batch_size,
+    seed,
+    figure_path,
+    html_path,
+    as_json,
+    fail_on,
+) -> None:
     """Measure gradient flow and signal propagation of MODEL (a registered name, see
     'resnorm models') or of --factory's model, on one random batch, and say whether
     gradients vanish or explode, where, and what to change.
@@ -45,11 +78,25 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
 
     if (model is None) == (factory is None):
         raise _UserError("give a registered MODEL name or --factory package.module:function")
-    overrides = {k: v for k, v in {"norm": norm, "depth": depth, "width": width,
-                                   "placement": placement, "residual": residual}.items()
-                 if v is not None}
-    result = diagnose_named(model, factory=factory, input_shape=input_shape,
-                            batch_size=batch_size, seed=seed, **overrides)
+    overrides = {
+        k: v
+        for k, v in {
+            "norm": norm,
+            "depth": depth,
+            "width": width,
+            "placement": placement,
+            "residual": residual,
+        }.items()
+        if v is not None
+    }
+    result = diagnose_named(
+        model,
+        factory=factory,
+        input_shape=input_shape,
+        batch_size=batch_size,
+        seed=seed,
+        **overrides,
+    )
     if figure_path:
         import matplotlib.pyplot as plt
 
@@ -71,8 +118,6 @@ def diagnose(model, factory, input_shape, norm, depth, width, placement, residua
                 console.print(f"wrote {path}")
     if result.verdict.value in fail_on:
         raise click.exceptions.Exit(1)
-
-
 
 
 @cli.command(name="models", short_help="List the registered models.")
@@ -104,6 +149,8 @@ def models_command(pattern, params, as_json) -> None:
         table.add_column("parameters", justify="right")
     table.add_column("description")
     for row in rows:
-        cells = [row["name"]] + ([f"{row['parameters']:,}"] if params else []) + [row["description"]]
+        cells = (
+            [row["name"]] + ([f"{row['parameters']:,}"] if params else []) + [row["description"]]
+        )
         table.add_row(*cells)
     Console().print(table)

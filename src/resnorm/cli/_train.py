@@ -1,4 +1,5 @@
 """``resnorm train``: parse, compose (resnorm.train.prepare_run), print."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,17 @@ from ._app import MAX_DEPTH, _check_device, _check_finite, _UserError, _writable
 
 @cli.command(short_help="Train a registered model on a data set, with checkpoints and resume.")
 @click.option("--model", "model_name", required=True, help="A registered model (resnorm models).")
-@click.option("--dataset", default="mnist1d", show_default=True,
-              help="mnist1d, digits, mnist-sample, cifar10, cifar100, mnist, fashion-mnist, "
-                   "synthetic.")
-@click.option("--data-root", type=click.Path(file_okay=False),
-              help="Folder holding a file-based data set's official files.")
+@click.option(
+    "--dataset",
+    default="mnist1d",
+    show_default=True,
+    help="mnist1d, digits, mnist-sample, cifar10, cifar100, mnist, fashion-mnist, synthetic.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding a file-based data set's official files.",
+)
 @click.option("--samples", type=click.IntRange(min=10), help="MNIST-1D: samples to generate.")
 @click.option("--norm", help="Normalization kind.")
 @click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH))
@@ -23,53 +30,125 @@ from ._app import MAX_DEPTH, _check_device, _check_finite, _UserError, _writable
 @click.option("--placement", type=click.Choice(["pre", "post"]))
 @click.option("--residual/--plain", default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1, max=2**24), default=128,
-              show_default=True,
-              help="Samples per step, per process under --nproc or torchrun (PyTorch's "
-                   "convention: the global batch is N x batch-size).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1, max=2**24),
+    default=128,
+    show_default=True,
+    help="Samples per step, per process under --nproc or torchrun (PyTorch's "
+    "convention: the global batch is N x batch-size).",
+)
+@click.option(
+    "--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True
+)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option(
+    "--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True
+)
 @click.option("--nesterov", is_flag=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine",
-              show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "step", "constant"]),
+    default="cosine",
+    show_default=True,
+)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0)
 @click.option("--augment", is_flag=True, help="Random crops with padding and flips (images).")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 on CUDA).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--device", default="cpu", show_default=True, callback=_check_device,
-              help="cpu, cuda, cuda:N, mps or auto.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=_check_device,
+    help="cpu, cuda, cuda:N, mps or auto.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1),
-              help="Also checkpoint every N steps (every epoch always).")
-@click.option("--monitor-every", type=click.IntRange(min=1),
-              help="Record gradient health every N steps into monitor.jsonl.")
-@click.option("--out", type=click.Path(file_okay=False), callback=_writable("dir"),
-              help="Run folder [default: runs/MODEL-DATASET-seedS]. Re-running resumes it.")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    help="Also checkpoint every N steps (every epoch always).",
+)
+@click.option(
+    "--monitor-every",
+    type=click.IntRange(min=1),
+    help="Record gradient health every N steps into monitor.jsonl.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    callback=_writable("dir"),
+    help="Run folder [default: runs/MODEL-DATASET-seedS]. Re-running resumes it.",
+)
 @click.option("--restart", is_flag=True, help="Start over even if --out holds a checkpoint.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train with DistributedDataParallel over N processes on this machine "
-                   "(torchrun's launcher; gloo on CPU, nccl on CUDA). --batch-size is per "
-                   "process, as in PyTorch: a step sees N x batch-size samples. For several "
-                   "machines run torchrun -m resnorm train yourself.")
-@click.option("--sync-bn", is_flag=True,
-              help="Synchronized batch norm: statistics of the whole N x batch-size batch, "
-                   "as in one process (without it each process normalizes its own slice). "
-                   "An error if the model has no batch norm.")
-@click.option("--dist-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
-              callback=_check_finite,
-              help="Seconds a worker waits for the others before failing (a hung worker).")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train with DistributedDataParallel over N processes on this machine "
+    "(torchrun's launcher; gloo on CPU, nccl on CUDA). --batch-size is per "
+    "process, as in PyTorch: a step sees N x batch-size samples. For several "
+    "machines run torchrun -m resnorm train yourself.",
+)
+@click.option(
+    "--sync-bn",
+    is_flag=True,
+    help="Synchronized batch norm: statistics of the whole N x batch-size batch, "
+    "as in one process (without it each process normalizes its own slice). "
+    "An error if the model has no batch norm.",
+)
+@click.option(
+    "--dist-timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    callback=_check_finite,
+    help="Seconds a worker waits for the others before failing (a hung worker).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.pass_context
-def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, placement, residual,
-          epochs, batch_size, optimizer, lr, momentum, nesterov, weight_decay, schedule,
-          warmup_epochs, label_smoothing, augment, amp, use_compile, device, threads, seed,
-          checkpoint_every, monitor_every, out, restart, nproc, sync_bn, dist_timeout, as_json,
-          quiet) -> None:
+def train(
+    ctx,
+    model_name,
+    dataset,
+    data_root,
+    samples,
+    norm,
+    depth,
+    width,
+    placement,
+    residual,
+    epochs,
+    batch_size,
+    optimizer,
+    lr,
+    momentum,
+    nesterov,
+    weight_decay,
+    schedule,
+    warmup_epochs,
+    label_smoothing,
+    augment,
+    amp,
+    use_compile,
+    device,
+    threads,
+    seed,
+    checkpoint_every,
+    monitor_every,
+    out,
+    restart,
+    nproc,
+    sync_bn,
+    dist_timeout,
+    as_json,
+    quiet,
+) -> None:
     """Train MODEL on DATASET; per-epoch metrics go to OUT/metrics.jsonl and metrics.csv,
     checkpoints to OUT/checkpoint.pt. Run the same command again to resume an interrupted
     run from its last checkpoint (a finished run is not trained again).
@@ -90,34 +169,85 @@ def train(ctx, model_name, dataset, data_root, samples, norm, depth, width, plac
 
     in_worker = launched_by_torchrun()
     if nproc > 1 and in_worker:
-        raise _UserError("--nproc starts the worker processes itself; under torchrun, give "
-                         "torchrun --nproc-per-node instead")
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                         schedule=schedule, warmup_epochs=warmup_epochs,
-                         label_smoothing=label_smoothing, augment=augment, amp=amp,
-                         compile=use_compile, device=device, threads=threads, seed=seed,
-                         checkpoint_every=checkpoint_every, sync_bn=sync_bn)
+        raise _UserError(
+            "--nproc starts the worker processes itself; under torchrun, give "
+            "torchrun --nproc-per-node instead"
+        )
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        augment=augment,
+        amp=amp,
+        compile=use_compile,
+        device=device,
+        threads=threads,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        sync_bn=sync_bn,
+    )
     if nproc > 1:
         check_nproc(nproc, device)
-    data_options = {k: v for k, v in {"num_samples": samples, "root": data_root}.items()
-                    if v is not None}
-    overrides = {k: v for k, v in {"norm": norm, "depth": depth, "width": width,
-                                   "placement": placement, "residual": residual}.items()
-                 if v is not None}
-    run = prepare_run(model_name, dataset, model_options=overrides, dataset_options=data_options,
-                      config=config, out=out, world_size=nproc if nproc > 1 else None)
+    data_options = {
+        k: v for k, v in {"num_samples": samples, "root": data_root}.items() if v is not None
+    }
+    overrides = {
+        k: v
+        for k, v in {
+            "norm": norm,
+            "depth": depth,
+            "width": width,
+            "placement": placement,
+            "residual": residual,
+        }.items()
+        if v is not None
+    }
+    run = prepare_run(
+        model_name,
+        dataset,
+        model_options=overrides,
+        dataset_options=data_options,
+        config=config,
+        out=out,
+        world_size=nproc if nproc > 1 else None,
+    )
     if nproc > 1:  # the data set is cached above, before the workers load it
         _launch_workers(ctx, nproc, device, run.out)
         return
-    _fit_here(run, in_worker=in_worker, device=device, dist_timeout=dist_timeout,
-              epochs=epochs, batch_size=batch_size, restart=restart,
-              monitor_every=monitor_every, as_json=as_json, quiet=quiet)
+    _fit_here(
+        run,
+        in_worker=in_worker,
+        device=device,
+        dist_timeout=dist_timeout,
+        epochs=epochs,
+        batch_size=batch_size,
+        restart=restart,
+        monitor_every=monitor_every,
+        as_json=as_json,
+        quiet=quiet,
+    )
 
 
-def _fit_here(run, *, in_worker: bool, device: str, dist_timeout: float, epochs: int,
-              batch_size: int, restart: bool, monitor_every: int | None, as_json: bool,
-              quiet: bool) -> None:
+def _fit_here(
+    run,
+    *,
+    in_worker: bool,
+    device: str,
+    dist_timeout: float,
+    epochs: int,
+    batch_size: int,
+    restart: bool,
+    monitor_every: int | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Train ``run`` in this process, alone or as one torchrun worker, with the per-epoch
     lines on stderr and the outcome on stdout (rank 0 only)."""
     from rich.console import Console
@@ -127,19 +257,28 @@ def _fit_here(run, *, in_worker: bool, device: str, dist_timeout: float, epochs:
     if in_worker:
         init_distributed(device, dist_timeout)
     rank = world()[0]
-    console = Console(stderr=True, quiet=quiet or as_json or rank > 0,  # chatter: stderr
-                      soft_wrap=True)
-    results = Console(soft_wrap=True, quiet=rank > 0)                   # results: stdout
+    console = Console(
+        stderr=True,
+        quiet=quiet or as_json or rank > 0,  # chatter: stderr
+        soft_wrap=True,
+    )
+    results = Console(soft_wrap=True, quiet=rank > 0)  # results: stdout
     _print_start(console, run, batch_size * world()[1])
 
     def report(row: dict) -> None:
-        console.print(f"epoch {row['epoch']:>3}/{epochs}: train loss {row['train_loss']:.4f} "
-                      f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
-                      f"acc {row['test_acc']:.2%} | {row['seconds']:.1f} s")
+        console.print(
+            f"epoch {row['epoch']:>3}/{epochs}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
+            f"acc {row['test_acc']:.2%} | {row['seconds']:.1f} s"
+        )
 
     try:
-        result = run.fit(restart=restart, monitor_every=monitor_every,
-                         progress=None if not (quiet or as_json) else False, on_epoch=report)
+        result = run.fit(
+            restart=restart,
+            monitor_every=monitor_every,
+            progress=None if not (quiet or as_json) else False,
+            on_epoch=report,
+        )
     except Exception as exc:
         if in_worker:
             _worker_error(exc, rank)
@@ -151,13 +290,17 @@ def _fit_here(run, *, in_worker: bool, device: str, dist_timeout: float, epochs:
 
 
 def _print_start(console, run, global_batch: int) -> None:
-    console.print(f"{run.data.summary()}\n{run.model_name}: "
-                  f"{sum(p.numel() for p in run.model.parameters()):,} parameters; "
-                  f"run folder {run.out}")
+    console.print(
+        f"{run.data.summary()}\n{run.model_name}: "
+        f"{sum(p.numel() for p in run.model.parameters()):,} parameters; "
+        f"run folder {run.out}"
+    )
     if global_batch > len(run.data.x_train):
-        console.print(f"note: the batch of {global_batch} is more than the "
-                      f"{len(run.data.x_train):,} training samples: every step takes the whole "
-                      f"training set")
+        console.print(
+            f"note: the batch of {global_batch} is more than the "
+            f"{len(run.data.x_train):,} training samples: every step takes the whole "
+            f"training set"
+        )
 
 
 def _print_result(result, out, as_json: bool, results) -> None:
@@ -166,15 +309,18 @@ def _print_result(result, out, as_json: bool, results) -> None:
         click.echo(json.dumps({**result.to_dict(), "out": str(out)}, indent=2, default=str))
         return
     if result.resumed_from_step is not None:
-        results.print(f"resumed from step {result.resumed_from_step} (same configuration: "
-                      f"{out}/config.json)")
+        results.print(
+            f"resumed from step {result.resumed_from_step} (same configuration: {out}/config.json)"
+        )
     if result.diverged:
         where = "test loss" if result.diverged_in == "eval" else "loss"
         results.print(f"[red]diverged[/] at step {result.diverged_at_step} ({where} not finite)")
     elif result.history:
         best = max(r["test_acc"] for r in result.history)
-        results.print(f"final test accuracy {result.final['test_acc']:.2%} (best {best:.2%}) "
-                      f"in {result.seconds:.0f} s")
+        results.print(
+            f"final test accuracy {result.final['test_acc']:.2%} (best {best:.2%}) "
+            f"in {result.seconds:.0f} s"
+        )
     results.print(f"files: {out}/metrics.csv, metrics.jsonl, checkpoint.pt, result.json")
 
 
@@ -185,8 +331,11 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
 
     args: list[str] = []
     for param in ctx.command.params:
-        if (not isinstance(param, click.Option) or param.name in drop
-                or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT)):
+        if (
+            not isinstance(param, click.Option)
+            or param.name in drop
+            or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT)
+        ):
             continue
         value = ctx.params[param.name]
         if param.is_flag and param.secondary_opts:

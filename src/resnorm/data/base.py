@@ -1,4 +1,5 @@
 """What every data set loader returns, and the on-disk cache they share."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,10 @@ class DataSplit:
 
     def summary(self) -> str:
         """One line: name, sizes, sample shape and classes."""
-        return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test samples "
-                f"of shape {self.sample_shape}, {self.num_classes} classes")
+        return (
+            f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test samples "
+            f"of shape {self.sample_shape}, {self.num_classes} classes"
+        )
 
 
 def cache_dir() -> Path:
@@ -64,8 +67,10 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         return data_dir()
     if not isinstance(root, (str, os.PathLike)):
-        raise UsageTypeError(f"root must be a path (str or os.PathLike) or None, got {root!r} "
-                             f"({type(root).__name__})")
+        raise UsageTypeError(
+            f"root must be a path (str or os.PathLike) or None, got {root!r} "
+            f"({type(root).__name__})"
+        )
     return Path(root).expanduser()
 
 
@@ -76,13 +81,15 @@ def check_limit(limit: int | None) -> int | None:
 
 def check_split(train_split: float, seed: int) -> None:
     """Check the arguments of :func:`stratified_split` before any data is loaded."""
-    check_float("train_split", train_split, low=0.0, high=1.0, low_inclusive=False,
-                high_inclusive=False)
+    check_float(
+        "train_split", train_split, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
     check_int("seed", seed, minimum=0)
 
 
-def stratified_split(labels: np.ndarray, train_split: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, train_split: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a seeded split that keeps every class's share: of each class's ``n``
     samples, ``train_split * n`` (rounded half up) go to training, the rest to test. Both
     index arrays come back shuffled, so neither split is ordered by class. Check the
@@ -96,9 +103,11 @@ def stratified_split(labels: np.ndarray, train_split: float,
         test.append(members[cut:])
     train_index, test_index = np.concatenate(train), np.concatenate(test)
     if len(train_index) == 0 or len(test_index) == 0:
-        raise UsageError(f"train_split={train_split:g} leaves the "
-                         f"{'training' if len(train_index) == 0 else 'test'} split empty "
-                         f"for {len(labels)} samples; choose a value further from 0 and 1")
+        raise UsageError(
+            f"train_split={train_split:g} leaves the "
+            f"{'training' if len(train_index) == 0 else 'test'} split empty "
+            f"for {len(labels)} samples; choose a value further from 0 and 1"
+        )
     return rng.permutation(train_index), rng.permutation(test_index)
 
 
@@ -113,10 +122,10 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
     axes = (0, *range(2, x_train.ndim))
     count = x_train.size // x_train.shape[1]
     chunks = range(0, len(x_train), 4096)
-    mean = sum(x_train[i:i + 4096].sum(axes, dtype=np.float64) for i in chunks) / count
+    mean = sum(x_train[i : i + 4096].sum(axes, dtype=np.float64) for i in chunks) / count
     shape = (1, -1) + (1,) * (x_train.ndim - 2)
     centred = mean.reshape(shape)
-    var = sum(np.square(x_train[i:i + 4096] - centred).sum(axes) for i in chunks) / count
+    var = sum(np.square(x_train[i : i + 4096] - centred).sum(axes) for i in chunks) / count
     std = np.sqrt(var)
     scale = np.where(std > 0, std, 1.0).reshape(shape).astype(x_train.dtype)
     for x in (x_train, x_test):
@@ -127,18 +136,28 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
 
 def describe_stats(mean: np.ndarray, std: np.ndarray) -> str:
     """``mean 0.491/0.482/0.447, std 0.247/0.243/0.262``: the statistics of :func:`standardize`."""
-    return (f"mean {'/'.join(f'{m:.3f}' for m in mean)}, "
-            f"std {'/'.join(f'{s:.3f}' for s in std)}")
+    return f"mean {'/'.join(f'{m:.3f}' for m in mean)}, std {'/'.join(f'{s:.3f}' for s in std)}"
 
 
-def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                y_test: np.ndarray, num_classes: int, description: str) -> DataSplit:
+def from_arrays(
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    description: str,
+) -> DataSplit:
     """A :class:`DataSplit` from NumPy arrays: float32 inputs, int64 labels."""
-    return DataSplit(name, torch.from_numpy(np.ascontiguousarray(x_train, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(y_train, np.int64)),
-                     torch.from_numpy(np.ascontiguousarray(x_test, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(y_test, np.int64)),
-                     num_classes, description)
+    return DataSplit(
+        name,
+        torch.from_numpy(np.ascontiguousarray(x_train, np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y_train, np.int64)),
+        torch.from_numpy(np.ascontiguousarray(x_test, np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y_test, np.int64)),
+        num_classes,
+        description,
+    )
 
 
 def cache_key(name: str, **args) -> str:

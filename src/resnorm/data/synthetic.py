@@ -1,5 +1,6 @@
 """Random inputs of any shape with labels that depend on them: a stand-in for a real data
 set in smoke tests and timings (a CIFAR-shaped set in milliseconds)."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,14 @@ def _peak_bytes(features: int, num_classes: int, train_samples: int, test_sample
     return weights + inputs + labelling
 
 
-def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int = 10, *,
-                   train_samples: int = 1024, test_samples: int = 256,
-                   seed: int = 42) -> DataSplit:
+def load_synthetic(
+    shape: int | tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    *,
+    train_samples: int = 1024,
+    test_samples: int = 256,
+    seed: int = 42,
+) -> DataSplit:
     """Inputs drawn from N(0, 1) of shape ``(N, *shape)``; label = argmax of a fixed random
     linear map of the flattened input, so a linear classifier can reach 100%.
 
@@ -53,9 +59,11 @@ def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int 
         f"synthetic data with shape={shape}, num_classes={num_classes}, "
         f"train_samples={train_samples}, test_samples={test_samples}",
         _peak_bytes(features, num_classes, train_samples, test_samples),
-        note="float32 inputs, float64 copies while labelling them, and the float64 random map")
-    map_rng, train_rng, test_rng = (np.random.default_rng(s)
-                                    for s in np.random.SeedSequence(seed).spawn(3))
+        note="float32 inputs, float64 copies while labelling them, and the float64 random map",
+    )
+    map_rng, train_rng, test_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
     weights = map_rng.standard_normal((features, num_classes))
     if num_classes <= features:
         weights = np.linalg.qr(weights)[0]
@@ -69,7 +77,13 @@ def load_synthetic(shape: int | tuple[int, ...] = (3, 32, 32), num_classes: int 
     x_train, y_train = sample(train_rng, train_samples)
     x_test, y_test = sample(test_rng, test_samples)
     return from_arrays(
-        "synthetic", x_train, y_train, x_test, y_test, num_classes,
+        "synthetic",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes,
         f"synthetic (seed {seed}): {train_samples:,} train / {test_samples:,} test samples of "
         f"shape {shape} drawn from N(0, 1), {num_classes} classes; label = argmax of a fixed "
-        f"random linear map of the input (linearly separable)")
+        f"random linear map of the input (linearly separable)",
+    )

@@ -1,4 +1,5 @@
 """Diagnostics for any PyTorch model: gradient flow and signal propagation, with verdicts."""
+
 from .diagnose import BlockStat, Diagnosis, default_loss, diagnose
 from .monitor import Monitor
 from .probes import find_blocks, unwrap
@@ -6,6 +7,17 @@ from .stats import ActivationSummary, channel_stats, summarize_activation
 from .verdict import LayerGrad, Thresholds, Verdict
 
 __all__ = [
-    "ActivationSummary", "BlockStat", "Diagnosis", "LayerGrad", "Monitor", "Thresholds", "Verdict",
-    "channel_stats", "default_loss", "diagnose", "find_blocks", "summarize_activation", "unwrap",
+    "ActivationSummary",
+    "BlockStat",
+    "Diagnosis",
+    "LayerGrad",
+    "Monitor",
+    "Thresholds",
+    "Verdict",
+    "channel_stats",
+    "default_loss",
+    "diagnose",
+    "find_blocks",
+    "summarize_activation",
+    "unwrap",
 ]

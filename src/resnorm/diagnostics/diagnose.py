@@ -1,4 +1,5 @@
 """``diagnose(model, inputs, targets)``: gradient flow and signal propagation from one batch."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,15 @@ from .stats import ActivationSummary
 from .verdict import LayerGrad, Thresholds, Verdict, judge
 
 # resnorm's norm classes (from the one table of kinds) and torch.nn's.
-NORM_CLASSES = (*norms.NORM_CLASSES, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-                nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm,
-                nn.LocalResponseNorm)
+NORM_CLASSES = (
+    *norms.NORM_CLASSES,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
 
 
 @dataclass(frozen=True)
@@ -67,15 +74,28 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model_name, "verdict": self.verdict.value, "loss": json_safe(self.loss),
-            "grad_ratio": json_safe(self.grad_ratio), "start_layer": self.start_layer,
-            "findings": self.findings, "remedies": self.remedies, "structure": self.structure,
+            "model": self.model_name,
+            "verdict": self.verdict.value,
+            "loss": json_safe(self.loss),
+            "grad_ratio": json_safe(self.grad_ratio),
+            "start_layer": self.start_layer,
+            "findings": self.findings,
+            "remedies": self.remedies,
+            "structure": self.structure,
             "thresholds": asdict(self.thresholds),
-            "layers": [{**asdict(layer), "relative": json_safe(layer.relative),
-                        "grad_norm": json_safe(layer.grad_norm)} for layer in self.layers],
+            "layers": [
+                {
+                    **asdict(layer),
+                    "relative": json_safe(layer.relative),
+                    "grad_norm": json_safe(layer.grad_norm),
+                }
+                for layer in self.layers
+            ],
             "blocks": [{k: json_safe(v) for k, v in asdict(b).items()} for b in self.blocks],
-            "activations": {k: {kk: json_safe(vv) for kk, vv in asdict(v).items()}
-                            for k, v in self.activations.items()},
+            "activations": {
+                k: {kk: json_safe(vv) for kk, vv in asdict(v).items()}
+                for k, v in self.activations.items()
+            },
         }
 
     def to_json(self, **kwargs) -> str:
@@ -85,14 +105,17 @@ class Diagnosis:
     # Presentation lives in report.py; these are the entry points users look for.
     def table(self):
         from .report import diagnosis_table
+
         return diagnosis_table(self)
 
     def figure(self, path=None):
         from .report import diagnosis_figure
+
         return diagnosis_figure(self, path)
 
     def write_html(self, path) -> None:
         from .report import write_diagnosis_html
+
         write_diagnosis_html(self, path)
 
 
@@ -106,25 +129,43 @@ def default_loss(output: torch.Tensor, targets: torch.Tensor | None) -> torch.Te
         return F.cross_entropy(output.float(), targets)
     if targets.is_floating_point() and targets.shape == output.shape:
         return F.mse_loss(output.float(), targets.float())
-    raise UsageError(f"no default loss for output {tuple(output.shape)} and targets "
-                     f"{tuple(targets.shape)} ({targets.dtype}); pass loss_fn=")
+    raise UsageError(
+        f"no default loss for output {tuple(output.shape)} and targets "
+        f"{tuple(targets.shape)} ({targets.dtype}); pass loss_fn="
+    )
 
 
 def _structure(net: nn.Module) -> dict:
     merges = [m for m in net.modules() if isinstance(m, ResidualAdd)]
-    torch_layers = [m for m in net.modules()
-                    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
-    has_skip = (any(m.residual for m in merges) if merges
-                else True if torch_layers else None)   # None: cannot tell from outside
-    post = any(isinstance(m, (ResidualMLPBlock, TransformerBlock)) and m.placement == "post"
-               and any(c.residual for c in m.children() if isinstance(c, ResidualAdd))
-               for m in net.modules())
+    torch_layers = [
+        m
+        for m in net.modules()
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+    ]
+    has_skip = (
+        any(m.residual for m in merges) if merges else True if torch_layers else None
+    )  # None: cannot tell from outside
+    post = any(
+        isinstance(m, (ResidualMLPBlock, TransformerBlock))
+        and m.placement == "post"
+        and any(c.residual for c in m.children() if isinstance(c, ResidualAdd))
+        for m in net.modules()
+    )
     post = post or any(not m.norm_first for m in torch_layers)
     kinds = sorted({type(m).__name__ for m in net.modules() if isinstance(m, NORM_CLASSES)})
-    closed = sum(1 for m in net.modules() if isinstance(m, (ScalarGain, LayerScale))
-                 and not bool(getattr(m, "gain", getattr(m, "gamma", None)).detach().any()))
-    return {"has_skip": has_skip, "has_norm": bool(kinds), "post_norm": post, "norm_kinds": kinds,
-            "closed_gates": closed}
+    closed = sum(
+        1
+        for m in net.modules()
+        if isinstance(m, (ScalarGain, LayerScale))
+        and not bool(getattr(m, "gain", getattr(m, "gamma", None)).detach().any())
+    )
+    return {
+        "has_skip": has_skip,
+        "has_norm": bool(kinds),
+        "post_norm": post,
+        "norm_kinds": kinds,
+        "closed_gates": closed,
+    }
 
 
 def _forward_order(called: list[str], layers: list[tuple[str, nn.Module]]) -> list[str]:
@@ -143,10 +184,18 @@ def _forward_order(called: list[str], layers: list[tuple[str, nn.Module]]) -> li
     return order
 
 
-def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
-             loss_fn: Callable | None = None, *, blocks: Iterable[str] | None = None,
-             channel_dim: int | None = None, thresholds: Thresholds | None = None,
-             train_mode: bool = True, name: str = "") -> Diagnosis:
+def diagnose(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor | None = None,
+    loss_fn: Callable | None = None,
+    *,
+    blocks: Iterable[str] | None = None,
+    channel_dim: int | None = None,
+    thresholds: Thresholds | None = None,
+    train_mode: bool = True,
+    name: str = "",
+) -> Diagnosis:
     """Measure gradient flow and signal propagation of ``model`` on one batch.
 
     Runs one forward and backward pass (in training mode by default, so batch norm uses
@@ -185,9 +234,20 @@ def diagnose(model: nn.Module, inputs, targets: torch.Tensor | None = None,
     block_stats = _block_stats(recorder)
     structure = _structure(net)
     verdict = judge(grads, block_stats, recorder.activations, loss_value, thresholds, structure)
-    return Diagnosis(verdict.verdict, loss_value, verdict.grad_ratio, verdict.start_layer, grads,
-                     block_stats, recorder.activations, verdict.findings, verdict.remedies,
-                     thresholds, name or type(net).__name__, structure)
+    return Diagnosis(
+        verdict.verdict,
+        loss_value,
+        verdict.grad_ratio,
+        verdict.start_layer,
+        grads,
+        block_stats,
+        recorder.activations,
+        verdict.findings,
+        verdict.remedies,
+        thresholds,
+        name or type(net).__name__,
+        structure,
+    )
 
 
 @contextmanager
@@ -234,10 +294,15 @@ def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list
     grads = []
     for layer_name in _forward_order(called, layers):
         weight = by_name[layer_name].weight
-        grad_norm = (float(weight.grad.detach().double().norm())
-                     if weight.grad is not None else 0.0)
-        grads.append(LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_norm,
-                               float(weight.detach().double().norm())))
+        grad_norm = float(weight.grad.detach().double().norm()) if weight.grad is not None else 0.0
+        grads.append(
+            LayerGrad(
+                layer_name,
+                type(by_name[layer_name]).__name__,
+                grad_norm,
+                float(weight.detach().double().norm()),
+            )
+        )
     return grads
 
 
@@ -247,6 +312,7 @@ def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:
     for record in recorder.block_records.values():
         branch = record.branch_vars[-1] if record.branch_vars else None
         skip = record.skip_vars[-1] if record.skip_vars else None
-        stats.append(BlockStat(record.name, record.sq_mean, record.var, branch, skip,
-                               record.residual))
+        stats.append(
+            BlockStat(record.name, record.sq_mean, record.var, branch, skip, record.residual)
+        )
     return stats

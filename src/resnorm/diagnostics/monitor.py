@@ -1,4 +1,5 @@
 """``Monitor``: cheap gradient-flow telemetry inside any training loop."""
+
 from __future__ import annotations
 
 import atexit
@@ -37,8 +38,9 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise MissingExtraError("Monitor(tensorboard=...) needs the tensorboard package: "
-                                "pip install tensorboard") from exc
+        raise MissingExtraError(
+            "Monitor(tensorboard=...) needs the tensorboard package: pip install tensorboard"
+        ) from exc
     return SummaryWriter
 
 
@@ -87,10 +89,19 @@ class Monitor:
     or with ``compiled=False`` (see :mod:`resnorm.diagnostics.norm_stats`).
     """
 
-    def __init__(self, model: nn.Module, *, every: int = 1, path=None, tensorboard=None,
-                 track_dead_units: bool = True, dead_units_every: int = 10,
-                 update_sample: int | None = 4096, seed: int = 0,
-                 compiled: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 1,
+        path=None,
+        tensorboard=None,
+        track_dead_units: bool = True,
+        dead_units_every: int = 10,
+        update_sample: int | None = 4096,
+        seed: int = 0,
+        compiled: bool | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.every = check_int("every", every, minimum=1)
@@ -102,8 +113,7 @@ class Monitor:
         if not named:
             raise UsageError("the model has no layer with a weight parameter to monitor")
         writes = _is_rank_zero()
-        summary_writer = (_summary_writer_class() if tensorboard is not None and writes
-                          else None)
+        summary_writer = _summary_writer_class() if tensorboard is not None and writes else None
         self.layer_names = [name for name, _ in named]
         self._weights = [m.weight for _, m in named]
         self._lay_out_samples(update_sample, seed)
@@ -125,8 +135,11 @@ class Monitor:
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._write_error: BaseException | None = None
-        self._rectifiers = ([(name, m) for name, m in self.net.named_modules()
-                             if is_rectifier(m)] if track_dead_units else [])
+        self._rectifiers = (
+            [(name, m) for name, m in self.net.named_modules() if is_rectifier(m)]
+            if track_dead_units
+            else []
+        )
         self._open_outputs(path if writes else None, tensorboard, summary_writer)
         self._armed = self.every == 1
         if self._armed:
@@ -138,8 +151,10 @@ class Monitor:
         size, so that the update ratios of a whole group are one row-wise norm of a
         (layers, size) view, not a norm per layer."""
         self._sample_index = self._choose_samples(update_sample, seed)
-        sizes = [w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
-                 for w, block in zip(self._weights, self._sample_index)]
+        sizes = [
+            w.numel() if block is None else block[1] * (w.numel() // w.shape[0])
+            for w, block in zip(self._weights, self._sample_index)
+        ]
         self._sample_total = sum(sizes)
         self._order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
         self._groups: list[tuple[int, int]] = []  # (segment size, number of layers)
@@ -196,10 +211,16 @@ class Monitor:
     def _refresh_views(self) -> None:
         pointers = [w.data_ptr() for w in self._weights]
         if pointers != self._view_pointers:
-            self._views = [self._weights[i].detach().reshape(-1) if self._sample_index[i] is None
-                           else self._weights[i].detach().reshape(self._weights[i].shape[0], -1)
-                           .narrow(0, *self._sample_index[i]).reshape(-1)
-                           for i in self._order]
+            self._views = [
+                self._weights[i].detach().reshape(-1)
+                if self._sample_index[i] is None
+                else self._weights[i]
+                .detach()
+                .reshape(self._weights[i].shape[0], -1)
+                .narrow(0, *self._sample_index[i])
+                .reshape(-1)
+                for i in self._order
+            ]
             self._view_pointers = pointers
             self._fast = self._compiled is not None and CompiledNorms.takes(self._views)
             self._snapshot = None
@@ -232,14 +253,16 @@ class Monitor:
                 output = output[0]
             if module.training and output.dim() >= 2 and output.shape[0] > 1:
                 self._dead_maxima.append((name, output.detach().amax(dim=0)))
+
         return hook
 
     def _count_dead_units(self, on: bool) -> None:
         """Hook the ReLUs only for the forward passes whose dead units are counted: a
         registered hook slows every call of its module, counted or not."""
         if on and not self._handles:
-            self._handles = [m.register_forward_hook(self._dead_hook(name))
-                             for name, m in self._rectifiers]
+            self._handles = [
+                m.register_forward_hook(self._dead_hook(name)) for name, m in self._rectifiers
+            ]
         elif not on and self._handles:
             for handle in self._handles:
                 handle.remove()
@@ -278,23 +301,28 @@ class Monitor:
         self._refresh_views()  # the weights may have moved (model.to(...)) since the last step
         if self._previous is not None and self._previous is self._snapshot:  # compiled path
             # One pass: ||w - previous||, ||w||, and the snapshot becomes w.
-            update = self._ratios_from(*self._compiled.update_norms(self._views,
-                                                                    self._snapshot[1]))
+            update = self._ratios_from(*self._compiled.update_norms(self._views, self._snapshot[1]))
             current = self._snapshot
         else:
             current = self._sampled_weights()
-            update = (self._ratios_from(*grouped_update_norms(current, self._previous,
-                                                              self._groups))
-                      if self._previous is not None else None)
+            update = (
+                self._ratios_from(*grouped_update_norms(current, self._previous, self._groups))
+                if self._previous is not None
+                else None
+            )
         dead = self._dead_fractions() if self._dead_maxima else None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
         # A sum of non-negative norms is finite exactly when every norm is (short of 1e308).
-        nonfinite = (not math.isfinite(sum(norms))
-                     or (loss_value is not None and not math.isfinite(loss_value)))
+        nonfinite = not math.isfinite(sum(norms)) or (
+            loss_value is not None and not math.isfinite(loss_value)
+        )
         record = {
-            "step": self.steps, "loss": loss_value, "nonfinite": nonfinite,
+            "step": self.steps,
+            "loss": loss_value,
+            "nonfinite": nonfinite,
             "grad_norm": dict(zip(self.layer_names, grad_norms)),
-            "update_ratio": update, "dead_fraction": dead,
+            "update_ratio": update,
+            "dead_fraction": dead,
         }
         self.records.append(record)
         self._write(record)
@@ -307,8 +335,9 @@ class Monitor:
         self._raise_write_error()
         if self._thread is None:
             self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._drain, name="resnorm-monitor-writer",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._drain, name="resnorm-monitor-writer", daemon=True
+            )
             self._thread.start()
             _OPEN_MONITORS.add(self)
         self._queue.put(record)

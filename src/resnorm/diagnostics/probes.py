@@ -7,6 +7,7 @@ through module backward hooks, which in-place operations break. Hooks are always
 Under ``torch.compile`` the hooks run eagerly, outside the graph: traced, each one would
 break the graph at ``.item()`` and be recompiled for every layer it is registered on.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -22,8 +23,17 @@ from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
 from .stats import ActivationSummary, channel_stats, summarize_activation
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
-ACTIVATIONS = RECTIFIERS + (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
-                            nn.Hardswish, nn.Mish, nn.Softplus)
+ACTIVATIONS = RECTIFIERS + (
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Softplus,
+)
 TOKEN_BLOCKS = (TransformerBlock, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
@@ -32,15 +42,17 @@ def is_rectifier(module: nn.Module) -> bool:
     (``FusedAddLayerNorm(..., activation="relu")``, which fused blocks use in place of
     their ReLU modules)."""
     return isinstance(module, RECTIFIERS) or (
-        isinstance(module, (FusedAddLayerNorm, FusedAddRMSNorm)) and module.activation == "relu")
+        isinstance(module, (FusedAddLayerNorm, FusedAddRMSNorm)) and module.activation == "relu"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside ``torch.compile`` and DistributedDataParallel wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel,
-                                                nn.DataParallel)):
+        if inner is None and isinstance(
+            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+        ):
             inner = model.module
         if inner is None:
             return model
@@ -49,11 +61,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own a ``weight`` parameter directly, in registration order."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(getattr(m, "weight", None), nn.Parameter)]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
 
 
-def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+def find_blocks(
+    model: nn.Module, names: Iterable[str] | None = None
+) -> list[tuple[str, nn.Module]]:
     """The blocks whose outputs the signal-propagation statistics are measured at.
 
     ``names`` picks them explicitly. Otherwise: every module that merges a skip path
@@ -69,11 +86,16 @@ def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tu
         missing = [n for n in names if n not in modules]
         if missing:
             sample = ", ".join(list(modules)[1:8])
-            raise UsageError(f"blocks: no module named {', '.join(map(repr, missing))} in the "
-                             f"model; names look like: {sample}, ...")
+            raise UsageError(
+                f"blocks: no module named {', '.join(map(repr, missing))} in the "
+                f"model; names look like: {sample}, ..."
+            )
         return [(n, modules[n]) for n in names]
-    ours = [(name, m) for name, m in modules.items()
-            if any(isinstance(c, ResidualAdd) for c in m.children())]
+    ours = [
+        (name, m)
+        for name, m in modules.items()
+        if any(isinstance(c, ResidualAdd) for c in m.children())
+    ]
     if ours:
         return ours
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -119,8 +141,9 @@ class ForwardRecorder:
     :class:`~resnorm.blocks.ResidualAdd`.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]],
-                 channel_dim: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: list[tuple[str, nn.Module]], channel_dim: int | None = None
+    ) -> None:
         self.model = model
         self.blocks = blocks
         self.channel_dim = channel_dim
@@ -189,6 +212,7 @@ class ForwardRecorder:
             out = self._first_tensor(output)
             if out is not None:
                 self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
+
         return hook
 
     def _activation_hook(self, name: str, rectified: bool):
@@ -196,6 +220,7 @@ class ForwardRecorder:
             out = self._first_tensor(output)
             if out is not None:
                 self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
+
         return hook
 
     def _block_hook(self, record: BlockRecord):
@@ -203,6 +228,7 @@ class ForwardRecorder:
             out = self._first_tensor(output)
             if out is not None and out.dim() >= 2:
                 record.sq_mean, record.var = channel_stats(out, record.channel_dim)
+
         return hook
 
     def _merge_hook(self, record: BlockRecord):
@@ -211,4 +237,5 @@ class ForwardRecorder:
             record.branch_vars.append(channel_stats(branch, record.channel_dim)[1])
             if module.residual:
                 record.skip_vars.append(channel_stats(skip, record.channel_dim)[1])
+
         return hook

@@ -1,5 +1,6 @@
 """How a :class:`~resnorm.diagnostics.Diagnosis` is shown: a rich table for the terminal, a
 matplotlib figure, and a self-contained HTML section (image embedded) for reports."""
+
 from __future__ import annotations
 
 import base64
@@ -10,8 +11,12 @@ from pathlib import Path
 from .._io import atomic_open
 from .verdict import Verdict
 
-_COLORS = {Verdict.HEALTHY: "green", Verdict.VANISHING: "yellow", Verdict.EXPLODING: "red",
-           Verdict.NONFINITE: "red"}
+_COLORS = {
+    Verdict.HEALTHY: "green",
+    Verdict.VANISHING: "yellow",
+    Verdict.EXPLODING: "red",
+    Verdict.NONFINITE: "red",
+}
 
 
 def diagnosis_table(diagnosis, max_rows: int = 16):
@@ -20,22 +25,29 @@ def diagnosis_table(diagnosis, max_rows: int = 16):
     from rich.table import Table
 
     verdict = diagnosis.verdict
-    table = Table(title=f"{diagnosis.model_name}: [{_COLORS[verdict]}]{verdict.value}[/] "
-                        f"(first/last gradient ratio {diagnosis.grad_ratio:.2e}, "
-                        f"loss {diagnosis.loss:.3g})")
+    table = Table(
+        title=f"{diagnosis.model_name}: [{_COLORS[verdict]}]{verdict.value}[/] "
+        f"(first/last gradient ratio {diagnosis.grad_ratio:.2e}, "
+        f"loss {diagnosis.loss:.3g})"
+    )
     for column in ("#", "layer", "kind", "grad norm", "grad / weight"):
         table.add_column(column, justify="right" if column not in ("layer", "kind") else "left")
     layers = diagnosis.layers
     keep = _spread(len(layers), max_rows)
-    start = next((i for i, layer in enumerate(layers) if layer.name == diagnosis.start_layer),
-                 None)
+    start = next((i for i, layer in enumerate(layers) if layer.name == diagnosis.start_layer), None)
     if start is not None and start not in keep:
         keep = sorted(set(keep) | {start})
     for i in keep:
         layer = layers[i]
         style = "bold" if i == start else None
-        table.add_row(str(i + 1), layer.name, layer.kind, f"{layer.grad_norm:.2e}",
-                      f"{layer.relative:.2e}", style=style)
+        table.add_row(
+            str(i + 1),
+            layer.name,
+            layer.kind,
+            f"{layer.grad_norm:.2e}",
+            f"{layer.relative:.2e}",
+            style=style,
+        )
     if len(keep) < len(layers):
         table.caption = f"{len(keep)} of {len(layers)} layers shown; to_json() has them all"
     return table
@@ -64,20 +76,22 @@ def diagnosis_figure(diagnosis, path=None):
         kinds.setdefault(layer.kind, []).append((i, max(layer.grad_norm, 1e-45)))
     for kind, points in kinds.items():
         ax.semilogy(*zip(*points), marker=".", lw=1, label=kind)
-    ax.set(title="weight-gradient norm by layer", xlabel="layer (forward order)",
-           ylabel="||grad||")
+    ax.set(title="weight-gradient norm by layer", xlabel="layer (forward order)", ylabel="||grad||")
     if diagnosis.start_layer is not None:
         index = [layer.name for layer in diagnosis.layers].index(diagnosis.start_layer)
         ax.axvline(index + 1, color="red", ls="--", lw=1, label=f"starts: {diagnosis.start_layer}")
     ax.legend(fontsize=8)
     blocks = diagnosis.blocks
     depth = list(range(1, len(blocks) + 1))
-    panels = [(axes[0, 1], "average channel squared mean", [b.sq_mean for b in blocks]),
-              (axes[1, 0], "average channel variance", [b.var for b in blocks]),
-              (axes[1, 1], "residual-branch variance", [b.branch_var for b in blocks])]
+    panels = [
+        (axes[0, 1], "average channel squared mean", [b.sq_mean for b in blocks]),
+        (axes[1, 0], "average channel variance", [b.var for b in blocks]),
+        (axes[1, 1], "residual-branch variance", [b.branch_var for b in blocks]),
+    ]
     for ax, title, values in panels:
-        points = [(d, v) for d, v in zip(depth, values)
-                  if v is not None and math.isfinite(v) and v > 0]
+        points = [
+            (d, v) for d, v in zip(depth, values) if v is not None and math.isfinite(v) and v > 0
+        ]
         if points:
             ax.plot(*zip(*points), marker=".", lw=1)
             low, high = min(v for _, v in points), max(v for _, v in points)
@@ -158,7 +172,12 @@ def write_diagnosis_html(diagnosis, path) -> None:
     """A standalone page holding :func:`diagnosis_html_section`, written atomically."""
     import markupsafe
 
-    page = _env().from_string(_PAGE).render(
-        title=diagnosis.model_name, section=markupsafe.Markup(diagnosis_html_section(diagnosis)))
+    page = (
+        _env()
+        .from_string(_PAGE)
+        .render(
+            title=diagnosis.model_name, section=markupsafe.Markup(diagnosis_html_section(diagnosis))
+        )
+    )
     with atomic_open(path, "w") as f:
         f.write(page)

@@ -1,5 +1,6 @@
 """Building what ``diagnose`` needs from names: a registered model or a user's factory,
 and a batch of N(0, 1) inputs with random labels (Brock et al.'s protocol)."""
+
 from __future__ import annotations
 
 import importlib
@@ -38,25 +39,30 @@ def load_factory(spec: str):
     return factory
 
 
-def random_batch(model: nn.Module, batch_size: int, input_shape: Sequence[int] | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    model: nn.Module, batch_size: int, input_shape: Sequence[int] | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """N(0, 1) inputs of ``(batch_size, *input_shape)`` (the model's
     ``example_input_shape`` by default) and random labels over its outputs."""
     check_int("batch_size", batch_size, minimum=2)
     if input_shape is None:
         input_shape = getattr(model, "example_input_shape", None)
         if input_shape is None:
-            raise UsageError("the model has no example_input_shape; give input_shape "
-                             "(--input-shape on the command line), e.g. 3,32,32")
+            raise UsageError(
+                "the model has no example_input_shape; give input_shape "
+                "(--input-shape on the command line), e.g. 3,32,32"
+            )
     shape = tuple(input_shape)
     for size in shape:
         check_int("input_shape", size, minimum=1)
     input_bytes = batch_size * math.prod(shape) * 4
-    check_fits_in_memory(f"a batch of batch_size={batch_size} inputs of shape {shape}",
-                         _ACTIVATION_FACTOR * input_bytes,
-                         note=f"{format_bytes(input_bytes)} of float32 inputs, times "
-                              f"{_ACTIVATION_FACTOR} for the activations and gradients that "
-                              f"diagnose keeps, at the least")
+    check_fits_in_memory(
+        f"a batch of batch_size={batch_size} inputs of shape {shape}",
+        _ACTIVATION_FACTOR * input_bytes,
+        note=f"{format_bytes(input_bytes)} of float32 inputs, times "
+        f"{_ACTIVATION_FACTOR} for the activations and gradients that "
+        f"diagnose keeps, at the least",
+    )
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size, *shape), generator=generator)
     with torch.no_grad():
@@ -70,9 +76,15 @@ def random_batch(model: nn.Module, batch_size: int, input_shape: Sequence[int] |
     return x, y
 
 
-def diagnose_named(name: str | None = None, *, factory: str | None = None,
-                   input_shape: Sequence[int] | None = None, batch_size: int = 128,
-                   seed: int = 0, **overrides) -> Diagnosis:
+def diagnose_named(
+    name: str | None = None,
+    *,
+    factory: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    **overrides,
+) -> Diagnosis:
     """Diagnose a registered model (``create_model(name, **overrides)``) or the model a
     user's factory returns (``factory="pkg.mod:fn"``, called with ``overrides``), at
     initialization (seeded), on a random batch."""
@@ -82,8 +94,9 @@ def diagnose_named(name: str | None = None, *, factory: str | None = None,
     if factory is not None:
         model = load_factory(factory)(**overrides)
         if not isinstance(model, nn.Module):
-            raise UsageError(f"factory={factory!r} returned {type(model).__name__}, "
-                             f"not an nn.Module")
+            raise UsageError(
+                f"factory={factory!r} returned {type(model).__name__}, not an nn.Module"
+            )
         label = factory
     else:
         model = create_model(name, **overrides)

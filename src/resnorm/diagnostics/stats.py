@@ -8,6 +8,7 @@ channels at ``channel_dim``,
 - average channel variance: mean over channels of the population variance over N and
   positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -34,6 +34,7 @@ huge pages and, once freed, kept for the next output of the same size, as PyTorc
 caching allocator does. :func:`pool_stats` reports it, :func:`empty_cache` returns its free
 blocks to the OS, :func:`configure_pool` changes its limits.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,7 @@ _state: dict = {"module": None, "error": None, "tried": False, "pool_min_bytes":
 def _cpu_signature() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in text.splitlines()
-                 if line.startswith(("model name", "flags"))][:2]
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
         return "\n".join(lines)
     except OSError:
         return platform.processor() or platform.machine()
@@ -173,19 +173,30 @@ def load():
             directory.mkdir(parents=True, exist_ok=True)
             name = directory.name
             if _needs_compile(directory):
-                print(f"resnorm: building the fused CPU kernel, once, ~30 s (cached in "
-                      f"{directory})", file=sys.stderr, flush=True)
-            module = cpp_extension.load(name=name, sources=[str(CSRC / f) for f in SOURCES],
-                                        extra_cflags=FLAGS, build_directory=str(directory),
-                                        verbose=False)
+                print(
+                    f"resnorm: building the fused CPU kernel, once, ~30 s (cached in {directory})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(CSRC / f) for f in SOURCES],
+                extra_cflags=FLAGS,
+                build_directory=str(directory),
+                verbose=False,
+            )
             module.configure_pool(_state["pool_min_bytes"] if pool_on else -1, pool_cap)
             _state.update(module=module)
         except Exception as exc:  # no compiler, no headers, ...: fall back, say why once
             lines = str(exc).strip().splitlines()
             reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
             _state.update(error=reason)
-            warnings.warn(f"resnorm: the compiled CPU add+norm kernel is unavailable ({reason}); "
-                          "using the pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"resnorm: the compiled CPU add+norm kernel is unavailable ({reason}); "
+                "using the pure-PyTorch reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         finally:
             _state["tried"] = True
     return _state["module"]
@@ -194,10 +205,14 @@ def load():
 def status() -> dict:
     """Whether the compiled kernel is in use, and why not if it is not (builds it if needed)."""
     module = load()
-    return {"available": module is not None, "reason": _state["error"],
-            "build_directory": str(build_directory()), "flags": FLAGS,
-            "nontemporal_bytes": NONTEMPORAL_BYTES,
-            "pool": pool_stats() if module is not None else {}}
+    return {
+        "available": module is not None,
+        "reason": _state["error"],
+        "build_directory": str(build_directory()),
+        "flags": FLAGS,
+        "nontemporal_bytes": NONTEMPORAL_BYTES,
+        "pool": pool_stats() if module is not None else {},
+    }
 
 
 def parse_bytes(name: str, text: str) -> int:
@@ -210,8 +225,10 @@ def parse_bytes(name: str, text: str) -> int:
     except ValueError:
         count = -1.0
     if not number or count < 0:
-        raise UsageError(f"{name}={text!r} is not a byte count; accepted: a non-negative "
-                         "number with an optional K, M, G or T suffix (e.g. 4G)")
+        raise UsageError(
+            f"{name}={text!r} is not a byte count; accepted: a non-negative "
+            "number with an optional K, M, G or T suffix (e.g. 4G)"
+        )
     return int(count)
 
 
@@ -232,8 +249,9 @@ def pool_settings_from_environment() -> tuple[bool, int]:
     return enabled in ("on", "1"), cap
 
 
-def configure_pool(*, enabled: bool | None = None, min_bytes: int | None = None,
-                   max_cached: int | None = None) -> dict:
+def configure_pool(
+    *, enabled: bool | None = None, min_bytes: int | None = None, max_cached: int | None = None
+) -> dict:
     """Change the output pool's settings (None keeps one); returns :func:`pool_stats`.
 
     Args:
@@ -248,17 +266,22 @@ def configure_pool(*, enabled: bool | None = None, min_bytes: int | None = None,
     if module is None:
         raise RuntimeError(f"resnorm: the compiled CPU kernel is unavailable ({_state['error']})")
     for name, value in (("min_bytes", min_bytes), ("max_cached", max_cached)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise UsageError(f"configure_pool: {name} must be a non-negative int, got {value!r}")
     if enabled is not None and not isinstance(enabled, bool):
-        raise UsageTypeError(f"configure_pool: enabled must be True, False or None, got {enabled!r}")
+        raise UsageTypeError(
+            f"configure_pool: enabled must be True, False or None, got {enabled!r}"
+        )
     stats = module.pool_stats()
     if min_bytes is not None:
         _state["pool_min_bytes"] = min_bytes
     on = stats["min_bytes"] >= 0 if enabled is None else enabled
-    module.configure_pool(_state["pool_min_bytes"] if on else -1,
-                          stats["max_cached"] if max_cached is None else max_cached)
+    module.configure_pool(
+        _state["pool_min_bytes"] if on else -1,
+        stats["max_cached"] if max_cached is None else max_cached,
+    )
     return pool_stats()
 
 
@@ -288,8 +311,9 @@ def forward(x, residual, weight, bias, rms, eps, h_dtype, activation="identity")
     module = _state["module"]
     h = module.empty_output(*x.shape, h_dtype) if h_dtype is not None else None
     nontemporal = x.numel() * x.element_size() >= NONTEMPORAL_BYTES
-    y, mean, rstd = module.add_norm_fwd(x, residual, weight, bias, rms, eps, h, nontemporal,
-                                        activation == "relu")
+    y, mean, rstd = module.add_norm_fwd(
+        x, residual, weight, bias, rms, eps, h, nontemporal, activation == "relu"
+    )
     return y, (h if h is not None else x.new_empty((0,))), mean, rstd
 
 
@@ -298,8 +322,21 @@ def backward(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activat
     module = _state["module"]
     dx = module.empty_output(*dy.shape, dy.dtype)
     nontemporal = dx.numel() * dx.element_size() >= NONTEMPORAL_BYTES
-    dw, db = module.add_norm_bwd(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, dx,
-                                 nontemporal, activation == "relu")
+    dw, db = module.add_norm_bwd(
+        dy,
+        dh,
+        h,
+        weight,
+        bias,
+        mean,
+        rstd,
+        rms,
+        need_dw,
+        need_db,
+        dx,
+        nontemporal,
+        activation == "relu",
+    )
     # float32, as summed (autograd casts them to each parameter's own dtype); empty when not
     # asked for, in float32 all the same, as the fake implementation (ops.py) declares.
     dw = dw if need_dw else dy.new_empty((0,), dtype=torch.float32)

@@ -18,6 +18,7 @@ eager mode, op by op outside ``torch.compile`` (where the fused kernel runs too,
 ``_EagerAddNorm``); the *compiled kernel* is the C++ one of :mod:`resnorm.kernels.cpu`,
 built on first use, not to be confused with ``torch.compile``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -45,25 +46,39 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _cpu_forward_usable(x, residual, weight, bias, h_dtype) -> bool:
-    return (cpu.supports(x, residual, weight, bias)
-            and (h_dtype is None or h_dtype in cpu.DTYPES) and cpu.load() is not None)
+    return (
+        cpu.supports(x, residual, weight, bias)
+        and (h_dtype is None or h_dtype in cpu.DTYPES)
+        and cpu.load() is not None
+    )
 
 
 # Per device type: (usable(*args) -> bool, kernel); the reference runs when none applies.
 FORWARD_KERNELS = {"cpu": (_cpu_forward_usable, cpu.forward)}
-BACKWARD_KERNELS = {"cpu": (lambda dy, dh, h, weight, bias: cpu.supports(dy, dh, h, weight, bias)
-                            and cpu.load() is not None, cpu.backward)}
+BACKWARD_KERNELS = {
+    "cpu": (
+        lambda dy, dh, h, weight, bias: (
+            cpu.supports(dy, dh, h, weight, bias) and cpu.load() is not None
+        ),
+        cpu.backward,
+    )
+}
 
 
 def _stock(x: Tensor, residual: Tensor | None, kind: str, activation: str) -> bool:
     """Whether :func:`add_norm` runs stock PyTorch ops for these arguments."""
-    return ((x.numel() < STOCK_BELOW and not torch.compiler.is_compiling())
-            or (STOCK_PLAIN_LAYER_NORM and residual is None and kind == "layer"
-                and activation == "identity" and x.dtype == torch.float32))
+    return (x.numel() < STOCK_BELOW and not torch.compiler.is_compiling()) or (
+        STOCK_PLAIN_LAYER_NORM
+        and residual is None
+        and kind == "layer"
+        and activation == "identity"
+        and x.dtype == torch.float32
+    )
 
 
-def kernel_name(x: Tensor, *, with_residual: bool = True, kind: str = "layer",
-                activation: str | None = None) -> str:
+def kernel_name(
+    x: Tensor, *, with_residual: bool = True, kind: str = "layer", activation: str | None = None
+) -> str:
     """Which implementation :func:`add_norm` runs for tensors like ``x`` (with a residual
     of x's shape unless ``with_residual=False``, and this ``kind`` and ``activation``):
     ``"stock"`` (stock PyTorch ops), ``"compiled cpu"`` (the compiled kernel of that device
@@ -77,10 +92,16 @@ def kernel_name(x: Tensor, *, with_residual: bool = True, kind: str = "layer",
 
 
 @torch.library.custom_op("resnorm::add_norm_fwd", mutates_args=())
-def add_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                 bias: Optional[Tensor], rms: bool, eps: float,
-                 h_dtype: Optional[torch.dtype],
-                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def add_norm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    rms: bool,
+    eps: float,
+    h_dtype: Optional[torch.dtype],
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, mean, rstd) of 2-D (rows, n) inputs; see :func:`reference.forward`."""
     return _forward_impl(x, residual, weight, bias, rms, eps, h_dtype, activation)
 
@@ -97,14 +118,28 @@ def _(x, residual, weight, bias, rms, eps, h_dtype, activation):
     rows = x.shape[0]
     stats = reference.stats_dtype(x.dtype)
     h = x.new_empty(x.shape, dtype=h_dtype) if h_dtype is not None else x.new_empty((0,))
-    return (x.new_empty(x.shape), h, x.new_empty((0 if rms else rows,), dtype=stats),
-            x.new_empty((rows,), dtype=stats))
+    return (
+        x.new_empty(x.shape),
+        h,
+        x.new_empty((0 if rms else rows,), dtype=stats),
+        x.new_empty((rows,), dtype=stats),
+    )
 
 
 @torch.library.custom_op("resnorm::add_norm_bwd", mutates_args=())
-def add_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
-                 bias: Optional[Tensor], mean: Tensor, rstd: Tensor, rms: bool, need_dw: bool,
-                 need_db: bool, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def add_norm_bwd(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    h: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    rms: bool,
+    need_dw: bool,
+    need_db: bool,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); see :func:`reference.backward`."""
     return _backward_impl(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation)
 
@@ -113,16 +148,20 @@ def _backward_impl(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, a
     entry = BACKWARD_KERNELS.get(dy.device.type)
     if entry is not None and entry[0](dy, dh, h, weight, bias):
         return entry[1](dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation)
-    return reference.backward(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db,
-                              activation)
+    return reference.backward(
+        dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation
+    )
 
 
 @add_norm_bwd.register_fake
 def _(dy, dh, h, weight, bias, mean, rstd, rms, need_dw, need_db, activation):
     n = h.shape[1]
     stats = rstd.dtype  # autograd casts dweight and dbias to each parameter's own dtype
-    return (dy.new_empty(dy.shape), dy.new_empty((n if need_dw else 0,), dtype=stats),
-            dy.new_empty((n if need_db else 0,), dtype=stats))
+    return (
+        dy.new_empty(dy.shape),
+        dy.new_empty((n if need_dw else 0,), dtype=stats),
+        dy.new_empty((n if need_db else 0,), dtype=stats),
+    )
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
@@ -142,8 +181,7 @@ def _setup_context(ctx, inputs, output):
     # rounding. The backward then recomputes h exactly from x and the residual (the same
     # memory as one float32 copy of h): rows whose spread is below the 16-bit resolution
     # would otherwise get gradients wrong by O(1).
-    ctx.recompute = (residual is not None and h_dtype is not None
-                     and torch.finfo(h_dtype).bits < 32)
+    ctx.recompute = residual is not None and h_dtype is not None and torch.finfo(h_dtype).bits < 32
     # The ReLU's mask is recomputed from h and the statistics (z > 0): only the bias is kept.
     ctx.activation = activation
     mask_bias = bias if activation == "relu" else None
@@ -166,20 +204,33 @@ def _backward(ctx, dy, dh, _dmean, _drstd, backward_op=None):
     if dy is None:
         dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
     need = ctx.needs_input_grad
-    if (ctx.residual_dtype is not None and need[1]
-            and ctx.residual_dtype.itemsize > dy.dtype.itemsize):
+    if (
+        ctx.residual_dtype is not None
+        and need[1]
+        and ctx.residual_dtype.itemsize > dy.dtype.itemsize
+    ):
         # A wider residual stream (float32 beside a bfloat16 branch) gets its gradient in
         # its own precision: rounding it to the branch's dtype at every block would lose it.
         dy = dy.to(ctx.residual_dtype)
     backward_op = backward_op or add_norm_bwd
-    dx, dw, db = backward_op(_rows(dy), _rows(dh) if ctx.has_h else None, h, weight, bias,
-                             mean, rstd, ctx.rms, bool(need[2]), bool(need[3]), ctx.activation)
+    dx, dw, db = backward_op(
+        _rows(dy),
+        _rows(dh) if ctx.has_h else None,
+        h,
+        weight,
+        bias,
+        mean,
+        rstd,
+        ctx.rms,
+        bool(need[2]),
+        bool(need[3]),
+        ctx.activation,
+    )
     dres = None
     if ctx.residual_dtype is not None and need[1]:
         dres = dx if dx.dtype == ctx.residual_dtype else dx.to(ctx.residual_dtype)
     dx_x = None if not need[0] else dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
-    return (dx_x, dres, dw if need[2] else None, db if need[3] else None,
-            None, None, None, None)
+    return (dx_x, dres, dw if need[2] else None, db if need[3] else None, None, None, None, None)
 
 
 add_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -204,12 +255,15 @@ class _EagerAddNorm(torch.autograd.Function):
 
 def _check_tensor(name: str, t, x: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
-        raise UsageTypeError(f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise UsageTypeError(
+            f"add_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}"
+        )
     if t.shape != shape:
         raise UsageError(f"add_norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise UsageTypeError(f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, "
-                             "float16, float64")
+        raise UsageTypeError(
+            f"add_norm: {name} has dtype {t.dtype}; accepted: float32, bfloat16, float16, float64"
+        )
     if t.device != x.device:
         raise UsageError(f"add_norm: {name} is on {t.device} but x is on {x.device}")
 
@@ -228,11 +282,13 @@ def _checked_arguments(x, residual, weight, bias, kind: str, eps, activation):
     if not (type(eps) is float and eps >= 0.0):  # the common case, without a call
         eps = check_float("eps", eps, low=0.0)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise UsageError(f"add_norm: x must have a non-empty last dimension, got shape "
-                         f"{tuple(x.shape)}")
+        raise UsageError(
+            f"add_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}"
+        )
     if x.dtype not in FLOAT_DTYPES:
-        raise UsageTypeError(f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, "
-                             "float16, float64")
+        raise UsageTypeError(
+            f"add_norm: x has dtype {x.dtype}; accepted: float32, bfloat16, float16, float64"
+        )
     n = x.shape[-1]
     if residual is not None:
         _check_tensor("residual", residual, x, x.shape)
@@ -240,16 +296,24 @@ def _checked_arguments(x, residual, weight, bias, kind: str, eps, activation):
         _check_tensor("weight", weight, x, (n,))
     if bias is not None:
         if kind == "rms":
-            raise UsageError("add_norm: bias is not used by kind='rms' (RMS norm has no bias); "
-                             "pass bias=None")
+            raise UsageError(
+                "add_norm: bias is not used by kind='rms' (RMS norm has no bias); pass bias=None"
+            )
         _check_tensor("bias", bias, x, (n,))
     return eps, activation
 
 
-def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None,
-             bias: Tensor | None = None, kind: str = "layer", eps: float = 1e-5,
-             prenorm: bool = False, residual_in_fp32: bool = False,
-             activation: str | None = None):
+def add_norm(
+    x: Tensor,
+    residual: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    kind: str = "layer",
+    eps: float = 1e-5,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    activation: str | None = None,
+):
     r"""Residual add, normalization over the last dimension and, optionally, the activation
     that follows, in one fused pass.
 
@@ -288,16 +352,23 @@ def add_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = 
     eps, activation = _checked_arguments(x, residual, weight, bias, kind, eps, activation)
     n = x.shape[-1]
     if _stock(x, residual, kind, activation):
-        return reference.add_norm_reference(x, residual, weight, bias, kind, eps, prenorm,
-                                            residual_in_fp32, activation)
+        return reference.add_norm_reference(
+            x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32, activation
+        )
     h_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
     materialize = residual is not None or h_dtype != x.dtype
     shape = x.shape
     op = add_norm_fwd if torch.compiler.is_compiling() else _EagerAddNorm.apply
-    y, h, _, _ = op(_rows(x.reshape(-1, n)),
-                    _rows(residual.reshape(-1, n)) if residual is not None else None,
-                    weight, bias, kind == "rms", eps, h_dtype if materialize else None,
-                    activation)
+    y, h, _, _ = op(
+        _rows(x.reshape(-1, n)),
+        _rows(residual.reshape(-1, n)) if residual is not None else None,
+        weight,
+        bias,
+        kind == "rms",
+        eps,
+        h_dtype if materialize else None,
+        activation,
+    )
     y = y.view(shape)
     if not prenorm:
         return y

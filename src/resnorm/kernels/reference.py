@@ -9,6 +9,7 @@ Two forms of the same computation:
   can run them on any device and dtype the kernels do not cover (and
   ``torch.autograd.gradcheck`` checks the hand-derived backward in float64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,16 +21,26 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None,
-                   residual_in_fp32: bool) -> torch.dtype:
+def residual_dtype(
+    x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool
+) -> torch.dtype:
     """The dtype of the new residual stream ``x + residual``."""
     if residual_in_fp32 and x.dtype != torch.float64:
         return torch.float32
     return residual.dtype if residual is not None else x.dtype
 
 
-def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", eps=1e-5,
-                       prenorm=False, residual_in_fp32=False, activation=None):
+def add_norm_reference(
+    x,
+    residual=None,
+    weight=None,
+    bias=None,
+    kind="layer",
+    eps=1e-5,
+    prenorm=False,
+    residual_in_fp32=False,
+    activation=None,
+):
     """``h = x + residual``; ``y = act(norm(h) * weight + bias)``, with stock PyTorch ops.
 
     ``h`` is summed in the arithmetic dtype (float32, or float64 for float64 inputs) and
@@ -56,8 +67,9 @@ def add_norm_reference(x, residual=None, weight=None, bias=None, kind="layer", e
     return y, (h if h.dtype == stream else h.to(stream))
 
 
-def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype,
-            activation: str = "identity"):
+def forward(
+    x, residual, weight, bias, rms: bool, eps: float, h_dtype, activation: str = "identity"
+):
     """The kernel contract, forward: ``(y, h, mean, rstd)`` for 2-D ``(rows, n)`` inputs.
 
     ``y`` is rectified (``max(z, 0)``) with ``activation="relu"``.
@@ -83,8 +95,19 @@ def forward(x, residual, weight, bias, rms: bool, eps: float, h_dtype,
     return y.to(x.dtype).contiguous(), h_out, mean, rstd
 
 
-def backward(dy, dh, h, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_db: bool,
-             activation: str = "identity"):
+def backward(
+    dy,
+    dh,
+    h,
+    weight,
+    bias,
+    mean,
+    rstd,
+    rms: bool,
+    need_dw: bool,
+    need_db: bool,
+    activation: str = "identity",
+):
     """The kernel contract, backward: ``(dx, dweight, dbias)``.
 
     With ``xhat = (h - mean) * rstd`` and ``g = dy * weight`` (``dy`` first masked by

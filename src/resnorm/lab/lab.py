@@ -1,4 +1,5 @@
 """``run_lab``: a study from name to report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,10 @@ class LabResult:
     def counts(self) -> dict[str, int]:
         """How many runs were reused from an earlier invocation and run now, and how many
         finished, diverged and failed."""
-        counts = {"runs": len(self.results),
-                  "reused": sum(bool(r.get("reused")) for r in self.results)}
+        counts = {
+            "runs": len(self.results),
+            "reused": sum(bool(r.get("reused")) for r in self.results),
+        }
         counts["trained"] = counts["runs"] - counts["reused"]
         for status in ("finished", "diverged", "failed"):
             counts[status] = sum(r.get("status") == status for r in self.results)
@@ -49,8 +52,10 @@ def check_study(study: Study, device: str = "cpu", seeds: int | None = None) -> 
     resolve_device(device)
     root = study.dataset_options.get("root")
     if root is not None and not Path(root).expanduser().is_dir():
-        raise UsageError(f"data_root={str(root)!r} is not a folder; give the folder that "
-                         f"holds the {study.dataset} files")
+        raise UsageError(
+            f"data_root={str(root)!r} is not a folder; give the folder that "
+            f"holds the {study.dataset} files"
+        )
     try:
         data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
     except UsageError as exc:
@@ -70,10 +75,19 @@ def check_study(study: Study, device: str = "cpu", seeds: int | None = None) -> 
             pass
 
 
-def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = False,
-            seeds: int | None = None, workers: int | None = None, device: str = "cpu",
-            data_root=None, progress: bool | None = None, nproc: int | None = None,
-            sync_bn: bool = False) -> LabResult:
+def run_lab(
+    study: str | Path | Study = "depth",
+    out=None,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    data_root=None,
+    progress: bool | None = None,
+    nproc: int | None = None,
+    sync_bn: bool = False,
+) -> LabResult:
     """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
 
     ``out`` defaults to ``runs/lab-<study>`` (``-quick`` appended with ``quick``); running
@@ -97,16 +111,27 @@ def run_lab(study: str | Path | Study = "depth", out=None, *, quick: bool = Fals
     if sync_bn:
         study = dataclasses.replace(study, train={**study.train, "sync_bn": True})
     if data_root is not None:
-        study = dataclasses.replace(study, dataset_options={**study.dataset_options,
-                                                            "root": str(data_root)})
+        study = dataclasses.replace(
+            study, dataset_options={**study.dataset_options, "root": str(data_root)}
+        )
     check_run_count(study, seeds)
     check_study(study, device, seeds)
-    out = Path(out) if out is not None else Path("runs") / (
-        f"lab-{study.name}" + ("-quick" if quick else ""))
-    results = run_study(study, out, seeds=seeds, workers=workers, device=device,
-                        progress=progress, nproc=nproc)
-    made = {**provenance(device), "seeds": seeds or study.seeds, "workers": workers,
-            "nproc": nproc or 1}
-    with status_spinner(show_progress(progress), f"writing the report into {out} (figures, tables)..."):
+    out = (
+        Path(out)
+        if out is not None
+        else Path("runs") / (f"lab-{study.name}" + ("-quick" if quick else ""))
+    )
+    results = run_study(
+        study, out, seeds=seeds, workers=workers, device=device, progress=progress, nproc=nproc
+    )
+    made = {
+        **provenance(device),
+        "seeds": seeds or study.seeds,
+        "workers": workers,
+        "nproc": nproc or 1,
+    }
+    with status_spinner(
+        show_progress(progress), f"writing the report into {out} (figures, tables)..."
+    ):
         report = write_report(results, {**study.to_dict(), "provenance": made}, out)
     return LabResult(study, results, report, out, time.perf_counter() - start)

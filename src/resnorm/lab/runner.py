@@ -10,6 +10,7 @@ With ``nproc=N`` each run is instead one torchrun launch of N processes training
 DistributedDataParallel, one run at a time; the study's batch sizes stay the global
 batch, each process taking batch / N.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,13 @@ from .study import RunSpec, Study
 INIT_BATCH = 128
 
 
-def plan_workers(num_runs: int, workers: int | None = None, cores: int | None = None, *,
-                 runs_left: int | None = None) -> tuple[int, int]:
+def plan_workers(
+    num_runs: int,
+    workers: int | None = None,
+    cores: int | None = None,
+    *,
+    runs_left: int | None = None,
+) -> tuple[int, int]:
     """``(worker processes, threads per worker)`` for a study of ``num_runs`` runs that
     use the cores without oversubscribing them: by default one process per core (at most
     one per run), and the cores shared out as intra-op threads.
@@ -57,16 +63,21 @@ def plan_workers(num_runs: int, workers: int | None = None, cores: int | None = 
     return workers, threads
 
 
-def _run_in_worker(spec: RunSpec, study: Study, run_dir: str, device: str,
-                   threads: int) -> dict:
+def _run_in_worker(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int) -> dict:
     """:func:`execute_run` in a worker process, reporting ``("started", run_id)`` and
     ``("epoch", run_id, epoch)`` to the lab's process when it shows progress."""
     reports = workers._progress_reports
     if reports is None:
         return execute_run(spec, study, run_dir, device, threads)
     reports.put(("started", spec.run_id))
-    return execute_run(spec, study, run_dir, device, threads,
-                       on_epoch=lambda row: reports.put(("epoch", spec.run_id, row["epoch"])))
+    return execute_run(
+        spec,
+        study,
+        run_dir,
+        device,
+        threads,
+        on_epoch=lambda row: reports.put(("epoch", spec.run_id, row["epoch"])),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -83,16 +94,29 @@ def _dataset(name: str, options_json: str):
 def _compact_init(diagnosis) -> dict:
     """What a run's summary keeps of its diagnosis at initialization (non-finite numbers
     become null when the summary is written)."""
-    return {"verdict": diagnosis.verdict.value, "grad_ratio": diagnosis.grad_ratio,
-            "start_layer": diagnosis.start_layer,
-            "layers": [{"name": layer.name, "kind": layer.kind, "grad_norm": layer.grad_norm}
-                       for layer in diagnosis.layers],
-            "blocks": [{"name": b.name, "sq_mean": b.sq_mean, "var": b.var,
-                        "branch_var": b.branch_var} for b in diagnosis.blocks]}
+    return {
+        "verdict": diagnosis.verdict.value,
+        "grad_ratio": diagnosis.grad_ratio,
+        "start_layer": diagnosis.start_layer,
+        "layers": [
+            {"name": layer.name, "kind": layer.kind, "grad_norm": layer.grad_norm}
+            for layer in diagnosis.layers
+        ],
+        "blocks": [
+            {"name": b.name, "sq_mean": b.sq_mean, "var": b.var, "branch_var": b.branch_var}
+            for b in diagnosis.blocks
+        ],
+    }
 
 
-def execute_run(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int,
-                on_epoch: Callable[[dict], None] | None = None) -> dict:
+def execute_run(
+    spec: RunSpec,
+    study: Study,
+    run_dir: str,
+    device: str,
+    threads: int,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
     """Diagnose ``spec``'s model at initialization, then train it (unless the study is
     init-only); write and return its summary. Runs in a worker process (or in the
     caller's with one worker: the thread count is restored afterwards). ``on_epoch`` is
@@ -158,8 +182,14 @@ class RunSummary:
     @classmethod
     def of(cls, spec: RunSpec, study: Study, **fields) -> RunSummary:
         grid = {**asdict(spec), "options": dict(spec.options)}
-        return cls(run_id=spec.run_id, variant=spec.variant, family=spec.model,
-                   dataset=study.dataset, **grid, **fields)
+        return cls(
+            run_id=spec.run_id,
+            variant=spec.variant,
+            family=spec.model,
+            dataset=study.dataset,
+            **grid,
+            **fields,
+        )
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -173,14 +203,24 @@ def run_config(spec: RunSpec, study: Study, device: str, nproc: int = 1) -> dict
     when this is unchanged."""
     train = study.train_config(spec.batch_size, spec.seed, device).to_dict()
     train.pop("checkpoint_every", None)
-    return {"run": {**asdict(spec), "options": dict(spec.options)}, "dataset": study.dataset,
-            "dataset_options": {k: v for k, v in study.dataset_options.items() if k != "root"},
-            "train": train, "init_only": study.init_only, "nproc": nproc,
-            "diagnose_batch": INIT_BATCH}
+    return {
+        "run": {**asdict(spec), "options": dict(spec.options)},
+        "dataset": study.dataset,
+        "dataset_options": {k: v for k, v in study.dataset_options.items() if k != "root"},
+        "train": train,
+        "init_only": study.init_only,
+        "nproc": nproc,
+        "diagnose_batch": INIT_BATCH,
+    }
 
 
-def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
-             on_epoch: Callable[[dict], None] | None = None) -> dict:
+def _execute(
+    spec: RunSpec,
+    study: Study,
+    run_dir: Path,
+    device: str,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
     import torch
 
     from ..diagnostics import diagnose
@@ -197,15 +237,21 @@ def _execute(spec: RunSpec, study: Study, run_dir: Path, device: str,
         # The study's sync_bn is for the runs that have batch norm (the rule of
         # prepare_run, an error without batch norm, holds for what reaches it).
         train_config = dataclasses.replace(
-            train_config, sync_bn=train_config.sync_bn and spec.norm == "batch")
-        run = prepare_run(spec.model, study.dataset, model_options=spec.model_overrides(),
-                          dataset_options=study.dataset_options, config=train_config,
-                          out=run_dir, data=data)
+            train_config, sync_bn=train_config.sync_bn and spec.norm == "batch"
+        )
+        run = prepare_run(
+            spec.model,
+            study.dataset,
+            model_options=spec.model_overrides(),
+            dataset_options=study.dataset_options,
+            config=train_config,
+            out=run_dir,
+            data=data,
+        )
         summary.parameters = sum(p.numel() for p in run.model.parameters())
         generator = torch.Generator().manual_seed(spec.seed)
         index = torch.randperm(len(data.x_train), generator=generator)[:INIT_BATCH]
-        summary.init = _compact_init(diagnose(run.model, data.x_train[index],
-                                              data.y_train[index]))
+        summary.init = _compact_init(diagnose(run.model, data.x_train[index], data.y_train[index]))
         if study.init_only:
             summary.status = "finished"
         else:
@@ -254,9 +300,16 @@ def load_summary(run_dir: Path, config_hash: str | None = None) -> dict | None:
     return summary
 
 
-def run_study(study: Study, out, *, seeds: int | None = None, workers: int | None = None,
-              device: str = "cpu", progress: bool | None = None,
-              nproc: int | None = None) -> list[dict]:
+def run_study(
+    study: Study,
+    out,
+    *,
+    seeds: int | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    progress: bool | None = None,
+    nproc: int | None = None,
+) -> list[dict]:
     """Run every run of ``study`` (those already done in ``out`` are reused) and return
     their summaries in grid order. ``nproc > 1``: each run is a torchrun launch of
     ``nproc`` processes (DistributedDataParallel), one run at a time; it cannot be combined
@@ -278,8 +331,11 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
     # Threads from the whole grid, not from the runs left: see plan_workers.
     n_workers, threads = plan_workers(len(specs), workers, runs_left=len(todo))
     show = show_progress(progress)
-    epochs = 0 if study.init_only else study.train_config(specs[0].batch_size, specs[0].seed,
-                                                          device).epochs
+    epochs = (
+        0
+        if study.init_only
+        else study.train_config(specs[0].batch_size, specs[0].seed, device).epochs
+    )
     with _LabProgress(show, len(specs), len(specs) - len(todo), epochs, n_workers) as bar:
         if todo and distributed:
             from ..train.distributed import LaunchError, launch
@@ -288,9 +344,12 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
                 bar.started(spec.run_id)
                 run_dir = str(out / "runs" / spec.run_id)
                 try:
-                    results[spec.run_id] = launch(execute_distributed_run,
-                                                  (spec, study, run_dir, device), nproc=nproc,
-                                                  device=device)[0]
+                    results[spec.run_id] = launch(
+                        execute_distributed_run,
+                        (spec, study, run_dir, device),
+                        nproc=nproc,
+                        device=device,
+                    )[0]
                 except LaunchError as exc:
                     results[spec.run_id] = _worker_died(spec, study, f"launch failed: {exc}")
                 bar.finished(spec.run_id)
@@ -298,16 +357,29 @@ def run_study(study: Study, out, *, seeds: int | None = None, workers: int | Non
             for spec in todo:
                 bar.started(spec.run_id)
                 results[spec.run_id] = execute_run(
-                    spec, study, str(out / "runs" / spec.run_id), device, threads,
-                    on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]))
+                    spec,
+                    study,
+                    str(out / "runs" / spec.run_id),
+                    device,
+                    threads,
+                    on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]),
+                )
                 bar.finished(spec.run_id)
         elif todo:
             _run_in_pool(todo, study, out, device, n_workers, threads, bar, results)
     return [results[spec.run_id] for spec in specs]
 
 
-def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_workers: int,
-                 threads: int, bar: _LabProgress, results: dict[str, dict]) -> None:
+def _run_in_pool(
+    todo: list[RunSpec],
+    study: Study,
+    out: Path,
+    device: str,
+    n_workers: int,
+    threads: int,
+    bar: _LabProgress,
+    results: dict[str, dict],
+) -> None:
     """Run ``todo`` in ``n_workers`` spawned worker processes, which die with this one
     (see :func:`_init_worker`). On Ctrl-C, or any other exception here, the workers are
     ended at once (:func:`_stop_workers`) before the exception goes on."""
@@ -315,15 +387,24 @@ def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_wo
     # A SimpleQueue's put is written before it returns: a run's last epoch arrives
     # before its result does (a Queue's feeder thread could deliver it after).
     reports = context.SimpleQueue() if bar.show else None
-    pool = ProcessPoolExecutor(n_workers, mp_context=context, initializer=workers._init_worker,
-                               initargs=(os.getpid(), reports))
+    pool = ProcessPoolExecutor(
+        n_workers,
+        mp_context=context,
+        initializer=workers._init_worker,
+        initargs=(os.getpid(), reports),
+    )
     try:
-        pending = {pool.submit(_run_in_worker, spec, study, str(out / "runs" / spec.run_id),
-                               device, threads): spec for spec in todo}
+        pending = {
+            pool.submit(
+                _run_in_worker, spec, study, str(out / "runs" / spec.run_id), device, threads
+            ): spec
+            for spec in todo
+        }
         while pending:
             # Wake up now and then to show the workers' progress reports.
-            done, _ = wait(pending, timeout=0.2 if reports is not None else None,
-                           return_when=FIRST_COMPLETED)
+            done, _ = wait(
+                pending, timeout=0.2 if reports is not None else None, return_when=FIRST_COMPLETED
+            )
             _show_reports(reports, bar)
             for future in done:
                 spec = pending.pop(future)
@@ -331,7 +412,8 @@ def _run_in_pool(todo: list[RunSpec], study: Study, out: Path, device: str, n_wo
                     results[spec.run_id] = future.result()
                 except Exception as exc:  # the worker process itself died
                     results[spec.run_id] = _worker_died(
-                        spec, study, f"worker process died: {type(exc).__name__}: {exc}")
+                        spec, study, f"worker process died: {type(exc).__name__}: {exc}"
+                    )
                 bar.finished(spec.run_id)
     except BaseException:
         workers._stop_workers(pool)
@@ -351,19 +433,24 @@ def _show_reports(reports, bar: _LabProgress) -> None:
             bar.epoch(report[1], report[2])
 
 
-def _check_distributed_plan(todo: list[RunSpec], nproc: int, workers: int | None,
-                            device: str) -> None:
+def _check_distributed_plan(
+    todo: list[RunSpec], nproc: int, workers: int | None, device: str
+) -> None:
     from ..train.distributed import check_nproc
 
     check_nproc(nproc, device)
     if workers is not None and workers > 1:
-        raise UsageError(f"nproc={nproc} and workers={workers} cannot be combined: with nproc "
-                         f"each run takes {nproc} processes and runs go one at a time")
+        raise UsageError(
+            f"nproc={nproc} and workers={workers} cannot be combined: with nproc "
+            f"each run takes {nproc} processes and runs go one at a time"
+        )
     uneven = sorted({spec.batch_size for spec in todo if spec.batch_size % nproc})
     if uneven:
-        raise UsageError(f"nproc={nproc} must divide the study's batch sizes (global batches, "
-                         f"shared out among the processes); it does not divide "
-                         f"{', '.join(map(str, uneven))}")
+        raise UsageError(
+            f"nproc={nproc} must divide the study's batch sizes (global batches, "
+            f"shared out among the processes); it does not divide "
+            f"{', '.join(map(str, uneven))}"
+        )
 
 
 def _worker_died(spec: RunSpec, study: Study, error: str) -> dict:

@@ -30,6 +30,7 @@ A study file looks like this (the built-in ones are in ``resnorm/lab/studies/``)
     quick_depths = [2, 8]       # --quick uses these (and quick_batch_sizes) instead
     label = ""                  # appended to the variant's name (e.g. "DeepNorm")
 """
+
 from __future__ import annotations
 
 import itertools
@@ -53,11 +54,30 @@ else:  # pragma: no cover - Python 3.10
 
 AXES = ("depth", "batch_size")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-_TOP = {"name": str, "description": str, "x": str, "dataset": str, "seeds": int,
-        "init_only": bool, "dataset_options": dict, "train": dict, "quick": dict, "grid": list}
-_GRID = {"models": list, "depths": list, "norms": list, "residual": list, "placements": list,
-         "batch_sizes": list, "options": dict, "quick_depths": list, "quick_batch_sizes": list,
-         "label": str}
+_TOP = {
+    "name": str,
+    "description": str,
+    "x": str,
+    "dataset": str,
+    "seeds": int,
+    "init_only": bool,
+    "dataset_options": dict,
+    "train": dict,
+    "quick": dict,
+    "grid": list,
+}
+_GRID = {
+    "models": list,
+    "depths": list,
+    "norms": list,
+    "residual": list,
+    "placements": list,
+    "batch_sizes": list,
+    "options": dict,
+    "quick_depths": list,
+    "quick_batch_sizes": list,
+    "label": str,
+}
 _QUICK = {"train": dict, "dataset_options": dict}
 
 
@@ -82,8 +102,11 @@ class RunSpec:
     @property
     def variant(self) -> str:
         """Everything but the swept axes and the seed, in words."""
-        parts = [self.model, "residual" if self.residual else "plain",
-                 "no norm" if self.norm == "none" else f"{self.norm} norm"]
+        parts = [
+            self.model,
+            "residual" if self.residual else "plain",
+            "no norm" if self.norm == "none" else f"{self.norm} norm",
+        ]
         if self.placement == "pre":
             parts.append("pre-norm")
         if self.label:
@@ -101,8 +124,12 @@ class RunSpec:
         return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
 
     def model_overrides(self) -> dict:
-        overrides = {"depth": self.depth, "norm": self.norm, "residual": self.residual,
-                     **dict(self.options)}
+        overrides = {
+            "depth": self.depth,
+            "norm": self.norm,
+            "residual": self.residual,
+            **dict(self.options),
+        }
         if self.placement is not None:
             overrides["placement"] = self.placement
         return overrides
@@ -124,19 +151,35 @@ class Study:
     is_quick: bool = False
 
     def train_config(self, batch_size: int, seed: int, device: str = "cpu") -> TrainConfig:
-        return TrainConfig(**{**self.train, "batch_size": batch_size, "seed": seed,
-                              "device": device})
+        return TrainConfig(
+            **{**self.train, "batch_size": batch_size, "seed": seed, "device": device}
+        )
 
     def quick_version(self) -> Study:
         """The study as ``--quick`` runs it."""
         quick = self.quick
-        grid = [{**g, "depths": g.get("quick_depths", g["depths"]),
-                 "batch_sizes": g.get("quick_batch_sizes", g["batch_sizes"])}
-                for g in self.grid]
-        return Study(self.name, self.description, self.x, self.dataset,
-                     {**self.dataset_options, **quick.get("dataset_options", {})},
-                     {**self.train, **quick.get("train", {})}, grid, 1, self.init_only, {},
-                     self.source, is_quick=True)
+        grid = [
+            {
+                **g,
+                "depths": g.get("quick_depths", g["depths"]),
+                "batch_sizes": g.get("quick_batch_sizes", g["batch_sizes"]),
+            }
+            for g in self.grid
+        ]
+        return Study(
+            self.name,
+            self.description,
+            self.x,
+            self.dataset,
+            {**self.dataset_options, **quick.get("dataset_options", {})},
+            {**self.train, **quick.get("train", {})},
+            grid,
+            1,
+            self.init_only,
+            {},
+            self.source,
+            is_quick=True,
+        )
 
     def runs(self, seeds: int | None = None) -> list[RunSpec]:
         """The grid expanded, in a stable order, without duplicates."""
@@ -144,34 +187,60 @@ class Study:
         for group in self.grid:
             takes_placement = "placement" in accepted_options(group["models"][0])
             for model, depth, norm, residual, placement, batch, seed in itertools.product(
-                    group["models"], group["depths"], group["norms"], group["residual"],
-                    group["placements"] if takes_placement else [None], group["batch_sizes"],
-                    range(seeds or self.seeds)):
-                spec = RunSpec(model, depth, norm, residual, placement, batch, seed,
-                               tuple(sorted(group["options"].items())), group.get("label", ""))
+                group["models"],
+                group["depths"],
+                group["norms"],
+                group["residual"],
+                group["placements"] if takes_placement else [None],
+                group["batch_sizes"],
+                range(seeds or self.seeds),
+            ):
+                spec = RunSpec(
+                    model,
+                    depth,
+                    norm,
+                    residual,
+                    placement,
+                    batch,
+                    seed,
+                    tuple(sorted(group["options"].items())),
+                    group.get("label", ""),
+                )
                 specs.setdefault(spec.run_id, spec)
         return list(specs.values())
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "x": self.x,
-                "dataset": self.dataset, "dataset_options": self.dataset_options,
-                "train": self.train, "seeds": self.seeds, "init_only": self.init_only,
-                "quick": self.is_quick, "grid": self.grid, "source": self.source}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "x": self.x,
+            "dataset": self.dataset,
+            "dataset_options": self.dataset_options,
+            "train": self.train,
+            "seeds": self.seeds,
+            "init_only": self.init_only,
+            "quick": self.is_quick,
+            "grid": self.grid,
+            "source": self.source,
+        }
 
 
 def _check_table(where: str, table: dict, schema: dict, required=()) -> None:
     unknown = sorted(set(table) - set(schema))
     if unknown:
-        raise StudyError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: "
-                         f"{', '.join(schema)}")
+        raise StudyError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(schema)}"
+        )
     for key in required:
         if key not in table:
             raise StudyError(f"{where}: missing required key {key!r}")
     for key, kind in schema.items():
-        if key in table and not isinstance(table[key], kind) or (
-                kind is int and isinstance(table.get(key), bool)):
-            raise StudyError(f"{where}: {key} must be a {kind.__name__}, got "
-                             f"{table[key]!r}")
+        if (
+            key in table
+            and not isinstance(table[key], kind)
+            or (kind is int and isinstance(table.get(key), bool))
+        ):
+            raise StudyError(f"{where}: {key} must be a {kind.__name__}, got {table[key]!r}")
 
 
 def parse_study(text: str, source: str = "<study>") -> Study:
@@ -183,23 +252,29 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     where = f"study {source}"
     _check_table(where, raw, _TOP, required=("name", "dataset", "grid"))
     if not _NAME.fullmatch(raw["name"]):
-        raise StudyError(f"{where}: name={raw['name']!r} must be 1-64 letters, digits, '.', "
-                         f"'_' or '-', not starting with '.' (it names the lab's folder)")
+        raise StudyError(
+            f"{where}: name={raw['name']!r} must be 1-64 letters, digits, '.', "
+            f"'_' or '-', not starting with '.' (it names the lab's folder)"
+        )
     if raw.get("x", "depth") not in AXES:
         raise StudyError(f"{where}: x={raw['x']!r} is not supported; accepted: {', '.join(AXES)}")
     if raw["dataset"] not in DATASETS:
-        raise StudyError(f"{where}: unknown dataset {raw['dataset']!r}; accepted: "
-                         f"{', '.join(DATASETS)}")
+        raise StudyError(
+            f"{where}: unknown dataset {raw['dataset']!r}; accepted: {', '.join(DATASETS)}"
+        )
     _check_dataset_options(where, raw["dataset"], raw.get("dataset_options", {}))
-    _check_dataset_options(f"{where}: [quick]", raw["dataset"],
-                           raw.get("quick", {}).get("dataset_options", {}))
+    _check_dataset_options(
+        f"{where}: [quick]", raw["dataset"], raw.get("quick", {}).get("dataset_options", {})
+    )
     if raw.get("seeds", 1) < 1:
         raise StudyError(f"{where}: seeds must be >= 1, got {raw['seeds']}")
     train = raw.get("train", {})
     for forbidden in ("batch_size", "seed", "device"):
         if forbidden in train:
-            raise StudyError(f"{where}: [train] must not set {forbidden} (it comes from the "
-                             f"grid, the seeds and --device)")
+            raise StudyError(
+                f"{where}: [train] must not set {forbidden} (it comes from the "
+                f"grid, the seeds and --device)"
+            )
     try:
         TrainConfig(**train)
     except (TypeError, ValueError) as exc:
@@ -214,9 +289,19 @@ def parse_study(text: str, source: str = "<study>") -> Study:
             TrainConfig(**{**train, **quick["train"]})
         except (TypeError, ValueError) as exc:
             raise StudyError(f"{where}: [quick] train: {exc}") from None
-    return Study(raw["name"], raw.get("description", ""), raw.get("x", "depth"), raw["dataset"],
-                 raw.get("dataset_options", {}), train, grid, raw.get("seeds", 1),
-                 raw.get("init_only", False), quick, source)
+    return Study(
+        raw["name"],
+        raw.get("description", ""),
+        raw.get("x", "depth"),
+        raw["dataset"],
+        raw.get("dataset_options", {}),
+        train,
+        grid,
+        raw.get("seeds", 1),
+        raw.get("init_only", False),
+        quick,
+        source,
+    )
 
 
 def _check_dataset_options(where: str, dataset: str, options) -> None:
@@ -227,23 +312,33 @@ def _check_dataset_options(where: str, dataset: str, options) -> None:
     accepted = dataset_options(dataset)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise StudyError(f"{where}: dataset {dataset!r} takes no option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted)}")
+        raise StudyError(
+            f"{where}: dataset {dataset!r} takes no option(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(accepted)}"
+        )
 
 
 def _positive_ints(where: str, key: str, values: list) -> None:
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                             for v in values):
-        raise StudyError(f"{where}: {key} must be a non-empty list of integers >= 1, "
-                         f"got {values!r}")
+    if not values or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise StudyError(
+            f"{where}: {key} must be a non-empty list of integers >= 1, got {values!r}"
+        )
 
 
 def _check_group(where: str, group: dict) -> dict:
     if not isinstance(group, dict):
         raise StudyError(f"{where}: must be a table")
     _check_table(where, group, _GRID, required=("models", "depths"))
-    group = {"norms": ["batch"], "residual": [True], "placements": ["post"],
-             "batch_sizes": [128], "options": {}, **group}
+    group = {
+        "norms": ["batch"],
+        "residual": [True],
+        "placements": ["post"],
+        "batch_sizes": [128],
+        "options": {},
+        **group,
+    }
     for model in group["models"]:
         try:
             get_model_entry(model)
@@ -251,12 +346,16 @@ def _check_group(where: str, group: dict) -> dict:
             raise StudyError(f"{where}: {exc}") from None
         accepted = accepted_options(model)
         if "depth" not in accepted:
-            raise StudyError(f"{where}: model {model!r} has a fixed depth; use its family "
-                             f"(e.g. 'resnet1d', 'resnet_cifar', 'mlp') so depths can vary")
+            raise StudyError(
+                f"{where}: model {model!r} has a fixed depth; use its family "
+                f"(e.g. 'resnet1d', 'resnet_cifar', 'mlp') so depths can vary"
+            )
         unknown = sorted(set(group["options"]) - set(accepted))
         if unknown:
-            raise StudyError(f"{where}: model {model!r} takes no option(s) "
-                             f"{', '.join(unknown)}; accepted: {', '.join(accepted)}")
+            raise StudyError(
+                f"{where}: model {model!r} takes no option(s) "
+                f"{', '.join(unknown)}; accepted: {', '.join(accepted)}"
+            )
         if "placement" not in accepted and group["placements"] != ["post"]:
             raise StudyError(f"{where}: model {model!r} takes no placement; remove placements")
     for key in ("depths", "batch_sizes", "quick_depths", "quick_batch_sizes"):
@@ -286,22 +385,28 @@ def load_study(name_or_path) -> Study:
         raise StudyError(f"study {str(name_or_path)!r} is empty; {accepted}")
     path = Path(name_or_path)
     if not path.exists():
-        raise StudyError(f"study {name_or_path!r} is neither a built-in study "
-                         f"({', '.join(BUILTIN)}) nor an existing file")
+        raise StudyError(
+            f"study {name_or_path!r} is neither a built-in study "
+            f"({', '.join(BUILTIN)}) nor an existing file"
+        )
     if path.is_dir():
         raise StudyError(f"study {str(path)!r} is a folder; {accepted}")
     try:
         # A device (/dev/zero) or a huge file would be read without end: a study is small.
         if not path.is_file() or path.stat().st_size > _MAX_STUDY_BYTES:
-            raise StudyError(f"study {str(path)!r} is not a study file (a regular file of at "
-                             f"most {_MAX_STUDY_BYTES >> 20} MiB); {accepted}")
+            raise StudyError(
+                f"study {str(path)!r} is not a study file (a regular file of at "
+                f"most {_MAX_STUDY_BYTES >> 20} MiB); {accepted}"
+            )
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise StudyError(f"study {str(path)!r} is not UTF-8 text (byte {exc.start}: "
-                         f"{exc.reason}); {accepted}") from None
+        raise StudyError(
+            f"study {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); {accepted}"
+        ) from None
     except OSError as exc:
-        raise StudyError(f"study {str(path)!r} cannot be read ({exc.strerror or exc}); "
-                         f"{accepted}") from None
+        raise StudyError(
+            f"study {str(path)!r} cannot be read ({exc.strerror or exc}); {accepted}"
+        ) from None
     study = parse_study(text, str(path))
     check_run_count(study)
     return study
@@ -317,8 +422,10 @@ def check_seeds(name: str, seeds: int) -> int:
     """``seeds`` if a lab may run that many seeds per grid point (at most
     :data:`MAX_SEEDS`); :class:`UsageError` otherwise, before any run is planned."""
     if seeds > MAX_SEEDS:
-        raise UsageError(f"{name}={seeds} would be {seeds:,} runs for each point of the "
-                         f"study's grid; at most {MAX_SEEDS} seeds are accepted")
+        raise UsageError(
+            f"{name}={seeds} would be {seeds:,} runs for each point of the "
+            f"study's grid; at most {MAX_SEEDS} seeds are accepted"
+        )
     return seeds
 
 
@@ -327,9 +434,12 @@ def check_run_count(study: Study, seeds: int | None = None) -> int:
     dropped), counted without expanding the grid; :class:`StudyError` beyond
     :data:`MAX_SEEDS` seeds or :data:`MAX_RUNS` runs. Call it before ``Study.runs``."""
     seeds = check_seeds("seeds", seeds or study.seeds)
-    points = sum(math.prod(len(group.get(axis) or [None]) for axis in _AXES_OF_GROUP)
-                 for group in study.grid)
+    points = sum(
+        math.prod(len(group.get(axis) or [None]) for axis in _AXES_OF_GROUP) for group in study.grid
+    )
     if points * seeds > MAX_RUNS:
-        raise StudyError(f"study {study.source}: {points:,} grid points x {seeds} seed(s) "
-                         f"would be {points * seeds:,} runs; at most {MAX_RUNS:,} are accepted")
+        raise StudyError(
+            f"study {study.source}: {points:,} grid points x {seeds} seed(s) "
+            f"would be {points * seeds:,} runs; at most {MAX_RUNS:,} are accepted"
+        )
     return points * seeds

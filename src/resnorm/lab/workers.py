@@ -1,5 +1,6 @@
 """The lab's worker processes: they die with the lab (however it ends), leave Ctrl-C to it,
 report progress through a queue, and are ended at once when the lab stops."""
+
 from __future__ import annotations
 
 import ctypes
@@ -56,8 +57,7 @@ def _watch_parent() -> None:
         parent.join()
         os._exit(1)
 
-    threading.Thread(target=wait_then_exit, name="resnorm-exit-with-parent",
-                     daemon=True).start()
+    threading.Thread(target=wait_then_exit, name="resnorm-exit-with-parent", daemon=True).start()
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:

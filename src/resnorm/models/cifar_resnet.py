@@ -11,20 +11,21 @@ Each registered name is a function after the class (``resnet56()``, as in torchv
 which builds a :class:`CifarResNet`; its ``forward`` is the model's. The ImageNet ResNets
 are in :mod:`resnorm.models.imagenet_resnet`.
 """
+
 from __future__ import annotations
 
 import torch
 
 from .._checks import check_choice, check_int
 from ..blocks import (
-                      PLACEMENTS,
-                      BasicBlock,
-                      Bottleneck,
-                      PreActBasicBlock,
-                      PreActBottleneck,
-                      ResidualConfig,
-                      make_activation,
-                      takes_merge_fields,
+    PLACEMENTS,
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ResidualConfig,
+    make_activation,
+    takes_merge_fields,
 )
 from ..blocks.conv import conv
 from ..errors import UsageError
@@ -34,8 +35,10 @@ from .common import CifarSizedNet, build_stages
 from .registry import register_model
 
 BLOCKS = {
-    ("basic", "post"): BasicBlock, ("bottleneck", "post"): Bottleneck,
-    ("basic", "pre"): PreActBasicBlock, ("bottleneck", "pre"): PreActBottleneck,
+    ("basic", "post"): BasicBlock,
+    ("bottleneck", "post"): Bottleneck,
+    ("basic", "pre"): PreActBasicBlock,
+    ("bottleneck", "pre"): PreActBottleneck,
 }
 
 
@@ -46,7 +49,11 @@ def blocks_per_stage(depth: int, block: str) -> int:
     layers_per_block = 2 if block == "basic" else 3
     per_stage, rest = divmod(depth - 2, 3 * layers_per_block)
     if rest or per_stage < 1:
-        form = "6n+2 (20, 32, 44, 56, 110, ...)" if block == "basic" else "9n+2 (29, 56, 164, 1001, ...)"
+        form = (
+            "6n+2 (20, 32, 44, 56, 110, ...)"
+            if block == "basic"
+            else "9n+2 (29, 56, 164, 1001, ...)"
+        )
         raise UsageError(f"depth={depth} is not of the form {form} needed by block={block!r}")
     return per_stage
 
@@ -71,12 +78,24 @@ class CifarResNet(CifarSizedNet):
     # the paper's 6n+2.
     depth_unit = "weight layers"
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, *,
-                 block: str = "basic", placement: str = "post", norm: NormSpec = "batch",
-                 shortcut: str = "A", dims: int = 2, widths: tuple[int, int, int] = (16, 32, 64),
-                 activation: str = "relu", zero_init_last: bool = False,
-                 norm_options: dict | None = None, merge: ResidualConfig | None = None,
-                 **merge_fields) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        *,
+        block: str = "basic",
+        placement: str = "post",
+        norm: NormSpec = "batch",
+        shortcut: str = "A",
+        dims: int = 2,
+        widths: tuple[int, int, int] = (16, 32, 64),
+        activation: str = "relu",
+        zero_init_last: bool = False,
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         per_stage = blocks_per_stage(depth, block)
@@ -89,12 +108,24 @@ class CifarResNet(CifarSizedNet):
         if placement == "post":
             self.bn1 = make_norm(norm, widths[0], **options)
         self.act = make_activation(activation)
-        block_options = {"norm": norm, "shortcut": shortcut, "dims": dims,
-                         "activation": activation, "norm_options": options}
+        block_options = {
+            "norm": norm,
+            "shortcut": shortcut,
+            "dims": dims,
+            "activation": activation,
+            "norm_options": options,
+        }
         if placement == "post":
             block_options["zero_init_last"] = zero_init_last
-        stages, out_channels = build_stages(BLOCKS[block, placement], widths[0], tuple(widths),
-                                            (per_stage,) * 3, (1, 2, 2), merge, **block_options)
+        stages, out_channels = build_stages(
+            BLOCKS[block, placement],
+            widths[0],
+            tuple(widths),
+            (per_stage,) * 3,
+            (1, 2, 2),
+            merge,
+            **block_options,
+        )
         self.layer1, self.layer2, self.layer3 = stages
         if placement == "pre":
             self.final_norm = make_norm(norm, out_channels, **options)

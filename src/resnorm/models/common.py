@@ -1,5 +1,6 @@
 """Pieces the model families share: stages of blocks, the CIFAR-sized conv nets' input and
 head, initialization, input checks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +16,21 @@ def per_block_merges(num_blocks: int, merge: ResidualConfig) -> list[ResidualCon
     """One merge config per block of a stack of ``num_blocks``: ``merge`` with stochastic
     depth's linear rule (Huang et al., 2016), block ``i`` of ``L`` dropping its branch with
     probability ``merge.drop_path * (i + 1) / L``."""
-    return [dataclasses.replace(merge, drop_path=merge.drop_path * (i + 1) / num_blocks)
-            for i in range(num_blocks)]
+    return [
+        dataclasses.replace(merge, drop_path=merge.drop_path * (i + 1) / num_blocks)
+        for i in range(num_blocks)
+    ]
 
 
-def build_stages(block_cls, in_channels: int, planes: tuple[int, ...], counts: tuple[int, ...],
-                 strides: tuple[int, ...], merge: ResidualConfig,
-                 **block_options) -> tuple[list[nn.Sequential], int]:
+def build_stages(
+    block_cls,
+    in_channels: int,
+    planes: tuple[int, ...],
+    counts: tuple[int, ...],
+    strides: tuple[int, ...],
+    merge: ResidualConfig,
+    **block_options,
+) -> tuple[list[nn.Sequential], int]:
     """One ``nn.Sequential`` of blocks per stage, the first block of each with the stage's
     stride, every block with its own stochastic-depth rate; returns them and the output
     channels."""
@@ -31,8 +40,11 @@ def build_stages(block_cls, in_channels: int, planes: tuple[int, ...], counts: t
         blocks = []
         for i in range(count):
             # Basic blocks take their output width, bottlenecks their "planes" (x4 out).
-            blocks.append(block_cls(in_channels, width, stride if i == 0 else 1,
-                                    merge=next(merges), **block_options))
+            blocks.append(
+                block_cls(
+                    in_channels, width, stride if i == 0 else 1, merge=next(merges), **block_options
+                )
+            )
             in_channels = blocks[-1].out_channels
         stages.append(nn.Sequential(*blocks))
     return stages, in_channels

@@ -1,4 +1,5 @@
 """DenseNet for CIFAR (Huang et al., 2017, "Densely Connected Convolutional Networks")."""
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,22 @@ class CifarDenseNet(CifarSizedNet):
     # What depth= counts (models.registry.depth_unit): convolutions and the classifier.
     depth_unit = "weight layers"
 
-    def __init__(self, depth: int = 100, growth_rate: int = 12, num_classes: int = 10,
-                 in_channels: int = 3, *, bottleneck: bool = True, compression: float = 0.5,
-                 norm="batch", residual: bool = True, dims: int = 2, activation: str = "relu",
-                 dropout: float = 0.0, norm_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        depth: int = 100,
+        growth_rate: int = 12,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        *,
+        bottleneck: bool = True,
+        compression: float = 0.5,
+        norm="batch",
+        residual: bool = True,
+        dims: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm_options: dict | None = None,
+    ) -> None:
         super().__init__()
         check_int("depth", depth, minimum=1)
         check_int("growth_rate", growth_rate, minimum=1)
@@ -38,23 +51,41 @@ class CifarDenseNet(CifarSizedNet):
         per_block, rest = divmod(depth - 4, 3 * convs_per_layer)
         if rest or per_block < 1:
             form = "6n+4 (40, 100, 190, 250)" if bottleneck else "3n+4 (40, 100)"
-            raise UsageError(f"depth={depth} is not of the form {form} needed with "
-                             f"bottleneck={bottleneck}")
+            raise UsageError(
+                f"depth={depth} is not of the form {form} needed with bottleneck={bottleneck}"
+            )
         self.in_channels, self.dims = in_channels, dims
         options = dict(norm_options or {})
         channels = 2 * growth_rate if bottleneck else 16
         self.conv1 = conv(dims, in_channels, channels, 3)
         stages = []
         for i in range(3):
-            block = DenseBlock(per_block, channels, growth_rate, 4 if bottleneck else 0,
-                               norm=norm, residual=residual, dims=dims, activation=activation,
-                               dropout=dropout, norm_options=options)
+            block = DenseBlock(
+                per_block,
+                channels,
+                growth_rate,
+                4 if bottleneck else 0,
+                norm=norm,
+                residual=residual,
+                dims=dims,
+                activation=activation,
+                dropout=dropout,
+                norm_options=options,
+            )
             stages.append(block)
             channels = block.out_channels
             if i < 2:
                 out = int(channels * compression)
-                stages.append(Transition(channels, out, norm=norm, dims=dims,
-                                         activation=activation, norm_options=options))
+                stages.append(
+                    Transition(
+                        channels,
+                        out,
+                        norm=norm,
+                        dims=dims,
+                        activation=activation,
+                        norm_options=options,
+                    )
+                )
                 channels = out
         self.features = nn.Sequential(*stages)
         self.final_norm = make_norm(norm, channels, **options)

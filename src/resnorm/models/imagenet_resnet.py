@@ -6,6 +6,7 @@ Each registered name is a function after the class (``resnet50()``, as in torchv
 which builds an :class:`ImageNetResNet`; its ``forward`` is the model's. The CIFAR and 1-D
 ResNets are in :mod:`resnorm.models.cifar_resnet`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,10 @@ from .common import build_stages, check_image_input, kaiming_init_convs
 from .registry import register_model
 
 IMAGENET_LAYOUTS = {
-    18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 
@@ -38,15 +41,27 @@ class ImageNetResNet(nn.Module):
     # What depth= counts (models.registry.depth_unit): the 18 ... 152 of the names.
     depth_unit = "weight layers"
 
-    def __init__(self, depth: int = 50, num_classes: int = 1000, in_channels: int = 3, *,
-                 norm: NormSpec = "batch", shortcut: str = "B", activation: str = "relu",
-                 zero_init_last: bool = False, norm_options: dict | None = None,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        *,
+        norm: NormSpec = "batch",
+        shortcut: str = "B",
+        activation: str = "relu",
+        zero_init_last: bool = False,
+        norm_options: dict | None = None,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         if depth not in IMAGENET_LAYOUTS:
-            raise UsageError(f"depth={depth} is not an ImageNet ResNet depth; accepted: "
-                             f"{', '.join(map(str, IMAGENET_LAYOUTS))}")
+            raise UsageError(
+                f"depth={depth} is not an ImageNet ResNet depth; accepted: "
+                f"{', '.join(map(str, IMAGENET_LAYOUTS))}"
+            )
         block, counts = IMAGENET_LAYOUTS[depth]
         self.depth, self.in_channels = depth, in_channels
         options = dict(norm_options or {})
@@ -55,9 +70,19 @@ class ImageNetResNet(nn.Module):
         self.act = make_activation(activation)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages, out_channels = build_stages(
-            block, 64, (64, 128, 256, 512), counts, (1, 2, 2, 2), merge, norm=norm,
-            shortcut=shortcut, dims=2, activation=activation, zero_init_last=zero_init_last,
-            norm_options=options)
+            block,
+            64,
+            (64, 128, 256, 512),
+            counts,
+            (1, 2, 2, 2),
+            merge,
+            norm=norm,
+            shortcut=shortcut,
+            dims=2,
+            activation=activation,
+            zero_init_last=zero_init_last,
+            norm_options=options,
+        )
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(out_channels, num_classes)

@@ -1,4 +1,5 @@
 """Residual MLPs built from the seed texts' block."""
+
 from __future__ import annotations
 
 import torch
@@ -37,11 +38,22 @@ class ResidualMLP(nn.Module):
     # What depth= counts (models.registry.depth_unit): residual blocks, two Linear each.
     depth_unit = "blocks"
 
-    def __init__(self, in_features: int = 40, num_classes: int = 10, depth: int = 48,
-                 width: int = 128, norm: NormSpec = "batch", placement: str = "post", *,
-                 activation: str = "relu", dropout: float = 0.0,
-                 norm_options: dict | None = None, fused: bool = False,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+    def __init__(
+        self,
+        in_features: int = 40,
+        num_classes: int = 10,
+        depth: int = 48,
+        width: int = 128,
+        norm: NormSpec = "batch",
+        placement: str = "post",
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm_options: dict | None = None,
+        fused: bool = False,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.in_features = check_int("in_features", in_features, minimum=1)
@@ -56,13 +68,23 @@ class ResidualMLP(nn.Module):
         else:
             self.stem = nn.Linear(in_features, width)
         self.fused = bool(fused)
-        self.blocks = nn.Sequential(*[
-            ResidualMLPBlock(width, norm, placement, activation=activation, dropout=dropout,
-                             norm_options=norm_options, fused=self.fused, merge=block_merge)
-            for block_merge in per_block_merges(depth, merge)])
+        self.blocks = nn.Sequential(
+            *[
+                ResidualMLPBlock(
+                    width,
+                    norm,
+                    placement,
+                    activation=activation,
+                    dropout=dropout,
+                    norm_options=norm_options,
+                    fused=self.fused,
+                    merge=block_merge,
+                )
+                for block_merge in per_block_merges(depth, merge)
+            ]
+        )
         if placement == "pre":
-            options, self.act_in_norm = fused_norm_options(norm_options, self.fused,
-                                                           activation)
+            options, self.act_in_norm = fused_norm_options(norm_options, self.fused, activation)
             self.final_norm = make_norm(norm, width, fused=self.fused, **options)
             self.final_act = make_activation(activation)
         self.placement = placement
@@ -76,8 +98,10 @@ class ResidualMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x[0].numel() != self.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise UsageError(f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
-                             f"with {self.in_features} features per sample, got {shape}")
+            raise UsageError(
+                f"ResidualMLP: input must be (N, {self.in_features}) or (N, ...) "
+                f"with {self.in_features} features per sample, got {shape}"
+            )
         x = self.stem(x.flatten(1))
         if self.fused:
             pending = None

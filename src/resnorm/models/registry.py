@@ -1,4 +1,5 @@
 """The model registry: ``create_model(name, **overrides)`` and ``list_models()``, as in timm."""
+
 from __future__ import annotations
 
 import difflib
@@ -25,6 +26,7 @@ class ModelEntry:
     ``resnet56``) and cannot be overridden; ``defaults`` are used unless overridden.
     ``factory`` is the function registered with ``@register_model``, which builds the model
     (``None`` for a name registered with a builder: ``create_model`` then calls it)."""
+
     name: str
     builder: Callable[..., nn.Module]
     defaults: dict = field(default_factory=dict)
@@ -42,8 +44,14 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name=None, builder: Callable[..., nn.Module] | None = None,
-                   description: str | None = None, *, fixed: dict | None = None, **defaults):
+def register_model(
+    name=None,
+    builder: Callable[..., nn.Module] | None = None,
+    description: str | None = None,
+    *,
+    fixed: dict | None = None,
+    **defaults,
+):
     """Register a model, as timm and torchvision do, by decorating the function that builds it::
 
         @register_model(fixed={"depth": 56})
@@ -63,29 +71,39 @@ def register_model(name=None, builder: Callable[..., nn.Module] | None = None,
         return _register_function(name, description, {})
     if name is None:
         if builder is not None or defaults:
-            raise UsageTypeError("@register_model(...) takes description= and fixed= only; "
-                                 "the function's keyword parameters give its defaults")
+            raise UsageTypeError(
+                "@register_model(...) takes description= and fixed= only; "
+                "the function's keyword parameters give its defaults"
+            )
         return lambda function: _register_function(function, description, dict(fixed or {}))
     _add(ModelEntry(name, builder, dict(defaults), dict(fixed or {}), description or ""))
     return None
 
 
-def _register_function(function: Callable[..., nn.Module], description: str | None,
-                       fixed: dict) -> Callable[..., nn.Module]:
+def _register_function(
+    function: Callable[..., nn.Module], description: str | None, fixed: dict
+) -> Callable[..., nn.Module]:
     name = function.__name__
     builder = typing.get_type_hints(function).get("return")
     if not callable(builder):
-        raise UsageTypeError(f"@register_model: {name}() needs its return annotation, the "
-                             f"class whose options it takes (-> CifarResNet)")
+        raise UsageTypeError(
+            f"@register_model: {name}() needs its return annotation, the "
+            f"class whose options it takes (-> CifarResNet)"
+        )
     options = inspect.signature(builder).parameters
     defaults = {}
     for parameter in inspect.signature(function).parameters.values():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             continue
-        if (parameter.name not in options or parameter.name in fixed
-                or parameter.default is inspect.Parameter.empty):
-            raise UsageTypeError(f"@register_model: {name}() parameter {parameter.name!r} must "
-                                 f"be an option of {builder.__name__} with a default, not fixed")
+        if (
+            parameter.name not in options
+            or parameter.name in fixed
+            or parameter.default is inspect.Parameter.empty
+        ):
+            raise UsageTypeError(
+                f"@register_model: {name}() parameter {parameter.name!r} must "
+                f"be an option of {builder.__name__} with a default, not fixed"
+            )
         defaults[parameter.name] = parameter.default
     if description is None:
         description = (inspect.getdoc(function) or "").partition("\n")[0]
@@ -114,8 +132,9 @@ def get_model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown model {name!r}{hint} (list_models() gives all "
-                         f"{len(_REGISTRY)} names)")
+        raise UsageError(
+            f"unknown model {name!r}{hint} (list_models() gives all {len(_REGISTRY)} names)"
+        )
     return _REGISTRY[name]
 
 
@@ -147,8 +166,10 @@ def create_model(name: str, **overrides) -> nn.Module:
     clash = sorted(set(overrides) & set(entry.fixed))
     if clash:
         fixed = ", ".join(f"{k}={entry.fixed[k]!r}" for k in clash)
-        raise UsageTypeError(f"create_model({name!r}) fixes {fixed}; build another variant by its "
-                             f"own name or through its family's generic entry")
+        raise UsageTypeError(
+            f"create_model({name!r}) fixes {fixed}; build another variant by its "
+            f"own name or through its family's generic entry"
+        )
     check_options(f"create_model({name!r})", sorted(overrides), accepted)
     _check_model_fits(name, overrides, entry)
     return entry.build(**overrides)
@@ -159,8 +180,9 @@ class _NoMetaFills(TorchFunctionMode):
     return the tensor at once: a meta tensor holds no values, and PyTorch computes their
     (unchanged) shapes in Python, which otherwise makes up half the time of a meta build."""
 
-    _FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_,
-                        torch.Tensor.zero_})
+    _FILLS = frozenset(
+        {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_}
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -184,10 +206,15 @@ def _check_model_fits(name: str, overrides: dict, entry: ModelEntry) -> None:
         raise
     except Exception as exc:  # noqa: BLE001
         if isinstance(exc, RuntimeError) and "overflow" in str(exc):
-            raise UsageError(f"{what} would need more than 2**63 bytes (8 EiB) for one of "
-                             f"its tensors; no machine has that much memory") from None
+            raise UsageError(
+                f"{what} would need more than 2**63 bytes (8 EiB) for one of "
+                f"its tensors; no machine has that much memory"
+            ) from None
         return  # a builder that needs real values, not shapes: the real build is the check
     tensors = itertools.chain(model.parameters(), model.buffers())
-    check_fits_in_memory(what, sum(t.numel() * t.element_size() for t in tensors),
-                         note="its parameters and buffers; training needs about 4x that: "
-                              "gradients and AdamW's two moments")
+    check_fits_in_memory(
+        what,
+        sum(t.numel() * t.element_size() for t in tensors),
+        note="its parameters and buffers; training needs about 4x that: "
+        "gradients and AdamW's two moments",
+    )

@@ -1,4 +1,5 @@
 """A small Transformer encoder classifier over sequences (MNIST-1D as 40 steps)."""
+
 from __future__ import annotations
 
 import torch
@@ -32,12 +33,28 @@ class TransformerClassifier(nn.Module):
     # What depth= counts (models.registry.depth_unit): Transformer blocks.
     depth_unit = "blocks"
 
-    def __init__(self, seq_len: int = 40, in_channels: int = 1, num_classes: int = 10,
-                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
-                 norm: NormSpec = "layer", placement: str = "pre", *, deepnorm: bool = False,
-                 pool: str = "mean", activation: str = "gelu", dropout: float = 0.0,
-                 causal: bool = False, norm_options: dict | None = None, fused: bool = False,
-                 merge: ResidualConfig | None = None, **merge_fields) -> None:
+    def __init__(
+        self,
+        seq_len: int = 40,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        norm: NormSpec = "layer",
+        placement: str = "pre",
+        *,
+        deepnorm: bool = False,
+        pool: str = "mean",
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        causal: bool = False,
+        norm_options: dict | None = None,
+        fused: bool = False,
+        merge: ResidualConfig | None = None,
+        **merge_fields,
+    ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
         self.seq_len = check_int("seq_len", seq_len, minimum=1)
@@ -51,15 +68,30 @@ class TransformerClassifier(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, seq_len + (pool == "cls"), dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.fused = bool(fused)
-        self.blocks = nn.Sequential(*[
-            TransformerBlock(dim, heads, norm, placement, mlp_ratio=mlp_ratio,
-                             activation=activation, dropout=dropout,
-                             deepnorm_layers=depth if deepnorm else None, causal=causal,
-                             norm_options=norm_options, fused=self.fused, merge=block_merge)
-            for block_merge in per_block_merges(depth, merge)])
-        self.final_norm = (make_norm(norm, dim, channel_dim=-1, fused=self.fused,
-                                     **(norm_options or {}))
-                           if placement == "pre" else nn.Identity())
+        self.blocks = nn.Sequential(
+            *[
+                TransformerBlock(
+                    dim,
+                    heads,
+                    norm,
+                    placement,
+                    mlp_ratio=mlp_ratio,
+                    activation=activation,
+                    dropout=dropout,
+                    deepnorm_layers=depth if deepnorm else None,
+                    causal=causal,
+                    norm_options=norm_options,
+                    fused=self.fused,
+                    merge=block_merge,
+                )
+                for block_merge in per_block_merges(depth, merge)
+            ]
+        )
+        self.final_norm = (
+            make_norm(norm, dim, channel_dim=-1, fused=self.fused, **(norm_options or {}))
+            if placement == "pre"
+            else nn.Identity()
+        )
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.pos, std=0.02)
         if self.cls is not None:
@@ -73,13 +105,19 @@ class TransformerClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == 2 and self.in_channels == 1:
             x = x.unsqueeze(-1)
-        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.seq_len
-                or x.shape[2] != self.in_channels):
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 3
+            or x.shape[1] != self.seq_len
+            or x.shape[2] != self.in_channels
+        ):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise UsageError(f"TransformerClassifier: input must be (N, {self.seq_len}, "
-                             f"{self.in_channels})" + (f" or (N, {self.seq_len})"
-                                                       if self.in_channels == 1 else "")
-                             + f", got {shape}")
+            raise UsageError(
+                f"TransformerClassifier: input must be (N, {self.seq_len}, "
+                f"{self.in_channels})"
+                + (f" or (N, {self.seq_len})" if self.in_channels == 1 else "")
+                + f", got {shape}"
+            )
         x = self.embed(x)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
@@ -94,8 +132,10 @@ class TransformerClassifier(nn.Module):
         return self.head(x[:, 0] if self.cls is not None else x.mean(1))
 
 
-@register_model(description="small Transformer encoder classifier (pre- or post-norm, "
-                             "DeepNorm) over sequences; MNIST-1D by default")
+@register_model(
+    description="small Transformer encoder classifier (pre- or post-norm, "
+    "DeepNorm) over sequences; MNIST-1D by default"
+)
 def transformer(**kwargs) -> TransformerClassifier:
     """A small Transformer encoder classifier over sequences; MNIST-1D by default.
 

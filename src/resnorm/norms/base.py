@@ -1,4 +1,5 @@
 """Pieces shared by the normalization layers: where the channel axis is, and running statistics."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,8 +12,9 @@ from .._checks import check_choice, check_input, check_int
 CHANNEL_DIMS = (1, -1)
 
 
-def apply_channels_at(x: torch.Tensor, channel_dim: int, native_dim: int,
-                      fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def apply_channels_at(
+    x: torch.Tensor, channel_dim: int, native_dim: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Apply ``fn``, which expects channels at ``native_dim``, to ``x`` whose channels are at
     ``channel_dim``. For (N, C) inputs dims 1 and -1 coincide and nothing moves.
 
@@ -44,8 +46,17 @@ class RunningStatsNorm(nn.Module):
     _version = 2
     _min_dims = 2
 
-    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
-                 track_running_stats: bool, channel_dim: int, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        channel_dim: int,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = check_int("num_features", num_features, minimum=1)
@@ -63,8 +74,9 @@ class RunningStatsNorm(nn.Module):
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -84,26 +96,38 @@ class RunningStatsNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check(self, x: torch.Tensor) -> None:
-        check_input("input", x, ndims=range(self._min_dims, 6), channels=self.num_features,
-                    channel_dim=self.channel_dim, what=type(self).__name__)
+        check_input(
+            "input",
+            x,
+            ndims=range(self._min_dims, 6),
+            channels=self.num_features,
+            channel_dim=self.channel_dim,
+            what=type(self).__name__,
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Checkpoints written before num_batches_tracked existed (torch < 0.4.1) lack it;
         # torch.nn then keeps the module's own counter (0 for a new module; a new 0 on the
         # meta device), and so do we.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = (self.num_batches_tracked
-                               if self.num_batches_tracked.device != torch.device("meta")
-                               else torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked.device != torch.device("meta")
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
         if self.channel_dim != 1:
             text += f", channel_dim={self.channel_dim}"
         return text

@@ -1,4 +1,5 @@
 """Batch normalization (Ioffe & Szegedy, 2015)."""
+
 from __future__ import annotations
 
 import torch
@@ -39,21 +40,41 @@ class BatchNorm(RunningStatsNorm):
     the ``torch.nn`` layer.
     """
 
-    def __init__(self, num_features: int, eps: float | None = None, momentum=_DEFAULT,
-                 affine: bool = True, track_running_stats: bool = True, *,
-                 convention: str = "torch", channel_dim: int = 1, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum=_DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        convention: str = "torch",
+        channel_dim: int = 1,
+        device=None,
+        dtype=None,
+    ):
         check_choice("convention", convention, CONVENTIONS)
         if momentum is _DEFAULT:
             momentum = DEFAULT_MOMENTUM[convention]
         elif momentum is None:
             if convention != "torch":
-                raise UsageError("momentum=None (cumulative moving average) is only accepted "
-                                 "with convention='torch'")
+                raise UsageError(
+                    "momentum=None (cumulative moving average) is only accepted "
+                    "with convention='torch'"
+                )
         else:
             momentum = check_float("momentum", momentum, low=0.0, high=1.0)
         self.convention = convention
-        super().__init__(num_features, resolve_eps("batch", eps, convention), momentum, affine,
-                         track_running_stats, channel_dim, device, dtype)
+        super().__init__(
+            num_features,
+            resolve_eps("batch", eps, convention),
+            momentum,
+            affine,
+            track_running_stats,
+            channel_dim,
+            device,
+            dtype,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -62,7 +83,8 @@ class BatchNorm(RunningStatsNorm):
             raise UsageError(
                 f"BatchNorm in training mode needs more than one value per channel, got input "
                 f"shape {tuple(x.shape)}; use a batch of 2 or more, eval mode, or a per-sample "
-                f"normalization such as norm='layer' or norm='group'")
+                f"normalization such as norm='layer' or norm='group'"
+            )
         return apply_channels_at(x, self.channel_dim, 1, self._forward_channels_first)
 
     def _forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +99,16 @@ class BatchNorm(RunningStatsNorm):
             else:
                 factor = self.momentum
         use_batch_stats = self.training or not self.track_running_stats
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            use_batch_stats, factor, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
 
     def _keras_train_forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.batch_norm would update the running variance with the unbiased estimate;
@@ -89,10 +119,12 @@ class BatchNorm(RunningStatsNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 keep = self.momentum
-                self.running_mean.mul_(keep).add_(mean.flatten().to(self.running_mean.dtype),
-                                                  alpha=1 - keep)
-                self.running_var.mul_(keep).add_(var.flatten().to(self.running_var.dtype),
-                                                 alpha=1 - keep)
+                self.running_mean.mul_(keep).add_(
+                    mean.flatten().to(self.running_mean.dtype), alpha=1 - keep
+                )
+                self.running_var.mul_(keep).add_(
+                    var.flatten().to(self.running_var.dtype), alpha=1 - keep
+                )
                 self.num_batches_tracked.add_(1)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.affine:

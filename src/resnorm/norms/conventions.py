@@ -4,6 +4,7 @@ PyTorch's are the defaults everywhere. ``convention="keras"`` gives Keras's epsi
 and, for batch norm, Keras's momentum meaning (the weight of the *old* running value) and
 its biased running variance. The numbers are the libraries' documented defaults.
 """
+
 from __future__ import annotations
 
 from .._checks import check_choice

@@ -1,4 +1,5 @@
 """Dynamic tanh (Zhu, Chen, He, LeCun & Liu, 2025, "Transformers without Normalization")."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,15 @@ class DyT(nn.Module):
     channels are (-1 for tokens (N, T, C), 1 for feature maps (N, C, H, W)).
     """
 
-    def __init__(self, num_features: int, alpha_init: float = 0.5, *, channel_dim: int = -1,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        alpha_init: float = 0.5,
+        *,
+        channel_dim: int = -1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_features = check_int("num_features", num_features, minimum=1)
         self.alpha_init = check_float("alpha_init", alpha_init)
@@ -37,8 +45,14 @@ class DyT(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("input", x, ndims=range(2, 6), channels=self.num_features,
-                    channel_dim=self.channel_dim, what="DyT")
+        check_input(
+            "input",
+            x,
+            ndims=range(2, 6),
+            channels=self.num_features,
+            channel_dim=self.channel_dim,
+            what="DyT",
+        )
         weight = channel_view(self.weight, x.dim(), self.channel_dim)
         bias = channel_view(self.bias, x.dim(), self.channel_dim)
         return torch.tanh(self.alpha * x) * weight + bias

@@ -1,4 +1,5 @@
 """``make_norm``: one entry point that builds any normalization layer from a kind name."""
+
 from __future__ import annotations
 
 import inspect
@@ -42,21 +43,25 @@ def _group_count(num_features: int, options: dict) -> tuple:
 # The one table of normalization kinds: make_norm, NORM_KINDS, FUSED_KINDS, the fusability
 # rule of the blocks and the norm classes diagnose recognizes all derive from it. Adding a
 # kind is one row here plus its class.
-NORM_TABLE: dict[str, NormKind] = {k.name: k for k in (
-    NormKind("batch", BatchNorm),
-    NormKind("layer", LayerNorm, fused_cls=FusedAddLayerNorm),
-    NormKind("rms", RMSNorm, fused_cls=FusedAddRMSNorm),
-    NormKind("group", GroupNorm, leading=_group_count),
-    # affine by default (unlike torch.nn): inside a block the norm's scale and shift are wanted
-    NormKind("instance", InstanceNorm, defaults={"affine": True}),
-    NormKind("dyt", DyT, convention=False),   # no eps, no convention
-)}
+NORM_TABLE: dict[str, NormKind] = {
+    k.name: k
+    for k in (
+        NormKind("batch", BatchNorm),
+        NormKind("layer", LayerNorm, fused_cls=FusedAddLayerNorm),
+        NormKind("rms", RMSNorm, fused_cls=FusedAddRMSNorm),
+        NormKind("group", GroupNorm, leading=_group_count),
+        # affine by default (unlike torch.nn): inside a block the norm's scale and shift are wanted
+        NormKind("instance", InstanceNorm, defaults={"affine": True}),
+        NormKind("dyt", DyT, convention=False),  # no eps, no convention
+    )
+}
 NORM_KINDS = (*NORM_TABLE, "none")
 # The kinds with a fused residual-add twin (make_norm(..., fused=True)).
 FUSED_KINDS = tuple(name for name, kind in NORM_TABLE.items() if kind.fused_cls is not None)
 # Every class make_norm can return for a kind (fused twins included).
-NORM_CLASSES = tuple(cls for kind in NORM_TABLE.values()
-                     for cls in (kind.cls, kind.fused_cls) if cls is not None)
+NORM_CLASSES = tuple(
+    cls for kind in NORM_TABLE.values() for cls in (kind.cls, kind.fused_cls) if cls is not None
+)
 
 NormSpec = str | None | Callable[..., nn.Module]
 
@@ -72,12 +77,19 @@ def default_num_groups(num_channels: int) -> int:
 
 def _build(cls, options: dict, *args) -> nn.Module:
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
-    check_options(cls.__name__, sorted(options), accepted[len(args):])
+    check_options(cls.__name__, sorted(options), accepted[len(args) :])
     return cls(*args, **options)
 
 
-def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
-              convention: str = "torch", fused: bool = False, **options) -> nn.Module:
+def make_norm(
+    kind: NormSpec,
+    num_features: int,
+    *,
+    channel_dim: int = 1,
+    convention: str = "torch",
+    fused: bool = False,
+    **options,
+) -> nn.Module:
     """Build a normalization layer for inputs with ``num_features`` channels.
 
     Args:
@@ -109,8 +121,9 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
         kind = "none"
     check_choice("norm", kind, NORM_KINDS)
     if fused and kind not in FUSED_KINDS:
-        raise UsageError(f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, "
-                         f"got {kind!r}")
+        raise UsageError(
+            f"fused=True supports norm kinds {', '.join(map(repr, FUSED_KINDS))}, got {kind!r}"
+        )
     if kind == "none":
         if options:
             raise UsageTypeError(f"norm='none' takes no options, got {', '.join(sorted(options))}")
@@ -119,5 +132,9 @@ def make_norm(kind: NormSpec, num_features: int, *, channel_dim: int = 1,
     options = dict(options)
     leading = row.leading(num_features, options) if row.leading else ()
     layout = {"channel_dim": channel_dim, **({"convention": convention} if row.convention else {})}
-    return _build(row.fused_cls if fused else row.cls, {**row.defaults, **layout, **options},
-                  *leading, num_features)
+    return _build(
+        row.fused_cls if fused else row.cls,
+        {**row.defaults, **layout, **options},
+        *leading,
+        num_features,
+    )

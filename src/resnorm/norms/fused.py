@@ -14,6 +14,7 @@ backward. The add, the normalization and the ReLU run as one pass of
 :func:`resnorm.kernels.add_norm` when the normalized dimension is the last one (tokens
 (N, T, C), features (N, C)); otherwise they run separately, with the same results.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,19 +40,31 @@ class _FusedAdd:
         last = self.channel_dim == -1 or x.dim() == 2
         return len(self.normalized_shape) == 1 and last
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                prenorm: bool = False):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False):
         self._check(x)
-        if residual is not None and (not isinstance(residual, torch.Tensor)
-                                     or residual.shape != x.shape):
-            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
-            raise UsageError(f"{type(self).__name__}: residual must have x's shape "
-                             f"{tuple(x.shape)}, got {shape}")
+        if residual is not None and (
+            not isinstance(residual, torch.Tensor) or residual.shape != x.shape
+        ):
+            shape = (
+                tuple(residual.shape)
+                if isinstance(residual, torch.Tensor)
+                else type(residual).__name__
+            )
+            raise UsageError(
+                f"{type(self).__name__}: residual must have x's shape {tuple(x.shape)}, got {shape}"
+            )
         if self._fusable(x):
-            return add_norm(x, residual, self.weight, getattr(self, "bias", None),
-                            kind=self.kind, eps=self._eps_for(x), prenorm=prenorm,
-                            residual_in_fp32=self.residual_in_fp32,
-                            activation=self.activation)
+            return add_norm(
+                x,
+                residual,
+                self.weight,
+                getattr(self, "bias", None),
+                kind=self.kind,
+                eps=self._eps_for(x),
+                prenorm=prenorm,
+                residual_in_fp32=self.residual_in_fp32,
+                activation=self.activation,
+            )
         # The stream as add_norm makes it: summed in float32, stored in its own dtype.
         stream = reference.residual_dtype(x, residual, self.residual_in_fp32)
         compute = reference.stats_dtype(x.dtype)
@@ -81,12 +94,30 @@ class FusedAddLayerNorm(_FusedAdd, LayerNorm):
 
     kind = "layer"
 
-    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 bias: bool = True, *, residual_in_fp32: bool = False, activation: str | None = None,
-                 convention: str = "torch", channel_dim: int = -1, device=None,
-                 dtype=None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, convention=convention,
-                         channel_dim=channel_dim, device=device, dtype=dtype)
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        residual_in_fp32: bool = False,
+        activation: str | None = None,
+        convention: str = "torch",
+        channel_dim: int = -1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            bias,
+            convention=convention,
+            channel_dim=channel_dim,
+            device=device,
+            dtype=dtype,
+        )
         self.residual_in_fp32 = bool(residual_in_fp32)
         self._set_activation(activation)
 
@@ -107,12 +138,28 @@ class FusedAddRMSNorm(_FusedAdd, RMSNorm):
 
     kind = "rms"
 
-    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 *, residual_in_fp32: bool = False, activation: str | None = None,
-                 convention: str = "torch", channel_dim: int = -1, device=None,
-                 dtype=None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, convention=convention,
-                         channel_dim=channel_dim, device=device, dtype=dtype)
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        residual_in_fp32: bool = False,
+        activation: str | None = None,
+        convention: str = "torch",
+        channel_dim: int = -1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            convention=convention,
+            channel_dim=channel_dim,
+            device=device,
+            dtype=dtype,
+        )
         self.residual_in_fp32 = bool(residual_in_fp32)
         self._set_activation(activation)
 

@@ -1,4 +1,5 @@
 """Group normalization (Wu & He, 2018) and instance normalization (Ulyanov et al., 2016)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,18 @@ class GroupNorm(nn.Module):
     outputs as ``torch.nn.GroupNorm``; ``channel_dim=-1`` takes channels-last inputs.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float | None = None,
-                 affine: bool = True, *, convention: str = "torch", channel_dim: int = 1,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float | None = None,
+        affine: bool = True,
+        *,
+        convention: str = "torch",
+        channel_dim: int = 1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_groups = check_int("num_groups", num_groups, minimum=1)
         self.num_channels = check_int("num_channels", num_channels, minimum=1)
@@ -48,16 +58,26 @@ class GroupNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("input", x, ndims=range(2, 6), channels=self.num_channels,
-                    channel_dim=self.channel_dim, what="GroupNorm")
+        check_input(
+            "input",
+            x,
+            ndims=range(2, 6),
+            channels=self.num_channels,
+            channel_dim=self.channel_dim,
+            what="GroupNorm",
+        )
         # torch.group_norm, not F.group_norm: the latter first runs batch norm's "more than 1
         # value per channel" check, which rejects a batch of one sample whose groups hold one
         # value each (e.g. (1, C) with C groups), although the result (beta) does not depend
         # on the batch. The arithmetic is the same.
         return apply_channels_at(
-            x, self.channel_dim, 1,
-            lambda t: torch.group_norm(t, self.num_groups, self.weight, self.bias, self.eps,
-                                       torch.backends.cudnn.enabled))
+            x,
+            self.channel_dim,
+            1,
+            lambda t: torch.group_norm(
+                t, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled
+            ),
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -79,20 +99,47 @@ class InstanceNorm(RunningStatsNorm):
 
     _min_dims = 3
 
-    def __init__(self, num_features: int, eps: float | None = None, momentum: float | None = 0.1,
-                 affine: bool = False, track_running_stats: bool = False, *,
-                 convention: str = "torch", channel_dim: int = 1, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        *,
+        convention: str = "torch",
+        channel_dim: int = 1,
+        device=None,
+        dtype=None,
+    ):
         if momentum is not None:
             momentum = check_float("momentum", momentum, low=0.0, high=1.0)
-        super().__init__(num_features, resolve_eps("instance", eps, convention), momentum,
-                         affine, track_running_stats, channel_dim, device, dtype)
+        super().__init__(
+            num_features,
+            resolve_eps("instance", eps, convention),
+            momentum,
+            affine,
+            track_running_stats,
+            channel_dim,
+            device,
+            dtype,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         use_input_stats = self.training or not self.track_running_stats
         return apply_channels_at(
-            x, self.channel_dim, 1,
-            lambda t: F.instance_norm(t, self.running_mean, self.running_var, self.weight,
-                                      self.bias, use_input_stats,
-                                      self.momentum if self.momentum is not None else 0.0,
-                                      self.eps))
+            x,
+            self.channel_dim,
+            1,
+            lambda t: F.instance_norm(
+                t,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                use_input_stats,
+                self.momentum if self.momentum is not None else 0.0,
+                self.eps,
+            ),
+        )

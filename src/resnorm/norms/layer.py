@@ -1,5 +1,6 @@
 """Per-sample normalization over features: layer norm (Ba et al., 2016) and RMS norm
 (Zhang & Sennrich, 2019)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ def _normalized_shape(value: int | Sequence[int], channel_dim: int) -> tuple[int
     for size in shape:
         check_int("normalized_shape", size, minimum=1)
     if channel_dim == 1 and len(shape) != 1:
-        raise UsageError(f"with channel_dim=1, normalized_shape must be the channel count, "
-                         f"got {shape}")
+        raise UsageError(
+            f"with channel_dim=1, normalized_shape must be the channel count, got {shape}"
+        )
     return shape
 
 
@@ -36,8 +38,9 @@ class _FeatureNorm(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
-            raise UsageTypeError(f"{type(self).__name__}: input must be a torch.Tensor, "
-                                 f"got {type(x).__name__}")
+            raise UsageTypeError(
+                f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}"
+            )
         n = len(self.normalized_shape)
         if self.channel_dim == 1:
             ok = x.dim() >= 2 and x.shape[1] == self.normalized_shape[0]
@@ -46,8 +49,9 @@ class _FeatureNorm(nn.Module):
             ok = x.dim() >= n and tuple(x.shape[-n:]) == self.normalized_shape
             expected = f"(..., {', '.join(map(str, self.normalized_shape))})"
         if not ok:
-            raise UsageError(f"{type(self).__name__}: input must have shape {expected}, "
-                             f"got {tuple(x.shape)}")
+            raise UsageError(
+                f"{type(self).__name__}: input must have shape {expected}, got {tuple(x.shape)}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -66,17 +70,27 @@ class LayerNorm(_FeatureNorm):
     channels-first input (N, C, ...) at every position instead (see :class:`LayerNorm2d`).
     """
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
-                 elementwise_affine: bool = True, bias: bool = True, *,
-                 convention: str = "torch", channel_dim: int = -1, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        convention: str = "torch",
+        channel_dim: int = -1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(normalized_shape, channel_dim)
         factory = {"device": device, "dtype": dtype}
         self.eps = resolve_eps("layer", eps, convention)
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            self.bias = (nn.Parameter(torch.empty(self.normalized_shape, **factory))
-                         if bias else None)
+            self.bias = (
+                nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+            )
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -92,7 +106,9 @@ class LayerNorm(_FeatureNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        text = (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
         return text + (f", channel_dim={self.channel_dim}" if self.channel_dim != -1 else "")
 
 
@@ -107,11 +123,27 @@ class LayerNorm2d(LayerNorm):
     Equal to ``torch.nn.LayerNorm(C)`` applied to the input permuted to channels-last.
     """
 
-    def __init__(self, num_channels: int, eps: float | None = None,
-                 elementwise_affine: bool = True, bias: bool = True, *,
-                 convention: str = "torch", device=None, dtype=None):
-        super().__init__(num_channels, eps, elementwise_affine, bias, convention=convention,
-                         channel_dim=1, device=device, dtype=dtype)
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        convention: str = "torch",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_channels,
+            eps,
+            elementwise_affine,
+            bias,
+            convention=convention,
+            channel_dim=1,
+            device=device,
+            dtype=dtype,
+        )
 
 
 class RMSNorm(_FeatureNorm):
@@ -126,15 +158,24 @@ class RMSNorm(_FeatureNorm):
     (``convention="keras"``). ``channel_dim=1`` normalizes the channels of (N, C, ...).
     """
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
-                 elementwise_affine: bool = True, *, convention: str = "torch",
-                 channel_dim: int = -1, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        convention: str = "torch",
+        channel_dim: int = -1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(normalized_shape, channel_dim)
         self.eps = resolve_eps("rms", eps, convention)
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device,
-                                                   dtype=dtype))
+            self.weight = nn.Parameter(
+                torch.empty(self.normalized_shape, device=device, dtype=dtype)
+            )
         else:
             self.register_parameter("weight", None)
         self.reset_parameters()
@@ -147,5 +188,7 @@ class RMSNorm(_FeatureNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        text = (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
         return text + (f", channel_dim={self.channel_dim}" if self.channel_dim != -1 else "")

@@ -5,6 +5,7 @@ normalizes each slice with its own statistics, so the network trained with N pro
 of batch B is not the network trained with one process of batch N x B. ``SyncBatchNorm``
 combines the slices' statistics first, forward and backward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,16 +51,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean, var = mean.to(wide), var.to(wide)
         else:  # a process may hold no sample of a small trailing batch
             mean = var = torch.zeros(channels, dtype=wide, device=x.device)
-        sums = torch.cat([torch.full((1,), float(local_count), dtype=wide, device=x.device),
-                          mean * local_count, (var + mean * mean) * local_count])
+        sums = torch.cat(
+            [
+                torch.full((1,), float(local_count), dtype=wide, device=x.device),
+                mean * local_count,
+                (var + mean * mean) * local_count,
+            ]
+        )
         dist.all_reduce(sums, group=group)
         total = sums[0]
         if x.device.type == "cpu" and total.item() <= 1:  # no host sync on accelerators
             raise UsageError(
                 f"SyncBatchNorm in training mode needs more than one value per channel over "
-                f"all processes, got {int(total.item())}; use larger batches")
-        mean = sums[1:channels + 1] / total
-        var = (sums[channels + 1:] / total - mean * mean).clamp(min=0).to(x.dtype)
+                f"all processes, got {int(total.item())}; use larger batches"
+            )
+        mean = sums[1 : channels + 1] / total
+        var = (sums[channels + 1 :] / total - mean * mean).clamp(min=0).to(x.dtype)
         mean, total = mean.to(x.dtype), total.to(x.dtype)
         invstd = torch.rsqrt(var + eps)
         y = (x - channel_view(mean, x.dim(), 1)) * channel_view(invstd, x.dim(), 1)
@@ -85,8 +92,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             global_dy, global_dy_xmu = sums.split(channels)
             scale = invstd if weight is None else invstd * weight
             grad_x = channel_view(scale, x.dim(), 1) * (
-                dy - channel_view(global_dy / total, x.dim(), 1)
-                - xmu * channel_view(invstd * invstd * global_dy_xmu / total, x.dim(), 1))
+                dy
+                - channel_view(global_dy / total, x.dim(), 1)
+                - xmu * channel_view(invstd * invstd * global_dy_xmu / total, x.dim(), 1)
+            )
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xmu * invstd
         if weight is not None and ctx.needs_input_grad[2]:
@@ -116,18 +125,40 @@ class SyncBatchNorm(BatchNorm):
     :func:`convert_sync_batchnorm`; :func:`revert_sync_batchnorm` turns it back.
     """
 
-    def __init__(self, num_features: int, eps: float | None = None, momentum=_DEFAULT,
-                 affine: bool = True, track_running_stats: bool = True, *,
-                 convention: str = "torch", channel_dim: int = 1, process_group=None,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         convention=convention, channel_dim=channel_dim, device=device,
-                         dtype=dtype)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum=_DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        convention: str = "torch",
+        channel_dim: int = 1,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            convention=convention,
+            channel_dim=channel_dim,
+            device=device,
+            dtype=dtype,
+        )
         self.process_group = process_group
 
     def _synchronizes(self) -> bool:
-        return (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
+        return (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._synchronizes():
@@ -150,14 +181,19 @@ class SyncBatchNorm(BatchNorm):
                     keep = self.momentum
                     new_weight, batch_var = 1.0 - keep, var
                 else:
-                    new_weight = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                                  else self.momentum)
+                    new_weight = (
+                        1.0 / float(self.num_batches_tracked)
+                        if self.momentum is None
+                        else self.momentum
+                    )
                     keep = 1.0 - new_weight
                     batch_var = var * (total / (total - 1).clamp(min=1))
-                self.running_mean.mul_(keep).add_(mean.to(self.running_mean.dtype),
-                                                  alpha=new_weight)
-                self.running_var.mul_(keep).add_(batch_var.to(self.running_var.dtype),
-                                                 alpha=new_weight)
+                self.running_mean.mul_(keep).add_(
+                    mean.to(self.running_mean.dtype), alpha=new_weight
+                )
+                self.running_var.mul_(keep).add_(
+                    batch_var.to(self.running_var.dtype), alpha=new_weight
+                )
         return y.to(x.dtype)
 
 
@@ -171,8 +207,9 @@ def _sync_class(cls: type) -> type:
     synchronization between ``K`` and ``BatchNorm``, so ``K``'s own code (an activation
     after the norm, say) still runs around the synchronized statistics."""
     if cls not in _SYNC_CLASSES:
-        _SYNC_CLASSES[cls] = type(f"Sync{cls.__name__}", (cls, SyncBatchNorm),
-                                  {"__module__": cls.__module__})
+        _SYNC_CLASSES[cls] = type(
+            f"Sync{cls.__name__}", (cls, SyncBatchNorm), {"__module__": cls.__module__}
+        )
     return _SYNC_CLASSES[cls]
 
 
@@ -182,8 +219,10 @@ def _retyped(module: nn.Module, cls: type, **attributes) -> nn.Module:
     show in both), children, hooks, training flag, options and any attribute of yours;
     its own containers, so registering on one does not touch the other."""
     new = cls.__new__(cls)
-    state = {key: (copy.copy(value) if isinstance(value, (dict, set)) else value)
-             for key, value in module.__dict__.items()}
+    state = {
+        key: (copy.copy(value) if isinstance(value, (dict, set)) else value)
+        for key, value in module.__dict__.items()
+    }
     new.__dict__.update(state)
     new.__dict__.update(attributes)
     return new
@@ -200,7 +239,8 @@ def _convertible(module: nn.Module) -> bool:
                 f"cannot synchronize {type(module).__name__}: it subclasses "
                 f"{type(module).__mro__[1].__name__} with a forward() of its own, which would "
                 f"be lost; build it on resnorm.norms.BatchNorm (whose subclasses convert) or "
-                f"convert it yourself")
+                f"convert it yourself"
+            )
         return True
     return False
 
@@ -224,8 +264,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             return _retyped(module, _sync_class(type(module)), process_group=process_group)
         # torch.nn's layers lack resnorm's two layout options: torch's meaning is added.
         added = {"convention": "torch", "channel_dim": 1}
-        return _retyped(module, SyncBatchNorm, **added, process_group=process_group,
-                        _sync_reverts_to=type(module), _sync_added=tuple(added))
+        return _retyped(
+            module,
+            SyncBatchNorm,
+            **added,
+            process_group=process_group,
+            _sync_reverts_to=type(module),
+            _sync_added=tuple(added),
+        )
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child, process_group)
         if converted is not child:

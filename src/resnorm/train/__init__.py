@@ -1,5 +1,6 @@
 """Training: a deterministic loop with checkpoints and exact resume, its configuration, and
 data-parallel training on torch.distributed (torchrun, DistributedDataParallel)."""
+
 from .build import model_for_data
 from .checkpoint import CheckpointDir, CheckpointError, load_checkpoint
 from .compose import PreparedRun, prepare_run, train_named
@@ -10,9 +11,29 @@ from .optim import augment_images, make_optimizer, make_scheduler
 from .run import RunMismatchError, identity_hash, provenance, run_identity
 
 __all__ = [
-    "CheckpointDir", "CheckpointError", "FitResult", "LaunchError", "OPTIMIZERS", "PreparedRun",
-    "RunFiles", "RunMismatchError", "SCHEDULES", "TrainConfig", "augment_images", "evaluate",
-    "fit", "identity_hash", "init_distributed", "launch", "load_checkpoint", "make_optimizer",
-    "make_scheduler", "model_for_data", "prepare_run", "provenance", "run_identity",
-    "shutdown_distributed", "train_named",
+    "CheckpointDir",
+    "CheckpointError",
+    "FitResult",
+    "LaunchError",
+    "OPTIMIZERS",
+    "PreparedRun",
+    "RunFiles",
+    "RunMismatchError",
+    "SCHEDULES",
+    "TrainConfig",
+    "augment_images",
+    "evaluate",
+    "fit",
+    "identity_hash",
+    "init_distributed",
+    "launch",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+    "model_for_data",
+    "prepare_run",
+    "provenance",
+    "run_identity",
+    "shutdown_distributed",
+    "train_named",
 ]

@@ -1,4 +1,5 @@
 """Building a registered model that fits a data set."""
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,10 @@ def model_options_for_data(name: str, data: DataSplit, **overrides) -> dict:
         auto["in_features"] = math.prod(shape)
     if "seq_len" in accepted:
         if len(shape) not in (1, 2):
-            raise UsageError(f"model {name!r} takes sequences (L,) or (L, C); data set "
-                             f"{data.name!r} has samples of shape {shape}")
+            raise UsageError(
+                f"model {name!r} takes sequences (L,) or (L, C); data set "
+                f"{data.name!r} has samples of shape {shape}"
+            )
         auto["seq_len"] = shape[0]
         auto["in_channels"] = shape[1] if len(shape) == 2 else 1
     elif "in_channels" in accepted:
@@ -46,6 +49,9 @@ def resolved_model_options(name: str, options: dict) -> dict:
     **options)``: its signature's defaults, the registry's defaults, ``options`` and the
     variant's fixed ones (what a run folder records as its model)."""
     entry = get_model_entry(name)
-    defaults = {p.name: p.default for p in inspect.signature(entry.builder).parameters.values()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(entry.builder).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
     return {**defaults, **entry.defaults, **options, **entry.fixed}

@@ -2,6 +2,7 @@
 trains, loaded with ``torch.load(weights_only=True)`` so a checkpoint file cannot run code,
 and verified against a SHA-256 digest of their content (``torch.load`` does not check the
 zip's CRCs, so a flipped byte inside a tensor would otherwise load silently)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,19 @@ VERSION = 2
 """Version 2 added ``checksum`` (and the run's ``identity``); version 1 files still load."""
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-_REQUIRED = ("format", "version", "model", "optimizer", "scheduler", "rng", "epoch",
-             "step_in_epoch", "global_step", "history", "config")
+_REQUIRED = (
+    "format",
+    "version",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "history",
+    "config",
+)
 
 
 class CheckpointError(UsageError):
@@ -95,19 +107,24 @@ def load_checkpoint(path) -> dict:
     except (FileNotFoundError, CheckpointError):
         raise
     except Exception as exc:  # truncated zip, garbage, or a pickle that is not allowed
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated and cannot be "
-                              f"read ({_first_line(exc)})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated and cannot be read ({_first_line(exc)})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a resnorm checkpoint")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     if state["version"] > VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {state['version']}; "
-                              f"this resnorm reads up to {VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['version']}; "
+            f"this resnorm reads up to {VERSION}"
+        )
     if "checksum" in state and state["checksum"] != content_digest(state):
-        raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match the "
-                              f"checksum stored in it (a changed byte)")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its content does not match the "
+            f"checksum stored in it (a changed byte)"
+        )
     return state
 
 
@@ -153,12 +170,16 @@ class CheckpointDir:
                 continue
             if path == self.previous and self.latest.exists():
                 os.replace(self.latest, self.latest.with_name(LATEST + ".corrupt"))
-                warnings.warn(f"{errors[0]}; resuming from the previous good checkpoint "
-                              f"{self.previous}", stacklevel=2)
+                warnings.warn(
+                    f"{errors[0]}; resuming from the previous good checkpoint {self.previous}",
+                    stacklevel=2,
+                )
             self._latest_is_good = path == self.latest
             return state
-        raise CheckpointError("; ".join(errors) + "; no usable checkpoint is left: start "
-                              "again with a new output directory or --restart")
+        raise CheckpointError(
+            "; ".join(errors) + "; no usable checkpoint is left: start "
+            "again with a new output directory or --restart"
+        )
 
     def save(self, state: dict) -> None:
         """Write ``state`` as the latest checkpoint; the former latest (if it was good)

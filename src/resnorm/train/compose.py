@@ -1,6 +1,7 @@
 """``train_named``: a registered model trained on a named data set, the whole composition in
 one place (device check -> data -> model -> sync-bn rule -> run folder -> Monitor -> fit).
 ``resnorm train`` and the lab's runner both call it, so they follow the same rules."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -37,29 +38,54 @@ class PreparedRun:
     out: Path
     meta: dict
 
-    def fit(self, *, restart: bool = False, monitor_every: int | None = None,
-            progress: bool | None = None, description: str | None = None,
-            on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    def fit(
+        self,
+        *,
+        restart: bool = False,
+        monitor_every: int | None = None,
+        progress: bool | None = None,
+        description: str | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> FitResult:
         """Train (or resume) the run in :attr:`out`; see :func:`resnorm.train.fit`.
         ``monitor_every``: record gradient health every that many steps into
         ``monitor.jsonl``."""
         from ..diagnostics import Monitor
 
-        monitor = (Monitor(self.model, every=monitor_every, path=self.out / "monitor.jsonl")
-                   if monitor_every else None)
+        monitor = (
+            Monitor(self.model, every=monitor_every, path=self.out / "monitor.jsonl")
+            if monitor_every
+            else None
+        )
         try:
-            return fit(self.model, self.data, self.config, out=self.out, resume=not restart,
-                       monitor=monitor, progress=progress, on_epoch=on_epoch, meta=self.meta,
-                       description=description or f"{self.model_name} on {self.dataset}")
+            return fit(
+                self.model,
+                self.data,
+                self.config,
+                out=self.out,
+                resume=not restart,
+                monitor=monitor,
+                progress=progress,
+                on_epoch=on_epoch,
+                meta=self.meta,
+                description=description or f"{self.model_name} on {self.dataset}",
+            )
         finally:
             if monitor is not None:
                 monitor.close()
 
 
-def prepare_run(model: str, dataset: str = DEFAULT_DATASET, *,
-                model_options: dict | None = None, dataset_options: dict | None = None,
-                config: TrainConfig = TrainConfig(), out=None, data: DataSplit | None = None,
-                world_size: int | None = None) -> PreparedRun:
+def prepare_run(
+    model: str,
+    dataset: str = DEFAULT_DATASET,
+    *,
+    model_options: dict | None = None,
+    dataset_options: dict | None = None,
+    config: TrainConfig = TrainConfig(),
+    out=None,
+    data: DataSplit | None = None,
+    world_size: int | None = None,
+) -> PreparedRun:
     """Check the device, load the data set (or take ``data``, already loaded with these
     options), seed and build the model, apply the one rule for ``sync_bn`` (an error when
     the model has no batch norm), and choose the run folder: ``out``, or
@@ -77,13 +103,18 @@ def prepare_run(model: str, dataset: str = DEFAULT_DATASET, *,
     torch.manual_seed(config.seed)
     net = model_for_data(model, data, **model_options)
     if config.sync_bn and not has_batch_norm(net):
-        raise UsageError(f"sync_bn: {model} has no batch norm layer here "
-                         f"(norm={model_options.get('norm', 'its default')!r}); drop --sync-bn")
-    meta = {"model": model,
-            "model_options": resolved_model_options(
-                model, model_options_for_data(model, data, **model_options)),
-            "dataset": dataset,
-            "dataset_options": resolved_dataset_options(dataset, dataset_options)}
+        raise UsageError(
+            f"sync_bn: {model} has no batch norm layer here "
+            f"(norm={model_options.get('norm', 'its default')!r}); drop --sync-bn"
+        )
+    meta = {
+        "model": model,
+        "model_options": resolved_model_options(
+            model, model_options_for_data(model, data, **model_options)
+        ),
+        "dataset": dataset,
+        "dataset_options": resolved_dataset_options(dataset, dataset_options),
+    }
     if "root" in data_options_of(dataset):  # a data set read from files: where they were
         meta["data_root"] = str(resolve_root(dataset_options.get("root")))
     if out is None:
@@ -93,11 +124,19 @@ def prepare_run(model: str, dataset: str = DEFAULT_DATASET, *,
     return PreparedRun(model, dataset, net, data, config, Path(out), meta)
 
 
-def train_named(model: str, dataset: str = DEFAULT_DATASET, *,
-                model_options: dict | None = None, dataset_options: dict | None = None,
-                config: TrainConfig = TrainConfig(), out=None, restart: bool = False,
-                monitor_every: int | None = None, progress: bool | None = None,
-                on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+def train_named(
+    model: str,
+    dataset: str = DEFAULT_DATASET,
+    *,
+    model_options: dict | None = None,
+    dataset_options: dict | None = None,
+    config: TrainConfig = TrainConfig(),
+    out=None,
+    restart: bool = False,
+    monitor_every: int | None = None,
+    progress: bool | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
     """Train the registered ``model`` on the data set ``dataset`` into a run folder, as
     ``resnorm train`` does::
 
@@ -108,7 +147,14 @@ def train_named(model: str, dataset: str = DEFAULT_DATASET, *,
     holds another run raises :class:`~resnorm.train.RunMismatchError` naming what differs
     (``restart=True`` starts over). See :func:`prepare_run` for the steps and the default
     folder, :func:`resnorm.train.fit` for what the folder holds."""
-    prepared = prepare_run(model, dataset, model_options=model_options,
-                           dataset_options=dataset_options, config=config, out=out)
-    return prepared.fit(restart=restart, monitor_every=monitor_every, progress=progress,
-                        on_epoch=on_epoch)
+    prepared = prepare_run(
+        model,
+        dataset,
+        model_options=model_options,
+        dataset_options=dataset_options,
+        config=config,
+        out=out,
+    )
+    return prepared.fit(
+        restart=restart, monitor_every=monitor_every, progress=progress, on_epoch=on_epoch
+    )

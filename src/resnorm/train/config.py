@@ -1,4 +1,5 @@
 """``TrainConfig``: every hyper-parameter of a training run, validated on construction."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -66,19 +67,21 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_float("warmup_epochs", self.warmup_epochs, low=0.0)
         if self.warmup_epochs > self.epochs:
-            raise UsageError(f"warmup_epochs={self.warmup_epochs:g} must not exceed "
-                             f"epochs={self.epochs}")
+            raise UsageError(
+                f"warmup_epochs={self.warmup_epochs:g} must not exceed epochs={self.epochs}"
+            )
         object.__setattr__(self, "milestones", tuple(self.milestones))
         for m in self.milestones:
-            check_float("milestones", m, low=0.0, high=1.0, low_inclusive=False,
-                        high_inclusive=False)
+            check_float(
+                "milestones", m, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+            )
         check_float("gamma", self.gamma, low=0.0, high=1.0, low_inclusive=False)
-        check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0,
-                    high_inclusive=False)
+        check_float(
+            "label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False
+        )
         check_int("crop_padding", self.crop_padding, minimum=0)
         if self.grad_clip is not None:
-            check_float("grad_clip", self.grad_clip, low=0.0, low_inclusive=False,
-                        finite=True)
+            check_float("grad_clip", self.grad_clip, low=0.0, low_inclusive=False, finite=True)
         check_device("device", self.device)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)

@@ -14,6 +14,7 @@ group of more than one process is initialized; everything here is about getting 
   and raises :class:`LaunchError` naming the worker that failed and how (exit status or
   signal) once torchrun has stopped the others.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,15 +66,18 @@ def init_distributed(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> b
     if not launched_by_torchrun():
         return False
     if not dist.is_available():
-        raise RuntimeError("this PyTorch build has no torch.distributed; install a build "
-                           "with it to train on several processes")
+        raise RuntimeError(
+            "this PyTorch build has no torch.distributed; install a build "
+            "with it to train on several processes"
+        )
     from .loop import resolve_device
 
     kind = resolve_device(device).type
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(
+        "nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+    )
     return True
 
 
@@ -98,9 +102,11 @@ def check_nproc(nproc: int, device: str = "cpu") -> int:
     limit = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
     if not 1 <= nproc <= limit:
         what = ("GPU" if on_gpu else "CPU core") + ("s" if limit != 1 else "")
-        raise UsageError(f"nproc={nproc} is not possible here: it must be between 1 and the "
-                         f"{limit} {what} of this machine (for more processes, use several "
-                         f"machines: torchrun --nnodes)")
+        raise UsageError(
+            f"nproc={nproc} is not possible here: it must be between 1 and the "
+            f"{limit} {what} of this machine (for more processes, use several "
+            f"machines: torchrun --nnodes)"
+        )
     return nproc
 
 
@@ -127,6 +133,7 @@ def _failure_text(failure) -> str:
 def describe_failures(failures: dict) -> str:
     """One line for torchrun's ``{rank: ProcessFailure}``: the worker that failed first (a
     worker torchrun stopped with SIGTERM is a consequence, not a cause), then the others."""
+
     def key(item):
         rank, failure = item
         return (failure.exitcode == -signal.SIGTERM, failure.timestamp, rank)
@@ -135,8 +142,9 @@ def describe_failures(failures: dict) -> str:
     rank, first = ordered[0]
     line = f"worker rank {rank} (pid {first.pid}) {_failure_text(first)}"
     stopped = [r for r, f in ordered[1:] if f.exitcode == -signal.SIGTERM]
-    others = [f"rank {r} {_failure_text(f)}" for r, f in ordered[1:]
-              if f.exitcode != -signal.SIGTERM]
+    others = [
+        f"rank {r} {_failure_text(f)}" for r, f in ordered[1:] if f.exitcode != -signal.SIGTERM
+    ]
     if others:
         line += "; " + "; ".join(others)
     if stopped:
@@ -149,8 +157,11 @@ def _quiet_torchrun_logs():
     """torchrun's agent logs each failure in several lines; LaunchError says it in one."""
     import torch.distributed.elastic  # noqa: F401  (creates its loggers)
 
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name.startswith("torch.distributed.elastic")]
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith("torch.distributed.elastic")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -161,8 +172,14 @@ def _quiet_torchrun_logs():
             lg.setLevel(level)
 
 
-def launch(entrypoint: Callable | str, args: Sequence = (), *, nproc: int,
-           threads: int | None = None, device: str = "cpu") -> dict:
+def launch(
+    entrypoint: Callable | str,
+    args: Sequence = (),
+    *,
+    nproc: int,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict:
     """Run ``entrypoint`` in ``nproc`` worker processes on this machine, with torchrun's
     launcher (rendezvous on a free local port, as ``torchrun --standalone``), and return
     ``{rank: return value}`` (``None`` for programs).
@@ -180,10 +197,17 @@ def launch(entrypoint: Callable | str, args: Sequence = (), *, nproc: int,
 
     check_nproc(nproc, device)
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                          run_id=f"resnorm-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"resnorm-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     added_threads = "OMP_NUM_THREADS" not in os.environ
     if added_threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -192,13 +216,15 @@ def launch(entrypoint: Callable | str, args: Sequence = (), *, nproc: int,
             return elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
         codes = {f.exitcode for f in exc.failures.values()}
-        raise LaunchError(describe_failures(exc.failures),
-                          exit_code=2 if codes == {2} else 1) from None
+        raise LaunchError(
+            describe_failures(exc.failures), exit_code=2 if codes == {2} else 1
+        ) from None
     except SignalException as exc:  # torchrun stopped the workers; say it as Python does
         if exc.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None
-        raise LaunchError(f"the launcher got {signal.Signals(exc.sigval).name} and stopped "
-                          f"the workers") from None
+        raise LaunchError(
+            f"the launcher got {signal.Signals(exc.sigval).name} and stopped the workers"
+        ) from None
     finally:
         if added_threads:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -214,8 +240,9 @@ def is_collective_failure(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{os.sep}torch{os.sep}distributed{os.sep}" in \
-        str(Path(tb.tb_frame.f_code.co_filename))
+    return tb is not None and f"{os.sep}torch{os.sep}distributed{os.sep}" in str(
+        Path(tb.tb_frame.f_code.co_filename)
+    )
 
 
 def launch_train(args: Sequence[str], *, nproc: int, device: str, out) -> None:

@@ -1,4 +1,5 @@
 """The files of a run folder, written atomically."""
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """``fit``: the training loop, with progress, metrics files, checkpoints and exact resume."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,11 +57,16 @@ class FitResult:
         return self.history[-1] if self.history else {}
 
     def to_dict(self) -> dict:
-        return {"status": "diverged" if self.diverged else "finished",
-                "epochs_completed": len(self.history), "final": self.final,
-                "diverged_at_step": self.diverged_at_step, "diverged_in": self.diverged_in,
-                "seconds": self.seconds,
-                "resumed_from_step": self.resumed_from_step, "history": self.history}
+        return {
+            "status": "diverged" if self.diverged else "finished",
+            "epochs_completed": len(self.history),
+            "final": self.final,
+            "diverged_at_step": self.diverged_at_step,
+            "diverged_in": self.diverged_in,
+            "seconds": self.seconds,
+            "resumed_from_step": self.resumed_from_step,
+            "history": self.history,
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,10 +78,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), *,
-        out=None, resume: bool = True, monitor=None, progress: bool | None = None,
-        description: str = "train", meta: dict | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    data: DataSplit,
+    config: TrainConfig = TrainConfig(),
+    *,
+    out=None,
+    resume: bool = True,
+    monitor=None,
+    progress: bool | None = None,
+    description: str = "train",
+    meta: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
     """Train ``model`` on ``data`` with cross-entropy and evaluate on the test split after
     every epoch.
 
@@ -107,8 +122,10 @@ def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), 
     every process.
     """
     if isinstance(model, DistributedDataParallel):
-        raise UsageTypeError("pass the model itself, not DistributedDataParallel(model): fit "
-                             "wraps it when it runs in a process group")
+        raise UsageTypeError(
+            "pass the model itself, not DistributedDataParallel(model): fit "
+            "wraps it when it runs in a process group"
+        )
     if not isinstance(model, nn.Module):
         raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(data, DataSplit):
@@ -123,11 +140,23 @@ def fit(model: nn.Module, data: DataSplit, config: TrainConfig = TrainConfig(), 
     if config.sync_bn:
         net = convert_sync_batchnorm(model)
         if not has_batch_norm(net):
-            warnings.warn("sync_bn=True changes nothing: the model has no batch norm layer",
-                          stacklevel=2)
+            warnings.warn(
+                "sync_bn=True changes nothing: the model has no batch norm layer", stacklevel=2
+            )
     try:
-        return _fit(net, data, config, device, out, resume, monitor, progress, description,
-                    meta or {}, on_epoch)
+        return _fit(
+            net,
+            data,
+            config,
+            device,
+            out,
+            resume,
+            monitor,
+            progress,
+            description,
+            meta or {},
+            on_epoch,
+        )
     finally:
         torch.set_num_threads(threads)
         if config.sync_bn:
@@ -154,8 +183,9 @@ def _shared_checkpoint(run: RunFiles, rank: int, world_size: int) -> dict | None
     return value
 
 
-def _check_resumable(state: dict, identity: dict, world_size: int, steps_per_epoch: int,
-                     root: Path) -> None:
+def _check_resumable(
+    state: dict, identity: dict, world_size: int, steps_per_epoch: int, root: Path
+) -> None:
     """Refuse to resume a checkpoint of another run: one line naming what differs."""
     saved = state.get("identity")
     if saved is None:  # a version-1 checkpoint: only its training configuration is known
@@ -174,7 +204,8 @@ def _check_resumable(state: dict, identity: dict, world_size: int, steps_per_epo
         raise UsageError(
             f"{root} holds a run of {saved_world} process(es) ({saved_steps} steps per "
             f"epoch); {world_size} process(es) give {steps_per_epoch}: resume it with "
-            f"{saved_world} process(es), or restart it (global batch {batch})")
+            f"{saved_world} process(es), or restart it (global batch {batch})"
+        )
 
 
 class _Trainer:
@@ -190,17 +221,21 @@ class _Trainer:
         self.x_train, self.y_train = data.x_train.to(self.device), data.y_train.to(self.device)
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
         self.n = len(self.x_train)
-        self.steps_per_epoch = len(_batches(self.n, config.batch_size, config.seed, 0,
-                                            self.world_size))
+        self.steps_per_epoch = len(
+            _batches(self.n, config.batch_size, config.seed, 0, self.world_size)
+        )
         if self.world_size > 1 and self.steps_per_epoch == 0:
-            raise UsageError(f"{self.n} training samples cannot give each of {self.world_size} "
-                             f"processes 2 samples of a batch; use fewer processes")
+            raise UsageError(
+                f"{self.n} training samples cannot give each of {self.world_size} "
+                f"processes 2 samples of a batch; use fewer processes"
+            )
         self.optimizer = make_optimizer(model, config)
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.use_amp = config.amp and self.device.type in ("cpu", "cuda")
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = (torch.amp.GradScaler("cuda")
-                       if self.use_amp and self.device.type == "cuda" else None)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.use_amp and self.device.type == "cuda" else None
+        )
         self.run = RunFiles(out) if out is not None else None
         self.writes = self.run is not None and self.rank == 0
         self.result = FitResult(out=self.run.root if self.run else None)
@@ -223,20 +258,27 @@ class _Trainer:
                 run.root.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(_rank_seed(self.config.seed, self.rank))
         if self.writes:
-            record = run_record(self.identity, self.meta, self.config, self.data_summary,
-                                self.device, self.world_size,
-                                previous=run.read_json("config.json") if state else None)
+            record = run_record(
+                self.identity,
+                self.meta,
+                self.config,
+                self.data_summary,
+                self.device,
+                self.world_size,
+                previous=run.read_json("config.json") if state else None,
+            )
             if self.world_size > 1:
                 record["distributed"] = {
-                    "world_size": self.world_size, "backend": dist.get_backend(),
-                    "global_batch_size": self.world_size * self.config.batch_size}
+                    "world_size": self.world_size,
+                    "backend": dist.get_backend(),
+                    "global_batch_size": self.world_size * self.config.batch_size,
+                }
             run.write_json("config.json", record)
             if state is not None:  # a kill after a checkpoint but before its metrics
                 run.write_metrics(self.result.history)
 
     def _resume(self, state: dict) -> None:
-        _check_resumable(state, self.identity, self.world_size, self.steps_per_epoch,
-                         self.run.root)
+        _check_resumable(state, self.identity, self.world_size, self.steps_per_epoch, self.run.root)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -244,7 +286,8 @@ class _Trainer:
             raise CheckpointError(
                 f"{self.run.root / 'checkpoint.pt'} holds the weights of another model "
                 f"({_first_line(exc)}); start over with --restart (resume=False) or use "
-                f"another output folder") from None
+                f"another output folder"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -264,26 +307,39 @@ class _Trainer:
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.world_size > 1:  # every process's generator state, for an exact resume
-            mine = {"torch": rng["torch"], "cuda": torch.cuda.get_rng_state(device)
-                    if device.type == "cuda" else None}
+            mine = {
+                "torch": rng["torch"],
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
             rng["ranks"] = [None] * self.world_size
             dist.all_gather_object(rng["ranks"], mine)
         if not self.writes:
             return
-        self.run.checkpoints.save({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng, "epoch": epoch_done, "step_in_epoch": next_step,
-            "global_step": self.global_step, "sums": dict(self.sums),
-            "history": self.result.history, "config": self.config.to_dict(),
-            "identity": self.identity, "diverged_at_step": self.result.diverged_at_step,
-            "diverged_in": self.result.diverged_in,
-            "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch})
+        self.run.checkpoints.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng,
+                "epoch": epoch_done,
+                "step_in_epoch": next_step,
+                "global_step": self.global_step,
+                "sums": dict(self.sums),
+                "history": self.result.history,
+                "config": self.config.to_dict(),
+                "identity": self.identity,
+                "diverged_at_step": self.result.diverged_at_step,
+                "diverged_in": self.result.diverged_in,
+                "world_size": self.world_size,
+                "steps_per_epoch": self.steps_per_epoch,
+            }
+        )
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, train_model, batch: torch.Tensor,
-                   total: int) -> tuple[float, int, int] | None:
+    def train_step(
+        self, train_model, batch: torch.Tensor, total: int
+    ) -> tuple[float, int, int] | None:
         """Forward, backward and optimizer step on one global batch (this process's slice);
         ``(summed loss, correct, samples)`` of the whole batch, or ``None`` when the loss
         is not finite (the step is not taken)."""
@@ -294,19 +350,24 @@ class _Trainer:
         if config.augment:
             generator = torch.Generator().manual_seed(config.seed * 7919 + self.global_step)
             xb = augment_images(xb, config.crop_padding, generator, offset=offset, total=total)
-        with (torch.autocast(device.type, dtype=self.amp_dtype) if self.use_amp
-              else contextlib.nullcontext()):
+        with (
+            torch.autocast(device.type, dtype=self.amp_dtype)
+            if self.use_amp
+            else contextlib.nullcontext()
+        ):
             logits = train_model(xb)
-        loss = F.cross_entropy(_full_precision(logits), yb,
-                               label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(_full_precision(logits), yb, label_smoothing=config.label_smoothing)
         if world_size > 1:
             # One small all-reduce: the step's totals for the metrics, and a verdict on
             # divergence that every process shares (none may stop alone).
-            totals = torch.stack([loss.detach().double() * len(index),
-                                  (logits.argmax(1) == yb).sum().double(),
-                                  torch.tensor(float(len(index)), device=device,
-                                               dtype=torch.float64),
-                                  (~torch.isfinite(loss.detach())).double()])
+            totals = torch.stack(
+                [
+                    loss.detach().double() * len(index),
+                    (logits.argmax(1) == yb).sum().double(),
+                    torch.tensor(float(len(index)), device=device, dtype=torch.float64),
+                    (~torch.isfinite(loss.detach())).double(),
+                ]
+            )
             dist.all_reduce(totals)
             step_loss, step_correct, step_seen, nonfinite = totals.tolist()
             finite = nonfinite == 0
@@ -349,17 +410,28 @@ class _Trainer:
         run as diverged, with the row recorded (its non-finite values written as null)."""
         config = self.config
         if self.world_size > 1:
-            test_loss, test_acc = _evaluate_shared(self.model, self.x_test, self.y_test,
-                                                   config.eval_batch_size, self.rank,
-                                                   self.world_size)
+            test_loss, test_acc = _evaluate_shared(
+                self.model,
+                self.x_test,
+                self.y_test,
+                config.eval_batch_size,
+                self.rank,
+                self.world_size,
+            )
         else:
-            test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test,
-                                           config.eval_batch_size)
+            test_loss, test_acc = evaluate(
+                self.model, self.x_test, self.y_test, config.eval_batch_size
+            )
         seen = max(1, self.sums["seen"])
-        row = {"epoch": self.epoch + 1, "train_loss": self.sums["loss"] / seen,
-               "train_acc": self.sums["correct"] / seen, "test_loss": test_loss,
-               "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - epoch_start}
+        row = {
+            "epoch": self.epoch + 1,
+            "train_loss": self.sums["loss"] / seen,
+            "train_acc": self.sums["correct"] / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - epoch_start,
+        }
         self.result.history.append(row)
         if not math.isfinite(test_loss):
             self.result.diverged_at_step, self.result.diverged_in = self.global_step, "eval"
@@ -377,17 +449,20 @@ class _Trainer:
         train_model = self.model
         if self.world_size > 1:
             train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if config.compile:
             train_model = torch.compile(train_model)
         show = show_progress(progress) and self.rank == 0
         self.model.train()
-        with _Progress(show, description, config.epochs * self.steps_per_epoch,
-                       self.global_step) as bar:
+        with _Progress(
+            show, description, config.epochs * self.steps_per_epoch, self.global_step
+        ) as bar:
             while self.epoch < config.epochs and not result.diverged:
                 epoch_start = time.perf_counter()
-                batches = _batches(self.n, config.batch_size, config.seed, self.epoch,
-                                   self.world_size)
+                batches = _batches(
+                    self.n, config.batch_size, config.seed, self.epoch, self.world_size
+                )
                 for k in range(self.step_in_epoch, len(batches)):
                     taken = self.train_step(train_model, batches[k], len(batches[k]))
                     if taken is None:
@@ -399,10 +474,14 @@ class _Trainer:
                     self.sums["loss"] += step_loss
                     self.sums["correct"] += step_correct
                     self.sums["seen"] += step_seen
-                    bar.advance(step_loss / step_seen, self.sums["correct"] / self.sums["seen"],
-                                step_seen)
-                    if (config.checkpoint_every and self.global_step % config.checkpoint_every == 0
-                            and k + 1 < len(batches)):
+                    bar.advance(
+                        step_loss / step_seen, self.sums["correct"] / self.sums["seen"], step_seen
+                    )
+                    if (
+                        config.checkpoint_every
+                        and self.global_step % config.checkpoint_every == 0
+                        and k + 1 < len(batches)
+                    ):
                         self.save(self.epoch, k + 1)
                 if result.diverged:
                     break
@@ -422,15 +501,15 @@ class _Trainer:
         return result
 
 
-def _fit(model, data, config, device, out, resume, monitor, progress, description, meta,
-         on_epoch) -> FitResult:
+def _fit(
+    model, data, config, device, out, resume, monitor, progress, description, meta, on_epoch
+) -> FitResult:
     trainer = _Trainer(model, data, config, device, out, monitor, meta)
     trainer.start_or_resume(resume)
     return trainer.train(progress, description, on_epoch)
 
 
-def _restore_rng(state: dict, seed: int, rank: int, world_size: int,
-                 device: torch.device) -> None:
+def _restore_rng(state: dict, seed: int, rank: int, world_size: int, device: torch.device) -> None:
     rng = state["rng"]
     ranks = rng.get("ranks")
     if world_size > 1 and ranks is not None and len(ranks) == world_size:

@@ -1,4 +1,5 @@
 """Optimizer, learning-rate schedule and image augmentation for :func:`~resnorm.train.fit`."""
+
 from __future__ import annotations
 
 import math
@@ -19,16 +20,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov)
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-step schedule described in :class:`TrainConfig`."""
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
@@ -47,8 +52,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator, *,
-                   offset: int = 0, total: int | None = None) -> torch.Tensor:
+def augment_images(
+    x: torch.Tensor,
+    padding: int,
+    generator: torch.Generator,
+    *,
+    offset: int = 0,
+    total: int | None = None,
+) -> torch.Tensor:
     """Random crops of the zero-padded images and random horizontal flips, per sample
     (He et al. 2015's CIFAR augmentation), on a batch (N, C, H, W).
 
@@ -57,8 +68,10 @@ def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator, *,
     so the processes of a distributed run, each with its slice, crop and flip exactly as
     one process with the whole batch would."""
     if x.dim() != 4:
-        raise UsageError(f"augment=True needs image batches (N, C, H, W), got shape "
-                         f"{tuple(x.shape)}; turn augmentation off for this data set")
+        raise UsageError(
+            f"augment=True needs image batches (N, C, H, W), got shape "
+            f"{tuple(x.shape)}; turn augmentation off for this data set"
+        )
     n, c, h, w = x.shape
     total = n if total is None else total
     if not 0 <= offset <= total - n:
@@ -71,7 +84,11 @@ def augment_images(x: torch.Tensor, padding: int, generator: torch.Generator, *,
         dx = torch.randint(0, 2 * padding + 1, (total,), generator=generator)[rows_of_x].to(device)
         rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-        x = padded[torch.arange(n, device=device)[:, None, None, None],
-                   torch.arange(c, device=device)[None, :, None, None], rows, cols]
+        x = padded[
+            torch.arange(n, device=device)[:, None, None, None],
+            torch.arange(c, device=device)[None, :, None, None],
+            rows,
+            cols,
+        ]
     flip = (torch.rand(total, generator=generator)[rows_of_x] < 0.5).to(device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -1,4 +1,5 @@
 """The training progress bar."""
+
 from __future__ import annotations
 
 import time
@@ -21,19 +22,26 @@ class _Progress(StderrProgress):
     def columns(self) -> tuple:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
-                           "{task.fields[rate]} samples/s"),
-                TimeRemainingColumn())
+        return (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[rate]} samples/s"
+            ),
+            TimeRemainingColumn(),
+        )
 
     def on_start(self) -> None:
-        self.task = self.progress.add_task(self.description, total=self.total,
-                                           completed=self.done, loss="-", acc="-", rate="-")
+        self.task = self.progress.add_task(
+            self.description, total=self.total, completed=self.done, loss="-", acc="-", rate="-"
+        )
 
     def advance(self, loss: float, acc: float, samples: int) -> None:
         if self.progress is None:
             return
         self.samples += samples
         rate = self.samples / max(1e-9, time.perf_counter() - self.start)
-        self.progress.update(self.task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.1%}",
-                             rate=f"{rate:,.0f}")
+        self.progress.update(
+            self.task, advance=1, loss=f"{loss:.3f}", acc=f"{acc:.1%}", rate=f"{rate:,.0f}"
+        )

@@ -10,6 +10,7 @@ and buffer names, shapes and dtypes) and a digest of the data's tensors. It is s
 does not change results is recorded but left out: how often to checkpoint, where the data
 files live, the resnorm version, the command line, the date and the machine.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,13 +39,16 @@ class RunMismatchError(UsageError):
 
     def __init__(self, root, differences: dict) -> None:
         self.root, self.differences = Path(root), differences
-        shown = [f"{key}: {_short(old)} -> {_short(new)}"
-                 for key, (old, new) in list(differences.items())[:6]]
+        shown = [
+            f"{key}: {_short(old)} -> {_short(new)}"
+            for key, (old, new) in list(differences.items())[:6]
+        ]
         more = len(differences) - len(shown)
         super().__init__(
             f"{root} holds a run with a different configuration ({'; '.join(shown)}"
             f"{f'; {more} more' if more > 0 else ''}); start it over with --restart "
-            f"(resume=False), or give another --out")
+            f"(resume=False), or give another --out"
+        )
 
 
 def _short(value) -> str:
@@ -66,7 +70,8 @@ def train_identity(config: dict, world_size: int) -> dict:
 def model_structure(model: nn.Module) -> str:
     """A digest of the model's class and its state dict's names, shapes and dtypes."""
     items = [type(model).__name__] + [
-        f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()]
+        f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()
+    ]
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
@@ -84,10 +89,18 @@ def data_digest(data) -> str:
 def run_identity(config, meta: dict, model: nn.Module, data, world_size: int) -> dict:
     """What identifies a run (see the module's docstring)."""
     described = {k: v for k, v in meta.items() if k not in _META_NOT_IDENTITY}
-    return json.loads(json.dumps({
-        "train": train_identity(config.to_dict(), world_size), **described,
-        "model_structure": model_structure(model), "data": data_digest(data)},
-        sort_keys=True, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "train": train_identity(config.to_dict(), world_size),
+                **described,
+                "model_structure": model_structure(model),
+                "data": data_digest(data),
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
 
 
 def identity_hash(identity: dict) -> str:
@@ -117,8 +130,15 @@ def identity_differences(recorded: dict, requested: dict) -> dict:
     return {key: found[key] for key in sorted(found, key=order)}
 
 
-_ORDER = ("model", "model_options", "model_structure", "dataset", "dataset_options", "train",
-          "data")
+_ORDER = (
+    "model",
+    "model_options",
+    "model_structure",
+    "dataset",
+    "dataset_options",
+    "train",
+    "data",
+)
 
 
 def command_line() -> str:
@@ -129,8 +149,11 @@ def command_line() -> str:
     if not sys.argv or not sys.argv[0]:
         return ""
     program = Path(sys.argv[0])
-    name = ("python -m resnorm" if program.name == "__main__.py" and program.parent.name
-            == "resnorm" else program.name)
+    name = (
+        "python -m resnorm"
+        if program.name == "__main__.py" and program.parent.name == "resnorm"
+        else program.name
+    )
     return " ".join([name, shlex.join(sys.argv[1:])]).strip()
 
 
@@ -138,27 +161,47 @@ def provenance(device=None) -> dict:
     """How and where something was made: the command line, versions, date and machine."""
     from .. import __version__
 
-    machine = {"hostname": platform.node(), "platform": platform.platform(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    machine = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device is not None:
         machine["device"] = str(device)
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
             machine["device_name"] = torch.cuda.get_device_name(torch.device(device))
-    return {"command": command_line(),
-            "resnorm": __version__, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine}
+    return {
+        "command": command_line(),
+        "resnorm": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+    }
 
 
-def run_record(identity: dict, meta: dict, config, data_summary: str, device,
-               world_size: int, previous: dict | None = None) -> dict:
+def run_record(
+    identity: dict,
+    meta: dict,
+    config,
+    data_summary: str,
+    device,
+    world_size: int,
+    previous: dict | None = None,
+) -> dict:
     """The content of a run folder's ``config.json``: the identity and its hash, the full
     configuration, the data, and the provenance of the start (kept from ``previous``) and
     of every resume."""
-    record = {"hash": identity_hash(identity), "identity": identity, **meta,
-              "config": config.to_dict(), "data": data_summary, "device": str(device),
-              "world_size": world_size}
+    record = {
+        "hash": identity_hash(identity),
+        "identity": identity,
+        **meta,
+        "config": config.to_dict(),
+        "data": data_summary,
+        "device": str(device),
+        "world_size": world_size,
+    }
     now = provenance(device)
     if previous and isinstance(previous.get("provenance"), dict):
         record["provenance"] = previous["provenance"]

@@ -26,6 +26,7 @@ Conventions, in one place:
   A variant *degrades* when its hard-end mean is below its easy-end mean by more than
   both 1 point and the larger of the two seed spreads; otherwise it *holds*.
 """
+
 from __future__ import annotations
 
 from .figures import FIGURES
@@ -34,5 +35,12 @@ from .findings import SMOKE_NOTE, summarize_findings
 from .groups import AXES
 from .table import summary_table
 
-__all__ = ["AXES", "CSV_COLUMNS", "FIGURES", "SMOKE_NOTE", "summarize_findings", "summary_table",
-           "write_report"]
+__all__ = [
+    "AXES",
+    "CSV_COLUMNS",
+    "FIGURES",
+    "SMOKE_NOTE",
+    "summarize_findings",
+    "summary_table",
+    "write_report",
+]

@@ -1,5 +1,6 @@
 """The report's figures (matplotlib): test accuracy along the swept axis, training-loss
 curves, and gradient norms and signal propagation at initialization."""
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,12 @@ from .groups import (
     _unit,
 )
 
-FIGURES = (("accuracy", "Test accuracy"), ("loss_curves", "Training loss"),
-           ("init_grad_norms", "Gradient norm by layer at initialization"),
-           ("init_signal", "Signal propagation at initialization"))
+FIGURES = (
+    ("accuracy", "Test accuracy"),
+    ("loss_curves", "Training loss"),
+    ("init_grad_norms", "Gradient norm by layer at initialization"),
+    ("init_signal", "Signal propagation at initialization"),
+)
 
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -66,8 +70,9 @@ def _accuracy_figure(groups: dict, axis: str):
     panels = _by_unit(groups, axis)
     if not panels:
         return None, "No run recorded a test accuracy (no training in these results)."
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 + 5.5 * len(panels), 5),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 + 5.5 * len(panels), 5), constrained_layout=True, squeeze=False
+    )
     styles = {label: _style(i) for i, label in enumerate(groups)}
     drawn = crosses = unplotted = 0
     for ax, (unit, panel) in zip(axes.flat, panels.items()):
@@ -76,10 +81,16 @@ def _accuracy_figure(groups: dict, axis: str):
             xs = _draw_means(ax, label, _points(runs, axis), styles[label])
             drawn += bool(xs)
             marked, missing = _draw_crosses(ax, runs, axis, styles[label]["color"])
-            crosses, unplotted, all_x = crosses + len(marked), unplotted + missing, all_x + xs + marked
+            crosses, unplotted, all_x = (
+                crosses + len(marked),
+                unplotted + missing,
+                all_x + xs + marked,
+            )
         _axis_ticks(ax, axis, all_x)
-        ax.set(xlabel=_axis_label(axis, unit) + (" (log2 scale)" if axis == "batch_size" else ""),
-               ylabel="final test accuracy (%)")
+        ax.set(
+            xlabel=_axis_label(axis, unit) + (" (log2 scale)" if axis == "batch_size" else ""),
+            ylabel="final test accuracy (%)",
+        )
         ax.grid(alpha=0.3)
     if not drawn and not crosses:
         plt.close(fig)
@@ -88,24 +99,39 @@ def _accuracy_figure(groups: dict, axis: str):
     _accuracy_legend(fig, axes.flat[-1], crosses)
     note = None
     if unplotted:
-        note = (f"{unplotted} diverged or failed run{'s' if unplotted != 1 else ''} recorded "
-                f"no test accuracy and {'are' if unplotted != 1 else 'is'} not plotted "
-                f"(see the runs table).")
+        note = (
+            f"{unplotted} diverged or failed run{'s' if unplotted != 1 else ''} recorded "
+            f"no test accuracy and {'are' if unplotted != 1 else 'is'} not plotted "
+            f"(see the runs table)."
+        )
     return fig, note
 
 
 def _accuracy_legend(fig, ax, crosses: int) -> None:
     """One legend for all panels, the diverged/failed marker last."""
     if crosses:
-        ax.plot([], [], ls="none", marker="X", color="gray", markeredgecolor="black",
-                label="diverged/failed run (last accuracy)")
+        ax.plot(
+            [],
+            [],
+            ls="none",
+            marker="X",
+            color="gray",
+            markeredgecolor="black",
+            label="diverged/failed run (last accuracy)",
+        )
     entries = {}
     for panel in fig.axes:
         for handle, label in zip(*panel.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     labels = sorted(entries, key=lambda label: label.startswith("diverged/"))
-    ax.legend([entries[k] for k in labels], labels, fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend(
+        [entries[k] for k in labels],
+        labels,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0,
+    )
 
 
 def _draw_means(ax, label: str, points: dict, style: dict) -> list:
@@ -116,8 +142,17 @@ def _draw_means(ax, label: str, points: dict, style: dict) -> list:
         means = [points[x].mean * 100 for x in xs]
         low = [m - min(points[x].accs) * 100 for m, x in zip(means, xs)]
         high = [max(points[x].accs) * 100 - m for m, x in zip(means, xs)]
-        ax.errorbar(xs, means, yerr=[low, high], marker="o", ms=4, capsize=3, lw=1.4,
-                    label=_mpl(label), **style)
+        ax.errorbar(
+            xs,
+            means,
+            yerr=[low, high],
+            marker="o",
+            ms=4,
+            capsize=3,
+            lw=1.4,
+            label=_mpl(label),
+            **style,
+        )
     return xs
 
 
@@ -132,8 +167,16 @@ def _draw_crosses(ax, runs: list[dict], axis: str, color) -> tuple[list, int]:
         if acc is None or x is None:
             missing += 1
             continue
-        ax.scatter([x], [acc * 100], marker="X", s=70, color=color,
-                   edgecolors="black", linewidths=0.6, zorder=4)
+        ax.scatter(
+            [x],
+            [acc * 100],
+            marker="X",
+            s=70,
+            color=color,
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=4,
+        )
         marked.append(x)
     return marked, missing
 
@@ -165,23 +208,27 @@ def _loss_figure(groups: dict, axis: str):
     keys = sorted(panels, key=lambda key: (str(key[0]), _sort_key(key[1])))
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 2.8, 3.3 * rows),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.6 * cols + 2.8, 3.3 * rows), constrained_layout=True, squeeze=False
+    )
     handles = {}
     for ax, (unit, x) in zip(axes.flat, keys):
         for i, label, curve in panels[unit, x]:
-            (line,) = ax.plot(*zip(*curve), marker="." if len(curve) < 30 else None, lw=1.3,
-                              label=_mpl(label), **_style(i))
+            (line,) = ax.plot(
+                *zip(*curve),
+                marker="." if len(curve) < 30 else None,
+                lw=1.3,
+                label=_mpl(label),
+                **_style(i),
+            )
             handles.setdefault(i, line)
         ax.set_yscale("log")
-        ax.set(title=_at(axis, x, unit), xlabel="epoch",
-               ylabel="train loss (mean over seeds)")
+        ax.set(title=_at(axis, x, unit), xlabel="epoch", ylabel="train loss (mean over seeds)")
         ax.grid(alpha=0.3, which="both")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     ordered = [handles[i] for i in sorted(handles)]
-    fig.legend(ordered, [h.get_label() for h in ordered], loc="outside right upper",
-               fontsize=7)
+    fig.legend(ordered, [h.get_label() for h in ordered], loc="outside right upper", fontsize=7)
     return fig, None
 
 
@@ -192,9 +239,14 @@ def _init_picks(groups: dict, axis: str) -> dict:
     for label, runs in groups.items():
         runs = [r for r in runs if _has_init(r)]
         if runs:
-            picks[label] = max(runs, key=lambda r: (
-                _finite(r.get("depth")) or -1, -(_finite(r.get("seed")) or 0),
-                _finite(r.get("batch_size")) or -1))
+            picks[label] = max(
+                runs,
+                key=lambda r: (
+                    _finite(r.get("depth")) or -1,
+                    -(_finite(r.get("seed")) or 0),
+                    _finite(r.get("batch_size")) or -1,
+                ),
+            )
     return picks
 
 
@@ -223,10 +275,16 @@ def _grad_figure(groups: dict, axis: str):
     for label, run in picks.items():
         # Weight layers only (linear, conv, attention): normalization layers' scales sit
         # between them at another magnitude and would zigzag every line.
-        weights = [layer for layer in run["init"].get("layers") or []
-                   if not _is_norm_kind(layer.get("kind", ""))]
-        points = [(i, max(v, 1e-45)) for i, layer in enumerate(weights, 1)
-                  if (v := _finite(layer.get("grad_norm"))) is not None and v >= 0]
+        weights = [
+            layer
+            for layer in run["init"].get("layers") or []
+            if not _is_norm_kind(layer.get("kind", ""))
+        ]
+        points = [
+            (i, max(v, 1e-45))
+            for i, layer in enumerate(weights, 1)
+            if (v := _finite(layer.get("grad_norm"))) is not None and v >= 0
+        ]
         if points:
             lines.append((order.index(label), label, run, points))
     if not lines:
@@ -234,12 +292,19 @@ def _grad_figure(groups: dict, axis: str):
     where, per_variant = _depth_note({label: picks[label] for _, label, _, _ in lines})
     fig, ax = plt.subplots(figsize=(10, 4.8), constrained_layout=True)
     for i, label, run, points in lines:
-        ax.plot(*zip(*points), marker="." if len(points) < 60 else None, lw=1.2,
-                label=_init_label(label, run, per_variant), **_style(i))
+        ax.plot(
+            *zip(*points),
+            marker="." if len(points) < 60 else None,
+            lw=1.2,
+            label=_init_label(label, run, per_variant),
+            **_style(i),
+        )
     ax.set_yscale("log")
-    ax.set(title=f"Weight-gradient norm by layer at initialization ({where})",
-           xlabel="weight layer (forward order; normalization layers left out)",
-           ylabel="||grad||")
+    ax.set(
+        title=f"Weight-gradient norm by layer at initialization ({where})",
+        xlabel="weight layer (forward order; normalization layers left out)",
+        ylabel="||grad||",
+    )
     ax.grid(alpha=0.3, which="both")
     _legend(ax, len(lines))
     return fig, None
@@ -248,8 +313,7 @@ def _grad_figure(groups: dict, axis: str):
 def _signal_figure(groups: dict, axis: str):
     import matplotlib.pyplot as plt
 
-    picks = {label: r for label, r in _init_picks(groups, axis).items()
-             if r["init"].get("blocks")}
+    picks = {label: r for label, r in _init_picks(groups, axis).items() if r["init"].get("blocks")}
     if not picks:
         return None, "No block statistics at initialization in these results."
     order = list(groups)
@@ -257,17 +321,30 @@ def _signal_figure(groups: dict, axis: str):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
     fig.suptitle(f"Signal propagation at initialization ({where})")
     handles = {}
-    for ax, (key, title) in zip(axes, (("sq_mean", "average channel squared mean"),
-                                       ("var", "average channel variance"),
-                                       ("branch_var", "residual-branch variance"))):
+    for ax, (key, title) in zip(
+        axes,
+        (
+            ("sq_mean", "average channel squared mean"),
+            ("var", "average channel variance"),
+            ("branch_var", "residual-branch variance"),
+        ),
+    ):
         values = []
         for label, run in picks.items():
-            points = [(d, v) for d, block in enumerate(run["init"]["blocks"], 1)
-                      if (v := _finite(block.get(key))) is not None and v > 0]
+            points = [
+                (d, v)
+                for d, block in enumerate(run["init"]["blocks"], 1)
+                if (v := _finite(block.get(key))) is not None and v > 0
+            ]
             if points:
                 i = order.index(label)
-                (line,) = ax.plot(*zip(*points), marker="." if len(points) < 60 else None,
-                                  lw=1.2, label=_init_label(label, run, per_variant), **_style(i))
+                (line,) = ax.plot(
+                    *zip(*points),
+                    marker="." if len(points) < 60 else None,
+                    lw=1.2,
+                    label=_init_label(label, run, per_variant),
+                    **_style(i),
+                )
                 handles.setdefault(i, line)
                 values += [v for _, v in points]
         if values:
@@ -279,13 +356,16 @@ def _signal_figure(groups: dict, axis: str):
         ax.grid(alpha=0.3, which="both")
     ordered = [handles[i] for i in sorted(handles)]
     if ordered:
-        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside right upper",
-                   fontsize=7)
+        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside right upper", fontsize=7)
     return fig, None
 
 
-_FIGURE_MAKERS = {"accuracy": _accuracy_figure, "loss_curves": _loss_figure,
-                  "init_grad_norms": _grad_figure, "init_signal": _signal_figure}
+_FIGURE_MAKERS = {
+    "accuracy": _accuracy_figure,
+    "loss_curves": _loss_figure,
+    "init_grad_norms": _grad_figure,
+    "init_signal": _signal_figure,
+}
 
 
 def _write_figures(groups: dict, axis: str, figdir: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """The report's files: ``results.json`` and ``lab.json`` (strict JSON), ``results.csv``
 (one row per run), and :func:`write_report`, which writes them with the figures and the
 HTML page, each atomically."""
+
 from __future__ import annotations
 
 import csv
@@ -13,9 +14,27 @@ from .figures import _write_figures
 from .groups import _axis, _groups
 from .page import _render_page
 
-CSV_COLUMNS = ("run_id", "variant", "family", "model", "depth", "norm", "residual", "placement",
-               "batch_size", "seed", "dataset", "status", "final_test_acc", "best_test_acc",
-               "final_train_loss", "parameters", "seconds", "init_verdict", "init_grad_ratio")
+CSV_COLUMNS = (
+    "run_id",
+    "variant",
+    "family",
+    "model",
+    "depth",
+    "norm",
+    "residual",
+    "placement",
+    "batch_size",
+    "seed",
+    "dataset",
+    "status",
+    "final_test_acc",
+    "best_test_acc",
+    "final_train_loss",
+    "parameters",
+    "seconds",
+    "init_verdict",
+    "init_grad_ratio",
+)
 
 
 def _csv_cell(value) -> str:
@@ -37,8 +56,11 @@ def _csv_text(results: list[dict]) -> str:
     writer.writerow(CSV_COLUMNS)
     for run in results:
         init = run.get("init") if isinstance(run.get("init"), dict) else {}
-        row = {**{c: run.get(c) for c in CSV_COLUMNS},
-               "init_verdict": init.get("verdict"), "init_grad_ratio": init.get("grad_ratio")}
+        row = {
+            **{c: run.get(c) for c in CSV_COLUMNS},
+            "init_verdict": init.get("verdict"),
+            "init_grad_ratio": init.get("grad_ratio"),
+        }
         writer.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
     return buffer.getvalue()
 
@@ -75,9 +97,14 @@ def write_report(results: list[dict], study: dict, out) -> Path:
     groups = _groups(results, axis)
     figures = _write_figures(groups, axis, figdir)
     if study.get("provenance"):
-        _write_json(out / "lab.json",
-                    {"study": {k: v for k, v in study.items() if k != "provenance"},
-                     "provenance": study["provenance"]}, default=str)
+        _write_json(
+            out / "lab.json",
+            {
+                "study": {k: v for k, v in study.items() if k != "provenance"},
+                "provenance": study["provenance"],
+            },
+            default=str,
+        )
     path = out / "report.html"
     _write_text(path, _render_page(results, study, axis, groups, figures))
     return path

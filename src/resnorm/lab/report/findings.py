@@ -1,6 +1,7 @@
 """The findings: English sentences computed from the numbers only, following the
 conventions in the package docstring (what a variant and a point are, the easy and hard
 ends of the axis, when a variant degrades or holds)."""
+
 from __future__ import annotations
 
 from .groups import (
@@ -24,10 +25,12 @@ from .groups import (
     _verdict_summary,
 )
 
-SMOKE_NOTE = ("This is a smoke run (--quick): a smaller version of the study (fewer samples, depths "
-              "or epochs), to "
-              "check that everything runs. Its numbers are too small to support any finding; "
-              "run the study without --quick for that.")
+SMOKE_NOTE = (
+    "This is a smoke run (--quick): a smaller version of the study (fewer samples, depths "
+    "or epochs), to "
+    "check that everything runs. Its numbers are too small to support any finding; "
+    "run the study without --quick for that."
+)
 
 
 def summarize_findings(results: list[dict], study: dict) -> list[str]:
@@ -69,16 +72,23 @@ def _variant_changes(groups: dict, axis: str) -> tuple[list[str], list[tuple], d
         hard_end[label] = (xs[-1], unit, points[xs[-1]])
         if len(xs) == 1:
             p = points[xs[0]]
-            findings.append(f"{label}: {p.mean * 100:.1f}% at {_at(axis, xs[0], unit)} (the "
-                            f"only {word} with a finished run).")
+            findings.append(
+                f"{label}: {p.mean * 100:.1f}% at {_at(axis, xs[0], unit)} (the "
+                f"only {word} with a finished run)."
+            )
             continue
         a, b = points[xs[0]], points[xs[-1]]
         delta = (b.mean - a.mean) * 100
-        left_out = "".join(f"; {_left_out(points[x].runs)} at {_at(axis, x, unit)}, not "
-                           f"averaged" for x in (xs[0], xs[-1]) if _left_out(points[x].runs))
-        findings.append(f"{label}: {a.mean * 100:.1f}% at {_at(axis, xs[0], unit)} -> "
-                        f"{b.mean * 100:.1f}% at {_at(axis, xs[-1], unit)} "
-                        f"({_signed(delta)} points{left_out}).")
+        left_out = "".join(
+            f"; {_left_out(points[x].runs)} at {_at(axis, x, unit)}, not averaged"
+            for x in (xs[0], xs[-1])
+            if _left_out(points[x].runs)
+        )
+        findings.append(
+            f"{label}: {a.mean * 100:.1f}% at {_at(axis, xs[0], unit)} -> "
+            f"{b.mean * 100:.1f}% at {_at(axis, xs[-1], unit)} "
+            f"({_signed(delta)} points{left_out})."
+        )
         changes.append((label, delta, max(1.0, a.spread, b.spread)))
     return findings, changes, hard_end
 
@@ -90,12 +100,17 @@ def _trend_findings(changes: list[tuple], axis: str) -> list[str]:
     hold = [c for c in changes if c[1] >= -c[2]]
     findings = []
     if degrade:
-        findings.append(f"Degrade {phrase} (drop larger than 1 point and the seed spread): "
-                        + "; ".join(f"{label} ({_signed(d)} points)" for label, d, _ in degrade) + ".")
+        findings.append(
+            f"Degrade {phrase} (drop larger than 1 point and the seed spread): "
+            + "; ".join(f"{label} ({_signed(d)} points)" for label, d, _ in degrade)
+            + "."
+        )
     if hold:
-        findings.append(f"Hold {phrase} (no drop beyond max(1 point, seed spread)): "
-                        + "; ".join(f"{label} ({_signed(d)} points, allowance {t:.1f})"
-                                    for label, d, t in hold) + ".")
+        findings.append(
+            f"Hold {phrase} (no drop beyond max(1 point, seed spread)): "
+            + "; ".join(f"{label} ({_signed(d)} points, allowance {t:.1f})" for label, d, t in hold)
+            + "."
+        )
     return findings
 
 
@@ -112,9 +127,11 @@ def _best_at_hard_end(hard_end: dict, axis: str) -> list[str]:
         if len(ranked) < 2:
             continue
         (m1, l1, n1), (m2, l2, _) = ranked[0], ranked[1]
-        findings.append(f"Best at {_at(axis, x, unit)}: {l1} with {m1 * 100:.1f}% ({n1} "
-                        f"seed{'s' if n1 != 1 else ''}), {(m1 - m2) * 100:.1f} points ahead of "
-                        f"{l2} ({m2 * 100:.1f}%).")
+        findings.append(
+            f"Best at {_at(axis, x, unit)}: {l1} with {m1 * 100:.1f}% ({n1} "
+            f"seed{'s' if n1 != 1 else ''}), {(m1 - m2) * 100:.1f} points ahead of "
+            f"{l2} ({m2 * 100:.1f}%)."
+        )
     return findings
 
 
@@ -132,8 +149,7 @@ def _residual_gaps(groups: dict, axis: str) -> list[str]:
         run = runs[0]
         if not isinstance(run.get("residual"), bool):
             continue
-        key = tuple(item for item in _config(run, axis)
-                    if item[0] not in ("residual", "model"))
+        key = tuple(item for item in _config(run, axis) if item[0] not in ("residual", "model"))
         pairs.setdefault(key, {}).setdefault(run["residual"], []).append(label)
     out = []
     for sides in pairs.values():
@@ -147,8 +163,10 @@ def _residual_gaps(groups: dict, axis: str) -> list[str]:
         if len(common) > 4:
             common = [common[0], common[-1]]
         unit = _unit(groups[res] + groups[plain], axis)
-        gaps = ", ".join(f"{_signed((p_res[x].mean - p_plain[x].mean) * 100)} points at "
-                         f"{_at(axis, x, unit)}" for x in common)
+        gaps = ", ".join(
+            f"{_signed((p_res[x].mean - p_plain[x].mean) * 100)} points at {_at(axis, x, unit)}"
+            for x in common
+        )
         out.append(f"{res} vs {plain}: residual minus plain {gaps}.")
     return out
 
@@ -167,12 +185,17 @@ def _norm_batch_changes(results: list[dict]) -> list[str]:
         big, small = max(by_batch), min(by_batch)
         a = sum(by_batch[big]) / len(by_batch[big])
         b = sum(by_batch[small]) / len(by_batch[small])
-        parts.append(f"{_norm_word(norm)} {a * 100:.1f}% at batch size {big} -> "
-                     f"{b * 100:.1f}% at batch size {small} ({_signed((b - a) * 100)} points)")
+        parts.append(
+            f"{_norm_word(norm)} {a * 100:.1f}% at batch size {big} -> "
+            f"{b * 100:.1f}% at batch size {small} ({_signed((b - a) * 100)} points)"
+        )
     if not parts:
         return []
-    return ["By norm kind, from the largest to the smallest batch (mean over variants and "
-            "seeds): " + "; ".join(parts) + "."]
+    return [
+        "By norm kind, from the largest to the smallest batch (mean over variants and "
+        "seeds): " + "; ".join(parts) + "."
+    ]
+
 
 def _init_findings(groups: dict, axis: str) -> list[str]:
     by_verdict: dict[str, list[str]] = {}
@@ -184,16 +207,21 @@ def _init_findings(groups: dict, axis: str) -> list[str]:
             continue
         verdict, ratio = _verdict_summary(by_depth[depths[-1]])
         by_verdict.setdefault(verdict, []).append(
-            f"{label} (depth {depths[-1]}, grad ratio {ratio})")
+            f"{label} (depth {depths[-1]}, grad ratio {ratio})"
+        )
         first = _verdict_summary(by_depth[depths[0]])[0]
         if len(depths) > 1 and first != verdict:
-            changed.append(f"{label} {first} at depth {depths[0]} -> {verdict} at depth "
-                           f"{depths[-1]}")
+            changed.append(
+                f"{label} {first} at depth {depths[0]} -> {verdict} at depth {depths[-1]}"
+            )
     out = []
     if by_verdict:
-        out.append("At initialization, each variant at its largest depth (first/last layer "
-                   "gradient ratio): " + "; ".join(f"{v}: {', '.join(labels)}"
-                                                   for v, labels in by_verdict.items()) + ".")
+        out.append(
+            "At initialization, each variant at its largest depth (first/last layer "
+            "gradient ratio): "
+            + "; ".join(f"{v}: {', '.join(labels)}" for v, labels in by_verdict.items())
+            + "."
+        )
     if changed:
         out.append("Initialization verdict changes with depth: " + "; ".join(changed) + ".")
     return out
@@ -214,12 +242,31 @@ def _status_findings(results: list[dict]) -> list[str]:
 
     out = []
     if diverged:
-        out.append(f"{len(diverged)} of {n} runs diverged: " + listing(
-            diverged, lambda r: str(r.get("run_id")) + (
-                f" (at step {r['diverged_at_step']})"
-                if r.get("diverged_at_step") is not None else "")) + ".")
+        out.append(
+            f"{len(diverged)} of {n} runs diverged: "
+            + listing(
+                diverged,
+                lambda r: (
+                    str(r.get("run_id"))
+                    + (
+                        f" (at step {r['diverged_at_step']})"
+                        if r.get("diverged_at_step") is not None
+                        else ""
+                    )
+                ),
+            )
+            + "."
+        )
     if failed:
-        out.append(f"{len(failed)} of {n} runs failed: " + listing(
-            failed, lambda r: str(r.get("run_id")) + (
-                f" ({_first_line(r.get('error'))})" if r.get("error") else "")) + ".")
+        out.append(
+            f"{len(failed)} of {n} runs failed: "
+            + listing(
+                failed,
+                lambda r: (
+                    str(r.get("run_id"))
+                    + (f" ({_first_line(r.get('error'))})" if r.get("error") else "")
+                ),
+            )
+            + "."
+        )
     return out

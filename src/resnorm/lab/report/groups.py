@@ -1,6 +1,7 @@
 """Reading a study's results: the swept axis, variants (runs grouped by configuration),
 points (the finished seeds of one variant at one x value) and the small formatting rules
 every part of the report shares. The conventions are in the package docstring."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,17 @@ from ..study import AXES
 
 _AXIS_WORD = {"depth": "depth", "batch_size": "batch size"}
 # What identifies a configuration besides the variant label, the swept axis and the seed.
-_CONFIG_FIELDS = ("family", "model", "norm", "residual", "placement", "dataset", "options",
-                  "depth", "batch_size")
+_CONFIG_FIELDS = (
+    "family",
+    "model",
+    "norm",
+    "residual",
+    "placement",
+    "dataset",
+    "options",
+    "depth",
+    "batch_size",
+)
 _NOT_FINISHED = ("diverged", "failed")
 
 
@@ -106,8 +116,11 @@ def _norm_word(norm) -> str:
 
 
 def _config(run: dict, axis: str) -> tuple:
-    return tuple((field, json.dumps(run.get(field), sort_keys=True, default=str))
-                 for field in _CONFIG_FIELDS if field != axis)
+    return tuple(
+        (field, json.dumps(run.get(field), sort_keys=True, default=str))
+        for field in _CONFIG_FIELDS
+        if field != axis
+    )
 
 
 def _groups(results: list[dict], axis: str) -> dict[str, list[dict]]:
@@ -121,8 +134,9 @@ def _groups(results: list[dict], axis: str) -> dict[str, list[dict]]:
         if len(configs) == 1:
             groups[label] = next(iter(configs.values()))
             continue
-        differing = [i for i in range(len(_CONFIG_FIELDS) - 1)
-                     if len({key[i] for key in configs}) > 1]
+        differing = [
+            i for i in range(len(_CONFIG_FIELDS) - 1) if len({key[i] for key in configs}) > 1
+        ]
         for key, runs in configs.items():
             extra = ", ".join(f"{key[i][0]}={key[i][1]}" for i in differing)
             groups[f"{label} [{extra}]"] = runs
@@ -130,8 +144,11 @@ def _groups(results: list[dict], axis: str) -> dict[str, list[dict]]:
 
 
 def _fallback_label(run: dict) -> str:
-    parts = [str(run.get("model") or run.get("family") or "model"),
-             "residual" if run.get("residual") else "plain", _norm_word(run.get("norm"))]
+    parts = [
+        str(run.get("model") or run.get("family") or "model"),
+        "residual" if run.get("residual") else "plain",
+        _norm_word(run.get("norm")),
+    ]
     if run.get("placement") == "pre":
         parts.append("pre-norm")
     return ", ".join(parts)
@@ -169,8 +186,9 @@ def _points(runs: list[dict], axis: str) -> dict:
 
 def _has_init(run: dict) -> bool:
     init = run.get("init")
-    return isinstance(init, dict) and bool(init.get("verdict") or init.get("layers")
-                                           or init.get("blocks"))
+    return isinstance(init, dict) and bool(
+        init.get("verdict") or init.get("layers") or init.get("blocks")
+    )
 
 
 def _verdict_summary(runs: list[dict]) -> tuple[str, str]:
@@ -181,8 +199,11 @@ def _verdict_summary(runs: list[dict]) -> tuple[str, str]:
         v = (run.get("init") or {}).get("verdict")
         if v and v not in verdicts:
             verdicts.append(str(v))
-    ratios = [r for r in ((run.get("init") or {}).get("grad_ratio") for run in runs)
-              if _finite(r) is not None]
+    ratios = [
+        r
+        for r in ((run.get("init") or {}).get("grad_ratio") for run in runs)
+        if _finite(r) is not None
+    ]
     if not ratios:
         ratio = "n/a"
     elif min(ratios) == max(ratios):
@@ -194,4 +215,4 @@ def _verdict_summary(runs: list[dict]) -> tuple[str, str]:
 
 def _first_line(text, limit: int = 120) -> str:
     line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,4 +1,5 @@
 """The terminal's view of a study's results: a compact rich table."""
+
 from __future__ import annotations
 
 from .groups import (
@@ -29,13 +30,22 @@ def summary_table(results: list[dict], study: dict):
     name = str((study or {}).get("name") or "study")
     # Compact, so that it reads on an 80-column terminal: short headers, a light box, the
     # variant on one line; the caption says what the columns are.
-    table = Table(title=Text(f"{name}: mean test accuracy over seeds"), box=box.SIMPLE_HEAD,
-                  caption="runs: finished/total; acc: final test accuracy, mean over seeds; "
-                          "±: max - min over seeds (points); bad: diverged or failed; "
-                          "init: verdict at initialization")
-    for column, justify in (("variant", "left"), (_AXIS_WORD[axis], "right"),
-                            ("runs", "right"), ("acc", "right"), ("±", "right"),
-                            ("bad", "right"), ("init", "left")):
+    table = Table(
+        title=Text(f"{name}: mean test accuracy over seeds"),
+        box=box.SIMPLE_HEAD,
+        caption="runs: finished/total; acc: final test accuracy, mean over seeds; "
+        "±: max - min over seeds (points); bad: diverged or failed; "
+        "init: verdict at initialization",
+    )
+    for column, justify in (
+        ("variant", "left"),
+        (_AXIS_WORD[axis], "right"),
+        ("runs", "right"),
+        ("acc", "right"),
+        ("±", "right"),
+        ("bad", "right"),
+        ("init", "left"),
+    ):
         table.add_column(column, justify=justify, no_wrap=True)
     for label, runs in _groups(list(results or []), axis).items():
         by_x = _by_x(runs, axis)
@@ -44,12 +54,14 @@ def summary_table(results: list[dict], study: dict):
             bad = sum(r.get("status") in _NOT_FINISHED for r in by_x[x])
             inits = [r for r in by_x[x] if _has_init(r)]
             table.add_row(
-                Text(label), _x_text(x, _unit(runs, axis), axis),
+                Text(label),
+                _x_text(x, _unit(runs, axis), axis),
                 f"{sum(r.get('status') == 'finished' for r in by_x[x])}/{len(by_x[x])}",
                 f"{point.mean * 100:.1f}%" if point.accs else "-",
                 f"±{point.spread:.1f}" if len(point.accs) > 1 else "-",
                 str(bad) if bad else "-",
-                Text(_verdict_summary(inits)[0] if inits else "-"))
+                Text(_verdict_summary(inits)[0] if inits else "-"),
+            )
     if not results:
         table.caption = "no runs"
     return table
