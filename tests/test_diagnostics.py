@@ -141,6 +141,7 @@ def test_calibration_remedies_fit_the_structure():
         "post_norm": False,
         "norm_kinds": [],
         "closed_gates": 0,
+        "zero_init": False,
     }
     assert exploding.structure["has_skip"] is False and exploding.structure["has_norm"]
     assert healthy.structure["has_skip"] is True and healthy.structure["post_norm"] is True
@@ -633,7 +634,20 @@ def test_to_json_is_complete():
         "dead_fraction": 0.7,
         "signal_growth": 1e3,
         "signal_decay": 1e-3,
+        "loss_scale": 4.0,
+        "affine_tolerance": 1e-3,
+        "loss_rise": 2.0,
+        "loss_progress": 0.02,
+        "frozen_ratio": 1e-3,
+        "max_update": 0.1,
+        "min_update": 1e-4,
     }
+    assert data["confidence"] == d.confidence and data["training"] is None
+    assert [s["name"] for s in data["signals"]] == [s.name for s in d.signals]
+    assert all(
+        set(s) == {"name", "value", "limit", "fired", "verdict", "strength", "text"}
+        for s in data["signals"]
+    )
     assert str(Verdict.NONFINITE) == "non-finite"
     assert diagnose(nn.Sequential(nn.Linear(3, 3)), x, y).model_name == "Sequential"
 

@@ -29,6 +29,7 @@ Conv1d net's conv layers plus head; recurrent layers plus head; Transformer bloc
 ``intended`` is the outcome the case was designed for; the ground truth is what training
 actually did (groundtruth.json), never this tag.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,17 +43,18 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-DATA_PATH = HERE / "mnist1d.npz"            # generated, gitignored
+DATA_PATH = HERE / "mnist1d.npz"  # generated, gitignored
 GROUNDTRUTH_PATH = HERE / "groundtruth.json"
 
 LAYOUTS = ("flat", "channels", "seq", "chunks")
 LABELS = ("trains", "diverges", "fails_vanishing", "fails_other")
-WIDTH = 64          # hidden width of the MLPs and residual MLPs
-CHANNELS = 32       # channels of the Conv1d nets
-D_MODEL = 32        # Transformer width (4 heads, feed-forward 64)
+WIDTH = 64  # hidden width of the MLPs and residual MLPs
+CHANNELS = 32  # channels of the Conv1d nets
+D_MODEL = 32  # Transformer width (4 heads, feed-forward 64)
 
 
 # --------------------------------------------------------------------------- data
+
 
 def load_mnist1d(path: Path = DATA_PATH) -> dict[str, np.ndarray]:
     """MNIST-1D with the ``mnist1d`` package's default arguments (5,000 samples: 4,000 for
@@ -72,9 +74,12 @@ def load_mnist1d(path: Path = DATA_PATH) -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    arrays = {"x": data["x"].astype(np.float32), "y": data["y"].astype(np.int64),
-              "x_test": data["x_test"].astype(np.float32),
-              "y_test": data["y_test"].astype(np.int64)}
+    arrays = {
+        "x": data["x"].astype(np.float32),
+        "y": data["y"].astype(np.int64),
+        "x_test": data["x_test"].astype(np.float32),
+        "y_test": data["y_test"].astype(np.int64),
+    }
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
@@ -118,13 +123,14 @@ def scored_labels(path: Path = GROUNDTRUTH_PATH) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- specs
 
+
 @dataclass
 class Spec:
     """What a case function returns."""
 
     model: nn.Module
     layout: str
-    optimizer: str          # "sgd" (momentum 0.9), "sgd0" (no momentum), "adam", "adamw"
+    optimizer: str  # "sgd" (momentum 0.9), "sgd0" (no momentum), "adam", "adamw"
     lr: float
     family: str
     depth: int
@@ -134,7 +140,7 @@ class Spec:
     init: str
     intended: str
     note: str = ""
-    tags: dict = field(default_factory=dict)   # filled by build_case: the tags as a dict
+    tags: dict = field(default_factory=dict)  # filled by build_case: the tags as a dict
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -148,11 +154,19 @@ class Spec:
         raise ValueError(f"unknown optimizer {self.optimizer!r}")
 
     def tag_dict(self) -> dict:
-        return {"family": self.family, "layout": self.layout, "depth": self.depth,
-                "activation": self.activation, "norm": self.norm,
-                "residual": self.residual, "init": self.init,
-                "optimizer": self.optimizer, "lr": self.lr, "intended": self.intended,
-                "note": self.note}
+        return {
+            "family": self.family,
+            "layout": self.layout,
+            "depth": self.depth,
+            "activation": self.activation,
+            "norm": self.norm,
+            "residual": self.residual,
+            "init": self.init,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "intended": self.intended,
+            "note": self.note,
+        }
 
 
 CASES: dict[str, Callable[[], Spec]] = {}
@@ -176,9 +190,15 @@ def build_case(name: str, seed: int = 0) -> Spec:
 
 # --------------------------------------------------------------------------- building blocks
 
+
 def _act(name: str) -> nn.Module:
-    return {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-            "identity": nn.Identity}[name]()
+    return {
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "identity": nn.Identity,
+    }[name]()
 
 
 def _norm(kind: str, features: int, conv: bool = False) -> nn.Module:
@@ -186,15 +206,20 @@ def _norm(kind: str, features: int, conv: bool = False) -> nn.Module:
         return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm1d(features)
-    if kind == "layer":   # a conv's layer norm: over channels and positions of one sample
+    if kind == "layer":  # a conv's layer norm: over channels and positions of one sample
         return nn.GroupNorm(1, features) if conv else nn.LayerNorm(features)
     if kind == "group":
         return nn.GroupNorm(8, features)
     raise ValueError(kind)
 
 
-_GAIN = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0,
-         "sigmoid": 1.0, "identity": 1.0}
+_GAIN = {
+    "relu": math.sqrt(2.0),
+    "gelu": math.sqrt(2.0),
+    "tanh": 5.0 / 3.0,
+    "sigmoid": 1.0,
+    "identity": 1.0,
+}
 
 
 def _weights(model: nn.Module):
@@ -256,6 +281,7 @@ def _dead_biases(modules, value: float) -> None:
 
 # --------------------------------------------------------------------------- MLPs
 
+
 def _mlp(depth: int, act: str, norm: str = "none", width: int = WIDTH) -> nn.Sequential:
     """``depth`` Linear layers: (depth - 1) x [Linear, norm, act] then the Linear head."""
     layers: list[nn.Module] = []
@@ -267,9 +293,18 @@ def _mlp(depth: int, act: str, norm: str = "none", width: int = WIDTH) -> nn.Seq
     return nn.Sequential(*layers)
 
 
-def mlp_spec(depth: int, act: str, *, norm: str = "none", init: str = "default",
-             opt: str = "adam", lr: float = 3e-3, intended: str, extra: str = "",
-             note: str = "") -> Spec:
+def mlp_spec(
+    depth: int,
+    act: str,
+    *,
+    norm: str = "none",
+    init: str = "default",
+    opt: str = "adam",
+    lr: float = 3e-3,
+    intended: str,
+    extra: str = "",
+    note: str = "",
+) -> Spec:
     """A plain MLP. ``extra``: "zero_head" (head weight and bias 0), "dead_bias" (every
     hidden Linear's bias -5: all ReLUs off for every input)."""
     model = _mlp(depth, act, norm)
@@ -283,8 +318,20 @@ def mlp_spec(depth: int, act: str, *, norm: str = "none", init: str = "default",
         _dead_biases(linears[:-1], -5.0)
     elif extra:
         raise ValueError(extra)
-    return Spec(model, "flat", opt, lr, "mlp", depth, act, norm, "none",
-                init + (f"+{extra}" if extra else ""), intended, note)
+    return Spec(
+        model,
+        "flat",
+        opt,
+        lr,
+        "mlp",
+        depth,
+        act,
+        norm,
+        "none",
+        init + (f"+{extra}" if extra else ""),
+        intended,
+        note,
+    )
 
 
 class ResMLP(nn.Module):
@@ -302,7 +349,8 @@ class ResMLP(nn.Module):
         self.stem = nn.Linear(40, width)
         self.norms = nn.ModuleList(_norm(norm, width) for _ in range(blocks))
         self.norms2 = nn.ModuleList(
-            _norm(norm, width) if residual == "pre2" else nn.Identity() for _ in range(blocks))
+            _norm(norm, width) if residual == "pre2" else nn.Identity() for _ in range(blocks)
+        )
         self.linears = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
         self.acts = nn.ModuleList(_act(act) for _ in range(blocks))
         self.scales = nn.Parameter(torch.ones(blocks))
@@ -326,9 +374,19 @@ class ResMLP(nn.Module):
         return self.head(self.final_norm(x))
 
 
-def resmlp_spec(blocks: int, act: str, *, norm: str, residual: str, init: str = "default",
-                opt: str = "adam", lr: float = 3e-3, intended: str, extra: str = "",
-                note: str = "") -> Spec:
+def resmlp_spec(
+    blocks: int,
+    act: str,
+    *,
+    norm: str,
+    residual: str,
+    init: str = "default",
+    opt: str = "adam",
+    lr: float = 3e-3,
+    intended: str,
+    extra: str = "",
+    note: str = "",
+) -> Spec:
     """A residual MLP. ``extra``: "zero_head", "zero_scale" (every block's s = 0),
     "zero_last_norm" (residual "pre2": every branch's last norm weight 0, Goyal et al.
     2017), "dead_bias" (bias -5 on what feeds every block's ReLU: the norm of a pre block,
@@ -344,16 +402,29 @@ def resmlp_spec(blocks: int, act: str, *, norm: str, residual: str, init: str = 
         elif extra == "zero_last_norm":
             for n in model.norms2:
                 n.weight.zero_()
-        elif extra == "dead_bias":   # the ReLU reads norm(x) in a pre block: the norm's bias
+        elif extra == "dead_bias":  # the ReLU reads norm(x) in a pre block: the norm's bias
             _dead_biases(model.norms if residual in ("pre", "pre2") else model.linears, -5.0)
         elif extra:
             raise ValueError(extra)
     res = "pre" if residual == "pre2" else residual
-    return Spec(model, "flat", opt, lr, "resmlp", blocks + 2, act, norm, res,
-                init + (f"+{extra}" if extra else ""), intended, note)
+    return Spec(
+        model,
+        "flat",
+        opt,
+        lr,
+        "resmlp",
+        blocks + 2,
+        act,
+        norm,
+        res,
+        init + (f"+{extra}" if extra else ""),
+        intended,
+        note,
+    )
 
 
 # --------------------------------------------------------------------------- Conv1d
+
 
 def _cnn(depth: int, act: str, norm: str) -> nn.Sequential:
     """(depth - 1) x [Conv1d(k=5), norm, act] with stride 2 in the first three (40 -> 5
@@ -362,24 +433,48 @@ def _cnn(depth: int, act: str, norm: str) -> nn.Sequential:
     c_in, length = 1, 40
     for i in range(depth - 1):
         stride = 2 if i < 3 else 1
-        layers += [nn.Conv1d(c_in, CHANNELS, 5, stride=stride, padding=2),
-                   _norm(norm, CHANNELS, conv=True), _act(act)]
+        layers += [
+            nn.Conv1d(c_in, CHANNELS, 5, stride=stride, padding=2),
+            _norm(norm, CHANNELS, conv=True),
+            _act(act),
+        ]
         c_in, length = CHANNELS, (length + stride - 1) // stride
     layers += [nn.Flatten(), nn.Linear(CHANNELS * length, 10)]
     return nn.Sequential(*layers)
 
 
-def cnn_spec(depth: int, act: str, *, norm: str = "none", init: str = "default",
-             opt: str = "adam", lr: float = 3e-3, intended: str, extra: str = "",
-             note: str = "") -> Spec:
+def cnn_spec(
+    depth: int,
+    act: str,
+    *,
+    norm: str = "none",
+    init: str = "default",
+    opt: str = "adam",
+    lr: float = 3e-3,
+    intended: str,
+    extra: str = "",
+    note: str = "",
+) -> Spec:
     model = _cnn(depth, act, norm)
     _init(model, init, act)
     if extra == "dead_bias":
         _dead_biases([m for m in model if isinstance(m, nn.Conv1d)], -5.0)
     elif extra:
         raise ValueError(extra)
-    return Spec(model, "channels", opt, lr, "conv1d", depth, act, norm, "none",
-                init + (f"+{extra}" if extra else ""), intended, note)
+    return Spec(
+        model,
+        "channels",
+        opt,
+        lr,
+        "conv1d",
+        depth,
+        act,
+        norm,
+        "none",
+        init + (f"+{extra}" if extra else ""),
+        intended,
+        note,
+    )
 
 
 class ResBlock1d(nn.Module):
@@ -419,12 +514,17 @@ class ResNet1d(nn.Module):
         super().__init__()
         self.stem = nn.Conv1d(1, CHANNELS, 5, stride=2, padding=2)
         self.stages = nn.ModuleList(
-            nn.Sequential(*(ResBlock1d(CHANNELS, act, norm, residual)
-                            for _ in range(blocks_per_stage))) for _ in range(3))
+            nn.Sequential(
+                *(ResBlock1d(CHANNELS, act, norm, residual) for _ in range(blocks_per_stage))
+            )
+            for _ in range(3)
+        )
         self.pool = nn.AvgPool1d(2)
         pre = residual == "pre"
-        self.final = nn.Sequential(_norm(norm, CHANNELS, conv=True) if pre else nn.Identity(),
-                                   _act(act) if pre else nn.Identity())
+        self.final = nn.Sequential(
+            _norm(norm, CHANNELS, conv=True) if pre else nn.Identity(),
+            _act(act) if pre else nn.Identity(),
+        )
         self.head = nn.Linear(CHANNELS, 10)
 
     def forward(self, x):
@@ -436,9 +536,19 @@ class ResNet1d(nn.Module):
         return self.head(self.final(x).mean(dim=2))
 
 
-def resnet1d_spec(blocks_per_stage: int, act: str = "relu", *, norm: str, residual: str,
-                  init: str = "he", opt: str = "sgd", lr: float = 0.05, intended: str,
-                  extra: str = "", note: str = "") -> Spec:
+def resnet1d_spec(
+    blocks_per_stage: int,
+    act: str = "relu",
+    *,
+    norm: str,
+    residual: str,
+    init: str = "he",
+    opt: str = "sgd",
+    lr: float = 0.05,
+    intended: str,
+    extra: str = "",
+    note: str = "",
+) -> Spec:
     """``extra``: "zero_last_norm" (each block's n2 weight 0: Goyal et al. 2017, residual
     "branch"), "zero_scale" (each block's s = 0: SkipInit)."""
     model = ResNet1d(blocks_per_stage, act, norm, residual)
@@ -453,11 +563,24 @@ def resnet1d_spec(blocks_per_stage: int, act: str = "relu", *, norm: str, residu
                 b.scale.zero_()
         elif extra:
             raise ValueError(extra)
-    return Spec(model, "channels", opt, lr, "resnet1d", 2 * len(blocks) + 2, act, norm,
-                residual, init + (f"+{extra}" if extra else ""), intended, note)
+    return Spec(
+        model,
+        "channels",
+        opt,
+        lr,
+        "resnet1d",
+        2 * len(blocks) + 2,
+        act,
+        norm,
+        residual,
+        init + (f"+{extra}" if extra else ""),
+        intended,
+        note,
+    )
 
 
 # --------------------------------------------------------------------------- GRU / LSTM
+
 
 class RNNClassifier(nn.Module):
     """A GRU or LSTM over the time steps; Linear head on the last step's output."""
@@ -473,16 +596,27 @@ class RNNClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-def rnn_spec(kind: str, layout: str, *, hidden: int = 64, layers: int = 1,
-             init: str = "default", opt: str = "adam", lr: float = 1e-2, intended: str,
-             note: str = "") -> Spec:
+def rnn_spec(
+    kind: str,
+    layout: str,
+    *,
+    hidden: int = 64,
+    layers: int = 1,
+    init: str = "default",
+    opt: str = "adam",
+    lr: float = 1e-2,
+    intended: str,
+    note: str = "",
+) -> Spec:
     model = RNNClassifier(kind, 1 if layout == "seq" else 4, hidden, layers)
     _init(model, init, "tanh")
-    return Spec(model, layout, opt, lr, kind, layers + 1, "tanh", "none", "none", init,
-                intended, note)
+    return Spec(
+        model, layout, opt, lr, kind, layers + 1, "tanh", "none", "none", init, intended, note
+    )
 
 
 # --------------------------------------------------------------------------- Transformers
+
 
 class TokenEmbed(nn.Module):
     """Linear embedding of the 10 chunks of 4 values, plus a learned position embedding."""
@@ -534,29 +668,45 @@ class Transformer(nn.Module):
     ``torch_layer``: the blocks are ``nn.TransformerEncoderLayer`` (norm_first for pre),
     the stock torch.nn module, instead of :class:`Block`."""
 
-    def __init__(self, depth: int, residual: str, norm: str, act: str,
-                 torch_layer: bool = False):
+    def __init__(self, depth: int, residual: str, norm: str, act: str, torch_layer: bool = False):
         super().__init__()
         self.embed = TokenEmbed()
         if torch_layer:
             layer = nn.TransformerEncoderLayer(
-                D_MODEL, 4, 2 * D_MODEL, dropout=0.0, activation=act, batch_first=True,
-                norm_first=residual == "pre")
+                D_MODEL,
+                4,
+                2 * D_MODEL,
+                dropout=0.0,
+                activation=act,
+                batch_first=True,
+                norm_first=residual == "pre",
+            )
             self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         else:
             self.blocks = nn.Sequential(*(Block(residual, norm, act) for _ in range(depth)))
-        self.final = nn.LayerNorm(D_MODEL) if residual == "pre" and norm != "none" \
-            else nn.Identity()
+        self.final = (
+            nn.LayerNorm(D_MODEL) if residual == "pre" and norm != "none" else nn.Identity()
+        )
         self.head = nn.Linear(D_MODEL, 10)
 
     def forward(self, x):
         return self.head(self.final(self.blocks(self.embed(x))).mean(dim=1))
 
 
-def transformer_spec(depth: int, residual: str, *, norm: str = "layer", act: str = "gelu",
-                     init: str = "default", opt: str = "adamw", lr: float = 1e-3,
-                     intended: str, extra: str = "", torch_layer: bool = False,
-                     note: str = "") -> Spec:
+def transformer_spec(
+    depth: int,
+    residual: str,
+    *,
+    norm: str = "layer",
+    act: str = "gelu",
+    init: str = "default",
+    opt: str = "adamw",
+    lr: float = 1e-3,
+    intended: str,
+    extra: str = "",
+    torch_layer: bool = False,
+    note: str = "",
+) -> Spec:
     """``extra``: "zero_head" (head weight and bias 0, as in ViT/MLP-Mixer), "zero_scale"
     (each block's s = 0)."""
     model = Transformer(depth, residual, norm, act, torch_layer)
@@ -570,9 +720,20 @@ def transformer_spec(depth: int, residual: str, *, norm: str = "layer", act: str
                 b.scale.zero_()
         elif extra:
             raise ValueError(extra)
-    return Spec(model, "chunks", opt, lr, "transformer", depth, act, norm, residual,
-                init + (f"+{extra}" if extra else ""), intended,
-                note or ("nn.TransformerEncoderLayer" if torch_layer else ""))
+    return Spec(
+        model,
+        "chunks",
+        opt,
+        lr,
+        "transformer",
+        depth,
+        act,
+        norm,
+        residual,
+        init + (f"+{extra}" if extra else ""),
+        intended,
+        note or ("nn.TransformerEncoderLayer" if torch_layer else ""),
+    )
 
 
 # =========================================================================== the cases
@@ -580,6 +741,7 @@ def transformer_spec(depth: int, residual: str, *, norm: str = "layer", act: str
 # training actually did.
 
 # ---- plain MLPs (width 64)
+
 
 @case
 def mlp_relu_d4_default_adam():
@@ -608,14 +770,18 @@ def mlp_sigmoid_d4_xavier_adam():
 
 @case
 def mlp_relu_d8_zerohead_adam():
-    return mlp_spec(8, "relu", extra="zero_head", intended="trains",
-                    note="zero-init classifier head (as in ViT / MLP-Mixer)")
+    return mlp_spec(
+        8,
+        "relu",
+        extra="zero_head",
+        intended="trains",
+        note="zero-init classifier head (as in ViT / MLP-Mixer)",
+    )
 
 
 @case
 def mlp_relu_d8_batch_sgd():
-    return mlp_spec(8, "relu", norm="batch", init="he", opt="sgd", lr=0.05,
-                    intended="trains")
+    return mlp_spec(8, "relu", norm="batch", init="he", opt="sgd", lr=0.05, intended="trains")
 
 
 @case
@@ -635,8 +801,16 @@ def mlp_gelu_d4_layer_adam():
 
 @case
 def mlp_relu_d64_layer_sgd():
-    return mlp_spec(64, "relu", norm="layer", init="he", opt="sgd", lr=0.02,
-                    intended="fails_other", note="deep plain layer-norm net")
+    return mlp_spec(
+        64,
+        "relu",
+        norm="layer",
+        init="he",
+        opt="sgd",
+        lr=0.02,
+        intended="fails_other",
+        note="deep plain layer-norm net",
+    )
 
 
 @case
@@ -646,8 +820,7 @@ def mlp_sigmoid_d16_default_sgd():
 
 @case
 def mlp_sigmoid_d32_xavier_sgd():
-    return mlp_spec(32, "sigmoid", init="xavier", opt="sgd", lr=0.05,
-                    intended="fails_vanishing")
+    return mlp_spec(32, "sigmoid", init="xavier", opt="sgd", lr=0.05, intended="fails_vanishing")
 
 
 @case
@@ -662,20 +835,39 @@ def mlp_relu_d16_small_sgd():
 
 @case
 def mlp_relu_d8_deadbias_sgd():
-    return mlp_spec(8, "relu", opt="sgd", lr=0.05, extra="dead_bias",
-                    intended="fails_vanishing", note="every hidden bias -5: all ReLUs dead")
+    return mlp_spec(
+        8,
+        "relu",
+        opt="sgd",
+        lr=0.05,
+        extra="dead_bias",
+        intended="fails_vanishing",
+        note="every hidden bias -5: all ReLUs dead",
+    )
 
 
 @case
 def mlp_relu_d8_deadbias_adam():
-    return mlp_spec(8, "relu", extra="dead_bias", intended="fails_vanishing",
-                    note="every hidden bias -5: all ReLUs dead")
+    return mlp_spec(
+        8,
+        "relu",
+        extra="dead_bias",
+        intended="fails_vanishing",
+        note="every hidden bias -5: all ReLUs dead",
+    )
 
 
 @case
 def mlp_relu_d8_zero_sgd():
-    return mlp_spec(8, "relu", init="zero", opt="sgd", lr=0.05, intended="fails_vanishing",
-                    note="every weight and bias 0: no signal reaches the hidden layers")
+    return mlp_spec(
+        8,
+        "relu",
+        init="zero",
+        opt="sgd",
+        lr=0.05,
+        intended="fails_vanishing",
+        note="every weight and bias 0: no signal reaches the hidden layers",
+    )
 
 
 @case
@@ -690,8 +882,15 @@ def mlp_relu_d16_big_sgd():
 
 @case
 def mlp_tanh_d8_normal1_sgd():
-    return mlp_spec(8, "tanh", init="normal1", opt="sgd", lr=0.02, intended="fails_other",
-                    note="saturated tanh (chaotic regime)")
+    return mlp_spec(
+        8,
+        "tanh",
+        init="normal1",
+        opt="sgd",
+        lr=0.02,
+        intended="fails_other",
+        note="saturated tanh (chaotic regime)",
+    )
 
 
 @case
@@ -716,11 +915,19 @@ def mlp_identity_d4_default_adam():
 
 @case
 def mlp_identity_d16_xavier_sgd():
-    return mlp_spec(16, "identity", init="xavier", opt="sgd", lr=0.01, intended="fails_other",
-                    note="a deep linear model: underfits")
+    return mlp_spec(
+        16,
+        "identity",
+        init="xavier",
+        opt="sgd",
+        lr=0.01,
+        intended="fails_other",
+        note="a deep linear model: underfits",
+    )
 
 
 # ---- residual MLPs (width 64, one Linear per block)
+
 
 @case
 def resmlp_pre_layer_d32_relu_adam():
@@ -739,8 +946,16 @@ def resmlp_post_layer_d32_relu_adam():
 
 @case
 def resmlp_post_layer_d128_relu_sgd():
-    return resmlp_spec(126, "relu", norm="layer", residual="post", init="he", opt="sgd",
-                       lr=0.02, intended="fails_vanishing")
+    return resmlp_spec(
+        126,
+        "relu",
+        norm="layer",
+        residual="post",
+        init="he",
+        opt="sgd",
+        lr=0.02,
+        intended="fails_vanishing",
+    )
 
 
 @case
@@ -750,53 +965,89 @@ def resmlp_plain_d32_default_adam():
 
 @case
 def resmlp_plain_d128_he_sgd():
-    return resmlp_spec(126, "relu", norm="none", residual="plain", init="he", opt="sgd",
-                       lr=0.02, intended="diverges",
-                       note="no norm, He init: the variance doubles every block")
+    return resmlp_spec(
+        126,
+        "relu",
+        norm="none",
+        residual="plain",
+        init="he",
+        opt="sgd",
+        lr=0.02,
+        intended="diverges",
+        note="no norm, He init: the variance doubles every block",
+    )
 
 
 @case
 def resmlp_plain_d64_zeroscale_sgd():
-    return resmlp_spec(62, "relu", norm="none", residual="plain", init="he", opt="sgd",
-                       lr=0.02, extra="zero_scale", intended="trains",
-                       note="SkipInit / ReZero: every residual branch scale 0")
+    return resmlp_spec(
+        62,
+        "relu",
+        norm="none",
+        residual="plain",
+        init="he",
+        opt="sgd",
+        lr=0.02,
+        extra="zero_scale",
+        intended="trains",
+        note="SkipInit / ReZero: every residual branch scale 0",
+    )
 
 
 @case
 def resmlp_pre_batch_d32_zerolastnorm_sgd():
-    return resmlp_spec(30, "relu", norm="batch", residual="pre2", init="he", opt="sgd",
-                       lr=0.02, extra="zero_last_norm", intended="trains",
-                       note="zero-init residual: each branch's last BatchNorm weight 0")
+    return resmlp_spec(
+        30,
+        "relu",
+        norm="batch",
+        residual="pre2",
+        init="he",
+        opt="sgd",
+        lr=0.02,
+        extra="zero_last_norm",
+        intended="trains",
+        note="zero-init residual: each branch's last BatchNorm weight 0",
+    )
 
 
 @case
 def resmlp_pre_layer_d64_sgd_lrhuge():
-    return resmlp_spec(62, "relu", norm="layer", residual="pre", init="he", opt="sgd",
-                       lr=20.0, intended="diverges")
+    return resmlp_spec(
+        62, "relu", norm="layer", residual="pre", init="he", opt="sgd", lr=20.0, intended="diverges"
+    )
 
 
 @case
 def resmlp_pre_layer_d32_adam_lrtiny():
-    return resmlp_spec(30, "relu", norm="layer", residual="pre", lr=1e-6,
-                       intended="fails_other")
+    return resmlp_spec(30, "relu", norm="layer", residual="pre", lr=1e-6, intended="fails_other")
 
 
 @case
 def resmlp_plain_d32_big_sgd():
-    return resmlp_spec(30, "relu", norm="none", residual="plain", init="x3", opt="sgd",
-                       lr=0.02, intended="diverges")
+    return resmlp_spec(
+        30,
+        "relu",
+        norm="none",
+        residual="plain",
+        init="x3",
+        opt="sgd",
+        lr=0.02,
+        intended="diverges",
+    )
 
 
 @case
 def resmlp_pre_group_d32_sgd():
-    return resmlp_spec(30, "relu", norm="group", residual="pre", init="he", opt="sgd",
-                       lr=0.02, intended="trains")
+    return resmlp_spec(
+        30, "relu", norm="group", residual="pre", init="he", opt="sgd", lr=0.02, intended="trains"
+    )
 
 
 @case
 def resmlp_pre_batch_d32_sgd():
-    return resmlp_spec(30, "relu", norm="batch", residual="pre", init="he", opt="sgd",
-                       lr=0.02, intended="trains")
+    return resmlp_spec(
+        30, "relu", norm="batch", residual="pre", init="he", opt="sgd", lr=0.02, intended="trains"
+    )
 
 
 @case
@@ -806,18 +1057,31 @@ def resmlp_pre_layer_d32_sigmoid_adam():
 
 @case
 def resmlp_plain_d64_identity_adam():
-    return resmlp_spec(62, "identity", norm="none", residual="plain", intended="fails_other",
-                       note="a linear model: underfits")
+    return resmlp_spec(
+        62,
+        "identity",
+        norm="none",
+        residual="plain",
+        intended="fails_other",
+        note="a linear model: underfits",
+    )
 
 
 @case
 def resmlp_pre_layer_d32_deadbias_adam():
-    return resmlp_spec(30, "relu", norm="layer", residual="pre", extra="dead_bias",
-                       intended="fails_other",
-                       note="dead branches, live skips: stem + head, a linear model")
+    return resmlp_spec(
+        30,
+        "relu",
+        norm="layer",
+        residual="pre",
+        extra="dead_bias",
+        intended="fails_other",
+        note="dead branches, live skips: stem + head, a linear model",
+    )
 
 
 # ---- Conv1d nets (32 channels, kernel 5)
+
 
 @case
 def cnn_relu_d4_default_adam():
@@ -826,8 +1090,7 @@ def cnn_relu_d4_default_adam():
 
 @case
 def cnn_relu_d8_batch_sgd():
-    return cnn_spec(8, "relu", norm="batch", init="he", opt="sgd", lr=0.05,
-                    intended="trains")
+    return cnn_spec(8, "relu", norm="batch", init="he", opt="sgd", lr=0.05, intended="trains")
 
 
 @case
@@ -872,8 +1135,13 @@ def cnn_tanh_d24_small_sgd():
 
 @case
 def cnn_relu_d6_deadbias_adam():
-    return cnn_spec(6, "relu", extra="dead_bias", intended="fails_vanishing",
-                    note="every conv bias -5: all ReLUs dead")
+    return cnn_spec(
+        6,
+        "relu",
+        extra="dead_bias",
+        intended="fails_vanishing",
+        note="every conv bias -5: all ReLUs dead",
+    )
 
 
 @case
@@ -883,22 +1151,41 @@ def cnn_relu_d4_default_sgd_lrtiny():
 
 # ---- ResNet-like Conv1d (3 stages)
 
+
 @case
 def resnet1d_batch_d14_sgd():
-    return resnet1d_spec(2, norm="batch", residual="branch", intended="trains",
-                         note="ResNet v1 (BN at the end of the branch)")
+    return resnet1d_spec(
+        2,
+        norm="batch",
+        residual="branch",
+        intended="trains",
+        note="ResNet v1 (BN at the end of the branch)",
+    )
 
 
 @case
 def resnet1d_batch_d14_zerolastnorm_sgd():
-    return resnet1d_spec(2, norm="batch", residual="branch", extra="zero_last_norm",
-                         intended="trains", note="zero-init residual (Goyal et al. 2017)")
+    return resnet1d_spec(
+        2,
+        norm="batch",
+        residual="branch",
+        extra="zero_last_norm",
+        intended="trains",
+        note="zero-init residual (Goyal et al. 2017)",
+    )
 
 
 @case
 def resnet1d_pre_group_d14_adam():
-    return resnet1d_spec(2, norm="group", residual="pre", opt="adam", lr=1e-3,
-                         intended="trains", note="ResNet v2 (pre-activation), GroupNorm")
+    return resnet1d_spec(
+        2,
+        norm="group",
+        residual="pre",
+        opt="adam",
+        lr=1e-3,
+        intended="trains",
+        note="ResNet v2 (pre-activation), GroupNorm",
+    )
 
 
 @case
@@ -908,14 +1195,25 @@ def resnet1d_post_batch_d14_sgd():
 
 @case
 def resnet1d_plain_d32_he_sgd():
-    return resnet1d_spec(5, norm="none", residual="plain", intended="diverges",
-                         note="no norm, He init: the variance doubles every block")
+    return resnet1d_spec(
+        5,
+        norm="none",
+        residual="plain",
+        intended="diverges",
+        note="no norm, He init: the variance doubles every block",
+    )
 
 
 @case
 def resnet1d_plain_d20_zeroscale_sgd():
-    return resnet1d_spec(3, norm="none", residual="plain", extra="zero_scale",
-                         intended="trains", note="SkipInit: every residual branch scale 0")
+    return resnet1d_spec(
+        3,
+        norm="none",
+        residual="plain",
+        extra="zero_scale",
+        intended="trains",
+        note="SkipInit: every residual branch scale 0",
+    )
 
 
 @case
@@ -929,6 +1227,7 @@ def resnet1d_pre_group_d14_sgd_lrtiny():
 
 
 # ---- GRU / LSTM classifiers (hidden 64)
+
 
 @case
 def gru_seq_adam():
@@ -969,11 +1268,17 @@ def lstm_chunks_sgd_lrhuge():
 
 @case
 def gru_seq_normal1_adam():
-    return rnn_spec("gru", "seq", init="normal1", intended="fails_other",
-                    note="N(0,1) recurrent weights: saturated gates")
+    return rnn_spec(
+        "gru",
+        "seq",
+        init="normal1",
+        intended="fails_other",
+        note="N(0,1) recurrent weights: saturated gates",
+    )
 
 
 # ---- Transformers (10 tokens of 4 values, width 32, 4 heads)
+
 
 @case
 def tf_pre_layer_d2_torch_adamw():
@@ -1002,15 +1307,21 @@ def tf_plain_d4_zeroscale_adamw():
 
 @case
 def tf_post_layer_d6_adamw_lrhigh():
-    return transformer_spec(6, "post", lr=1e-2, intended="fails_other",
-                            note="post-norm, high lr, no warm-up")
+    return transformer_spec(
+        6, "post", lr=1e-2, intended="fails_other", note="post-norm, high lr, no warm-up"
+    )
 
 
 @case
 def tf_none_none_d12_adamw():
     # At depth 6 this design trained, barely (0.42 / 0.44 / 0.43 for seeds 0-2).
-    return transformer_spec(12, "none", norm="none", intended="fails_other",
-                            note="no residual, no norm: attention rank collapse")
+    return transformer_spec(
+        12,
+        "none",
+        norm="none",
+        intended="fails_other",
+        note="no residual, no norm: attention rank collapse",
+    )
 
 
 @case

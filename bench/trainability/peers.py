@@ -16,6 +16,7 @@ outcome, "trains" when no problem is found), "cause": the peer's own name for it
 
     python bench/trainability/peers.py [CASE ...]     # both peers on the cases, a table
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,24 +40,35 @@ from groundtruth import first_last_layers  # noqa: E402
 # eta, delta and Theta are the loss/accuracy-history thresholds (oscillating loss, slow
 # convergence, the satisfactory accuracy), which need training history and are not
 # applied at initialization.
-AUTOTRAINER_PARAMS = {"beta_1": 1e-3, "beta_2": 1e-4, "beta_3": 70.0, "gamma": 0.7,
-                      "zeta": 0.03, "eta": 0.2, "delta": 0.01, "Theta": 0.7}
+AUTOTRAINER_PARAMS = {
+    "beta_1": 1e-3,
+    "beta_2": 1e-4,
+    "beta_3": 70.0,
+    "gamma": 0.7,
+    "zeta": 0.03,
+    "eta": 0.2,
+    "delta": 0.01,
+    "Theta": 0.7,
+}
 
 # AUTOTRAINER's problem -> the benchmark's label. A dying ReLU stops the gradient to every
 # layer below it: the first layers are frozen, as in "fails_vanishing".
-AUTOTRAINER_TO_LABEL = {"explode": "diverges", "vanish": "fails_vanishing",
-                        "relu": "fails_vanishing"}
+AUTOTRAINER_TO_LABEL = {
+    "explode": "diverges",
+    "vanish": "fails_vanishing",
+    "relu": "fails_vanishing",
+}
 
 
 def _layer_grad_norm(module: nn.Module) -> float:
     """L2 norm of the gradients of a layer's kernels (its parameters with >= 2 dims)."""
-    grads = [p.grad.reshape(-1) for p in module.parameters()
-             if p.dim() >= 2 and p.grad is not None]
+    grads = [p.grad.reshape(-1) for p in module.parameters() if p.dim() >= 2 and p.grad is not None]
     return torch.cat(grads).norm().item() if grads else 0.0
 
 
-def autotrainer(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
-                params: dict | None = None) -> dict:
+def autotrainer(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], params: dict | None = None
+) -> dict:
     """AUTOTRAINER's gradient rules on one batch, at initialization.
 
     One forward/backward of the cross-entropy on ``batch`` (train mode; the gradients are
@@ -111,16 +123,27 @@ def autotrainer(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
         cause = "vanish"
     else:
         cause = None
-    return {"verdict": "fails" if cause else "trains",
-            "label": AUTOTRAINER_TO_LABEL[cause] if cause else "trains", "cause": cause,
-            "seconds": time.perf_counter() - t0,
-            "detail": {"gra_rate": gra_rate, "grad_norm_first": g_first,
-                       "grad_norm_last": g_last, "zero_grad_ratio": zero_ratio,
-                       "first_layer": first, "last_layer": last, "loss": loss.item(),
-                       **features, "params": p}}
+    return {
+        "verdict": "fails" if cause else "trains",
+        "label": AUTOTRAINER_TO_LABEL[cause] if cause else "trains",
+        "cause": cause,
+        "seconds": time.perf_counter() - t0,
+        "detail": {
+            "gra_rate": gra_rate,
+            "grad_norm_first": g_first,
+            "grad_norm_last": g_last,
+            "zero_grad_ratio": zero_ratio,
+            "first_layer": first,
+            "last_layer": last,
+            "loss": loss.item(),
+            **features,
+            "params": p,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- torchmortem
+
 
 def torchmortem_available() -> str | None:
     """torchmortem's version, or None when it is not installed."""
@@ -128,6 +151,7 @@ def torchmortem_available() -> str | None:
         from importlib.metadata import version
 
         import torchmortem  # noqa: F401
+
         return version("torchmortem")
     except ImportError:
         return None
@@ -151,8 +175,9 @@ def _finding_label(f) -> str:
 _PRIORITY = ("diverges", "fails_vanishing", "fails_other")
 
 
-def torchmortem_verdict(model: nn.Module, layout: str, make_optimizer, steps: int = 50,
-                        seed: int = 0, batch: int = 128) -> dict:
+def torchmortem_verdict(
+    model: nn.Module, layout: str, make_optimizer, steps: int = 50, seed: int = 0, batch: int = 128
+) -> dict:
     """Train a copy of ``model`` for ``steps`` steps (the case's optimizer, MNIST-1D
     batches of ``batch`` drawn with ``seed``) under ``torchmortem.Autopsy`` (its
     "balanced" sampling), then read its report: any CRITICAL finding means "fails"; the
@@ -162,6 +187,7 @@ def torchmortem_verdict(model: nn.Module, layout: str, make_optimizer, steps: in
     import logging
 
     from torchmortem import Autopsy, Severity
+
     logging.getLogger("torchmortem").setLevel(logging.ERROR)
 
     t0 = time.perf_counter()
@@ -190,16 +216,27 @@ def torchmortem_verdict(model: nn.Module, layout: str, make_optimizer, steps: in
     labels = {_finding_label(f) for f in critical}
     label = next((lab for lab in _PRIORITY if lab in labels), "trains")
     cause = next((f.title for f in critical if _finding_label(f) == label), None)
-    return {"verdict": "fails" if critical else "trains", "label": label, "cause": cause,
-            "seconds": time.perf_counter() - t0,
-            "detail": {"critical": [f"{f.category}: {f.title}" for f in critical],
-                       "warnings": [f"{f.category}: {f.title}" for f in report.findings
-                                    if f.severity == Severity.WARNING],
-                       "insights": [i.title for i in report.insights],
-                       "nonfinite_step": nonfinite, "steps": steps}}
+    return {
+        "verdict": "fails" if critical else "trains",
+        "label": label,
+        "cause": cause,
+        "seconds": time.perf_counter() - t0,
+        "detail": {
+            "critical": [f"{f.category}: {f.title}" for f in critical],
+            "warnings": [
+                f"{f.category}: {f.title}"
+                for f in report.findings
+                if f.severity == Severity.WARNING
+            ],
+            "insights": [i.title for i in report.insights],
+            "nonfinite_step": nonfinite,
+            "steps": steps,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- a table
+
 
 def run_peers(name: str, seed: int = 0, with_torchmortem: bool = True) -> dict:
     """Both peers on case ``name`` (each on a fresh build from ``seed``)."""
@@ -207,8 +244,9 @@ def run_peers(name: str, seed: int = 0, with_torchmortem: bool = True) -> dict:
     out = {"autotrainer": autotrainer(spec.model, fixed_batch(spec.layout))}
     if with_torchmortem and torchmortem_available():
         spec = build_case(name, seed)
-        out["torchmortem"] = torchmortem_verdict(spec.model, spec.layout,
-                                                 spec.make_optimizer, seed=seed)
+        out["torchmortem"] = torchmortem_verdict(
+            spec.model, spec.layout, spec.make_optimizer, seed=seed
+        )
     return out
 
 

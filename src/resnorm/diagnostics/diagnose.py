@@ -12,12 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import norms
+from .._checks import check_int
 from .._io import json_safe
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..errors import UsageError, UsageTypeError
-from .probes import ForwardRecorder, find_blocks, parameterized_layers, unwrap
+from .evidence import affine_deviation, stuck_after_gates_open, zero_parameters
+from .outputs import read_output
+from .probes import ForwardRecorder, find_blocks, layer_weights, parameterized_layers, unwrap
 from .stats import ActivationSummary
-from .verdict import LayerGrad, Thresholds, Verdict, judge
+from .training import TrainingTrace, run_steps
+from .verdict import Evidence, LayerGrad, Signal, Thresholds, Verdict, judge
 
 # resnorm's norm classes (from the one table of kinds) and torch.nn's.
 NORM_CLASSES = (
@@ -61,16 +65,35 @@ class Diagnosis:
     thresholds: Thresholds
     model_name: str = ""
     structure: dict = field(default_factory=dict)
+    signals: list[Signal] = field(default_factory=list)
+    confidence: str = "medium"
+    training: TrainingTrace | None = None
+
+    @property
+    def fired(self) -> list[Signal]:
+        """The signals behind the verdict (those past their thresholds)."""
+        return [s for s in self.signals if s.fired]
 
     def summary(self) -> str:
-        """The verdict in plain words, with the numbers behind it."""
+        """The verdict in plain words, how sure it is, and the numbers behind it."""
+        fired = {s.name for s in self.fired}
         head = {
             Verdict.HEALTHY: "Gradients flow: no vanishing or exploding gradients at this batch.",
             Verdict.VANISHING: "Gradients vanish on the way back to the first layers.",
             Verdict.EXPLODING: "Gradients explode on the way back to the first layers.",
             Verdict.NONFINITE: "NaN or Inf values appear in the forward or backward pass.",
+            Verdict.STALLED: "Training makes no progress: the weights or the loss barely move.",
+            Verdict.LINEAR: "The model is a linear map of its input, however deep.",
         }[self.verdict]
-        return " ".join([head, *self.findings])
+        if self.verdict is Verdict.EXPLODING and not fired & {"grad_ratio", "activation_growth"}:
+            head = (
+                "The model's output is far off scale: the loss rises in training or starts "
+                "far above chance."
+            )
+        sure = (
+            f"(confidence {self.confidence}; signals: {', '.join(sorted(fired)) or 'none fired'})"
+        )
+        return " ".join([head, sure, *self.findings])
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +105,9 @@ class Diagnosis:
             "findings": self.findings,
             "remedies": self.remedies,
             "structure": self.structure,
+            "confidence": self.confidence,
+            "signals": [json_safe(sig.to_dict()) for sig in self.signals],
+            "training": json_safe(self.training.to_dict()) if self.training else None,
             "thresholds": asdict(self.thresholds),
             "layers": [
                 {
@@ -165,6 +191,7 @@ def _structure(net: nn.Module) -> dict:
         "post_norm": post,
         "norm_kinds": kinds,
         "closed_gates": closed,
+        "zero_init": bool(zero_parameters(net)),
     }
 
 
@@ -177,7 +204,7 @@ def _forward_order(called: list[str], layers: list[tuple[str, nn.Module]]) -> li
     previous = None
     for layer_name, layer in layers:
         if layer_name not in called:
-            if layer.weight.grad is None:
+            if all(w.grad is None for w in layer_weights(layer)):
                 continue
             order.insert(order.index(previous) + 1 if previous is not None else 0, layer_name)
         previous = layer_name
@@ -195,45 +222,67 @@ def diagnose(
     thresholds: Thresholds | None = None,
     train_mode: bool = True,
     name: str = "",
+    optimizer: torch.optim.Optimizer | None = None,
+    steps: int | None = None,
 ) -> Diagnosis:
-    """Measure gradient flow and signal propagation of ``model`` on one batch.
+    """Measure gradient flow and signal propagation of ``model`` on one batch, and judge
+    whether it will train (see :mod:`~resnorm.diagnostics.verdict` for the signals).
 
     Runs one forward and backward pass (in training mode by default, so batch norm uses
-    batch statistics, as in Brock et al.) and leaves the model as it found it: its mode,
-    its buffers (running statistics) and any ``.grad`` it had are restored.
+    batch statistics, as in Brock et al.), a forward pass in eval mode on midpoints of the
+    batch (is the model affine?) and, when parameters start at exactly zero, one more
+    backward pass with them moved by a small step. With ``optimizer``, it then takes
+    ``steps`` optimizer steps on the batch (20 by default) to see what only training
+    shows. It leaves the model as it found it: its parameters, mode, buffers (running
+    statistics), any ``.grad`` it had, the optimizer's state and the random generator.
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
         inputs: a tensor, or a tuple of positional arguments for ``model``.
         targets: labels for the loss (see :func:`default_loss`), or ``None``.
-        loss_fn: ``loss_fn(output, targets) -> scalar`` to use instead.
+        loss_fn: ``loss_fn(output, targets) -> scalar`` to use instead; it gets the
+            model's logits (see :func:`~resnorm.diagnostics.outputs.read_output`), or the
+            raw output when it has none. Without ``loss_fn`` or ``targets``, a loss the
+            model returns itself (``output.loss``) is used.
         blocks: names of the modules to measure signal propagation at (default: found
             automatically, see :func:`~resnorm.diagnostics.probes.find_blocks`).
         channel_dim: the channel axis of block outputs (default: 1, or -1 for
             Transformer blocks).
         thresholds: the verdict's thresholds (:class:`Thresholds`).
+        optimizer: the optimizer the model will be trained with (over its parameters).
+        steps: how many optimizer steps to take (needs ``optimizer``).
     """
-    if not isinstance(model, nn.Module):
-        raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    thresholds = thresholds or Thresholds()
-    if not isinstance(thresholds, Thresholds):
-        raise UsageTypeError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
+    thresholds, steps = _checked(model, thresholds, optimizer, steps)
     net = unwrap(model)
     layers = parameterized_layers(net)
     if not layers:
         raise UsageError("the model has no layer with a weight parameter to measure")
     block_list = find_blocks(net, blocks)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    evidence = Evidence()
+
+    def step_loss() -> torch.Tensor:
+        return _loss(model(*args), targets, loss_fn, evidence)
 
     with _state_restored(model, net):
         model.train(train_mode)
         with ForwardRecorder(net, block_list, channel_dim) as recorder:
-            loss_value = _forward_backward(model, args, targets, loss_fn)
+            loss_value = _backward(step_loss)
         grads = _layer_grads(layers, recorder.layer_order)
+        order = dict(layers)
+        forward_layers = [(g.name, order[g.name]) for g in grads]
+        evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
+        _gate_evidence(net, forward_layers, grads, step_loss, evidence)
+        evidence.affine = affine_deviation(model, args)
+        model.train(train_mode)
+        if steps:
+            evidence.training = run_steps(model, step_loss, optimizer, steps, forward_layers)
 
     block_stats = _block_stats(recorder)
     structure = _structure(net)
-    verdict = judge(grads, block_stats, recorder.activations, loss_value, thresholds, structure)
+    verdict = judge(
+        grads, block_stats, recorder.activations, loss_value, thresholds, structure, evidence
+    )
     return Diagnosis(
         verdict.verdict,
         loss_value,
@@ -247,7 +296,88 @@ def diagnose(
         thresholds,
         name or type(net).__name__,
         structure,
+        verdict.signals,
+        verdict.confidence,
+        evidence.training,
     )
+
+
+def _checked(model, thresholds, optimizer, steps) -> tuple[Thresholds, int]:
+    """The argument checks of :func:`diagnose`; the thresholds and the number of steps."""
+    if not isinstance(model, nn.Module):
+        raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    thresholds = thresholds or Thresholds()
+    if not isinstance(thresholds, Thresholds):
+        raise UsageTypeError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageTypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if steps is not None:
+        check_int("steps", steps, minimum=0)
+        if steps and optimizer is None:
+            raise UsageError(f"steps={steps} needs optimizer= (the optimizer to train with)")
+    return thresholds, (steps if steps is not None else 20) if optimizer is not None else 0
+
+
+def _loss(output, targets, loss_fn, evidence: Evidence) -> torch.Tensor:
+    """The scalar loss of one forward's ``output``; records the number of classes when
+    it is the default cross-entropy."""
+    if loss_fn is not None:
+        try:
+            logits = read_output(output).logits
+        except UsageTypeError:
+            logits = None
+        loss = loss_fn(output if logits is None else logits, targets)
+    else:
+        read = read_output(output)
+        if targets is None and read.loss is not None:
+            loss = read.loss
+        elif read.logits is None:
+            raise UsageTypeError(
+                f"the model returned a loss but no logits, and targets were given; pass "
+                f"loss_fn= (got a {type(output).__name__})"
+            )
+        else:
+            loss = default_loss(read.logits, targets)
+            if _is_class_targets(read.logits, targets):
+                evidence.classes = int(read.logits.shape[1])
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise UsageError("loss_fn must return a scalar tensor")
+    return loss.reshape(())
+
+
+def _is_class_targets(logits: torch.Tensor, targets) -> bool:
+    return (
+        isinstance(targets, torch.Tensor)
+        and not targets.is_floating_point()
+        and targets.dim() == 1
+        and logits.dim() == 2
+    )
+
+
+def _backward(step_loss: Callable[[], torch.Tensor]) -> float:
+    """One forward pass and, if the loss has a graph, one backward pass; the loss's value."""
+    loss = step_loss()
+    if loss.requires_grad:
+        loss.backward()
+    return float(loss.detach())
+
+
+def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evidence) -> None:
+    """Which parameters start at zero with a gradient (gates), which layers get no
+    gradient at all (silent), and which of those stay silent once the gates move."""
+    evidence.silent = [g.name for g in grads if g.grad_norm == 0]
+    zeros = zero_parameters(net)
+    gates = [(n, p) for n, p in zeros if p.grad is not None and bool(p.grad.detach().any())]
+    evidence.gates = [n for n, _ in gates]
+    if gates and evidence.silent:
+        silent = [(n, m) for n, m in layers if n in set(evidence.silent)]
+        evidence.stuck = stuck_after_gates_open(
+            net, [p for _, p in gates], silent, lambda: _backward(step_loss)
+        )
+        for p in net.parameters():  # the measured gradients are read; clear the probe's
+            p.grad = None
 
 
 @contextmanager
@@ -273,35 +403,19 @@ def _state_restored(model: nn.Module, net: nn.Module):
             m.training = mode
 
 
-def _forward_backward(model: nn.Module, args: tuple, targets, loss_fn) -> float:
-    """One forward pass and, if the loss has a graph, one backward pass; the loss's value."""
-    output = model(*args)
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    loss = (loss_fn or default_loss)(output, targets)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise UsageError("loss_fn must return a scalar tensor")
-    loss_value = float(loss.detach())
-    if loss.requires_grad:
-        loss.backward()
-    return loss_value
-
-
 def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list[LayerGrad]:
-    """Gradient and weight norms (in float64) of the layers, in forward order; a layer
-    whose weight got no gradient counts 0."""
+    """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
+    layers, in forward order; a layer whose weights got no gradient counts 0."""
     by_name = dict(layers)
     grads = []
     for layer_name in _forward_order(called, layers):
-        weight = by_name[layer_name].weight
-        grad_norm = float(weight.grad.detach().double().norm()) if weight.grad is not None else 0.0
+        weights = layer_weights(by_name[layer_name])
+        grad_sq = sum(
+            float(w.grad.detach().double().square().sum()) for w in weights if w.grad is not None
+        )
+        weight_sq = sum(float(w.detach().double().square().sum()) for w in weights)
         grads.append(
-            LayerGrad(
-                layer_name,
-                type(by_name[layer_name]).__name__,
-                grad_norm,
-                float(weight.detach().double().norm()),
-            )
+            LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_sq**0.5, weight_sq**0.5)
         )
     return grads
 

@@ -109,7 +109,13 @@ class Monitor:
         if update_sample is not None:
             check_int("update_sample", update_sample, minimum=1)
         self.net = unwrap(model)
-        named = parameterized_layers(self.net)
+        # One tensor per layer for the norm statistics: the layers with a ``weight``
+        # (recurrent layers' weight_ih/weight_hh are measured by diagnose(), not here).
+        named = [
+            (n, m)
+            for n, m in parameterized_layers(self.net)
+            if isinstance(getattr(m, "weight", None), nn.Parameter)
+        ]
         if not named:
             raise UsageError("the model has no layer with a weight parameter to monitor")
         writes = _is_rank_zero()

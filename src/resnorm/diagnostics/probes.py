@@ -59,13 +59,20 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def layer_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of one layer: its ``weight`` parameter, or, for modules that have none
+    (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``), its own parameters named ``weight*``
+    (``weight_ih_l0``, ``weight_hh_l0``, ...)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter):
+        return [weight]
+    return [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
+
+
 def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that own a ``weight`` parameter directly, in registration order."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "weight", None), nn.Parameter)
-    ]
+    """Modules that own weights directly (see :func:`layer_weights`), in registration
+    order."""
+    return [(name, m) for name, m in model.named_modules() if layer_weights(m)]
 
 
 def find_blocks(

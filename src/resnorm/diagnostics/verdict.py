@@ -1,26 +1,54 @@
-"""Turning measurements into a verdict, the place it starts, and what to change.
+"""Turning measurements into a verdict: several signals, each with its threshold, the
+verdict they point to and how far past the threshold they are; the place it starts; how
+sure it is; and what to change.
 
-Thresholds (all in :class:`Thresholds`, overridable):
+The signals (thresholds in :class:`Thresholds`, overridable), at initialization:
 
 - ``non-finite``: a NaN or Inf in the loss, an activation or a gradient.
-- ``vanishing``: the first layer's weight-gradient norm is below ``vanishing_ratio``
-  (1e-3, AUTOTRAINER's value) times the last layer's, or the median layer's gradient is
-  below ``min_relative_grad`` (1e-7) of its weight norm (every layer starved alike, which
-  a ratio cannot see).
-- ``exploding``: the first/last ratio is above ``exploding_ratio`` (100). AUTOTRAINER
-  uses 70; measured on our 48-block MLPs at initialization, healthy residual stacks sit
-  between 0.02 and 25, plain batch-norm stacks at 1e9, so 100 leaves a margin both ways.
-- otherwise ``healthy``.
+- ``grad_ratio``: the first layer's weight-gradient norm over the last's, below
+  ``vanishing_ratio`` (1e-3, AUTOTRAINER's value) or above ``exploding_ratio`` (100;
+  AUTOTRAINER uses 70: healthy residual stacks sit between 0.02 and 25 at
+  initialization, plain batch-norm stacks at 1e9). Layers that get no gradient only
+  because a parameter in front of them starts at exactly zero (a zero-initialized head,
+  ReZero gates, a zero last-norm scale) are left out: they open at the first step.
+- ``relative_grad``: the median layer's gradient below ``min_relative_grad`` (1e-7) of its
+  weight norm: every layer starved alike, which a ratio cannot see.
+- ``zero_chain``: layers that still get no gradient after the zero-initialized parameters
+  in front of them take one step (a chain of zeros: all weights at zero) or no gradient
+  at all with nothing to open.
+- ``loss_scale``: a cross-entropy loss at initialization above ``loss_scale`` (4) times
+  chance, log(C) for C classes: the output is far off scale (weights drawn too large).
+- ``activation_growth``: the activation variance from the first block to the last grows
+  beyond ``signal_growth`` (1e3). Shrinking below ``signal_decay`` (1e-3) is reported as
+  a finding only: default-initialized GELU stacks shrink it 1e-8x and still train.
+- ``affine``: a model of two weight layers or more is an affine map of its input
+  (checked at midpoints of the batch in eval mode; not while zero gates make its blocks
+  identities): however deep, it learns what one linear layer learns.
 
-Where it starts: scanning from the output back to the input, the first layer whose
-gradient norm, relative to the last layer's, crosses the threshold.
+And with ``steps=K`` (a few optimizer steps on the batch, :mod:`.training`):
+
+- ``loss_rise``: the loss ends above ``loss_rise`` (2) times where it started, or turns
+  non-finite: the learning rate is far too large for this model.
+- ``loss_progress``: the loss falls by less than ``loss_progress`` (2%) of its start
+  while the median layer's weights change by less than ``min_update`` (1e-4) per step:
+  the learning rate is far too small (a slow start with normal updates is not stalled).
+- ``frozen_layers``: the first layer's relative weight update is below ``frozen_ratio``
+  (1e-3) times the last layer's: the first layers do not train.
+- ``update_size``: the median layer's relative update per step is above ``max_update``
+  (0.1); ~1e-3 is typical.
+
+The verdict is the one its fired signals point to most strongly (non-finite first);
+``confidence`` is ``high`` when two signals agree or one is a decade past its threshold,
+``low`` when fired signals disagree, ``medium`` otherwise. Where it starts: scanning from
+the output back to the input, the first layer whose gradient, relative to the last
+layer's, crosses the threshold.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from .._checks import check_float
@@ -32,6 +60,8 @@ class Verdict(str, Enum):
     VANISHING = "vanishing"
     EXPLODING = "exploding"
     NONFINITE = "non-finite"
+    STALLED = "stalled"
+    LINEAR = "linear"
 
     def __str__(self) -> str:
         return self.value
@@ -42,18 +72,29 @@ class Thresholds:
     vanishing_ratio: float = 1e-3
     exploding_ratio: float = 1e2
     min_relative_grad: float = 1e-7
-    dead_fraction: float = 0.7  # AUTOTRAINER's "dying ReLU" level
-    signal_growth: float = 1e3  # last/first block variance above this is a finding
+    dead_fraction: float = 0.7  # AUTOTRAINER's "dying ReLU" level (a finding)
+    signal_growth: float = 1e3  # last/first block variance above this
     signal_decay: float = 1e-3  # ... or below this
+    loss_scale: float = 4.0  # cross-entropy at init above this many times log(C)
+    affine_tolerance: float = 1e-3  # relative deviation from an affine map
+    loss_rise: float = 2.0  # steps: the loss ends above this many times its start
+    loss_progress: float = 0.02  # steps: the loss falls by less than this fraction
+    frozen_ratio: float = 1e-3  # steps: first-layer update / last-layer update
+    max_update: float = 0.1  # steps: median relative update per step above this
+    min_update: float = 1e-4  # steps: below this per step (with the loss flat): stalled
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             check_float(name, value, low=0.0, low_inclusive=False)
-        if self.vanishing_ratio >= self.exploding_ratio:
-            raise UsageError(
-                f"vanishing_ratio={self.vanishing_ratio:g} must be below "
-                f"exploding_ratio={self.exploding_ratio:g}"
-            )
+        for low, high in (
+            ("vanishing_ratio", "exploding_ratio"),
+            ("signal_decay", "signal_growth"),
+            ("min_update", "max_update"),
+        ):
+            if getattr(self, low) >= getattr(self, high):
+                raise UsageError(
+                    f"{low}={getattr(self, low):g} must be below {high}={getattr(self, high):g}"
+                )
 
 
 @dataclass(frozen=True)
@@ -69,16 +110,78 @@ class LayerGrad:
 
 
 @dataclass(frozen=True)
+class Signal:
+    """One measured signal: its ``value``, the ``limit`` it is held to (as text), whether
+    it ``fired``, the ``verdict`` it points to when it fires, its ``strength`` (decades
+    past the threshold, 0 when not fired) and one sentence saying what was seen."""
+
+    name: str
+    value: float | None
+    limit: str
+    fired: bool
+    verdict: Verdict | None
+    strength: float
+    text: str
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["verdict"] = self.verdict.value if self.verdict is not None else None
+        return out
+
+
+@dataclass
+class Evidence:
+    """What the verdict is judged from besides the layers, blocks and activations:
+    ``classes`` (C of a cross-entropy loss, else ``None``); ``gates`` (parameters that
+    start at exactly zero and receive a gradient) and ``silent`` (layers with no gradient
+    at all); ``stuck`` (silent layers still without one after the gates' first step);
+    ``affine`` (the relative deviation from an affine map, ``None`` when not checked);
+    ``training`` (a :class:`~resnorm.diagnostics.training.TrainingTrace` with ``steps``);
+    ``first_layer`` (the first weight layer in forward order) and ``depth`` (how many weight
+    layers ran)."""
+
+    classes: int | None = None
+    gates: list[str] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)
+    stuck: list[str] | None = None
+    affine: float | None = None
+    training: object | None = None
+    first_layer: str | None = None
+    depth: int = 0
+
+
+@dataclass(frozen=True)
 class Judgement:
     verdict: Verdict
     grad_ratio: float
     start_layer: str | None
     findings: list[str]
     remedies: list[str]
+    signals: list[Signal] = field(default_factory=list)
+    confidence: str = "medium"
 
 
-def _finite(x: float) -> bool:
+def _finite(x) -> bool:
     return isinstance(x, float) and math.isfinite(x)
+
+
+def _decades(value: float, limit: float) -> float:
+    """How far past its threshold a fired signal is, in decades (at least 0.1)."""
+    if value <= 0 or limit <= 0 or not math.isfinite(value):
+        return 3.0
+    return min(3.0, max(0.1, abs(math.log10(value / limit))))
+
+
+def _signal(name, value, limit_text, fired, verdict, strength, text) -> Signal:
+    return Signal(
+        name,
+        value,
+        limit_text,
+        bool(fired),
+        verdict if fired else None,
+        strength if fired else 0.0,
+        text,
+    )
 
 
 def judge(
@@ -88,32 +191,39 @@ def judge(
     loss: float,
     thresholds: Thresholds,
     structure: dict,
+    evidence: Evidence | None = None,
 ) -> Judgement:
-    """Decide the verdict from the measured layers, blocks and activations.
+    """Decide the verdict from the measured layers, blocks, activations and ``evidence``.
 
     ``structure`` says what the model has: ``has_skip``, ``has_norm``, ``post_norm``,
-    ``norm_kinds`` (a list of class names).
+    ``norm_kinds`` (a list of class names), ``closed_gates`` and ``zero_init``.
     """
-    grads = [layer.grad_norm for layer in layers]
+    evidence = evidence or Evidence()
+    considered = _considered(layers, evidence)
+    grads = [layer.grad_norm for layer in considered]
     ratio = _first_last_ratio(grads)
-    # 1. Non-finite values anywhere.
     nonfinite = _nonfinite_judgement(layers, activations, loss, ratio, structure)
     if nonfinite is not None:
         return nonfinite
-    # 2. Gradients: ratio between the first and the last layer, and absolute starvation.
-    verdict, start, findings = _gradient_verdict(layers, ratio, thresholds, structure)
-    # 3. Signal propagation and dead units: findings, whatever the verdict.
-    findings += _signal_findings(blocks, thresholds)
-    dead_finding = _dead_units_finding(activations, thresholds)
-    if dead_finding is not None:
-        findings.append(dead_finding)
-    return Judgement(
-        verdict,
-        ratio,
-        layers[start].name if start is not None else None,
-        findings,
-        _remedies(verdict, structure, dead_finding is not None),
-    )
+    signals = _gradient_signals(considered, ratio, thresholds, evidence)
+    signals += _forward_signals(blocks, loss, thresholds, evidence)
+    signals += _training_signals(evidence.training, thresholds)
+    verdict, confidence = _decide(signals, trained=evidence.training is not None)
+    start = _start(considered, ratio, verdict, thresholds, signals, evidence)
+    findings = _findings(considered, ratio, thresholds, structure, evidence, signals, start)
+    dead = _dead_units_finding(activations, thresholds)
+    if dead is not None:
+        findings.append(dead)
+    remedies = _remedies(verdict, structure, dead is not None, signals)
+    return Judgement(verdict, ratio, start, findings, remedies, signals, confidence)
+
+
+def _considered(layers: list[LayerGrad], evidence: Evidence) -> list[LayerGrad]:
+    """The layers the gradient signals look at: all of them, or, when some parameters
+    start at zero, those that get a gradient now (the others wait for the gates)."""
+    if not evidence.gates:
+        return layers
+    return [layer for layer in layers if layer.grad_norm != 0]
 
 
 def _first_last_ratio(grads: list[float]) -> float:
@@ -153,89 +263,271 @@ def _nonfinite_judgement(
     ]
     if not structure["has_norm"]:
         remedies.append("Add normalization (norm='batch' or 'layer') to bound activations.")
-    return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies)
+    signal = _signal("non-finite", None, "finite", True, Verdict.NONFINITE, 3.0, findings[0])
+    return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies, [signal], "high")
 
 
-def _gradient_verdict(
-    layers: list[LayerGrad], ratio: float, thresholds: Thresholds, structure: dict
-) -> tuple[Verdict, int | None, list[str]]:
-    """Vanishing, exploding or healthy from finite gradients: the verdict, the index of
-    the layer where it starts (None if healthy) and the findings behind it."""
+def _gradient_signals(
+    layers: list[LayerGrad], ratio: float, t: Thresholds, evidence: Evidence
+) -> list[Signal]:
     grads = [layer.grad_norm for layer in layers]
-    findings: list[str] = []
-    verdict = Verdict.HEALTHY
-    start = None
-    # Zero-initialized gates (ReZero, SkipInit) silence their branches' weights at
-    # initialization by design: those zero gradients are not starvation.
-    gated = structure.get("closed_gates", 0) > 0
-    relative = [
-        layer.relative
-        for layer in layers
-        if _finite(layer.relative) and not (gated and layer.grad_norm == 0)
-    ]
-    if gated:
-        silent = sum(1 for layer in layers if layer.grad_norm == 0)
-        findings.append(
-            f"{structure['closed_gates']} residual gate(s) start at zero "
-            f"(ReZero/SkipInit): {silent} layer(s) inside gated branches get no "
-            f"gradient until the gates move, by design; they are left out of the "
-            f"verdict."
-        )
-    median_relative = statistics.median(relative) if relative else float("nan")
+    out = []
     if len(grads) >= 2 and grads[-1] > 0:
-        if ratio < thresholds.vanishing_ratio:
-            verdict = Verdict.VANISHING
-            start = _scan_from_output(grads, lambda r: r < thresholds.vanishing_ratio)
-        elif ratio > thresholds.exploding_ratio:
-            verdict = Verdict.EXPLODING
-            start = _scan_from_output(grads, lambda r: r > thresholds.exploding_ratio)
-    if verdict is Verdict.HEALTHY and (
-        grads
-        and max(grads) == 0
-        or _finite(median_relative)
-        and median_relative < thresholds.min_relative_grad
-    ):
-        verdict = Verdict.VANISHING
-        start = len(grads) - 1
-        findings.append(
-            f"The median layer's gradient is {median_relative:.1e} of its weight "
-            f"norm (threshold {thresholds.min_relative_grad:.0e}): every layer "
-            f"would barely move."
+        low, high = ratio < t.vanishing_ratio, ratio > t.exploding_ratio
+        limit = t.vanishing_ratio if low else t.exploding_ratio
+        out.append(
+            _signal(
+                "grad_ratio",
+                ratio,
+                f"[{t.vanishing_ratio:.0e}, {t.exploding_ratio:.0e}]",
+                low or high,
+                Verdict.VANISHING if low else Verdict.EXPLODING,
+                _decades(ratio, limit),
+                f"First/last layer gradient-norm ratio {ratio:.2e} "
+                f"({'below' if low else 'above' if high else 'within'} "
+                f"[{t.vanishing_ratio:.0e}, {t.exploding_ratio:.0e}]).",
+            )
         )
-    if len(grads) >= 2:
-        findings.insert(
-            0,
-            f"First/last layer gradient-norm ratio: {ratio:.2e} (first "
-            f"{grads[0]:.2e}, last {grads[-1]:.2e}); healthy range "
-            f"[{thresholds.vanishing_ratio:.0e}, {thresholds.exploding_ratio:.0e}].",
+    relative = [layer.relative for layer in layers if _finite(layer.relative)]
+    if relative:
+        median = statistics.median(relative)
+        out.append(
+            _signal(
+                "relative_grad",
+                median,
+                f">= {t.min_relative_grad:.0e}",
+                median < t.min_relative_grad,
+                Verdict.VANISHING,
+                _decades(median, t.min_relative_grad),
+                f"The median layer's gradient is {median:.1e} of its weight norm.",
+            )
         )
-    if start is not None and verdict is not Verdict.HEALTHY:
-        word = "fall below" if verdict is Verdict.VANISHING else "rise above"
-        limit = (
-            thresholds.vanishing_ratio
-            if verdict is Verdict.VANISHING
-            else thresholds.exploding_ratio
+    stuck = evidence.stuck if evidence.gates else evidence.silent
+    all_silent = bool(grads) and max(grads) == 0 and not evidence.gates
+    if stuck or all_silent:
+        names = stuck or [layer.name for layer in layers]
+        n_all = len(evidence.silent) + len(layers) if evidence.gates else len(layers)
+        fraction = len(names) / max(1, n_all)
+        fired = all_silent or fraction >= 0.5 or evidence.first_layer in names
+        why = (
+            "even after the zero-initialized parameters in front of them take a step"
+            if evidence.gates
+            else "at all"
         )
-        findings.append(
-            f"Going back from the output, gradients first {word} {limit:.0e} "
-            f"times the output layer's at {layers[start].name} (layer {start + 1} "
-            f"of {len(layers)})."
+        out.append(
+            _signal(
+                "zero_chain",
+                fraction,
+                "< 50% of the layers",
+                fired,
+                Verdict.VANISHING,
+                3.0 if all_silent else 1.0 + fraction,
+                f"{len(names)} of {n_all} layer(s) get no gradient {why}, the first layer "
+                f"{'among them' if evidence.first_layer in names else 'not'} (first: {names[0]}).",
+            )
         )
-    return verdict, start, findings
+    return out
 
 
-def _signal_findings(blocks: list, thresholds: Thresholds) -> list[str]:
-    """A finding if the activation variance grows or shrinks too much across the blocks."""
-    variances = [b.var for b in blocks if _finite(b.var)]
-    if len(variances) >= 2 and variances[0] > 0:
+def _forward_signals(blocks: list, loss: float, t: Thresholds, evidence: Evidence) -> list[Signal]:
+    out = []
+    if evidence.classes is not None and evidence.classes >= 2:
+        chance = math.log(evidence.classes)
+        scale = loss / chance
+        out.append(
+            _signal(
+                "loss_scale",
+                scale,
+                f"<= {t.loss_scale:g} x log(C)",
+                scale > t.loss_scale,
+                Verdict.EXPLODING,
+                _decades(scale, t.loss_scale),
+                f"The loss at initialization is {loss:.3g}, {scale:.3g}x chance (log {evidence.classes}"
+                f" = {chance:.3g}).",
+            )
+        )
+    # A block whose output is exactly zero starts at zero by design (a zero head or gate).
+    variances = [b.var for b in blocks if _finite(b.var) and b.var > 0]
+    if len(variances) >= 2:
         growth = variances[-1] / variances[0]
-        if growth > thresholds.signal_growth or growth < thresholds.signal_decay:
-            trend = "grows" if growth > 1 else "shrinks"
-            return [
-                f"Activation variance {trend} {growth:.1e}x from the first block "
-                f"({variances[0]:.2e}) to the last ({variances[-1]:.2e})."
-            ]
-    return []
+        up = growth > t.signal_growth
+        # Shrinking activations are a finding, not a verdict: networks at PyTorch's
+        # default init shrink them 1e-8x over 8 GELU layers and still train.
+        out.append(
+            _signal(
+                "activation_growth",
+                growth,
+                f"<= {t.signal_growth:.0e}",
+                up,
+                Verdict.EXPLODING,
+                _decades(growth, t.signal_growth),
+                f"Activation variance {'grows' if growth > 1 else 'shrinks'} {growth:.1e}x from "
+                f"the first block ({variances[0]:.2e}) to the last ({variances[-1]:.2e}).",
+            )
+        )
+    # One linear layer is meant to be one; a model with zero gates is the identity per
+    # block at initialization, and stops being affine once they open.
+    if evidence.affine is not None and evidence.depth >= 2 and not evidence.gates:
+        affine = evidence.affine <= t.affine_tolerance
+        out.append(
+            _signal(
+                "affine",
+                evidence.affine,
+                f"> {t.affine_tolerance:.0e}",
+                affine,
+                Verdict.LINEAR,
+                1.0,
+                f"The model is {'an' if affine else 'not an'} affine map of its input (deviation "
+                f"{evidence.affine:.1e} at midpoints of the batch, eval mode).",
+            )
+        )
+    return out
+
+
+def _training_signals(trace, t: Thresholds) -> list[Signal]:
+    if trace is None or not trace.losses:
+        return []
+    out = []
+    start, losses = trace.losses[0], trace.losses
+    if not all(math.isfinite(v) for v in losses):
+        step = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+        return [
+            _signal(
+                "loss_rise",
+                None,
+                "finite",
+                True,
+                Verdict.NONFINITE,
+                3.0,
+                f"The loss turns non-finite at step {step} of {len(losses) - 1}.",
+            )
+        ]
+    tail = losses[-max(1, len(losses) // 5) :]
+    end = sum(tail) / len(tail)
+    rise = end / start if start > 0 else float("nan")
+    out.append(
+        _signal(
+            "loss_rise",
+            rise,
+            f"<= {t.loss_rise:g}x the start",
+            _finite(rise) and rise > t.loss_rise,
+            Verdict.EXPLODING,
+            _decades(rise, t.loss_rise),
+            f"Over {len(losses) - 1} steps the loss goes from {start:.3g} to {end:.3g}.",
+        )
+    )
+    progress = (start - min(losses)) / start if start > 0 else float("nan")
+    u = trace.median_update
+    slow = u is not None and u < t.min_update
+    out.append(
+        _signal(
+            "loss_progress",
+            progress,
+            f">= {t.loss_progress:.0%} of the start, or updates >= {t.min_update:.0e}",
+            _finite(progress) and progress < t.loss_progress and slow,
+            Verdict.STALLED,
+            _decades(max(progress, 1e-9), t.loss_progress),
+            f"The loss falls by {progress:.1%} at most over the steps"
+            + (f", the weights by {u:.1e} of their norm per step." if u is not None else "."),
+        )
+    )
+    first, last = trace.first_update, trace.last_update
+    if first is not None and last is not None and last > 0:
+        frozen = first / last
+        out.append(
+            _signal(
+                "frozen_layers",
+                frozen,
+                f">= {t.frozen_ratio:.0e}",
+                frozen < t.frozen_ratio,
+                Verdict.VANISHING,
+                _decades(max(frozen, 1e-30), t.frozen_ratio),
+                f"The first layer's weights move {frozen:.1e}x as much as the last layer's.",
+            )
+        )
+    if u is not None:
+        out.append(
+            _signal(
+                "update_size",
+                u,
+                f"<= {t.max_update:.0e} per step",
+                u > t.max_update,
+                Verdict.EXPLODING,
+                _decades(u, t.max_update),
+                f"The median layer's weights change by {u:.1e} of their norm per step.",
+            )
+        )
+    return out
+
+
+def _decide(signals: list[Signal], trained: bool) -> tuple[Verdict, str]:
+    """The verdict the fired signals point to most strongly, and how sure it is. Healthy
+    is ``high`` only after training steps: at initialization the learning rate is unseen."""
+    fired = [s for s in signals if s.fired]
+    if any(s.verdict is Verdict.NONFINITE for s in fired):
+        return Verdict.NONFINITE, "high"
+    if not fired:
+        return Verdict.HEALTHY, "high" if trained else "medium"
+    weight: dict[Verdict, float] = {}
+    for s in fired:
+        weight[s.verdict] = weight.get(s.verdict, 0.0) + s.strength
+    order = (Verdict.EXPLODING, Verdict.VANISHING, Verdict.STALLED, Verdict.LINEAR)
+    verdict = max(order, key=lambda v: (weight.get(v, 0.0), -order.index(v)))
+    agreeing = [s for s in fired if s.verdict is verdict]
+    if len(weight) > 1:
+        return verdict, "low"
+    return verdict, "high" if len(agreeing) >= 2 or agreeing[0].strength >= 1 else "medium"
+
+
+def _start(layers, ratio, verdict, t: Thresholds, signals, evidence) -> str | None:
+    grads = [layer.grad_norm for layer in layers]
+    fired = {s.name for s in signals if s.fired and s.verdict is verdict}
+    if "grad_ratio" in fired:
+        crosses = (
+            (lambda r: r < t.vanishing_ratio)
+            if verdict is Verdict.VANISHING
+            else (lambda r: r > t.exploding_ratio)
+        )
+        return layers[_scan_from_output(grads, crosses)].name
+    if "zero_chain" in fired:
+        names = (evidence.stuck if evidence.gates else evidence.silent) or []
+        return names[-1] if names else (layers[-1].name if layers else None)
+    if "relative_grad" in fired and layers:
+        return layers[-1].name
+    return None
+
+
+def _findings(layers, ratio, t: Thresholds, structure, evidence, signals, start) -> list[str]:
+    findings = []
+    grads = [layer.grad_norm for layer in layers]
+    if len(grads) >= 2:
+        findings.append(
+            f"First/last layer gradient-norm ratio: {ratio:.2e} (first {grads[0]:.2e}, "
+            f"last {grads[-1]:.2e}); healthy range "
+            f"[{t.vanishing_ratio:.0e}, {t.exploding_ratio:.0e}]."
+        )
+    if evidence.gates:
+        n = len(evidence.gates)
+        findings.append(
+            f"{n} parameter(s) start at zero ({', '.join(evidence.gates[:3])}"
+            f"{', ...' if n > 3 else ''}; zero-initialized heads, ReZero/SkipInit gates, zero "
+            f"last-norm scales): {len(evidence.silent)} layer(s) behind them get no gradient "
+            f"until they move, by design; they are left out of the gradient ratio."
+        )
+    for s in signals:
+        shrinks = s.name == "activation_growth" and s.value is not None and s.value < t.signal_decay
+        if (s.fired and s.name != "grad_ratio") or shrinks:
+            findings.append(s.text)
+    if start is not None and any(s.fired and s.name == "grad_ratio" for s in signals):
+        vanishing = ratio < t.vanishing_ratio
+        word = "fall below" if vanishing else "rise above"
+        limit = t.vanishing_ratio if vanishing else t.exploding_ratio
+        index = [layer.name for layer in layers].index(start)
+        findings.append(
+            f"Going back from the output, gradients first {word} {limit:.0e} times the "
+            f"output layer's at {start} (layer {index + 1} of {len(layers)})."
+        )
+    return findings
 
 
 def _dead_units_finding(activations: dict, thresholds: Thresholds) -> str | None:
@@ -264,53 +556,96 @@ def _scan_from_output(grads: list[float], crosses) -> int:
     return 0
 
 
-def _remedies(verdict: Verdict, structure: dict, dead_units: bool) -> list[str]:
-    has_skip, has_norm = structure["has_skip"], structure["has_norm"]
+def _remedies(verdict: Verdict, structure: dict, dead_units: bool, signals: list) -> list[str]:
+    """What to change, never what the model already has."""
+    fired = {s.name for s in signals if s.fired}
     out: list[str] = []
     if verdict is Verdict.VANISHING:
-        if not has_skip:
-            out.append(
-                "Add skip connections (residual=True): y = F(x) + x gives gradients "
-                "a path around every block."
-            )
-        if not has_norm:
-            out.append(
-                "Add normalization (norm='batch' for convnets and MLPs, 'layer' or "
-                "'rms' for Transformers) so each layer's signal keeps unit scale."
-            )
-        out.append(
-            "Check the initialization: He/Kaiming init for ReLU layers keeps the "
-            "variance of activations and gradients constant with depth."
-        )
-        if has_skip and structure["post_norm"]:
-            out.append(
-                "Move normalization inside the branch (placement='pre') so the skip "
-                "path stays an identity from output to input."
-            )
+        out += _vanishing_remedies(structure, fired)
     elif verdict is Verdict.EXPLODING:
-        if not has_skip:
-            if any("BatchNorm" in kind for kind in structure["norm_kinds"]):
-                out.append(
-                    "Add skip connections (residual=True): deep plain stacks with batch "
-                    "norm have exploding gradients at initialization (Yang et al. 2019)."
-                )
-            else:
-                out.append("Add skip connections (residual=True).")
-        if structure["post_norm"]:
-            out.append(
-                "Use pre-norm placement (placement='pre'): post-norm stacks have large "
-                "gradients near the output at initialization (Xiong et al. 2020)."
-            )
-        if has_skip is not False:  # a plain block scaled to zero outputs zero, not its input
-            out.append(
-                "Scale the residual branches at initialization (scale='rezero' or "
-                "'layerscale', or zero_init_last=True) so each block starts near the "
-                "identity."
-            )
-        out.append("Lower the learning rate, add warm-up, or clip gradients.")
+        out += _exploding_remedies(structure, fired)
+    elif verdict is Verdict.STALLED:
+        out.append(
+            "Raise the learning rate: the weights barely move (about 1e-3 of their norm per "
+            "step is typical), or check that the loss depends on the parameters."
+        )
+    elif verdict is Verdict.LINEAR:
+        out.append(
+            "Put a nonlinearity between the layers (activation='relu' or 'gelu'): a stack of "
+            "linear layers is one linear map, whatever its depth."
+        )
     if dead_units:
         out.append(
             "Many ReLU units are dead: lower the learning rate, use a leaky or "
             "smooth activation (activation='gelu'), or normalize before the ReLU."
         )
+    return out
+
+
+def _vanishing_remedies(structure: dict, fired: set) -> list[str]:
+    has_skip, has_norm = structure["has_skip"], structure["has_norm"]
+    out = []
+    if not has_skip:
+        out.append(
+            "Add skip connections (residual=True): y = F(x) + x gives gradients "
+            "a path around every block."
+        )
+    if not has_norm:
+        out.append(
+            "Add normalization (norm='batch' for convnets and MLPs, 'layer' or "
+            "'rms' for Transformers) so each layer's signal keeps unit scale."
+        )
+    if "zero_chain" in fired and structure.get("zero_init"):
+        out.append(
+            "Do not start every layer at zero: only one parameter per path may start at zero "
+            "(the head, or each residual branch's last scale); draw the others with "
+            "He/Kaiming or Xavier init."
+        )
+    out.append(
+        "Check the initialization: He/Kaiming init for ReLU layers keeps the "
+        "variance of activations and gradients constant with depth."
+    )
+    if "frozen_layers" in fired:
+        out.append("The first layers do not train: see above, and check their learning rate.")
+    if has_skip and structure["post_norm"]:
+        out.append(
+            "Move normalization inside the branch (placement='pre') so the skip "
+            "path stays an identity from output to input."
+        )
+    return out
+
+
+def _exploding_remedies(structure: dict, fired: set) -> list[str]:
+    has_skip = structure["has_skip"]
+    out = []
+    if "loss_scale" in fired or "activation_growth" in fired:
+        out.append(
+            "Initialize with a variance-preserving scheme (He/Kaiming for ReLU, Xavier for "
+            "tanh/sigmoid; torch.nn's default Linear/Conv init), not N(0, 1) or scaled-up "
+            "weights: the output at initialization is far off scale."
+        )
+        if not structure["has_norm"]:
+            out.append("Add normalization (norm='batch' or 'layer') to bound activations.")
+    if "grad_ratio" in fired and not has_skip:
+        if any("BatchNorm" in kind for kind in structure["norm_kinds"]):
+            out.append(
+                "Add skip connections (residual=True): deep plain stacks with batch "
+                "norm have exploding gradients at initialization (Yang et al. 2019)."
+            )
+        else:
+            out.append("Add skip connections (residual=True).")
+    if "grad_ratio" in fired and structure["post_norm"]:
+        out.append(
+            "Use pre-norm placement (placement='pre'): post-norm stacks have large "
+            "gradients near the output at initialization (Xiong et al. 2020)."
+        )
+    # A plain block scaled to zero outputs zero, not its input; a model that already
+    # starts its branches at zero needs something else.
+    if "grad_ratio" in fired and has_skip is not False and not structure.get("zero_init"):
+        out.append(
+            "Scale the residual branches at initialization (scale='rezero' or "
+            "'layerscale', or zero_init_last=True) so each block starts near the "
+            "identity."
+        )
+    out.append("Lower the learning rate, add warm-up, or clip gradients.")
     return out

@@ -1,0 +1,90 @@
+"""Measurements beyond one forward and backward pass, for the verdict's signals:
+parameters that start at exactly zero and what happens once they take a step, and
+whether the model is an affine map of its input.
+
+Both run inside :func:`~resnorm.diagnostics.diagnose`'s restored state: whatever they
+change (a zero parameter, ``.grad``, the mode) is put back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .outputs import read_output
+from .probes import layer_weights
+
+
+def zero_parameters(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters that are exactly zero everywhere, biases left out (they start at zero
+    as a rule): zero-initialized heads, ReZero/SkipInit gates, zero last-norm scales, or
+    a model whose weights were all set to zero."""
+    return [
+        (name, p)
+        for name, p in net.named_parameters()
+        if p.numel() and not name.rsplit(".", 1)[-1].startswith("bias") and not p.detach().any()
+    ]
+
+
+def stuck_after_gates_open(
+    net: nn.Module,
+    gates: list[nn.Parameter],
+    silent: list[tuple[str, nn.Module]],
+    backward: Callable[[], None],
+) -> list[str]:
+    """The ``silent`` layers (no gradient at all) that still get none once each gate (a
+    zero parameter with a gradient) has taken a small step against its gradient, as the
+    first optimizer step would. One chain link of zeros opens per step: a zero head or a
+    zero gate per residual branch opens everything at once; a network whose every weight
+    is zero opens one layer per step. The gates are put back to zero."""
+    saved = [p.detach().clone() for p in gates]
+    try:
+        with torch.no_grad():
+            for p in gates:
+                g = p.grad
+                p.copy_(-1e-3 * g / g.norm().clamp_min(1e-30) * g.numel() ** 0.5)
+        for p in net.parameters():
+            p.grad = None
+        backward()
+        return [
+            name
+            for name, module in silent
+            if not any(w.grad is not None and w.grad.detach().any() for w in layer_weights(module))
+        ]
+    finally:
+        with torch.no_grad():
+            for p, value in zip(gates, saved):
+                p.copy_(value)
+
+
+def affine_deviation(model: nn.Module, args: tuple, samples: int = 8) -> float | None:
+    """How far ``model`` (in eval mode) is from an affine map of its input: for pairs of
+    samples (x1, x2) of the batch, ``||f((x1 + x2) / 2) - (f(x1) + f(x2)) / 2||`` over
+    ``||f(x1) - f(x2)|| / 2``. Zero (to rounding) for a stack of linear layers, with or
+    without normalization at inference; of order 1 for any nonlinear network. ``None``
+    when it cannot be checked: inputs that are not one floating-point tensor of at least
+    two samples, an output without logits, or an output that does not vary."""
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 2:
+        return None
+    n = min(samples, x.shape[0] // 2)
+    x1, x2 = x[:n], x[n : 2 * n]
+    was_training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = read_output(model(torch.cat([x1, x2, (x1 + x2) / 2]))).logits
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+    if out is None or out.shape[0] != 3 * n:
+        return None
+    f1, f2, fm = out.double().reshape(3, n, -1).unbind(0)
+    spread = (f1 - f2).norm() / 2
+    if not torch.isfinite(spread) or spread == 0:
+        return None
+    return float((fm - (f1 + f2) / 2).norm() / spread)
