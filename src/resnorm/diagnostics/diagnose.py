@@ -383,17 +383,24 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
 @contextmanager
 def _state_restored(model: nn.Module, net: nn.Module):
     """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
-    put back the gradients, the buffers (running statistics) and every module's mode."""
+    put back the gradients, the buffers (running statistics), every module's mode and the
+    random generators' states."""
     params = list(net.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in net.buffers()]
     # The wrapper's modules too: DDP keeps a training flag of its own.
     was_training = [(m, m.training) for m in model.modules()]
+    # Dropout draws from the generator: being diagnosed leaves the caller's stream as it was.
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         for p in params:
             p.grad = None
         yield
     finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         for p, g in zip(params, saved_grads):
             p.grad = g
         with torch.no_grad():

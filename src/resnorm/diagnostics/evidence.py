@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UsageTypeError
 from .outputs import read_output
 from .probes import layer_weights
 
@@ -78,6 +79,8 @@ def affine_deviation(model: nn.Module, args: tuple, samples: int = 8) -> float |
         model.eval()
         with torch.no_grad():
             out = read_output(model(torch.cat([x1, x2, (x1 + x2) / 2]))).logits
+    except UsageTypeError:  # an output only the user's loss_fn can read
+        return None
     finally:
         for m, mode in was_training:
             m.training = mode

@@ -1,0 +1,363 @@
+"""diagnose()'s verdict from several signals, on models written the way other codebases
+write them (plain torch.nn): zero-initialized designs that train, the classic failures,
+recurrent layers, any model output, and the training-time signals of ``steps=``.
+
+The expected verdicts are those of the trainability benchmark's ground truth
+(bench/trainability: the same designs trained for 400 steps on MNIST-1D)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from resnorm.diagnostics import Verdict, diagnose
+from resnorm.diagnostics.outputs import read_output
+from resnorm.errors import UsageError, UsageTypeError
+from resnorm.models import create_model, list_models
+
+
+def _batch(n=64, features=40, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+class ZeroInitResNet(nn.Module):
+    """torchvision's zero_init_residual: each block's last BatchNorm scale starts at 0."""
+
+    def __init__(self, width=32, blocks=6):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv1d(1, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU()
+        )
+        self.blocks = nn.ModuleList()
+        for _ in range(blocks):
+            block = nn.Sequential(
+                nn.Conv1d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm1d(width),
+                nn.ReLU(),
+                nn.Conv1d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm1d(width),
+            )
+            nn.init.zeros_(block[-1].weight)
+            self.blocks.append(block)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x.unsqueeze(1))
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(x.mean(-1))
+
+
+class ZeroHeadMixer(nn.Module):
+    """MLP-Mixer's layout (timm's init: the classifier head starts at zero)."""
+
+    def __init__(self, tokens=10, dim=32, depth=4):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.mix = nn.ModuleList()
+        for _ in range(depth):
+            self.mix.append(
+                nn.ModuleDict(
+                    {
+                        "norm1": nn.LayerNorm(dim),
+                        "token": nn.Sequential(
+                            nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens)
+                        ),
+                        "norm2": nn.LayerNorm(dim),
+                        "channel": nn.Sequential(
+                            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+                        ),
+                    }
+                )
+            )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        x = self.embed(x.reshape(x.shape[0], 10, 4))
+        for m in self.mix:
+            x = x + m["token"](m["norm1"](x).transpose(1, 2)).transpose(1, 2)
+            x = x + m["channel"](m["norm2"](x))
+        return self.head(self.norm(x).mean(1))
+
+
+class HFStyle(nn.Module):
+    """Returns a ModelOutput-like object: ``.logits``, and ``.loss`` when labels are given."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x, labels=None):
+        logits = self.classifier(self.body(x))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SimpleNamespace(logits=logits, loss=loss, hidden_states=None)
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(x.shape[0], 10, 4))
+        return self.head(out[:, -1])
+
+
+class ViTStyle(nn.Module):
+    """Pre-norm Transformer encoder with a class token, as ViT."""
+
+    def __init__(self, dim=32, depth=4):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 11, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x.reshape(x.shape[0], 10, 4))
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+def _mlp(depth, act, width=64, init=None):
+    layers, features = [], 40
+    for _ in range(depth):
+        layers += [nn.Linear(features, width), act()]
+        features = width
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    if init is not None:
+        for m in model:
+            if isinstance(m, nn.Linear):
+                init(m)
+    return model
+
+
+# ----------------------------------------------------------- designs that train
+
+
+@pytest.mark.parametrize("make", [ZeroInitResNet, ZeroHeadMixer, HFStyle, GRUClassifier, ViTStyle])
+def test_third_party_designs_that_train_are_healthy(make):
+    torch.manual_seed(0)
+    model = make()
+    x, y = _batch()
+    d = diagnose(model, x, y)
+    assert d.verdict is Verdict.HEALTHY, d.summary()
+    assert d.remedies == []
+    # and with a few steps of a sane optimizer
+    d = diagnose(model, x, y, optimizer=torch.optim.Adam(model.parameters(), 1e-3), steps=10)
+    assert d.verdict is Verdict.HEALTHY, d.summary()
+    assert d.confidence == "high" and len(d.training.losses) == 11
+
+
+def test_zero_parameters_are_gates_not_vanishing():
+    torch.manual_seed(0)
+    d = diagnose(ZeroHeadMixer(), *_batch())
+    gates = [s for s in d.findings if "start at zero" in s]
+    assert gates and "head.weight" in gates[0]
+    assert not any(s.name == "zero_chain" and s.fired for s in d.signals)
+    torch.manual_seed(0)
+    d = diagnose(ZeroInitResNet(), *_batch())
+    assert sum("blocks." in g for g in d.findings[1].split(", ")) >= 1
+    silent = [layer.name for layer in d.layers if layer.grad_norm == 0]
+    assert silent and all(n.startswith("blocks.") for n in silent)
+
+
+def test_recurrent_weights_are_measured():
+    torch.manual_seed(0)
+    model = GRUClassifier()
+    d = diagnose(model, *_batch())
+    names = [layer.name for layer in d.layers]
+    assert names == ["rnn", "head"]
+    x, y = _batch()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = (
+        torch.cat([model.rnn.weight_ih_l0.grad.flatten(), model.rnn.weight_hh_l0.grad.flatten()])
+        .double()
+        .norm()
+    )
+    assert d.layers[0].grad_norm == pytest.approx(float(expected), rel=1e-9)
+    assert d.grad_ratio == pytest.approx(d.layers[0].grad_norm / d.layers[1].grad_norm)
+
+
+# ----------------------------------------------------------- designs that fail
+
+
+def test_all_weights_at_zero_is_a_chain_of_zeros():
+    torch.manual_seed(0)
+    model = _mlp(6, nn.ReLU, init=lambda m: nn.init.zeros_(m.weight))
+    d = diagnose(model, *_batch())
+    assert d.verdict is Verdict.VANISHING
+    assert any(s.name == "zero_chain" and s.fired for s in d.signals)
+    assert any("Do not start every layer at zero" in r for r in d.remedies)
+
+
+def test_weights_drawn_from_n01_are_exploding_by_the_loss_scale():
+    torch.manual_seed(0)
+    model = _mlp(8, nn.ReLU, init=lambda m: nn.init.normal_(m.weight))
+    d = diagnose(model, *_batch())
+    assert d.verdict is Verdict.EXPLODING and d.confidence == "high"
+    fired = {s.name for s in d.fired}
+    assert "loss_scale" in fired and "grad_ratio" not in fired  # uniform growth: ratio ~1
+    assert any("variance-preserving" in r for r in d.remedies)
+    assert not any("skip connections" in r for r in d.remedies)
+
+
+def test_deep_sigmoid_stack_vanishes():
+    torch.manual_seed(0)
+    d = diagnose(_mlp(16, nn.Sigmoid), *_batch())
+    assert d.verdict is Verdict.VANISHING and d.start_layer is not None
+
+
+def test_a_stack_of_linear_layers_is_linear_and_one_layer_is_not_flagged():
+    torch.manual_seed(0)
+    x, y = _batch()
+    stack = nn.Sequential(
+        nn.Linear(40, 64), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10)
+    )
+    d = diagnose(stack, x, y)
+    assert d.verdict is Verdict.LINEAR
+    assert next(s for s in d.signals if s.name == "affine").value < 1e-5
+    assert any("nonlinearity" in r for r in d.remedies)
+    assert diagnose(nn.Linear(40, 10), x, y).verdict is Verdict.HEALTHY
+
+
+def test_learning_rate_far_too_large_or_small_needs_steps():
+    torch.manual_seed(0)
+    x, y = _batch()
+    model = _mlp(4, nn.ReLU)
+    assert diagnose(model, x, y).verdict is Verdict.HEALTHY  # at init nothing is wrong
+    big = diagnose(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=50.0), steps=10)
+    assert big.verdict in (Verdict.NONFINITE, Verdict.EXPLODING)
+    tiny = diagnose(model, x, y, optimizer=torch.optim.SGD(model.parameters(), lr=1e-8), steps=10)
+    assert tiny.verdict is Verdict.STALLED
+    assert any("Raise the learning rate" in r for r in tiny.remedies)
+
+
+def test_steps_put_everything_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(40, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10)
+    )
+    x, y = _batch()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # the optimizer has state, the parameters have .grad
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt_state = {
+        k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+        for k, v in opt.state_dict()["state"].items()
+    }
+    rng = torch.get_rng_state()
+    model.eval()
+    d = diagnose(model, x, y, optimizer=opt, steps=5)
+    assert len(d.training.losses) == 6 and d.training.losses[-1] < d.training.losses[0]
+    assert not model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    for k, v in opt.state_dict()["state"].items():
+        assert all(
+            torch.equal(vv, opt_state[k][kk]) if torch.is_tensor(vv) else vv == opt_state[k][kk]
+            for kk, vv in v.items()
+        )
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_steps_arguments_are_checked():
+    model = _mlp(2, nn.ReLU)
+    x, y = _batch()
+    with pytest.raises(UsageError, match="steps=5 needs optimizer="):
+        diagnose(model, x, y, steps=5)
+    with pytest.raises(UsageTypeError, match="optimizer must be a torch.optim.Optimizer"):
+        diagnose(model, x, y, optimizer="adam")
+    with pytest.raises(UsageError, match="steps"):
+        diagnose(model, x, y, optimizer=torch.optim.SGD(model.parameters(), 0.1), steps=-1)
+
+
+# ----------------------------------------------------------- any output
+
+
+def test_any_output_shape_is_read():
+    logits = torch.randn(4, 3)
+    assert read_output(logits).logits is logits
+    assert read_output((logits, torch.zeros(1))).logits is logits
+    assert read_output(((logits, 1), None)).logits is logits
+    assert read_output({"logits": logits}).logits is logits
+    loss = torch.tensor(0.5)
+    read = read_output(SimpleNamespace(logits=logits, loss=loss))
+    assert read.logits is logits and read.loss is loss
+    assert read_output({"loss": loss}).loss is loss
+    with pytest.raises(UsageTypeError, match="loss_fn="):
+        read_output("text")
+    with pytest.raises(UsageTypeError, match="loss_fn="):
+        read_output({"hidden": [1, 2]})
+
+
+def test_model_loss_is_used_and_unreadable_output_names_loss_fn():
+    torch.manual_seed(0)
+    model = HFStyle()
+    x, y = _batch()
+    own = diagnose(model, (x, y))  # the model computes its loss from its labels
+    ref = diagnose(model, x, y)
+    assert own.loss == pytest.approx(ref.loss, rel=1e-6)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(40, 10)
+
+        def forward(self, x):
+            return {"embedding": [self.fc(x)]}
+
+    with pytest.raises(UsageTypeError, match="loss_fn="):
+        diagnose(Odd(), x, y)
+    d = diagnose(
+        Odd(), x, y, loss_fn=lambda out, t: nn.functional.cross_entropy(out["embedding"][0], t)
+    )
+    assert d.verdict is Verdict.HEALTHY
+
+
+# ----------------------------------------------------------- the zoo
+
+# The largest models of the zoo (ImageNet ResNets beyond 18 layers at 224x224, the
+# 1000-layer CIFAR nets) take seconds each; resnet18 stands for the ImageNet family.
+HEAVY = {
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet_imagenet",
+    "plain18",
+    "plain34",
+    "resnet1202",
+    "preact_resnet1001",
+    "densenet_bc100",
+}
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in HEAVY])
+def test_diagnose_runs_on_the_zoo(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    shape = model.example_input_shape
+    if shape[-1] == 224:
+        shape = (3, 64, 64)
+    x = torch.randn(8, *shape)
+    d = diagnose(model, x, torch.randint(0, 10, (8,)))
+    assert d.verdict in set(Verdict) and d.layers and d.signals
+    assert d.to_json()
