@@ -361,3 +361,24 @@ def test_diagnose_runs_on_the_zoo(name):
     d = diagnose(model, x, torch.randint(0, 10, (8,)))
     assert d.verdict in set(Verdict) and d.layers and d.signals
     assert d.to_json()
+
+
+# ----------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    "lr, verdicts", [("1e-3", {"healthy"}), ("100", {"exploding", "non-finite"})]
+)
+def test_cli_steps_train_on_the_batch(capsys, lr, verdicts):
+    import json
+
+    from resnorm.cli import main
+
+    argv = ["diagnose", "mlp", "--depth", "4", "--width", "32", "--steps", "10"]
+    code = main([*argv, "--optimizer", "sgd", "--lr", lr, "--json", "--fail-on", "exploding"])
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["verdict"] in verdicts and len(data["training"]["losses"]) >= 2
+    assert code == (1 if data["verdict"] == "exploding" else 0)
+    assert main([*argv, "--optimizer", "rmsprop"]) == 2
+    assert "--optimizer" in capsys.readouterr().err

@@ -9,7 +9,9 @@ import click
 from ._app import MAX_DEPTH, _parse_shape, _parse_verdicts, _UserError, _writable, cli
 
 
-@cli.command(short_help="Gradient flow and signal propagation of a model at initialization.")
+@cli.command(
+    short_help="Will a model train? Gradient flow and signal propagation, at init or over a few steps."
+)
 @click.argument("model", required=False)
 @click.option("--factory", help="Your own model: 'package.module:function' returning an nn.Module.")
 @click.option(
@@ -26,6 +28,28 @@ from ._app import MAX_DEPTH, _parse_shape, _parse_verdicts, _UserError, _writabl
 @click.option("--residual/--plain", default=None, help="With or without skip connections.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0, max=10_000),
+    default=0,
+    show_default=True,
+    help="Also train this many optimizer steps on the batch (finds a learning rate far too "
+    "large or small, first layers that do not train); the model is put back after.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adam", "adamw"]),
+    default="adam",
+    show_default=True,
+    help="The optimizer of --steps (sgd has momentum 0.9).",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-3,
+    show_default=True,
+    help="The learning rate of --steps.",
+)
 @click.option(
     "--figure",
     "figure_path",
@@ -59,6 +83,9 @@ def diagnose(
     residual,
     batch_size,
     seed,
+    steps,
+    optimizer,
+    lr,
     figure_path,
     html_path,
     as_json,
@@ -71,6 +98,7 @@ def diagnose(
     \b
     Examples:
       resnorm diagnose mlp --depth 48 --plain --norm none
+      resnorm diagnose mlp --depth 8 --steps 20 --optimizer sgd --lr 10
       resnorm diagnose resnet56 --norm layer --figure diag.png
       resnorm diagnose --factory mypkg.models:build --input-shape 3,32,32 --fail-on vanishing
     """
@@ -95,6 +123,9 @@ def diagnose(
         input_shape=input_shape,
         batch_size=batch_size,
         seed=seed,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
         **overrides,
     )
     if figure_path:

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_fits_in_memory, check_int, format_bytes
+from .._checks import check_choice, check_fits_in_memory, check_float, check_int, format_bytes
 from ..errors import UsageError
 from ..models import create_model
 from .diagnose import Diagnosis, diagnose
+from .outputs import read_output
 
 # diagnose() keeps every layer's activations and gradients: a floor on its memory, in
 # multiples of the input batch (a deep model needs many times more).
@@ -69,8 +70,11 @@ def random_batch(
         was_training = model.training
         out = model.eval()(x[:2])
         model.train(was_training)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
+    out = read_output(out).logits
+    if out is None:
+        raise UsageError(
+            "the model returned no logits to draw labels for; call diagnose() with your own targets"
+        )
     num_classes = out.shape[-1] if out.dim() >= 2 else 2
     y = torch.randint(0, num_classes, (batch_size,), generator=generator)
     return x, y
@@ -83,11 +87,15 @@ def diagnose_named(
     input_shape: Sequence[int] | None = None,
     batch_size: int = 128,
     seed: int = 0,
+    steps: int = 0,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
     **overrides,
 ) -> Diagnosis:
     """Diagnose a registered model (``create_model(name, **overrides)``) or the model a
     user's factory returns (``factory="pkg.mod:fn"``, called with ``overrides``), at
-    initialization (seeded), on a random batch."""
+    initialization (seeded), on a random batch; with ``steps``, also ``steps`` steps of
+    ``optimizer`` (one of :data:`OPTIMIZERS`) at learning rate ``lr`` on that batch."""
     if (name is None) == (factory is None):
         raise UsageError("give either a registered model name or factory='pkg.mod:fn'")
     torch.manual_seed(seed)
@@ -102,4 +110,21 @@ def diagnose_named(
         model = create_model(name, **overrides)
         label = name + "".join(f" {k}={v}" for k, v in overrides.items())
     x, y = random_batch(model, batch_size, input_shape, seed)
-    return diagnose(model, x, y, name=label)
+    check_int("steps", steps, minimum=0)
+    opt = make_optimizer(optimizer, model.parameters(), lr) if steps else None
+    return diagnose(model, x, y, name=label, optimizer=opt, steps=steps or None)
+
+
+# The optimizers the command line can train with, as a user would set them up.
+OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """``OPTIMIZERS[name]`` over ``params`` at learning rate ``lr`` (SGD with momentum 0.9)."""
+    check_choice("optimizer", name, tuple(OPTIMIZERS))
+    check_float("lr", lr, low=0.0, low_inclusive=False)
+    return OPTIMIZERS[name](params, lr)
