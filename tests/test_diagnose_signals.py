@@ -7,6 +7,7 @@ The expected verdicts are those of the trainability benchmark's ground truth
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -382,3 +383,64 @@ def test_cli_steps_train_on_the_batch(capsys, lr, verdicts):
     assert code == (1 if data["verdict"] == "exploding" else 0)
     assert main([*argv, "--optimizer", "rmsprop"]) == 2
     assert "--optimizer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- a run's Monitor records
+
+
+def _records(losses, updates, dead=None):
+    return [
+        {
+            "step": 5 * i,
+            "loss": loss,
+            "nonfinite": loss is None,
+            "grad_norm": {"fc1": 1.0, "fc2": 1.0},
+            "update_ratio": None if i == 0 else {"fc1": updates[0], "fc2": updates[1]},
+            "dead_fraction": None if dead is None else {"relu": dead[i]},
+        }
+        for i, loss in enumerate(losses)
+    ]
+
+
+def test_analyze_judges_a_run_from_its_monitor_records(tmp_path):
+    from resnorm.diagnostics import analyze
+
+    healthy = analyze(_records([2.3, 1.9, 1.5, 1.2], (5e-3, 5e-3)))
+    assert healthy.verdict is Verdict.HEALTHY and healthy.confidence == "high"
+    # the Monitor's ratio covers the 5 steps between records: read per step
+    assert healthy.training.updates[0] == [pytest.approx(1e-3)] * 3
+    assert analyze(_records([2.3, 5.0, None, None], (1e-2, 1e-2))).verdict is Verdict.NONFINITE
+    assert analyze(_records([2.3, 4.0, 9.0, 20.0], (0.2, 0.2))).verdict is Verdict.EXPLODING
+    assert analyze(_records([2.3, 2.3, 2.3, 2.3], (1e-8, 1e-8))).verdict is Verdict.STALLED
+    frozen = analyze(_records([2.3, 2.2, 2.1, 2.0], (1e-9, 5e-3)))
+    assert frozen.verdict is Verdict.VANISHING
+    dying = analyze(_records([2.3, 2.0, 1.8, 1.7], (5e-3, 5e-3), dead=[0.1, 0.4, 0.8, 0.9]))
+    assert dying.verdict is Verdict.VANISHING
+    assert any("Dead ReLU units rise from 10% to 90%" in f for f in dying.findings)
+
+    path = tmp_path / "monitor.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records([2.3, 2.0, 1.7], (1e-3, 1e-3))))
+    assert analyze(tmp_path).verdict is Verdict.HEALTHY  # the run folder
+    page = tmp_path / "page.html"
+    analyze(path).write_html(page)
+    assert page.read_text().count("data:image/png") == 1  # the loss and update heat map
+    path.write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(UsageError, match=r"monitor.jsonl:2: not a JSON record"):
+        analyze(path)
+    with pytest.raises(UsageError, match="2 Monitor records or more"):
+        analyze(_records([2.3], (1e-3, 1e-3)))
+
+
+def test_cli_judges_a_training_run(tmp_path, capsys):
+    from resnorm.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--model", "mlp", "--depth", "2", "--width", "16", "--epochs", "1"]
+    assert main([*argv, "--out", str(run), "--monitor-every", "5", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--run", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["verdict"] in {v.value for v in Verdict} and data["training"]["losses"]
+    assert main(["diagnose", "mlp", "--run", str(run)]) == 2
+    assert "give no MODEL" in capsys.readouterr().err
+    assert main(["diagnose", "--run", str(tmp_path / "missing")]) != 0

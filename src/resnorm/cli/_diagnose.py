@@ -29,6 +29,13 @@ from ._app import MAX_DEPTH, _parse_shape, _parse_verdicts, _UserError, _writabl
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(),
+    help="Judge a training run instead: its Monitor records (DIR/monitor.jsonl, as "
+    "'resnorm train' writes them, or the file itself).",
+)
+@click.option(
     "--steps",
     type=click.IntRange(min=0, max=10_000),
     default=0,
@@ -83,6 +90,7 @@ def diagnose(
     residual,
     batch_size,
     seed,
+    run_dir,
     steps,
     optimizer,
     lr,
@@ -104,8 +112,17 @@ def diagnose(
     """
     from ..diagnostics.runner import diagnose_named
 
+    if run_dir is not None:
+        if model is not None or factory is not None:
+            raise _UserError("--run judges a run's records: give no MODEL or --factory with it")
+        from ..diagnostics import analyze
+
+        _show(analyze(run_dir, name=str(run_dir)), figure_path, html_path, as_json, fail_on)
+        return
     if (model is None) == (factory is None):
-        raise _UserError("give a registered MODEL name or --factory package.module:function")
+        raise _UserError(
+            "give a registered MODEL name, --factory package.module:function, or --run DIR"
+        )
     overrides = {
         k: v
         for k, v in {
@@ -128,10 +145,22 @@ def diagnose(
         lr=lr,
         **overrides,
     )
+    _show(result, figure_path, html_path, as_json, fail_on)
+
+
+def _show(result, figure_path, html_path, as_json, fail_on) -> None:
+    """Write the figure and page, print the diagnosis, and exit 1 on a --fail-on verdict."""
     if figure_path:
         import matplotlib.pyplot as plt
 
-        plt.close(result.figure(figure_path))
+        from ..diagnostics.report import training_figure
+
+        fig = result.figure(figure_path) if result.blocks else training_figure(result.training)
+        if not result.blocks:
+            from ..diagnostics.report import save_figure
+
+            save_figure(fig, figure_path)
+        plt.close(fig)
     if html_path:
         result.write_html(html_path)
     if as_json:
@@ -140,7 +169,8 @@ def diagnose(
         from rich.console import Console
 
         console = Console()
-        console.print(result.table())
+        if result.blocks or result.activations:
+            console.print(result.table())
         console.print(result.summary())
         for remedy in result.remedies:
             console.print(f"  - {remedy}")

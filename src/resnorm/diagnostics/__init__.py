@@ -1,13 +1,17 @@
 """Diagnostics for any PyTorch model: gradient flow and signal propagation, with verdicts."""
 
+from .analyze import analyze, read_records
 from .diagnose import BlockStat, Diagnosis, default_loss, diagnose
 from .monitor import Monitor
 from .probes import find_blocks, unwrap
 from .stats import ActivationSummary, channel_stats, summarize_activation
-from .verdict import LayerGrad, Thresholds, Verdict
+from .verdict import LayerGrad, Signal, Thresholds, Verdict
 
 __all__ = [
     "ActivationSummary",
+    "Signal",
+    "analyze",
+    "read_records",
     "BlockStat",
     "Diagnosis",
     "LayerGrad",

@@ -85,6 +85,8 @@ class Diagnosis:
             Verdict.STALLED: "Training makes no progress: the weights or the loss barely move.",
             Verdict.LINEAR: "The model is a linear map of its input, however deep.",
         }[self.verdict]
+        if self.verdict is Verdict.HEALTHY and self.training is not None:
+            head = "Gradients flow and training makes progress over the steps."
         if self.verdict is Verdict.EXPLODING and not fired & {"grad_ratio", "activation_growth"}:
             head = (
                 "The model's output is far off scale: the loss rises in training or starts "
@@ -110,12 +112,7 @@ class Diagnosis:
             "training": json_safe(self.training.to_dict()) if self.training else None,
             "thresholds": asdict(self.thresholds),
             "layers": [
-                {
-                    **asdict(layer),
-                    "relative": json_safe(layer.relative),
-                    "grad_norm": json_safe(layer.grad_norm),
-                }
-                for layer in self.layers
+                json_safe({**asdict(layer), "relative": layer.relative}) for layer in self.layers
             ],
             "blocks": [{k: json_safe(v) for k, v in asdict(b).items()} for b in self.blocks],
             "activations": {

@@ -105,6 +105,41 @@ def diagnosis_figure(diagnosis, path=None):
     return fig
 
 
+def training_figure(trace):
+    """Two panels from a :class:`~.training.TrainingTrace`: the loss per step, and a heat
+    map of each layer's relative weight update per step (log10; layers in forward order,
+    first at the top), where frozen first layers or an update far from ~1e-3 show."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_loss, ax_map) = plt.subplots(
+        1, 2, figsize=(12, 4.2), constrained_layout=True, gridspec_kw={"width_ratios": [1, 2]}
+    )
+    losses = [v if math.isfinite(v) else np.nan for v in trace.losses]
+    ax_loss.plot(range(len(losses)), losses, marker=".", lw=1)
+    if all(v > 0 for v in losses if v == v):
+        ax_loss.set_yscale("log")
+    ax_loss.set(title="loss", xlabel="step (or record)")
+    steps = max((len(u) for u in trace.updates), default=0)
+    grid = np.full((max(1, len(trace.updates)), max(1, steps)), np.nan)
+    for i, row in enumerate(trace.updates):
+        for j, value in enumerate(row):
+            grid[i, j] = math.log10(value) if value > 0 else -12.0
+    image = ax_map.imshow(
+        grid, aspect="auto", cmap="viridis", vmin=-8, vmax=0, interpolation="nearest"
+    )
+    fig.colorbar(image, ax=ax_map, label="log10 ||dW|| / ||W|| per step (~ -3 is typical)")
+    names = trace.layer_names
+    ticks = _spread(len(names), 12)
+    ax_map.set_yticks(ticks)
+    ax_map.set_yticklabels([names[i] for i in ticks], fontsize=7)
+    ax_map.set(title="relative weight update per layer", xlabel="step (or record)")
+    return fig
+
+
 def save_figure(fig, path) -> None:
     """Write a matplotlib figure atomically, in the format its suffix names (png, svg, pdf)."""
     path = Path(path)
@@ -125,7 +160,14 @@ _SECTION = """\
 <p>{{ summary }}</p>
 {% if d.remedies %}<h3>What to change</h3>
 <ul>{% for r in d.remedies %}<li>{{ r }}</li>{% endfor %}</ul>{% endif %}
-<img alt="gradient norm by layer and signal propagation by block" src="data:image/png;base64,{{ png }}">
+<h3>Signals (confidence: {{ d.confidence }})</h3>
+<table>
+<tr><th>signal</th><th>value</th><th>healthy when</th><th>fired</th><th>says</th></tr>
+{% for s in d.signals %}<tr{% if s.fired %} class="start"{% endif %}><td>{{ s.name }}</td><td>{{ "%.2e"|format(s.value) if s.value is not none else "-" }}</td><td>{{ s.limit }}</td><td>{{ s.verdict.value if s.fired and s.verdict else "" }}</td><td>{{ s.text }}</td></tr>
+{% endfor %}</table>
+{% if training_png %}<h3>Training steps</h3>
+<img alt="loss and per-layer update heat map over the steps" src="data:image/png;base64,{{ training_png }}">{% endif %}
+{% if png %}<img alt="gradient norm by layer and signal propagation by block" src="data:image/png;base64,{{ png }}">{% endif %}
 <table>
 <tr><th>#</th><th>layer</th><th>kind</th><th>grad norm</th><th>grad / weight</th></tr>
 {% for layer in d.layers %}<tr{% if layer.name == d.start_layer %} class="start"{% endif %}><td>{{ loop.index }}</td><td>{{ layer.name }}</td><td>{{ layer.kind }}</td><td>{{ "%.2e"|format(layer.grad_norm) }}</td><td>{{ "%.2e"|format(layer.relative) }}</td></tr>
@@ -156,16 +198,29 @@ def _env():
 
 
 def diagnosis_html_section(diagnosis) -> str:
-    """A ``<section>`` with the verdict, findings, remedies, the figure (embedded PNG) and
-    the per-layer table; every user-controlled string is escaped."""
+    """A ``<section>`` with the verdict, findings, remedies, the signals, the training
+    steps' loss and update heat map (when it trained), the figure (embedded PNG) and the
+    per-layer table; every user-controlled string is escaped."""
     import matplotlib.pyplot as plt
 
-    fig = diagnosis_figure(diagnosis)
-    try:
-        png = figure_png_base64(fig)
-    finally:
-        plt.close(fig)
-    return _env().from_string(_SECTION).render(d=diagnosis, summary=diagnosis.summary(), png=png)
+    png = training_png = None
+    if diagnosis.blocks or any(math.isfinite(layer.weight_norm) for layer in diagnosis.layers):
+        fig = diagnosis_figure(diagnosis)
+        try:
+            png = figure_png_base64(fig)
+        finally:
+            plt.close(fig)
+    if diagnosis.training is not None and diagnosis.training.losses:
+        fig = training_figure(diagnosis.training)
+        try:
+            training_png = figure_png_base64(fig)
+        finally:
+            plt.close(fig)
+    return (
+        _env()
+        .from_string(_SECTION)
+        .render(d=diagnosis, summary=diagnosis.summary(), png=png, training_png=training_png)
+    )
 
 
 def write_diagnosis_html(diagnosis, path) -> None:
