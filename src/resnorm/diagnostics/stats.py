@@ -11,27 +11,39 @@ channels at ``channel_dim``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
 def _channels_first_2d(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(C, everything else) view of ``x`` in float64 (the sums stay exact enough)."""
+    """(C, everything else) view of ``x`` (no copy when the layout allows)."""
     if x.dim() == 1:
         x = x.unsqueeze(1)
     x = x.detach().movedim(channel_dim, 0)
-    return x.reshape(x.shape[0], -1).double()
+    return x.reshape(x.shape[0], -1)
+
+
+def _moments(x: torch.Tensor, dim=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, population variance) of ``x`` over ``dim`` (all of it by default), summed in
+    float64 without a float64 copy of ``x``: the mean and the mean square each in one
+    pass. A NaN or Inf in ``x`` makes both non-finite."""
+    n = x.numel() if dim is None else x.shape[dim]
+    total = x.sum(dim=dim, dtype=torch.float64)
+    squares = torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64).square()
+    mean = total / n
+    return mean, (squares / n - mean.square()).clamp_min(0.0)
 
 
 def channel_stats(x: torch.Tensor, channel_dim: int = 1) -> tuple[float, float]:
-    """``(average channel squared mean, average channel variance)`` of ``x``."""
-    flat = _channels_first_2d(x, channel_dim)
-    finite = torch.isfinite(flat).all()
-    if not finite:
+    """``(average channel squared mean, average channel variance)`` of ``x`` (NaN when
+    ``x`` holds a NaN or Inf: they reach the per-channel statistics)."""
+    mean, var = _moments(_channels_first_2d(x, channel_dim), dim=1)
+    sq_mean, var = mean.square().mean().item(), var.mean().item()
+    if not (math.isfinite(sq_mean) and math.isfinite(var)):
         return float("nan"), float("nan")
-    var, mean = torch.var_mean(flat, dim=1, correction=0)
-    return mean.square().mean().item(), var.mean().item()
+    return sq_mean, var
 
 
 @dataclass(frozen=True)
@@ -50,12 +62,25 @@ class ActivationSummary:
 
 def summarize_activation(x: torch.Tensor, *, rectified: bool) -> ActivationSummary:
     x = x.detach()
-    finite_mask = torch.isfinite(x)
-    nonfinite = int(x.numel() - finite_mask.sum().item())
-    values = x[finite_mask].double() if nonfinite else x.double()
-    mean = values.mean().item() if values.numel() else float("nan")
-    std = values.std(correction=0).item() if values.numel() else float("nan")
+    nonfinite = 0
+    if x.numel():
+        mean, var = _moments(x)
+        mean, var = mean.item(), var.item()
+        if not math.isfinite(mean) or not math.isfinite(var):
+            # Only then are NaN and Inf counted and left out.
+            finite = torch.isfinite(x)
+            nonfinite = int(x.numel() - finite.sum().item())
+            values = x[finite]
+            mean, var = (
+                tuple(v.item() for v in _moments(values))
+                if values.numel()
+                else (math.nan, math.nan)
+            )
+    else:
+        mean = var = float("nan")
     dead = None
     if rectified and x.dim() >= 2 and x.shape[0] > 1:
         dead = (x == 0).all(dim=0).double().mean().item()
-    return ActivationSummary(mean, std, dead, nonfinite, x.numel())
+    return ActivationSummary(
+        mean, math.sqrt(var) if var == var else var, dead, nonfinite, x.numel()
+    )

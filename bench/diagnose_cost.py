@@ -1,0 +1,91 @@
+"""What diagnose() costs at initialization, against one plain forward+backward of the same
+model on the same batch (the issue's budget: 3x), measured side by side in one run.
+
+    python bench/diagnose_cost.py [--repeats 7] [--threads 1] [--json out.json]
+
+For each model: the median seconds of ``F.cross_entropy(model(x), y).backward()`` and of
+``diagnose(model, x, y)`` (hooks and float64 statistics on every layer output, the
+affine check, the zero-gate probe when the model has zero parameters), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from resnorm import create_model
+from resnorm.diagnostics import diagnose
+
+MODELS = (
+    ("mlp depth 8 width 256", "mlp", {"depth": 8, "width": 256}, (40,)),
+    (
+        "mlp depth 48 (plain, no norm)",
+        "mlp",
+        {"depth": 48, "residual": False, "norm": "none"},
+        (40,),
+    ),
+    ("resnet1d_20", "resnet1d_20", {}, (1, 40)),
+    ("resnet20", "resnet20", {}, (3, 32, 32)),
+    ("transformer", "transformer", {}, (40,)),
+)
+
+
+def _median(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for label, name, options, shape in MODELS:
+        torch.manual_seed(0)
+        model = create_model(name, **options)
+        x, y = torch.randn(args.batch_size, *shape), torch.randint(0, 10, (args.batch_size,))
+
+        def step():
+            F.cross_entropy(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
+
+        plain = _median(step, args.repeats)
+        diag = _median(lambda: diagnose(model, x, y), args.repeats)
+        rows.append(
+            {
+                "model": label,
+                "fwd_bwd_ms": plain * 1e3,
+                "diagnose_ms": diag * 1e3,
+                "ratio": diag / plain,
+            }
+        )
+    print("| model | forward+backward (ms) | diagnose (ms) | ratio |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['fwd_bwd_ms']:.1f} | {r['diagnose_ms']:.1f} | {r['ratio']:.2f}x |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=1
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
