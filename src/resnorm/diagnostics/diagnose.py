@@ -89,8 +89,11 @@ class Diagnosis:
             head = "Gradients flow and training makes progress over the steps."
         if self.verdict is Verdict.EXPLODING and not fired & {"grad_ratio", "activation_growth"}:
             head = (
-                "The model's output is far off scale: the loss rises in training or starts "
-                "far above chance."
+                "Training diverges: the loss rises over the steps (the learning rate is far "
+                "too large for this model)."
+                if fired & {"loss_rise", "update_size"}
+                else "The output is far off scale at initialization: the loss starts far "
+                "above chance."
             )
         sure = (
             f"(confidence {self.confidence}; signals: {', '.join(sorted(fired)) or 'none fired'})"
