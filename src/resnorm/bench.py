@@ -248,6 +248,34 @@ def _timed_rows(
     return rows
 
 
+def _time_kind(kind: str, x, r, w, b, dy, copy, *, regime: str, use_compile: bool, rounds: int):
+    """Every peer of one norm kind timed in turns, forward and forward+backward, with
+    ``copy`` in the forward's rounds: ``({peer: {"fwd": s, "fwd+bwd": s}}, copy's s)``."""
+    fwd_peers, step_peers, around = _peer_calls(_peers(kind, regime, use_compile), x, r, w, b, dy)
+    if use_compile:  # compile outside the timed rounds
+        fwd_peers["compile"]()
+        step_peers["compile"]()
+    fwd = interleaved_medians({**fwd_peers, "copy": copy}, rounds, around=around)
+    both = interleaved_medians(step_peers, rounds, around=around)
+    copy_seconds = fwd.pop("copy")
+    return {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}, copy_seconds
+
+
+def _copy_row(regime: str, shape: str, seconds: float, nbytes: int, rounds: int) -> dict:
+    """The memory copy's row: the bandwidth the other rows are a percentage of."""
+    return {
+        "regime": regime,
+        "shape": shape,
+        "kind": "-",
+        "impl": "copy",
+        "pass": "-",
+        "ms": 1e3 * seconds,
+        "GB/s": 2 * nbytes / seconds / 1e9,
+        "pct_copy": 100.0,
+        "rounds": rounds,
+    }
+
+
 def kernel_rows(
     shapes: Iterable[tuple[int, int]],
     kinds=("layer", "rms"),
@@ -269,21 +297,21 @@ def kernel_rows(
         rounds = rounds_for(repeats, n * d)
         copy_times, kind_rows = [], []
         for kind in kinds:
-            fwd_peers, step_peers, around = _peer_calls(
-                _peers(kind, regime, use_compile), x, r, w, b, dy
-            )
             if progress:
                 progress(f"{regime} {shape} {kind}")
-            if use_compile:  # compile outside the timed rounds
-                fwd_peers["compile"]()
-                step_peers["compile"]()
-            fwd = interleaved_medians(
-                {**fwd_peers, "copy": lambda: dst.copy_(src)}, rounds, around=around
+            timed, copy_seconds = _time_kind(
+                kind,
+                x,
+                r,
+                w,
+                b,
+                dy,
+                lambda: dst.copy_(src),
+                regime=regime,
+                use_compile=use_compile,
+                rounds=rounds,
             )
-            both = interleaved_medians(step_peers, rounds, around=around)
-            copy_times.append(fwd.pop("copy"))
-            copy_gbs = 2 * nbytes / copy_times[-1] / 1e9  # this kind's rounds
-            timed = {name: {"fwd": fwd[name], "fwd+bwd": both[name]} for name in fwd_peers}
+            copy_times.append(copy_seconds)
             kind_rows += _timed_rows(
                 timed,
                 regime=regime,
@@ -291,38 +319,24 @@ def kernel_rows(
                 kind=kind,
                 rounds=rounds,
                 nbytes=nbytes,
-                copy_gbs=copy_gbs,
+                copy_gbs=2 * nbytes / copy_seconds / 1e9,  # this kind's rounds
             )
         copy = (
             statistics.median(copy_times)
             if copy_times
             else interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds)["copy"]
         )
-        rows.append(
-            {
-                "regime": regime,
-                "shape": shape,
-                "kind": "-",
-                "impl": "copy",
-                "pass": "-",
-                "ms": 1e3 * copy,
-                "GB/s": 2 * nbytes / copy / 1e9,
-                "pct_copy": 100.0,
-                "rounds": rounds,
-            }
-        )
+        rows.append(_copy_row(regime, shape, copy, nbytes, rounds))
         rows += kind_rows
     return rows
 
 
-def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) -> list[dict]:
-    """Training-step time of fused vs unfused models with the same weights."""
-    from .models import create_model
-
+def _end_to_end_cases(quick: bool) -> list[tuple[str, dict, tuple[int, int]]]:
+    """(model, options, input shape) of each end-to-end row."""
     # Activations of 2 million elements (fused): 256 wide, where the memory-bound ops are a
     # fifth of the step, and 1,024 wide, where the matmuls are nearly all of it; and the
     # lab's MLP (128 x 128: stock ops below STOCK_BELOW, so the two should tie).
-    cases = [
+    return [
         (
             "mlp",
             {
@@ -354,8 +368,14 @@ def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) ->
             (16 if quick else 128, 40),
         ),
     ]
+
+
+def end_to_end_rows(*, repeats: int = 20, quick: bool = False, progress=None) -> list[dict]:
+    """Training-step time of fused vs unfused models with the same weights."""
+    from .models import create_model
+
     rows = []
-    for name, options, shape in cases:
+    for name, options, shape in _end_to_end_cases(quick):
         if progress:
             progress(f"end-to-end {name}")
         torch.manual_seed(0)

@@ -54,7 +54,6 @@ def bench(
     milliseconds, effective GB/s, percent of copy bandwidth and speed-ups; --out writes JSON.
     """
     from rich.console import Console
-    from rich.table import Table
 
     from .. import bench as bench_module
     from .._io import atomic_open
@@ -79,6 +78,16 @@ def bench(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    out_console = Console(width=max(Console().width, 120))  # a narrow pipe would cut cells
+    out_console.print(_kernel_table(result))
+    if result["end_to_end"]:
+        out_console.print(_end_to_end_table(result["end_to_end"]))
+
+
+def _kernel_table(result: dict):
+    """The kernel rows: ms, GB/s, % of copy bandwidth and resnorm's speed-ups."""
+    from rich.table import Table
+
     kernel = result["kernel"]
     table = Table(
         title=f"resnorm {result['resnorm']}, torch {result['torch']}, "
@@ -112,18 +121,22 @@ def bench(
             f"{row['pct_copy']:.0f}%",
             *vs,
         )
-    out_console = Console(width=max(Console().width, 120))  # a narrow pipe would cut cells
-    out_console.print(table)
-    if result["end_to_end"]:
-        e2e = Table(title="training step (forward, backward, AdamW), medians", box=None)
-        for column in ("model", "batch", "unfused ms", "fused ms", "speed-up"):
-            e2e.add_column(column, justify="right")
-        for row in result["end_to_end"]:
-            e2e.add_row(
-                row["model"],
-                str(row["batch"]),
-                f"{row['unfused_ms']:.2f}",
-                f"{row['fused_ms']:.2f}",
-                f"{row['speedup']:.2f}x",
-            )
-        out_console.print(e2e)
+    return table
+
+
+def _end_to_end_table(rows: list[dict]):
+    """The training steps of fused vs unfused models."""
+    from rich.table import Table
+
+    e2e = Table(title="training step (forward, backward, AdamW), medians", box=None)
+    for column in ("model", "batch", "unfused ms", "fused ms", "speed-up"):
+        e2e.add_column(column, justify="right")
+    for row in rows:
+        e2e.add_row(
+            row["model"],
+            str(row["batch"]),
+            f"{row['unfused_ms']:.2f}",
+            f"{row['fused_ms']:.2f}",
+            f"{row['speedup']:.2f}x",
+        )
+    return e2e

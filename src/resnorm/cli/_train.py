@@ -9,6 +9,29 @@ import click
 from ..errors import UsageError
 from ._app import MAX_DEPTH, _check_device, _check_finite, _UserError, _writable, cli
 
+# The options of train that are TrainConfig fields of the same name (--compile: use_compile).
+_CONFIG_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "augment",
+    "amp",
+    "device",
+    "threads",
+    "seed",
+    "checkpoint_every",
+    "sync_bn",
+)
+# The options that override the model's own defaults, when given.
+_MODEL_OPTIONS = ("norm", "depth", "width", "placement", "residual")
+
 
 @cli.command(short_help="Train a registered model on a data set, with checkpoints and resume.")
 @click.option("--model", "model_name", required=True, help="A registered model (resnorm models).")
@@ -112,43 +135,7 @@ from ._app import MAX_DEPTH, _check_device, _check_finite, _UserError, _writable
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.pass_context
-def train(
-    ctx,
-    model_name,
-    dataset,
-    data_root,
-    samples,
-    norm,
-    depth,
-    width,
-    placement,
-    residual,
-    epochs,
-    batch_size,
-    optimizer,
-    lr,
-    momentum,
-    nesterov,
-    weight_decay,
-    schedule,
-    warmup_epochs,
-    label_smoothing,
-    augment,
-    amp,
-    use_compile,
-    device,
-    threads,
-    seed,
-    checkpoint_every,
-    monitor_every,
-    out,
-    restart,
-    nproc,
-    sync_bn,
-    dist_timeout,
-    as_json,
-    quiet,
-) -> None:
+def train(ctx: click.Context, **options) -> None:
     """Train MODEL on DATASET; per-epoch metrics go to OUT/metrics.jsonl and metrics.csv,
     checkpoints to OUT/checkpoint.pt. Run the same command again to resume an interrupted
     run from its last checkpoint (a finished run is not trained again).
@@ -168,94 +155,43 @@ def train(
     from ..train.distributed import check_nproc, launched_by_torchrun
 
     in_worker = launched_by_torchrun()
+    nproc, device = options["nproc"], options["device"]
     if nproc > 1 and in_worker:
         raise _UserError(
             "--nproc starts the worker processes itself; under torchrun, give "
             "torchrun --nproc-per-node instead"
         )
     config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        augment=augment,
-        amp=amp,
-        compile=use_compile,
-        device=device,
-        threads=threads,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        sync_bn=sync_bn,
+        compile=options["use_compile"], **{name: options[name] for name in _CONFIG_OPTIONS}
     )
     if nproc > 1:
         check_nproc(nproc, device)
-    data_options = {
-        k: v for k, v in {"num_samples": samples, "root": data_root}.items() if v is not None
-    }
-    overrides = {
-        k: v
-        for k, v in {
-            "norm": norm,
-            "depth": depth,
-            "width": width,
-            "placement": placement,
-            "residual": residual,
-        }.items()
-        if v is not None
-    }
+    data_options = {"num_samples": options["samples"], "root": options["data_root"]}
     run = prepare_run(
-        model_name,
-        dataset,
-        model_options=overrides,
-        dataset_options=data_options,
+        options["model_name"],
+        options["dataset"],
+        model_options={k: options[k] for k in _MODEL_OPTIONS if options[k] is not None},
+        dataset_options={k: v for k, v in data_options.items() if v is not None},
         config=config,
-        out=out,
+        out=options["out"],
         world_size=nproc if nproc > 1 else None,
     )
     if nproc > 1:  # the data set is cached above, before the workers load it
         _launch_workers(ctx, nproc, device, run.out)
         return
-    _fit_here(
-        run,
-        in_worker=in_worker,
-        device=device,
-        dist_timeout=dist_timeout,
-        epochs=epochs,
-        batch_size=batch_size,
-        restart=restart,
-        monitor_every=monitor_every,
-        as_json=as_json,
-        quiet=quiet,
-    )
+    _fit_here(run, in_worker, options)
 
 
-def _fit_here(
-    run,
-    *,
-    in_worker: bool,
-    device: str,
-    dist_timeout: float,
-    epochs: int,
-    batch_size: int,
-    restart: bool,
-    monitor_every: int | None,
-    as_json: bool,
-    quiet: bool,
-) -> None:
+def _fit_here(run, in_worker: bool, options: dict) -> None:
     """Train ``run`` in this process, alone or as one torchrun worker, with the per-epoch
     lines on stderr and the outcome on stdout (rank 0 only)."""
     from rich.console import Console
 
     from ..train.distributed import init_distributed, shutdown_distributed, world
 
+    quiet, as_json, epochs = options["quiet"], options["as_json"], options["epochs"]
     if in_worker:
-        init_distributed(device, dist_timeout)
+        init_distributed(options["device"], options["dist_timeout"])
     rank = world()[0]
     console = Console(
         stderr=True,
@@ -263,7 +199,7 @@ def _fit_here(
         soft_wrap=True,
     )
     results = Console(soft_wrap=True, quiet=rank > 0)  # results: stdout
-    _print_start(console, run, batch_size * world()[1])
+    _print_start(console, run, options["batch_size"] * world()[1])
 
     def report(row: dict) -> None:
         console.print(
@@ -274,8 +210,8 @@ def _fit_here(
 
     try:
         result = run.fit(
-            restart=restart,
-            monitor_every=monitor_every,
+            restart=options["restart"],
+            monitor_every=options["monitor_every"],
             progress=None if not (quiet or as_json) else False,
             on_epoch=report,
         )

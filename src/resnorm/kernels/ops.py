@@ -350,11 +350,17 @@ def add_norm(
     (:data:`STOCK_PLAIN_LAYER_NORM`: nothing to fuse). Inputs may be non-contiguous.
     """
     eps, activation = _checked_arguments(x, residual, weight, bias, kind, eps, activation)
-    n = x.shape[-1]
+    args = (x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32, activation)
     if _stock(x, residual, kind, activation):
-        return reference.add_norm_reference(
-            x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32, activation
-        )
+        return reference.add_norm_reference(*args)
+    return _fused_add_norm(*args)
+
+
+def _fused_add_norm(x, residual, weight, bias, kind, eps, prenorm, residual_in_fp32, activation):
+    """:func:`add_norm` through the operators (their kernels and autograd formula), on 2-D
+    views of x and the residual: under ``torch.compile`` the custom operator, outside it
+    the same kernels without the operator's dispatch."""
+    n = x.shape[-1]
     h_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
     materialize = residual is not None or h_dtype != x.dtype
     shape = x.shape
