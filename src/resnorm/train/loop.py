@@ -29,7 +29,8 @@ from .evaluate import _evaluate_shared, _full_precision, evaluate
 from .files import RunFiles
 from .optim import augment_images, make_optimizer, make_scheduler
 from .progress import _Progress
-from .run import RunMismatchError, identity_differences, run_identity, run_record, train_identity
+from .resume import _check_resumable, _restore_rng, _shared_checkpoint
+from .run import run_identity, run_record
 
 
 @dataclass
@@ -121,6 +122,24 @@ def fit(
     ``progress=None`` shows a progress bar only on a terminal. ``on_epoch`` is called in
     every process.
     """
+    _check_fit_arguments(model, data, config)
+    device = resolve_device(config.device)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    net = _sync_batch_norm(model) if config.sync_bn else model
+    try:
+        trainer = _Trainer(net, data, config, device, out, monitor, meta or {})
+        trainer.start_or_resume(resume)
+        return trainer.train(progress, description, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+        if config.sync_bn:
+            revert_sync_batchnorm(net)
+
+
+def _check_fit_arguments(model, data, config) -> None:
+    """Refuse what :func:`fit` cannot train, naming what was passed."""
     if isinstance(model, DistributedDataParallel):
         raise UsageTypeError(
             "pass the model itself, not DistributedDataParallel(model): fit "
@@ -132,80 +151,17 @@ def fit(
         raise UsageTypeError(f"data must be a DataSplit, got {type(data).__name__}")
     if not isinstance(config, TrainConfig):
         raise UsageTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    device = resolve_device(config.device)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    net = model
-    if config.sync_bn:
-        net = convert_sync_batchnorm(model)
-        if not has_batch_norm(net):
-            warnings.warn(
-                "sync_bn=True changes nothing: the model has no batch norm layer", stacklevel=2
-            )
-    try:
-        return _fit(
-            net,
-            data,
-            config,
-            device,
-            out,
-            resume,
-            monitor,
-            progress,
-            description,
-            meta or {},
-            on_epoch,
+
+
+def _sync_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` with its batch norms synchronized (``config.sync_bn``), warning the caller
+    of :func:`fit` when it has none."""
+    net = convert_sync_batchnorm(model)
+    if not has_batch_norm(net):
+        warnings.warn(  # stacklevel 3: the line that called fit
+            "sync_bn=True changes nothing: the model has no batch norm layer", stacklevel=3
         )
-    finally:
-        torch.set_num_threads(threads)
-        if config.sync_bn:
-            revert_sync_batchnorm(net)
-
-
-def _shared_checkpoint(run: RunFiles, rank: int, world_size: int) -> dict | None:
-    """The checkpoint rank 0 reads, in every process (a multi-node run need not share a
-    file system); an error reading it is raised in every process, so none waits."""
-    if world_size == 1:
-        run.checkpoints.recover()
-        return run.checkpoints.load()
-    payload = [None]
-    if rank == 0:
-        try:
-            run.checkpoints.recover()
-            payload[0] = ("state", run.checkpoints.load())
-        except Exception as exc:  # noqa: BLE001 - handed to every process, raised there
-            payload[0] = ("error", exc)
-    dist.broadcast_object_list(payload, src=0)
-    kind, value = payload[0]
-    if kind == "error":
-        raise value
-    return value
-
-
-def _check_resumable(
-    state: dict, identity: dict, world_size: int, steps_per_epoch: int, root: Path
-) -> None:
-    """Refuse to resume a checkpoint of another run: one line naming what differs."""
-    saved = state.get("identity")
-    if saved is None:  # a version-1 checkpoint: only its training configuration is known
-        config = TrainConfig.from_dict(state["config"]).to_dict()
-        saved = {"train": train_identity(config, state.get("world_size", 1))}
-        current = {"train": identity["train"]}
-    else:
-        current = identity
-    differences = identity_differences(saved, current)
-    if differences:
-        raise RunMismatchError(root, differences)
-    saved_world = state.get("world_size", 1)
-    saved_steps = state.get("steps_per_epoch", steps_per_epoch)
-    if saved_world != world_size and saved_steps != steps_per_epoch:
-        batch = identity["train"]["global_batch_size"]
-        raise UsageError(
-            f"{root} holds a run of {saved_world} process(es) ({saved_steps} steps per "
-            f"epoch); {world_size} process(es) give {steps_per_epoch}: resume it with "
-            f"{saved_world} process(es), or restart it (global batch {batch})"
-        )
+    return net
 
 
 class _Trainer:
@@ -358,19 +314,7 @@ class _Trainer:
             logits = train_model(xb)
         loss = F.cross_entropy(_full_precision(logits), yb, label_smoothing=config.label_smoothing)
         if world_size > 1:
-            # One small all-reduce: the step's totals for the metrics, and a verdict on
-            # divergence that every process shares (none may stop alone).
-            totals = torch.stack(
-                [
-                    loss.detach().double() * len(index),
-                    (logits.argmax(1) == yb).sum().double(),
-                    torch.tensor(float(len(index)), device=device, dtype=torch.float64),
-                    (~torch.isfinite(loss.detach())).double(),
-                ]
-            )
-            dist.all_reduce(totals)
-            step_loss, step_correct, step_seen, nonfinite = totals.tolist()
-            finite = nonfinite == 0
+            step_loss, step_correct, step_seen, finite = self._shared_totals(loss, logits, yb)
             if len(index) * world_size != total:
                 # DDP averages the processes' gradients: weight each slice's mean so that
                 # the result is the mean over the whole batch.
@@ -379,22 +323,7 @@ class _Trainer:
             finite = bool(torch.isfinite(loss))
         if not finite:
             return None
-        optimizer, scaler = self.optimizer, self.scaler
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        self.scheduler.step()
-        self.global_step += 1
+        self._optimizer_step(loss)
         if world_size == 1:
             step_seen = len(index)
             step_loss = loss.item() * step_seen
@@ -402,6 +331,44 @@ class _Trainer:
         if self.monitor is not None:
             self.monitor.step(loss)
         return step_loss, int(step_correct), int(step_seen)
+
+    def _shared_totals(
+        self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[float, float, float, bool]:
+        """One small all-reduce: the step's totals for the metrics (summed loss, correct,
+        samples) over the processes, and a verdict on divergence that every process shares
+        (none may stop alone)."""
+        totals = torch.stack(
+            [
+                loss.detach().double() * len(yb),
+                (logits.argmax(1) == yb).sum().double(),
+                torch.tensor(float(len(yb)), device=self.device, dtype=torch.float64),
+                (~torch.isfinite(loss.detach())).double(),
+            ]
+        )
+        dist.all_reduce(totals)
+        step_loss, step_correct, step_seen, nonfinite = totals.tolist()
+        return step_loss, step_correct, step_seen, nonfinite == 0
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward (scaled under float16 autocast), gradient clipping, the optimizer's and
+        the scheduler's step."""
+        optimizer, scaler = self.optimizer, self.scaler
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
 
     # ------------------------------------------------------------------ end of epoch
     def end_epoch(self, epoch_start: float, on_epoch) -> None:
@@ -499,29 +466,3 @@ class _Trainer:
                 self.run.write_json("result.json", json_safe(result.to_dict()))
                 self.run.checkpoints.drop_previous()
         return result
-
-
-def _fit(
-    model, data, config, device, out, resume, monitor, progress, description, meta, on_epoch
-) -> FitResult:
-    trainer = _Trainer(model, data, config, device, out, monitor, meta)
-    trainer.start_or_resume(resume)
-    return trainer.train(progress, description, on_epoch)
-
-
-def _restore_rng(state: dict, seed: int, rank: int, world_size: int, device: torch.device) -> None:
-    rng = state["rng"]
-    ranks = rng.get("ranks")
-    if world_size > 1 and ranks is not None and len(ranks) == world_size:
-        torch.set_rng_state(ranks[rank]["torch"])
-        if device.type == "cuda" and ranks[rank].get("cuda") is not None:
-            torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
-    elif rank == 0:
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            if world_size > 1:
-                torch.cuda.set_rng_state(rng["cuda"][device.index or 0], device)
-            else:
-                torch.cuda.set_rng_state_all(rng["cuda"])
-    else:  # a different number of processes: freshly seeded generators, deterministic
-        torch.manual_seed(_rank_seed(seed, rank) + state["global_step"])
