@@ -79,29 +79,12 @@ from ._app import MAX_DEPTH, _parse_shape, _parse_verdicts, _UserError, _writabl
     help="Exit with status 1 when the verdict is one of these "
     "(e.g. vanishing,exploding,non-finite).",
 )
-def diagnose(
-    model,
-    factory,
-    input_shape,
-    norm,
-    depth,
-    width,
-    placement,
-    residual,
-    batch_size,
-    seed,
-    run_dir,
-    steps,
-    optimizer,
-    lr,
-    figure_path,
-    html_path,
-    as_json,
-    fail_on,
-) -> None:
+def diagnose(model, factory, run_dir, figure_path, html_path, as_json, fail_on, **options):
     """Measure gradient flow and signal propagation of MODEL (a registered name, see
-    'resnorm models') or of --factory's model, on one random batch, and say whether
-    gradients vanish or explode, where, and what to change.
+    'resnorm models') or of --factory's model, on one random batch, and say whether it
+    will train: whether gradients vanish or explode, where, and what to change. --steps
+    also trains a few optimizer steps on the batch; --run judges a training run's
+    Monitor records instead.
 
     \b
     Examples:
@@ -109,9 +92,8 @@ def diagnose(
       resnorm diagnose mlp --depth 8 --steps 20 --optimizer sgd --lr 10
       resnorm diagnose resnet56 --norm layer --figure diag.png
       resnorm diagnose --factory mypkg.models:build --input-shape 3,32,32 --fail-on vanishing
+      resnorm diagnose --run runs/mlp-mnist1d-seed0-1a2b3c4d5e
     """
-    from ..diagnostics.runner import diagnose_named
-
     if run_dir is not None:
         if model is not None or factory is not None:
             raise _UserError("--run judges a run's records: give no MODEL or --factory with it")
@@ -123,29 +105,17 @@ def diagnose(
         raise _UserError(
             "give a registered MODEL name, --factory package.module:function, or --run DIR"
         )
-    overrides = {
-        k: v
-        for k, v in {
-            "norm": norm,
-            "depth": depth,
-            "width": width,
-            "placement": placement,
-            "residual": residual,
-        }.items()
-        if v is not None
-    }
-    result = diagnose_named(
-        model,
-        factory=factory,
-        input_shape=input_shape,
-        batch_size=batch_size,
-        seed=seed,
-        steps=steps,
-        optimizer=optimizer,
-        lr=lr,
-        **overrides,
-    )
+    from ..diagnostics.runner import diagnose_named
+
+    # The model's own options, when given; the rest are the measurement's.
+    overrides = {k: options.pop(k) for k in _MODEL_OPTIONS if options[k] is not None}
+    for k in _MODEL_OPTIONS:
+        options.pop(k, None)
+    result = diagnose_named(model, factory=factory, **options, **overrides)
     _show(result, figure_path, html_path, as_json, fail_on)
+
+
+_MODEL_OPTIONS = ("norm", "depth", "width", "placement", "residual")
 
 
 def _show(result, figure_path, html_path, as_json, fail_on) -> None:

@@ -21,6 +21,16 @@ from .diagnose import Diagnosis
 from .training import TrainingTrace
 from .verdict import Evidence, LayerGrad, Signal, Thresholds, Verdict, judge
 
+# What a run's records cannot tell about the model: remedies then assume nothing of it.
+_RUN_STRUCTURE = {
+    "has_skip": None,
+    "has_norm": True,
+    "post_norm": False,
+    "norm_kinds": [],
+    "closed_gates": 0,
+    "zero_init": False,
+}
+
 # A monitor.jsonl line is small (a number per layer); a longer one is not a record.
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
@@ -127,31 +137,12 @@ def analyze(records, thresholds: Thresholds | None = None, *, name: str = "run")
     layers = [
         LayerGrad(n, "", _number(last.get(n)) or 0.0, float("nan")) for n in trace.layer_names
     ]
-    structure = {
-        "has_skip": None,
-        "has_norm": True,
-        "post_norm": False,
-        "norm_kinds": [],
-        "closed_gates": 0,
-        "zero_init": False,
-    }
+    structure = dict(_RUN_STRUCTURE)
     # Judged from the training trace only: the first finite loss stands for the start.
     start = next((v for v in trace.losses if math.isfinite(v)), float("nan"))
     judgement = judge([], [], {}, start, thresholds, structure, Evidence(training=trace))
     signals = [s for s in judgement.signals] + _dying_units(records, thresholds)
-    verdict, confidence = judgement.verdict, judgement.confidence
-    findings = list(judgement.findings)
-    dying = [s for s in signals if s.name == "dying_units" and s.fired]
-    if dying:
-        findings.append(dying[0].text)
-        if verdict is Verdict.HEALTHY:
-            verdict, confidence = Verdict.VANISHING, "medium"
-    remedies = judgement.remedies
-    if dying and not remedies:
-        remedies = [
-            "Many ReLU units die during training: lower the learning rate, use a "
-            "leaky or smooth activation (activation='gelu'), or normalize before the ReLU."
-        ]
+    verdict, confidence, findings, remedies = _with_dying_units(judgement, signals)
     return Diagnosis(
         verdict,
         start,
@@ -169,3 +160,21 @@ def analyze(records, thresholds: Thresholds | None = None, *, name: str = "run")
         confidence,
         trace,
     )
+
+
+def _with_dying_units(judgement, signals: list[Signal]):
+    """The verdict, confidence, findings and remedies, with units dying during training
+    turning a healthy verdict into vanishing (dead ReLUs pass no gradient back)."""
+    verdict, confidence = judgement.verdict, judgement.confidence
+    findings, remedies = list(judgement.findings), judgement.remedies
+    dying = [s for s in signals if s.name == "dying_units" and s.fired]
+    if dying:
+        findings.append(dying[0].text)
+        if verdict is Verdict.HEALTHY:
+            verdict, confidence = Verdict.VANISHING, "medium"
+        if not remedies:
+            remedies = [
+                "Many ReLU units die during training: lower the learning rate, use a leaky "
+                "or smooth activation (activation='gelu'), or normalize before the ReLU."
+            ]
+    return verdict, confidence, findings, remedies

@@ -225,16 +225,14 @@ def diagnose(
     optimizer: torch.optim.Optimizer | None = None,
     steps: int | None = None,
 ) -> Diagnosis:
-    """Measure gradient flow and signal propagation of ``model`` on one batch, and judge
-    whether it will train (see :mod:`~resnorm.diagnostics.verdict` for the signals).
-
-    Runs one forward and backward pass (in training mode by default, so batch norm uses
-    batch statistics, as in Brock et al.), a forward pass in eval mode on midpoints of the
-    batch (is the model affine?) and, when parameters start at exactly zero, one more
-    backward pass with them moved by a small step. With ``optimizer``, it then takes
-    ``steps`` optimizer steps on the batch (20 by default) to see what only training
-    shows. It leaves the model as it found it: its parameters, mode, buffers (running
-    statistics), any ``.grad`` it had, the optimizer's state and the random generator.
+    """Measure gradient flow and signal propagation of ``model`` on one batch and judge
+    whether it will train (the signals: :mod:`~resnorm.diagnostics.verdict`).
+    One forward and backward pass (training mode by default: batch norm uses batch
+    statistics, as in Brock et al.), an eval-mode forward on midpoints of the batch (is it
+    affine?), one more backward pass with zero parameters moved by a small step (if any),
+    and with ``optimizer`` ``steps`` optimizer steps on the batch (20 by default). The
+    model is left as found: parameters, mode, buffers, ``.grad``, the optimizer's state
+    and the random generator.
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
@@ -257,7 +255,6 @@ def diagnose(
     layers = parameterized_layers(net)
     if not layers:
         raise UsageError("the model has no layer with a weight parameter to measure")
-    block_list = find_blocks(net, blocks)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     evidence = Evidence()
 
@@ -266,18 +263,27 @@ def diagnose(
 
     with _state_restored(model, net):
         model.train(train_mode)
-        with ForwardRecorder(net, block_list, channel_dim) as recorder:
+        with ForwardRecorder(net, find_blocks(net, blocks), channel_dim) as recorder:
             loss_value = _backward(step_loss)
         grads = _layer_grads(layers, recorder.layer_order)
-        order = dict(layers)
-        forward_layers = [(g.name, order[g.name]) for g in grads]
-        evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
-        _gate_evidence(net, forward_layers, grads, step_loss, evidence)
-        evidence.affine = affine_deviation(model, args)
-        model.train(train_mode)
+        _gather_evidence(model, net, args, dict(layers), grads, step_loss, evidence, train_mode)
         if steps:
-            evidence.training = run_steps(model, step_loss, optimizer, steps, forward_layers)
+            order = [(g.name, dict(layers)[g.name]) for g in grads]
+            evidence.training = run_steps(model, step_loss, optimizer, steps, order)
+    return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name)
 
+
+def _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, train_mode) -> None:
+    """What the verdict needs beyond the gradients: the first layer and depth, the zero
+    gates and what stays silent behind them, and whether the model is affine."""
+    evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
+    _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, step_loss, evidence)
+    evidence.affine = affine_deviation(model, args)
+    model.train(train_mode)
+
+
+def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name) -> Diagnosis:
+    """Judge the measurements and bundle them as a :class:`Diagnosis`."""
     block_stats = _block_stats(recorder)
     structure = _structure(net)
     verdict = judge(

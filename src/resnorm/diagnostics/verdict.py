@@ -47,24 +47,17 @@ layer's, crosses the threshold.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 
 from .._checks import check_float
 from ..errors import UsageError
+from .remedies import remedies as _remedies
+from .signals import Evidence, Signal, Verdict, _signal
+from .signals import forward_signals as _forward_signals
+from .signals import gradient_signals as _gradient_signals
+from .signals import training_signals as _training_signals
 
-
-class Verdict(str, Enum):
-    HEALTHY = "healthy"
-    VANISHING = "vanishing"
-    EXPLODING = "exploding"
-    NONFINITE = "non-finite"
-    STALLED = "stalled"
-    LINEAR = "linear"
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["Evidence", "Judgement", "LayerGrad", "Signal", "Thresholds", "Verdict", "judge"]
 
 
 @dataclass(frozen=True)
@@ -110,47 +103,6 @@ class LayerGrad:
 
 
 @dataclass(frozen=True)
-class Signal:
-    """One measured signal: its ``value``, the ``limit`` it is held to (as text), whether
-    it ``fired``, the ``verdict`` it points to when it fires, its ``strength`` (decades
-    past the threshold, 0 when not fired) and one sentence saying what was seen."""
-
-    name: str
-    value: float | None
-    limit: str
-    fired: bool
-    verdict: Verdict | None
-    strength: float
-    text: str
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["verdict"] = self.verdict.value if self.verdict is not None else None
-        return out
-
-
-@dataclass
-class Evidence:
-    """What the verdict is judged from besides the layers, blocks and activations:
-    ``classes`` (C of a cross-entropy loss, else ``None``); ``gates`` (parameters that
-    start at exactly zero and receive a gradient) and ``silent`` (layers with no gradient
-    at all); ``stuck`` (silent layers still without one after the gates' first step);
-    ``affine`` (the relative deviation from an affine map, ``None`` when not checked);
-    ``training`` (a :class:`~resnorm.diagnostics.training.TrainingTrace` with ``steps``);
-    ``first_layer`` (the first weight layer in forward order) and ``depth`` (how many weight
-    layers ran)."""
-
-    classes: int | None = None
-    gates: list[str] = field(default_factory=list)
-    silent: list[str] = field(default_factory=list)
-    stuck: list[str] | None = None
-    affine: float | None = None
-    training: object | None = None
-    first_layer: str | None = None
-    depth: int = 0
-
-
-@dataclass(frozen=True)
 class Judgement:
     verdict: Verdict
     grad_ratio: float
@@ -159,29 +111,6 @@ class Judgement:
     remedies: list[str]
     signals: list[Signal] = field(default_factory=list)
     confidence: str = "medium"
-
-
-def _finite(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
-
-
-def _decades(value: float, limit: float) -> float:
-    """How far past its threshold a fired signal is, in decades (at least 0.1)."""
-    if value <= 0 or limit <= 0 or not math.isfinite(value):
-        return 3.0
-    return min(3.0, max(0.1, abs(math.log10(value / limit))))
-
-
-def _signal(name, value, limit_text, fired, verdict, strength, text) -> Signal:
-    return Signal(
-        name,
-        value,
-        limit_text,
-        bool(fired),
-        verdict if fired else None,
-        strength if fired else 0.0,
-        text,
-    )
 
 
 def judge(
@@ -265,199 +194,6 @@ def _nonfinite_judgement(
         remedies.append("Add normalization (norm='batch' or 'layer') to bound activations.")
     signal = _signal("non-finite", None, "finite", True, Verdict.NONFINITE, 3.0, findings[0])
     return Judgement(Verdict.NONFINITE, ratio, where, findings, remedies, [signal], "high")
-
-
-def _gradient_signals(
-    layers: list[LayerGrad], ratio: float, t: Thresholds, evidence: Evidence
-) -> list[Signal]:
-    grads = [layer.grad_norm for layer in layers]
-    out = []
-    if len(grads) >= 2 and grads[-1] > 0:
-        low, high = ratio < t.vanishing_ratio, ratio > t.exploding_ratio
-        limit = t.vanishing_ratio if low else t.exploding_ratio
-        out.append(
-            _signal(
-                "grad_ratio",
-                ratio,
-                f"[{t.vanishing_ratio:.0e}, {t.exploding_ratio:.0e}]",
-                low or high,
-                Verdict.VANISHING if low else Verdict.EXPLODING,
-                _decades(ratio, limit),
-                f"First/last layer gradient-norm ratio {ratio:.2e} "
-                f"({'below' if low else 'above' if high else 'within'} "
-                f"[{t.vanishing_ratio:.0e}, {t.exploding_ratio:.0e}]).",
-            )
-        )
-    relative = [layer.relative for layer in layers if _finite(layer.relative)]
-    if relative:
-        median = statistics.median(relative)
-        out.append(
-            _signal(
-                "relative_grad",
-                median,
-                f">= {t.min_relative_grad:.0e}",
-                median < t.min_relative_grad,
-                Verdict.VANISHING,
-                _decades(median, t.min_relative_grad),
-                f"The median layer's gradient is {median:.1e} of its weight norm.",
-            )
-        )
-    stuck = evidence.stuck if evidence.gates else evidence.silent
-    all_silent = bool(grads) and max(grads) == 0 and not evidence.gates
-    if stuck or all_silent:
-        names = stuck or [layer.name for layer in layers]
-        n_all = len(evidence.silent) + len(layers) if evidence.gates else len(layers)
-        fraction = len(names) / max(1, n_all)
-        fired = all_silent or fraction >= 0.5 or evidence.first_layer in names
-        why = (
-            "even after the zero-initialized parameters in front of them take a step"
-            if evidence.gates
-            else "at all"
-        )
-        out.append(
-            _signal(
-                "zero_chain",
-                fraction,
-                "< 50% of the layers",
-                fired,
-                Verdict.VANISHING,
-                3.0 if all_silent else 1.0 + fraction,
-                f"{len(names)} of {n_all} layer(s) get no gradient {why}, the first layer "
-                f"{'among them' if evidence.first_layer in names else 'not'} (first: {names[0]}).",
-            )
-        )
-    return out
-
-
-def _forward_signals(blocks: list, loss: float, t: Thresholds, evidence: Evidence) -> list[Signal]:
-    out = []
-    if evidence.classes is not None and evidence.classes >= 2:
-        chance = math.log(evidence.classes)
-        scale = loss / chance
-        out.append(
-            _signal(
-                "loss_scale",
-                scale,
-                f"<= {t.loss_scale:g} x log(C)",
-                scale > t.loss_scale,
-                Verdict.EXPLODING,
-                _decades(scale, t.loss_scale),
-                f"The loss at initialization is {loss:.3g}, {scale:.3g}x chance (log {evidence.classes}"
-                f" = {chance:.3g}).",
-            )
-        )
-    # A block whose output is exactly zero starts at zero by design (a zero head or gate).
-    variances = [b.var for b in blocks if _finite(b.var) and b.var > 0]
-    if len(variances) >= 2:
-        growth = variances[-1] / variances[0]
-        up = growth > t.signal_growth
-        # Shrinking activations are a finding, not a verdict: networks at PyTorch's
-        # default init shrink them 1e-8x over 8 GELU layers and still train.
-        out.append(
-            _signal(
-                "activation_growth",
-                growth,
-                f"<= {t.signal_growth:.0e}",
-                up,
-                Verdict.EXPLODING,
-                _decades(growth, t.signal_growth),
-                f"Activation variance {'grows' if growth > 1 else 'shrinks'} {growth:.1e}x from "
-                f"the first block ({variances[0]:.2e}) to the last ({variances[-1]:.2e}).",
-            )
-        )
-    # One linear layer is meant to be one; a model with zero gates is the identity per
-    # block at initialization, and stops being affine once they open.
-    if evidence.affine is not None and evidence.depth >= 2 and not evidence.gates:
-        affine = evidence.affine <= t.affine_tolerance
-        out.append(
-            _signal(
-                "affine",
-                evidence.affine,
-                f"> {t.affine_tolerance:.0e}",
-                affine,
-                Verdict.LINEAR,
-                1.0,
-                f"The model is {'an' if affine else 'not an'} affine map of its input (deviation "
-                f"{evidence.affine:.1e} at midpoints of the batch, eval mode).",
-            )
-        )
-    return out
-
-
-def _training_signals(trace, t: Thresholds) -> list[Signal]:
-    if trace is None or not trace.losses:
-        return []
-    out = []
-    start, losses = trace.losses[0], trace.losses
-    if not all(math.isfinite(v) for v in losses):
-        step = next(i for i, v in enumerate(losses) if not math.isfinite(v))
-        return [
-            _signal(
-                "loss_rise",
-                None,
-                "finite",
-                True,
-                Verdict.NONFINITE,
-                3.0,
-                f"The loss turns non-finite at step {step} of {len(losses) - 1}.",
-            )
-        ]
-    tail = losses[-max(1, len(losses) // 5) :]
-    end = sum(tail) / len(tail)
-    rise = end / start if start > 0 else float("nan")
-    out.append(
-        _signal(
-            "loss_rise",
-            rise,
-            f"<= {t.loss_rise:g}x the start",
-            _finite(rise) and rise > t.loss_rise,
-            Verdict.EXPLODING,
-            _decades(rise, t.loss_rise),
-            f"Over {len(losses) - 1} steps the loss goes from {start:.3g} to {end:.3g}.",
-        )
-    )
-    progress = (start - min(losses)) / start if start > 0 else float("nan")
-    u = trace.median_update
-    slow = u is not None and u < t.min_update
-    out.append(
-        _signal(
-            "loss_progress",
-            progress,
-            f">= {t.loss_progress:.0%} of the start, or updates >= {t.min_update:.0e}",
-            _finite(progress) and progress < t.loss_progress and slow,
-            Verdict.STALLED,
-            _decades(max(progress, 1e-9), t.loss_progress),
-            f"The loss falls by {progress:.1%} at most over the steps"
-            + (f", the weights by {u:.1e} of their norm per step." if u is not None else "."),
-        )
-    )
-    first, last = trace.first_update, trace.last_update
-    if first is not None and last is not None and last > 0:
-        frozen = first / last
-        out.append(
-            _signal(
-                "frozen_layers",
-                frozen,
-                f">= {t.frozen_ratio:.0e}",
-                frozen < t.frozen_ratio,
-                Verdict.VANISHING,
-                _decades(max(frozen, 1e-30), t.frozen_ratio),
-                f"The first layer's weights move {frozen:.1e}x as much as the last layer's.",
-            )
-        )
-    if u is not None:
-        out.append(
-            _signal(
-                "update_size",
-                u,
-                f"<= {t.max_update:.0e} per step",
-                u > t.max_update,
-                Verdict.EXPLODING,
-                _decades(u, t.max_update),
-                f"The median layer's weights change by {u:.1e} of their norm per step.",
-            )
-        )
-    return out
 
 
 def _decide(signals: list[Signal], trained: bool) -> tuple[Verdict, str]:
@@ -554,98 +290,3 @@ def _scan_from_output(grads: list[float], crosses) -> int:
         if crosses(grads[i] / last):
             return i
     return 0
-
-
-def _remedies(verdict: Verdict, structure: dict, dead_units: bool, signals: list) -> list[str]:
-    """What to change, never what the model already has."""
-    fired = {s.name for s in signals if s.fired}
-    out: list[str] = []
-    if verdict is Verdict.VANISHING:
-        out += _vanishing_remedies(structure, fired)
-    elif verdict is Verdict.EXPLODING:
-        out += _exploding_remedies(structure, fired)
-    elif verdict is Verdict.STALLED:
-        out.append(
-            "Raise the learning rate: the weights barely move (about 1e-3 of their norm per "
-            "step is typical), or check that the loss depends on the parameters."
-        )
-    elif verdict is Verdict.LINEAR:
-        out.append(
-            "Put a nonlinearity between the layers (activation='relu' or 'gelu'): a stack of "
-            "linear layers is one linear map, whatever its depth."
-        )
-    if dead_units:
-        out.append(
-            "Many ReLU units are dead: lower the learning rate, use a leaky or "
-            "smooth activation (activation='gelu'), or normalize before the ReLU."
-        )
-    return out
-
-
-def _vanishing_remedies(structure: dict, fired: set) -> list[str]:
-    has_skip, has_norm = structure["has_skip"], structure["has_norm"]
-    out = []
-    if not has_skip:
-        out.append(
-            "Add skip connections (residual=True): y = F(x) + x gives gradients "
-            "a path around every block."
-        )
-    if not has_norm:
-        out.append(
-            "Add normalization (norm='batch' for convnets and MLPs, 'layer' or "
-            "'rms' for Transformers) so each layer's signal keeps unit scale."
-        )
-    if "zero_chain" in fired and structure.get("zero_init"):
-        out.append(
-            "Do not start every layer at zero: only one parameter per path may start at zero "
-            "(the head, or each residual branch's last scale); draw the others with "
-            "He/Kaiming or Xavier init."
-        )
-    out.append(
-        "Check the initialization: He/Kaiming init for ReLU layers keeps the "
-        "variance of activations and gradients constant with depth."
-    )
-    if "frozen_layers" in fired:
-        out.append("The first layers do not train: see above, and check their learning rate.")
-    if has_skip and structure["post_norm"]:
-        out.append(
-            "Move normalization inside the branch (placement='pre') so the skip "
-            "path stays an identity from output to input."
-        )
-    return out
-
-
-def _exploding_remedies(structure: dict, fired: set) -> list[str]:
-    has_skip = structure["has_skip"]
-    out = []
-    if "loss_scale" in fired or "activation_growth" in fired:
-        out.append(
-            "Initialize with a variance-preserving scheme (He/Kaiming for ReLU, Xavier for "
-            "tanh/sigmoid; torch.nn's default Linear/Conv init), not N(0, 1) or scaled-up "
-            "weights: the output at initialization is far off scale."
-        )
-        if not structure["has_norm"]:
-            out.append("Add normalization (norm='batch' or 'layer') to bound activations.")
-    if "grad_ratio" in fired and not has_skip:
-        if any("BatchNorm" in kind for kind in structure["norm_kinds"]):
-            out.append(
-                "Add skip connections (residual=True): deep plain stacks with batch "
-                "norm have exploding gradients at initialization (Yang et al. 2019)."
-            )
-        else:
-            out.append("Add skip connections (residual=True).")
-    if "grad_ratio" in fired and structure["post_norm"]:
-        out.append(
-            "Use pre-norm placement (placement='pre'): post-norm stacks have large "
-            "gradients near the output at initialization (Xiong et al. 2020)."
-        )
-    # A plain block scaled to zero outputs zero, not its input; a model that already
-    # starts its branches at zero needs something else.
-    if "grad_ratio" in fired and has_skip is not False and not structure.get("zero_init"):
-        out.append(
-            "Scale the residual branches at initialization (scale='rezero' or "
-            "'layerscale', or zero_init_last=True) so each block starts near the "
-            "identity."
-        )
-    out.append("Lower the learning rate, add warm-up, or clip gradients.")
-    return out
