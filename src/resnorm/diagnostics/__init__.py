@@ -1,6 +1,7 @@
 """Diagnostics for any PyTorch model: gradient flow and signal propagation, with verdicts."""
 
 from .analyze import analyze, read_records
+from .callbacks import hf_callback, lightning_callback
 from .diagnose import BlockStat, Diagnosis, default_loss, diagnose
 from .monitor import Monitor
 from .probes import find_blocks, unwrap
@@ -22,6 +23,8 @@ __all__ = [
     "default_loss",
     "diagnose",
     "find_blocks",
+    "hf_callback",
+    "lightning_callback",
     "summarize_activation",
     "unwrap",
 ]
