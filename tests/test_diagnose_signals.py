@@ -418,6 +418,17 @@ def test_analyze_judges_a_run_from_its_monitor_records(tmp_path):
     assert dying.verdict is Verdict.VANISHING
     assert any("Dead ReLU units rise from 10% to 90%" in f for f in dying.findings)
 
+    spike = analyze(_records([2.3, 5e7, 2.3, 2.3, 2.3], (1e-8, 1e-8)))  # blew up, collapsed
+    assert spike.verdict is Verdict.EXPLODING and any("peaking at" in f for f in spike.findings)
+    nan = analyze(_records([2.3, None, None], (1e-2, 1e-2)))
+    assert nan.verdict is Verdict.NONFINITE and any(
+        "Lower the learning rate" in r for r in nan.remedies
+    )
+    unknown = _records([2.3, 2.0, 1.8], (1e-3, 1e-3))
+    for record in unknown:
+        record["loss"] = None  # a loop that did not hand the Monitor its loss
+    assert analyze(unknown).verdict is Verdict.HEALTHY
+
     path = tmp_path / "monitor.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _records([2.3, 2.0, 1.7], (1e-3, 1e-3))))
     assert analyze(tmp_path).verdict is Verdict.HEALTHY  # the run folder

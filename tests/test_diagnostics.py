@@ -637,6 +637,7 @@ def test_to_json_is_complete():
         "loss_scale": 4.0,
         "affine_tolerance": 1e-3,
         "loss_rise": 2.0,
+        "loss_spike": 20.0,
         "loss_progress": 0.02,
         "frozen_ratio": 1e-3,
         "max_update": 0.1,

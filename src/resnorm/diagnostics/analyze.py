@@ -74,12 +74,9 @@ def trace_from_records(records: list[dict]) -> TrainingTrace:
     trace = TrainingTrace(layer_names=names, updates=[[] for _ in names])
     previous = None
     for record in records:
-        loss = record.get("loss")
-        trace.losses.append(
-            float("nan")
-            if loss is None and record.get("nonfinite")
-            else (_number(loss) if loss is not None else float("nan"))
-        )
+        loss = _number(record.get("loss"))
+        if loss is not None or record.get("nonfinite"):  # a record without a loss: unknown
+            trace.losses.append(loss if loss is not None else float("nan"))
         step = _number(record.get("step")) or 0.0
         gap = max(1.0, step - previous) if previous is not None else 1.0
         previous = step
@@ -140,6 +137,8 @@ def analyze(records, thresholds: Thresholds | None = None, *, name: str = "run")
     structure = dict(_RUN_STRUCTURE)
     # Judged from the training trace only: the first finite loss stands for the start.
     start = next((v for v in trace.losses if math.isfinite(v)), float("nan"))
+    if not trace.losses:  # no record has a loss: nothing to judge it by, not a NaN
+        start = 0.0
     judgement = judge([], [], {}, start, thresholds, structure, Evidence(training=trace))
     signals = [s for s in judgement.signals] + _dying_units(records, thresholds)
     verdict, confidence, findings, remedies = _with_dying_units(judgement, signals)

@@ -44,6 +44,20 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _weighted_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers a :class:`Monitor` measures, one tensor per layer for the norm statistics:
+    those with a ``weight`` parameter (recurrent layers' weight_ih/weight_hh are measured by
+    diagnose(), not here). A model without one is refused."""
+    named = [
+        (n, m)
+        for n, m in parameterized_layers(net)
+        if isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
+    if not named:
+        raise UsageError("the model has no layer with a weight parameter to monitor")
+    return named
+
+
 class Monitor:
     """Record training health every ``every`` steps, cheaply.
 
@@ -109,15 +123,7 @@ class Monitor:
         if update_sample is not None:
             check_int("update_sample", update_sample, minimum=1)
         self.net = unwrap(model)
-        # One tensor per layer for the norm statistics: the layers with a ``weight``
-        # (recurrent layers' weight_ih/weight_hh are measured by diagnose(), not here).
-        named = [
-            (n, m)
-            for n, m in parameterized_layers(self.net)
-            if isinstance(getattr(m, "weight", None), nn.Parameter)
-        ]
-        if not named:
-            raise UsageError("the model has no layer with a weight parameter to monitor")
+        named = _weighted_layers(self.net)
         writes = _is_rank_zero()
         summary_writer = _summary_writer_class() if tensorboard is not None and writes else None
         self.layer_names = [name for name, _ in named]

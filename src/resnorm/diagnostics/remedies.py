@@ -15,6 +15,11 @@ def remedies(verdict: Verdict, structure: dict, dead_units: bool, signals: list)
         out += _vanishing_remedies(structure, fired)
     elif verdict is Verdict.EXPLODING:
         out += _exploding_remedies(structure, fired)
+    elif verdict is Verdict.NONFINITE:
+        out.append(
+            "Lower the learning rate, add warm-up, or clip gradients "
+            "(torch.nn.utils.clip_grad_norm_); check the inputs and the loss for NaN/Inf."
+        )
     elif verdict is Verdict.STALLED:
         out.append(
             "Raise the learning rate: the weights barely move (about 1e-3 of their norm per "

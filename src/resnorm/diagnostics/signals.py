@@ -227,6 +227,8 @@ def _loss_signals(losses: list[float], u: float | None, t: Thresholds) -> list[S
     tail = losses[-max(1, len(losses) // 5) :]
     end = sum(tail) / len(tail)
     rise = end / start if start > 0 else float("nan")
+    peak = max(losses) / start if start > 0 else float("nan")
+    spiked = _finite(peak) and peak > t.loss_spike
     progress = (start - min(losses)) / start if start > 0 else float("nan")
     slow = u is not None and u < t.min_update
     moved = f", the weights by {u:.1e} of their norm per step." if u is not None else "."
@@ -234,17 +236,18 @@ def _loss_signals(losses: list[float], u: float | None, t: Thresholds) -> list[S
         _signal(
             "loss_rise",
             rise,
-            f"<= {t.loss_rise:g}x the start",
-            _finite(rise) and rise > t.loss_rise,
+            f"<= {t.loss_rise:g}x the start, peak <= {t.loss_spike:g}x",
+            _finite(rise) and rise > t.loss_rise or spiked,
             Verdict.EXPLODING,
-            _decades(rise, t.loss_rise),
-            f"Over {len(losses) - 1} steps the loss goes from {start:.3g} to {end:.3g}.",
+            _decades(peak, t.loss_spike) if spiked else _decades(rise, t.loss_rise),
+            f"Over {len(losses) - 1} steps the loss goes from {start:.3g} to {end:.3g}"
+            + (f", peaking at {max(losses):.3g}." if spiked else "."),
         ),
         _signal(
             "loss_progress",
             progress,
             f">= {t.loss_progress:.0%} of the start, or updates >= {t.min_update:.0e}",
-            _finite(progress) and progress < t.loss_progress and slow,
+            _finite(progress) and progress < t.loss_progress and slow and not spiked,
             Verdict.STALLED,
             _decades(max(progress, 1e-9), t.loss_progress),
             f"The loss falls by {progress:.1%} at most over the steps{moved}",

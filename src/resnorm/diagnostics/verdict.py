@@ -27,8 +27,9 @@ The signals (thresholds in :class:`Thresholds`, overridable), at initialization:
 
 And with ``steps=K`` (a few optimizer steps on the batch, :mod:`.training`):
 
-- ``loss_rise``: the loss ends above ``loss_rise`` (2) times where it started, or turns
-  non-finite: the learning rate is far too large for this model.
+- ``loss_rise``: the loss ends above ``loss_rise`` (2) times where it started, peaks
+  above ``loss_spike`` (20) times it, or turns non-finite: the learning rate is far too
+  large for this model.
 - ``loss_progress``: the loss falls by less than ``loss_progress`` (2%) of its start
   while the median layer's weights change by less than ``min_update`` (1e-4) per step:
   the learning rate is far too small (a slow start with normal updates is not stalled).
@@ -71,6 +72,7 @@ class Thresholds:
     loss_scale: float = 4.0  # cross-entropy at init above this many times log(C)
     affine_tolerance: float = 1e-3  # relative deviation from an affine map
     loss_rise: float = 2.0  # steps: the loss ends above this many times its start
+    loss_spike: float = 20.0  # steps: ... or peaks above this many times its start
     loss_progress: float = 0.02  # steps: the loss falls by less than this fraction
     frozen_ratio: float = 1e-3  # steps: first-layer update / last-layer update
     max_update: float = 0.1  # steps: median relative update per step above this
