@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_open, json_safe
+from .._io import atomic_open
 from .._progress import show_progress
 from ..errors import UsageError
 from ..train.run import identity_hash
 from . import workers
 from .progress import _LabProgress
 from .study import RunSpec, Study
+from .summary import RunSummary, _compact_init, _record_training, load_summary
 
 INIT_BATCH = 128
 
@@ -91,24 +91,6 @@ def _dataset(name: str, options_json: str):
     return load_dataset(name, **options)
 
 
-def _compact_init(diagnosis) -> dict:
-    """What a run's summary keeps of its diagnosis at initialization (non-finite numbers
-    become null when the summary is written)."""
-    return {
-        "verdict": diagnosis.verdict.value,
-        "grad_ratio": diagnosis.grad_ratio,
-        "start_layer": diagnosis.start_layer,
-        "layers": [
-            {"name": layer.name, "kind": layer.kind, "grad_norm": layer.grad_norm}
-            for layer in diagnosis.layers
-        ],
-        "blocks": [
-            {"name": b.name, "sq_mean": b.sq_mean, "var": b.var, "branch_var": b.branch_var}
-            for b in diagnosis.blocks
-        ],
-    }
-
-
 def execute_run(
     spec: RunSpec,
     study: Study,
@@ -143,56 +125,6 @@ def execute_distributed_run(spec: RunSpec, study: Study, run_dir: str, device: s
     summary = _execute(spec, study, Path(run_dir), device)
     shutdown_distributed()
     return summary
-
-
-@dataclass
-class RunSummary:
-    """What one lab run leaves in ``summary.json`` and what the report reads: the run's
-    grid point, how it ended (``status``: finished, diverged or failed, with ``error``),
-    its numbers, its diagnosis at initialization and its configuration's hash (what
-    reuse compares). Runs record it through :meth:`to_dict` (strict JSON)."""
-
-    run_id: str
-    variant: str
-    family: str
-    model: str
-    depth: int
-    norm: str
-    residual: bool
-    placement: str | None
-    batch_size: int
-    seed: int
-    options: dict
-    label: str
-    dataset: str
-    status: str = "failed"
-    error: str | None = None
-    diverged_at_step: int | None = None
-    diverged_in: str | None = None
-    final_test_acc: float | None = None
-    best_test_acc: float | None = None
-    final_train_loss: float | None = None
-    parameters: int | None = None
-    seconds: float | None = None
-    history: list = field(default_factory=list)
-    init: dict | None = None
-    config_hash: str | None = None
-    config: dict | None = None
-
-    @classmethod
-    def of(cls, spec: RunSpec, study: Study, **fields) -> RunSummary:
-        grid = {**asdict(spec), "options": dict(spec.options)}
-        return cls(
-            run_id=spec.run_id,
-            variant=spec.variant,
-            family=spec.model,
-            dataset=study.dataset,
-            **grid,
-            **fields,
-        )
-
-    def to_dict(self) -> dict:
-        return json_safe(asdict(self))
 
 
 def run_config(spec: RunSpec, study: Study, device: str, nproc: int = 1) -> dict:
@@ -233,18 +165,12 @@ def _execute(
     summary = RunSummary.of(spec, study, config_hash=identity_hash(config), config=config)
     try:
         data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
-        train_config = study.train_config(spec.batch_size // world_size, spec.seed, device)
-        # The study's sync_bn is for the runs that have batch norm (the rule of
-        # prepare_run, an error without batch norm, holds for what reaches it).
-        train_config = dataclasses.replace(
-            train_config, sync_bn=train_config.sync_bn and spec.norm == "batch"
-        )
         run = prepare_run(
             spec.model,
             study.dataset,
             model_options=spec.model_overrides(),
             dataset_options=study.dataset_options,
-            config=train_config,
+            config=_train_config(spec, study, device, world_size),
             out=run_dir,
             data=data,
         )
@@ -259,16 +185,7 @@ def _execute(
                 result = run.fit(progress=False, on_epoch=on_epoch)
             except RunMismatchError:  # the study was edited: this run starts over
                 result = run.fit(progress=False, on_epoch=on_epoch, restart=True)
-            history = result.history
-            finite_acc = [h["test_acc"] for h in history if math.isfinite(h["test_acc"])]
-            summary.status = "diverged" if result.diverged else "finished"
-            summary.diverged_at_step = result.diverged_at_step
-            summary.diverged_in = result.diverged_in
-            summary.history = history
-            if history:
-                summary.final_test_acc = history[-1]["test_acc"]
-                summary.best_test_acc = max(finite_acc) if finite_acc else None
-                summary.final_train_loss = history[-1]["train_loss"]
+            _record_training(summary, result)
     except Exception as exc:  # recorded, and the lab goes on
         summary.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,19 +202,12 @@ def _execute(
     return summary
 
 
-def load_summary(run_dir: Path, config_hash: str | None = None) -> dict | None:
-    """The summary of a run that ended (finished or diverged) with the configuration
-    whose hash is ``config_hash`` (any, when ``None``), else ``None``. A failed run, or
-    one of another configuration (the study was edited), is run again."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("status") not in ("finished", "diverged"):
-        return None
-    if config_hash is not None and summary.get("config_hash") != config_hash:
-        return None
-    return summary
+def _train_config(spec: RunSpec, study: Study, device: str, world_size: int):
+    """The training configuration of one of ``world_size`` processes training ``spec``:
+    its share of the global batch. The study's sync_bn is for the runs that have batch
+    norm (the rule of prepare_run, an error without batch norm, holds for what reaches it)."""
+    train_config = study.train_config(spec.batch_size // world_size, spec.seed, device)
+    return dataclasses.replace(train_config, sync_bn=train_config.sync_bn and spec.norm == "batch")
 
 
 def run_study(
@@ -316,15 +226,7 @@ def run_study(
     with ``workers > 1``, and must divide the study's batch sizes (global batches)."""
     out = Path(out)
     specs = study.runs(seeds)
-    results: dict[str, dict] = {}
-    todo = []
-    for spec in specs:
-        config_hash = identity_hash(run_config(spec, study, device, nproc or 1))
-        done = load_summary(out / "runs" / spec.run_id, config_hash)
-        if done is not None:
-            results[spec.run_id] = {**done, "reused": True}
-        else:
-            todo.append(spec)
+    results, todo = _reuse_done(specs, study, out, device, nproc or 1)
     distributed = nproc is not None and nproc > 1
     if distributed:
         _check_distributed_plan(todo, nproc, workers, device)
@@ -338,36 +240,80 @@ def run_study(
     )
     with _LabProgress(show, len(specs), len(specs) - len(todo), epochs, n_workers) as bar:
         if todo and distributed:
-            from ..train.distributed import LaunchError, launch
-
-            for spec in todo:
-                bar.started(spec.run_id)
-                run_dir = str(out / "runs" / spec.run_id)
-                try:
-                    results[spec.run_id] = launch(
-                        execute_distributed_run,
-                        (spec, study, run_dir, device),
-                        nproc=nproc,
-                        device=device,
-                    )[0]
-                except LaunchError as exc:
-                    results[spec.run_id] = _worker_died(spec, study, f"launch failed: {exc}")
-                bar.finished(spec.run_id)
+            _run_launched(todo, study, out, device, nproc, bar, results)
         elif todo and n_workers == 1:
-            for spec in todo:
-                bar.started(spec.run_id)
-                results[spec.run_id] = execute_run(
-                    spec,
-                    study,
-                    str(out / "runs" / spec.run_id),
-                    device,
-                    threads,
-                    on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]),
-                )
-                bar.finished(spec.run_id)
+            _run_here(todo, study, out, device, threads, bar, results)
         elif todo:
             _run_in_pool(todo, study, out, device, n_workers, threads, bar, results)
     return [results[spec.run_id] for spec in specs]
+
+
+def _reuse_done(
+    specs: list[RunSpec], study: Study, out: Path, device: str, nproc: int
+) -> tuple[dict[str, dict], list[RunSpec]]:
+    """``(summaries of the runs already done with this configuration, marked reused, by
+    run id; the runs left to do)``."""
+    results: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        config_hash = identity_hash(run_config(spec, study, device, nproc))
+        done = load_summary(out / "runs" / spec.run_id, config_hash)
+        if done is not None:
+            results[spec.run_id] = {**done, "reused": True}
+        else:
+            todo.append(spec)
+    return results, todo
+
+
+def _run_launched(
+    todo: list[RunSpec],
+    study: Study,
+    out: Path,
+    device: str,
+    nproc: int,
+    bar: _LabProgress,
+    results: dict[str, dict],
+) -> None:
+    """Run ``todo`` one at a time, each a torchrun launch of ``nproc`` processes; a
+    launch that fails is recorded as a failed run."""
+    from ..train.distributed import LaunchError, launch
+
+    for spec in todo:
+        bar.started(spec.run_id)
+        run_dir = str(out / "runs" / spec.run_id)
+        try:
+            results[spec.run_id] = launch(
+                execute_distributed_run,
+                (spec, study, run_dir, device),
+                nproc=nproc,
+                device=device,
+            )[0]
+        except LaunchError as exc:
+            results[spec.run_id] = _worker_died(spec, study, f"launch failed: {exc}")
+        bar.finished(spec.run_id)
+
+
+def _run_here(
+    todo: list[RunSpec],
+    study: Study,
+    out: Path,
+    device: str,
+    threads: int,
+    bar: _LabProgress,
+    results: dict[str, dict],
+) -> None:
+    """Run ``todo`` one after the other in this process (one worker)."""
+    for spec in todo:
+        bar.started(spec.run_id)
+        results[spec.run_id] = execute_run(
+            spec,
+            study,
+            str(out / "runs" / spec.run_id),
+            device,
+            threads,
+            on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]),
+        )
+        bar.finished(spec.run_id)
 
 
 def _run_in_pool(
