@@ -14,6 +14,23 @@ from .common import CifarSizedNet
 from .registry import register_model
 
 
+def _layers_per_block(depth: int, growth_rate: int, compression: float, bottleneck: bool) -> int:
+    """The layers of each of the three dense blocks of a DenseNet of ``depth``, after
+    checking the arguments (a depth not of the form 6n+4, or 3n+4 without bottleneck, is
+    refused)."""
+    check_int("depth", depth, minimum=1)
+    check_int("growth_rate", growth_rate, minimum=1)
+    check_float("compression", compression, low=0.0, high=1.0, low_inclusive=False)
+    convs_per_layer = 2 if bottleneck else 1
+    per_block, rest = divmod(depth - 4, 3 * convs_per_layer)
+    if rest or per_block < 1:
+        form = "6n+4 (40, 100, 190, 250)" if bottleneck else "3n+4 (40, 100)"
+        raise UsageError(
+            f"depth={depth} is not of the form {form} needed with bottleneck={bottleneck}"
+        )
+    return per_block
+
+
 class CifarDenseNet(CifarSizedNet):
     """``conv3x3 -> 3 x (DenseBlock -> Transition) -> Norm -> Act -> pool -> fc``, with no
     transition after the last block.
@@ -44,16 +61,7 @@ class CifarDenseNet(CifarSizedNet):
         norm_options: dict | None = None,
     ) -> None:
         super().__init__()
-        check_int("depth", depth, minimum=1)
-        check_int("growth_rate", growth_rate, minimum=1)
-        check_float("compression", compression, low=0.0, high=1.0, low_inclusive=False)
-        convs_per_layer = 2 if bottleneck else 1
-        per_block, rest = divmod(depth - 4, 3 * convs_per_layer)
-        if rest or per_block < 1:
-            form = "6n+4 (40, 100, 190, 250)" if bottleneck else "3n+4 (40, 100)"
-            raise UsageError(
-                f"depth={depth} is not of the form {form} needed with bottleneck={bottleneck}"
-            )
+        per_block = _layers_per_block(depth, growth_rate, compression, bottleneck)
         self.in_channels, self.dims = in_channels, dims
         options = dict(norm_options or {})
         channels = 2 * growth_rate if bottleneck else 16

@@ -14,6 +14,35 @@ from .common import per_block_merges
 from .registry import register_model
 
 
+def _check_arguments(
+    seq_len: int, in_channels: int, depth: int, pool: str, deepnorm: bool, placement: str
+) -> None:
+    """Refuse the arguments a :class:`TransformerClassifier` cannot be built with, checked
+    in this order."""
+    check_int("seq_len", seq_len, minimum=1)
+    check_int("in_channels", in_channels, minimum=1)
+    check_int("depth", depth, minimum=1)
+    check_choice("pool", pool, ("mean", "cls"))
+    if deepnorm and placement != "post":
+        raise UsageError(f"deepnorm=True needs placement='post', got {placement!r}")
+
+
+def _block_stack(
+    depth: int, deepnorm: bool, merge: ResidualConfig, *args, **options
+) -> nn.Sequential:
+    """``depth`` :class:`~resnorm.blocks.TransformerBlock` s of ``args`` and ``options``,
+    each with its merge (:func:`~resnorm.models.common.per_block_merges`) and, with
+    ``deepnorm``, DeepNorm's constants from the depth."""
+    return nn.Sequential(
+        *[
+            TransformerBlock(
+                *args, deepnorm_layers=depth if deepnorm else None, merge=block_merge, **options
+            )
+            for block_merge in per_block_merges(depth, merge)
+        ]
+    )
+
+
 @takes_merge_fields
 class TransformerClassifier(nn.Module):
     """``Linear embedding + learned positions -> depth x TransformerBlock -> pool -> fc``.
@@ -57,35 +86,27 @@ class TransformerClassifier(nn.Module):
     ) -> None:
         super().__init__()
         merge = ResidualConfig.resolve(merge, owner=type(self), **merge_fields)
-        self.seq_len = check_int("seq_len", seq_len, minimum=1)
-        self.in_channels = check_int("in_channels", in_channels, minimum=1)
-        check_int("depth", depth, minimum=1)
-        self.pool = check_choice("pool", pool, ("mean", "cls"))
-        if deepnorm and placement != "post":
-            raise UsageError(f"deepnorm=True needs placement='post', got {placement!r}")
+        _check_arguments(seq_len, in_channels, depth, pool, deepnorm, placement)
+        self.seq_len, self.in_channels, self.pool = seq_len, in_channels, pool
         self.placement = placement
         self.embed = nn.Linear(in_channels, dim)
         self.pos = nn.Parameter(torch.zeros(1, seq_len + (pool == "cls"), dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.fused = bool(fused)
-        self.blocks = nn.Sequential(
-            *[
-                TransformerBlock(
-                    dim,
-                    heads,
-                    norm,
-                    placement,
-                    mlp_ratio=mlp_ratio,
-                    activation=activation,
-                    dropout=dropout,
-                    deepnorm_layers=depth if deepnorm else None,
-                    causal=causal,
-                    norm_options=norm_options,
-                    fused=self.fused,
-                    merge=block_merge,
-                )
-                for block_merge in per_block_merges(depth, merge)
-            ]
+        self.blocks = _block_stack(
+            depth,
+            deepnorm,
+            merge,
+            dim,
+            heads,
+            norm,
+            placement,
+            mlp_ratio=mlp_ratio,
+            activation=activation,
+            dropout=dropout,
+            causal=causal,
+            norm_options=norm_options,
+            fused=self.fused,
         )
         self.final_norm = (
             make_norm(norm, dim, channel_dim=-1, fused=self.fused, **(norm_options or {}))
