@@ -430,8 +430,8 @@ def test_init_only_training_only_and_empty(tmp_path):
     assert (out / "figures" / "init_grad_norms.svg").exists()
     findings = summarize_findings(init_results, {"x": "depth"})
     init_line = next(f for f in findings if f.startswith("At initialization"))
-    assert "vanishing: mlp, plain, no norm (depth 20, grad ratio 1.0e-30)" in init_line
-    assert "healthy: mlp, residual, no norm (depth 20, grad ratio 3.0e+00)" in init_line
+    assert "vanishing: mlp, plain, no norm (20 blocks, grad ratio 1.0e-30)" in init_line
+    assert "healthy: mlp, residual, no norm (20 blocks, grad ratio 3.0e+00)" in init_line
 
     # a training study without init diagnostics, into the same folder: the stale init
     # figures go, the verdict table says there is nothing

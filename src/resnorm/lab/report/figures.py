@@ -14,7 +14,6 @@ from .groups import (
     _by_unit,
     _by_x,
     _finite,
-    _fmt_x,
     _has_init,
     _last_acc,
     _points,
@@ -251,15 +250,16 @@ def _init_picks(groups: dict, axis: str) -> dict:
 
 
 def _depth_note(picks: dict) -> tuple[str, bool]:
-    depths = {p.get("depth") for p in picks.values()}
+    depths = {(p.get("depth"), _unit([p], "depth")) for p in picks.values()}
     if len(depths) == 1:
-        return f"depth {_fmt_x(depths.pop())}", False
+        depth, unit = depths.pop()
+        return _at("depth", depth, unit), False
     return "each variant at its largest depth", True
 
 
 def _init_label(label: str, run: dict, per_variant_depth: bool) -> str:
-    suffix = f" (depth {_fmt_x(run.get('depth'))})" if per_variant_depth else ""
-    return _mpl(label + suffix)
+    where = _at("depth", run.get("depth"), _unit([run], "depth"))
+    return _mpl(label + (f" ({where})" if per_variant_depth else ""))
 
 
 def _is_norm_kind(kind: str) -> bool:

@@ -205,14 +205,16 @@ def _init_findings(groups: dict, axis: str) -> list[str]:
         depths = sorted((d for d in by_depth if d is not None), key=_sort_key)
         if not depths:
             continue
+        unit = _unit(runs, "depth")
         verdict, ratio = _verdict_summary(by_depth[depths[-1]])
         by_verdict.setdefault(verdict, []).append(
-            f"{label} (depth {depths[-1]}, grad ratio {ratio})"
+            f"{label} ({_at('depth', depths[-1], unit)}, grad ratio {ratio})"
         )
         first = _verdict_summary(by_depth[depths[0]])[0]
         if len(depths) > 1 and first != verdict:
             changed.append(
-                f"{label} {first} at depth {depths[0]} -> {verdict} at depth {depths[-1]}"
+                f"{label} {first} at {_at('depth', depths[0], unit)} -> {verdict} at "
+                f"{_at('depth', depths[-1], unit)}"
             )
     out = []
     if by_verdict:
