@@ -161,7 +161,8 @@ def default_loss(output: torch.Tensor, targets: torch.Tensor | None) -> torch.Te
     )
 
 
-def _structure(net: nn.Module) -> dict:
+def _structure(net: nn.Module, zeros: list | None = None) -> dict:
+    zeros = zero_parameters(net) if zeros is None else zeros
     merges = [m for m in net.modules() if isinstance(m, ResidualAdd)]
     torch_layers = [
         m
@@ -191,7 +192,7 @@ def _structure(net: nn.Module) -> dict:
         "post_norm": post,
         "norm_kinds": kinds,
         "closed_gates": closed,
-        "zero_init": bool(zero_parameters(net)),
+        "zero_init": bool(zeros),
     }
 
 
@@ -266,26 +267,41 @@ def diagnose(
         with ForwardRecorder(net, find_blocks(net, blocks), channel_dim) as recorder:
             loss_value = _backward(step_loss)
         grads = _layer_grads(layers, recorder.layer_order)
-        _gather_evidence(model, net, args, dict(layers), grads, step_loss, evidence, train_mode)
+        _gather_evidence(
+            model,
+            net,
+            args,
+            dict(layers),
+            grads,
+            step_loss,
+            evidence,
+            train_mode,
+            nonlinear=recorder.activation_calls > 0,
+        )
         if steps:
             order = [(g.name, dict(layers)[g.name]) for g in grads]
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
     return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name)
 
 
-def _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, train_mode) -> None:
+def _gather_evidence(
+    model, net, args, by_name, grads, step_loss, evidence, train_mode, nonlinear
+) -> None:
     """What the verdict needs beyond the gradients: the first layer and depth, the zero
     gates and what stays silent behind them, and whether the model is affine."""
     evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
     _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, step_loss, evidence)
-    evidence.affine = affine_deviation(model, args)
+    # A nonlinearity module that ran settles it; only models without one are checked
+    # (a stack of linear layers, or activations called as functions).
+    if not nonlinear:
+        evidence.affine = affine_deviation(model, args)
     model.train(train_mode)
 
 
 def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name) -> Diagnosis:
     """Judge the measurements and bundle them as a :class:`Diagnosis`."""
     block_stats = _block_stats(recorder)
-    structure = _structure(net)
+    structure = _structure(net, evidence.zeros)
     verdict = judge(
         grads, block_stats, recorder.activations, loss_value, thresholds, structure, evidence
     )
@@ -374,7 +390,7 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
     """Which parameters start at zero with a gradient (gates), which layers get no
     gradient at all (silent), and which of those stay silent once the gates move."""
     evidence.silent = [g.name for g in grads if g.grad_norm == 0]
-    zeros = zero_parameters(net)
+    zeros = evidence.zeros = zero_parameters(net)
     gates = [(n, p) for n, p in zeros if p.grad is not None and bool(p.grad.detach().any())]
     evidence.gates = [n for n, _ in gates]
     if gates and evidence.silent:

@@ -157,6 +157,7 @@ class ForwardRecorder:
         self.layer_order: list[str] = []
         self.activations: dict[str, ActivationSummary] = {}
         self.block_records: dict[str, BlockRecord] = {}
+        self.activation_calls = 0  # outputs of nonlinearity modules (ReLU, GELU, ...) seen
         self._calls: dict[str, int] = defaultdict(int)
         self._handles: list = []
 
@@ -224,6 +225,7 @@ class ForwardRecorder:
 
     def _activation_hook(self, name: str, rectified: bool):
         def hook(module, inputs, output):
+            self.activation_calls += 1
             out = self._first_tensor(output)
             if out is not None:
                 self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)

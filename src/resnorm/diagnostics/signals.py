@@ -65,6 +65,7 @@ class Evidence:
     affine: float | None = None
     training: object | None = None
     first_layer: str | None = None
+    zeros: list = field(default_factory=list)  # (name, parameter) exactly zero at init
     depth: int = 0
 
 
