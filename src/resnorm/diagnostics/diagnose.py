@@ -264,7 +264,8 @@ def diagnose(
 
     with _state_restored(model, net):
         model.train(train_mode)
-        with ForwardRecorder(net, find_blocks(net, blocks), channel_dim) as recorder:
+        compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
+        with ForwardRecorder(net, find_blocks(net, blocks), channel_dim, compiled) as recorder:
             loss_value = _backward(step_loss)
         grads = _layer_grads(layers, recorder.layer_order)
         _gather_evidence(

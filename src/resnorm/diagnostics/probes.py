@@ -149,9 +149,16 @@ class ForwardRecorder:
     """
 
     def __init__(
-        self, model: nn.Module, blocks: list[tuple[str, nn.Module]], channel_dim: int | None = None
+        self,
+        model: nn.Module,
+        blocks: list[tuple[str, nn.Module]],
+        channel_dim: int | None = None,
+        compiled: bool = False,
     ) -> None:
         self.model = model
+        # Under torch.compile the hooks are kept out of the graph (torch.compiler.disable);
+        # the wrapper costs ~50 us a hook to build, so eager models get the bare hooks.
+        self.compiled = compiled
         self.blocks = blocks
         self.channel_dim = channel_dim
         self.layer_order: list[str] = []
@@ -183,7 +190,9 @@ class ForwardRecorder:
         self._handles.clear()
 
     def _hook(self, module: nn.Module, hook) -> None:
-        self._handles.append(module.register_forward_hook(torch.compiler.disable(hook)))
+        if self.compiled:
+            hook = torch.compiler.disable(hook)
+        self._handles.append(module.register_forward_hook(hook))
 
     def _register(self) -> None:
         for name, module in parameterized_layers(self.model):

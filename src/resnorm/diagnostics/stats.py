@@ -36,6 +36,15 @@ def _moments(x: torch.Tensor, dim=None) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (squares / n - mean.square()).clamp_min(0.0)
 
 
+def _scalar_moments(x: torch.Tensor) -> tuple[float, float]:
+    """:func:`_moments` over all of ``x`` as Python floats: two reductions and the rest in
+    Python (each tensor op costs a dispatch; a diagnosis summarizes every layer output)."""
+    n = x.numel()
+    mean = float(x.sum(dtype=torch.float64)) / n
+    mean_square = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 / n
+    return mean, max(mean_square - mean * mean, 0.0)
+
+
 def channel_stats(x: torch.Tensor, channel_dim: int = 1) -> tuple[float, float]:
     """``(average channel squared mean, average channel variance)`` of ``x`` (NaN when
     ``x`` holds a NaN or Inf: they reach the per-channel statistics)."""
@@ -64,8 +73,7 @@ def summarize_activation(x: torch.Tensor, *, rectified: bool) -> ActivationSumma
     x = x.detach()
     nonfinite = 0
     if x.numel():
-        mean, var = _moments(x)
-        mean, var = mean.item(), var.item()
+        mean, var = _scalar_moments(x)
         if not math.isfinite(mean) or not math.isfinite(var):
             # Only then are NaN and Inf counted and left out.
             finite = torch.isfinite(x)
