@@ -2,6 +2,7 @@
 model on the same batch (the issue's budget: 3x), measured side by side in one run.
 
     python bench/diagnose_cost.py [--repeats 7] [--threads 1] [--json out.json]
+    python bench/diagnose_cost.py --trainability     # the 80 benchmark models instead
 
 For each model: the median seconds of ``F.cross_entropy(model(x), y).backward()`` and of
 ``diagnose(model, x, y)`` (hooks and float64 statistics on every layer output, the
@@ -45,16 +46,53 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def trainability_rows(repeats: int) -> list[dict]:
+    """The same ratio on every model of bench/trainability (its fixed batch of 256)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "trainability"))
+    from cases import CASES, build_case, fixed_batch
+
+    diagnose(torch.nn.Linear(3, 2), torch.randn(4, 3), torch.randint(0, 2, (4,)))  # set-up
+    rows = []
+    for name in sorted(CASES):
+        spec = build_case(name, 0)
+        x, y = fixed_batch(spec.layout)
+        model = spec.model
+
+        def step():
+            F.cross_entropy(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
+
+        plain = _median(step, repeats)
+        diag = _median(lambda: diagnose(model, x, y), repeats)
+        rows.append(
+            {
+                "model": name,
+                "fwd_bwd_ms": plain * 1e3,
+                "diagnose_ms": diag * 1e3,
+                "ratio": diag / plain,
+            }
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument(
+        "--trainability",
+        action="store_true",
+        help="the 80 models of bench/trainability instead of the zoo's",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
-    for label, name, options, shape in MODELS:
+    rows = trainability_rows(args.repeats) if args.trainability else []
+    for label, name, options, shape in () if args.trainability else MODELS:
         torch.manual_seed(0)
         model = create_model(name, **options)
         x, y = torch.randn(args.batch_size, *shape), torch.randint(0, 10, (args.batch_size,))
@@ -79,6 +117,11 @@ def main(argv=None) -> int:
         print(
             f"| {r['model']} | {r['fwd_bwd_ms']:.1f} | {r['diagnose_ms']:.1f} | {r['ratio']:.2f}x |"
         )
+    ratios = sorted(r["ratio"] for r in rows)
+    print(
+        f"median {statistics.median(ratios):.2f}x, {sum(r > 3 for r in ratios)} of "
+        f"{len(ratios)} above 3x, largest {ratios[-1]:.2f}x"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
