@@ -435,6 +435,10 @@ def test_analyze_judges_a_run_from_its_monitor_records(tmp_path):
     page = tmp_path / "page.html"
     analyze(path).write_html(page)
     assert page.read_text().count("data:image/png") == 1  # the loss and update heat map
+    import matplotlib.pyplot as plt
+
+    plt.close(analyze(path).figure(tmp_path / "run.png"))  # the same heat map, as a file
+    assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
     path.write_text('{"step": 0}\nnot json\n')
     with pytest.raises(UsageError, match=r"monitor.jsonl:2: not a JSON record"):
         analyze(path)

@@ -123,14 +123,7 @@ def _show(result, figure_path, html_path, as_json, fail_on) -> None:
     if figure_path:
         import matplotlib.pyplot as plt
 
-        from ..diagnostics.report import training_figure
-
-        fig = result.figure(figure_path) if result.blocks else training_figure(result.training)
-        if not result.blocks:
-            from ..diagnostics.report import save_figure
-
-            save_figure(fig, figure_path)
-        plt.close(fig)
+        plt.close(result.figure(figure_path))
     if html_path:
         result.write_html(html_path)
     if as_json:

@@ -296,7 +296,6 @@ def _gather_evidence(
     # (a stack of linear layers, or activations called as functions).
     if not nonlinear:
         evidence.affine = affine_deviation(model, args)
-    model.train(train_mode)
 
 
 def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name) -> Diagnosis:

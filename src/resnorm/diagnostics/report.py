@@ -59,14 +59,30 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
+def _measured_layers(diagnosis) -> bool:
+    """Whether the diagnosis measured the model itself (one batch), not only a run's
+    records (:func:`~.analyze.analyze` has no blocks and no weight norms)."""
+    return bool(diagnosis.blocks) or any(
+        math.isfinite(layer.weight_norm) for layer in diagnosis.layers
+    )
+
+
 def diagnosis_figure(diagnosis, path=None):
     """Four panels: gradient norm by layer (log scale), and by block depth the average
-    channel squared mean, the average channel variance, and the residual-branch variance.
-    Saved to ``path`` (PNG or SVG by its suffix, written atomically) when given."""
+    channel squared mean, the average channel variance, and the residual-branch variance;
+    for a run judged from its records only, the loss and update heat map
+    (:func:`training_figure`). Saved to ``path`` (PNG or SVG by its suffix, written
+    atomically) when given."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    if not _measured_layers(diagnosis) and diagnosis.training is not None:
+        fig = training_figure(diagnosis.training)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     fig.suptitle(f"{diagnosis.model_name}: {diagnosis.verdict.value}")
@@ -204,7 +220,7 @@ def diagnosis_html_section(diagnosis) -> str:
     import matplotlib.pyplot as plt
 
     png = training_png = None
-    if diagnosis.blocks or any(math.isfinite(layer.weight_norm) for layer in diagnosis.layers):
+    if _measured_layers(diagnosis):
         fig = diagnosis_figure(diagnosis)
         try:
             png = figure_png_base64(fig)

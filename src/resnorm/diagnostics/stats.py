@@ -79,11 +79,7 @@ def summarize_activation(x: torch.Tensor, *, rectified: bool) -> ActivationSumma
             finite = torch.isfinite(x)
             nonfinite = int(x.numel() - finite.sum().item())
             values = x[finite]
-            mean, var = (
-                tuple(v.item() for v in _moments(values))
-                if values.numel()
-                else (math.nan, math.nan)
-            )
+            mean, var = _scalar_moments(values) if values.numel() else (math.nan, math.nan)
     else:
         mean = var = float("nan")
     dead = None
