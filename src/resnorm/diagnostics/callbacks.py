@@ -121,14 +121,14 @@ class _MonitorRun:
             self.monitor.close()
 
     def _judge(self, step: int, rank_zero: bool, *, final: bool) -> None:
-        # A record without a loss (the model returned none) would read as a non-finite
-        # loss: the verdict comes from the records that have one.
-        records = [r for r in self.monitor.records if r["loss"] is not None or r["nonfinite"]]
+        # Records without a loss (the model returned none) still carry the update ratios;
+        # analyze reads their loss as unknown.
+        records = self.monitor.records
         if len(records) < 2:
             if final and rank_zero and self.verbose:
                 print(
-                    f"resnorm Monitor, step {step}: {len(records)} record(s) with a loss, too "
-                    f"few to judge (every={self.every}; analyze needs 2)",
+                    f"resnorm Monitor, step {step}: {len(records)} record(s), too few to "
+                    f"judge (every={self.every}; analyze needs 2)",
                     file=sys.stderr,
                     flush=True,
                 )
