@@ -63,21 +63,70 @@ def plan_workers(
     return workers, threads
 
 
-def _run_in_worker(spec: RunSpec, study: Study, run_dir: str, device: str, threads: int) -> dict:
-    """:func:`execute_run` in a worker process, reporting ``("started", run_id)`` and
+def _run_in_worker(unit: tuple[RunSpec, ...], study: Study, out: str, device: str, threads: int):
+    """:func:`execute_unit` in a worker process, reporting ``("started", run_id)`` and
     ``("epoch", run_id, epoch)`` to the lab's process when it shows progress."""
     reports = workers._progress_reports
     if reports is None:
-        return execute_run(spec, study, run_dir, device, threads)
-    reports.put(("started", spec.run_id))
-    return execute_run(
-        spec,
+        return execute_unit(unit, study, out, device, threads)
+    for spec in unit:
+        reports.put(("started", spec.run_id))
+    return execute_unit(
+        unit,
         study,
-        run_dir,
+        out,
         device,
         threads,
-        on_epoch=lambda row: reports.put(("epoch", spec.run_id, row["epoch"])),
+        on_epoch=lambda run_id, row: reports.put(("epoch", run_id, row["epoch"])),
     )
+
+
+def plan_units(specs: list[RunSpec], study: Study, *, stack: bool = True) -> list[tuple]:
+    """The units of work of ``specs``, in grid order: with ``stack``, the runs that differ
+    only in their seed form one unit, trained together as one stacked computation (see
+    :func:`resnorm.train.fit_stacked`), at most :data:`MAX_STACK` runs a unit; without,
+    or for an init-only study, every run is a unit of its own."""
+    if not stack or study.init_only:
+        return [(spec,) for spec in specs]
+    groups: dict[RunSpec, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(dataclasses.replace(spec, seed=0), []).append(spec)
+    return [
+        tuple(group[i : i + MAX_STACK])
+        for group in groups.values()
+        for i in range(0, len(group), MAX_STACK)
+    ]
+
+
+MAX_STACK = 16
+
+
+def execute_unit(
+    unit: tuple[RunSpec, ...],
+    study: Study,
+    out: str,
+    device: str,
+    threads: int,
+    on_epoch: Callable[[str, dict], None] | None = None,
+) -> list[dict]:
+    """Run a unit of :func:`plan_units` (its runs' folders are ``out/runs/<run_id>``) and
+    return its runs' summaries: one run as :func:`execute_run` does, several stacked.
+    ``on_epoch(run_id, row)`` is called with the row of every epoch trained."""
+    if len(unit) == 1:
+        spec = unit[0]
+        return [
+            execute_run(
+                spec,
+                study,
+                str(Path(out) / "runs" / spec.run_id),
+                device,
+                threads,
+                on_epoch=None if on_epoch is None else lambda row: on_epoch(spec.run_id, row),
+            )
+        ]
+    from .stacked import execute_stacked
+
+    return execute_stacked(unit, study, Path(out), device, threads, on_epoch)
 
 
 @lru_cache(maxsize=4)
@@ -153,31 +202,14 @@ def _execute(
     device: str,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
-    import torch
-
-    from ..diagnostics import diagnose
-    from ..train import RunMismatchError, prepare_run
+    from ..train import RunMismatchError
     from ..train.distributed import world
 
     rank, world_size = world()
     start = time.perf_counter()
-    config = run_config(spec, study, device, world_size)
-    summary = RunSummary.of(spec, study, config_hash=identity_hash(config), config=config)
+    summary = _new_summary(spec, study, device, world_size)
     try:
-        data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
-        run = prepare_run(
-            spec.model,
-            study.dataset,
-            model_options=spec.model_overrides(),
-            dataset_options=study.dataset_options,
-            config=_train_config(spec, study, device, world_size),
-            out=run_dir,
-            data=data,
-        )
-        summary.parameters = sum(p.numel() for p in run.model.parameters())
-        generator = torch.Generator().manual_seed(spec.seed)
-        index = torch.randperm(len(data.x_train), generator=generator)[:INIT_BATCH]
-        summary.init = _compact_init(diagnose(run.model, data.x_train[index], data.y_train[index]))
+        run = _prepare(spec, study, device, run_dir, summary, world_size)
         if study.init_only:
             summary.status = "finished"
         else:
@@ -187,13 +219,51 @@ def _execute(
                 result = run.fit(progress=False, on_epoch=on_epoch, restart=True)
             _record_training(summary, result)
     except Exception as exc:  # recorded, and the lab goes on
-        summary.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_open(run_dir / "error.txt", "w") as f:
-            f.write(traceback.format_exc())
+        _record_error(summary, run_dir, exc)
         if world_size > 1:
             raise
-    summary.seconds = time.perf_counter() - start
+    return _write_summary(summary, run_dir, time.perf_counter() - start, rank)
+
+
+def _new_summary(spec: RunSpec, study: Study, device: str, world_size: int) -> RunSummary:
+    config = run_config(spec, study, device, world_size)
+    return RunSummary.of(spec, study, config_hash=identity_hash(config), config=config)
+
+
+def _prepare(spec: RunSpec, study: Study, device: str, run_dir: Path, summary, world_size: int):
+    """The run built and diagnosed at initialization (into ``summary``), ready to train."""
+    import torch
+
+    from ..diagnostics import diagnose
+    from ..train import prepare_run
+
+    data = _dataset(study.dataset, json.dumps(study.dataset_options, sort_keys=True))
+    run = prepare_run(
+        spec.model,
+        study.dataset,
+        model_options=spec.model_overrides(),
+        dataset_options=study.dataset_options,
+        config=_train_config(spec, study, device, world_size),
+        out=run_dir,
+        data=data,
+    )
+    summary.parameters = sum(p.numel() for p in run.model.parameters())
+    generator = torch.Generator().manual_seed(spec.seed)
+    index = torch.randperm(len(data.x_train), generator=generator)[:INIT_BATCH]
+    summary.init = _compact_init(diagnose(run.model, data.x_train[index], data.y_train[index]))
+    return run
+
+
+def _record_error(summary: RunSummary, run_dir: Path, exc: BaseException) -> None:
+    """A run that raised: its error in the summary, its traceback in ``error.txt``."""
+    summary.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(run_dir / "error.txt", "w") as f:
+        f.write(traceback.format_exc())
+
+
+def _write_summary(summary: RunSummary, run_dir: Path, seconds: float, rank: int = 0) -> dict:
+    summary.seconds = seconds
     summary = summary.to_dict()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,19 +289,26 @@ def run_study(
     device: str = "cpu",
     progress: bool | None = None,
     nproc: int | None = None,
+    stack: bool = True,
 ) -> list[dict]:
     """Run every run of ``study`` (those already done in ``out`` are reused) and return
     their summaries in grid order. ``nproc > 1``: each run is a torchrun launch of
     ``nproc`` processes (DistributedDataParallel), one run at a time; it cannot be combined
-    with ``workers > 1``, and must divide the study's batch sizes (global batches)."""
+    with ``workers > 1``, and must divide the study's batch sizes (global batches).
+    ``stack``: the runs that differ only in their seed train together, stacked (see
+    :func:`plan_units`); ``False`` trains every run alone."""
     out = Path(out)
     specs = study.runs(seeds)
     results, todo = _reuse_done(specs, study, out, device, nproc or 1)
     distributed = nproc is not None and nproc > 1
     if distributed:
         _check_distributed_plan(todo, nproc, workers, device)
+    stack = stack and not distributed
+    units = plan_units(todo, study, stack=stack)
     # Threads from the whole grid, not from the runs left: see plan_workers.
-    n_workers, threads = plan_workers(len(specs), workers, runs_left=len(todo))
+    n_workers, threads = plan_workers(
+        len(plan_units(specs, study, stack=stack)), workers, runs_left=len(units)
+    )
     show = show_progress(progress)
     epochs = (
         0
@@ -242,9 +319,9 @@ def run_study(
         if todo and distributed:
             _run_launched(todo, study, out, device, nproc, bar, results)
         elif todo and n_workers == 1:
-            _run_here(todo, study, out, device, threads, bar, results)
+            _run_here(units, study, out, device, threads, bar, results)
         elif todo:
-            _run_in_pool(todo, study, out, device, n_workers, threads, bar, results)
+            _run_in_pool(units, study, out, device, n_workers, threads, bar, results)
     return [results[spec.run_id] for spec in specs]
 
 
@@ -294,7 +371,7 @@ def _run_launched(
 
 
 def _run_here(
-    todo: list[RunSpec],
+    units: list[tuple[RunSpec, ...]],
     study: Study,
     out: Path,
     device: str,
@@ -302,22 +379,25 @@ def _run_here(
     bar: _LabProgress,
     results: dict[str, dict],
 ) -> None:
-    """Run ``todo`` one after the other in this process (one worker)."""
-    for spec in todo:
-        bar.started(spec.run_id)
-        results[spec.run_id] = execute_run(
-            spec,
+    """Run ``units`` one after the other in this process (one worker)."""
+    for unit in units:
+        for spec in unit:
+            bar.started(spec.run_id)
+        summaries = execute_unit(
+            unit,
             study,
-            str(out / "runs" / spec.run_id),
+            str(out),
             device,
             threads,
-            on_epoch=lambda row, run_id=spec.run_id: bar.epoch(run_id, row["epoch"]),
+            on_epoch=lambda i, row: bar.epoch(i, row["epoch"]),
         )
-        bar.finished(spec.run_id)
+        for spec, summary in zip(unit, summaries):
+            results[spec.run_id] = summary
+            bar.finished(spec.run_id)
 
 
 def _run_in_pool(
-    todo: list[RunSpec],
+    units: list[tuple[RunSpec, ...]],
     study: Study,
     out: Path,
     device: str,
@@ -326,7 +406,7 @@ def _run_in_pool(
     bar: _LabProgress,
     results: dict[str, dict],
 ) -> None:
-    """Run ``todo`` in ``n_workers`` spawned worker processes, which die with this one
+    """Run ``units`` in ``n_workers`` spawned worker processes, which die with this one
     (see :func:`_init_worker`). On Ctrl-C, or any other exception here, the workers are
     ended at once (:func:`_stop_workers`) before the exception goes on."""
     context = multiprocessing.get_context("spawn")
@@ -341,10 +421,8 @@ def _run_in_pool(
     )
     try:
         pending = {
-            pool.submit(
-                _run_in_worker, spec, study, str(out / "runs" / spec.run_id), device, threads
-            ): spec
-            for spec in todo
+            pool.submit(_run_in_worker, unit, study, str(out), device, threads): unit
+            for unit in units
         }
         while pending:
             # Wake up now and then to show the workers' progress reports.
@@ -353,14 +431,15 @@ def _run_in_pool(
             )
             _show_reports(reports, bar)
             for future in done:
-                spec = pending.pop(future)
+                unit = pending.pop(future)
                 try:
-                    results[spec.run_id] = future.result()
+                    summaries = future.result()
                 except Exception as exc:  # the worker process itself died
-                    results[spec.run_id] = _worker_died(
-                        spec, study, f"worker process died: {type(exc).__name__}: {exc}"
-                    )
-                bar.finished(spec.run_id)
+                    error = f"worker process died: {type(exc).__name__}: {exc}"
+                    summaries = [_worker_died(spec, study, error) for spec in unit]
+                for spec, summary in zip(unit, summaries):
+                    results[spec.run_id] = summary
+                    bar.finished(spec.run_id)
     except BaseException:
         workers._stop_workers(pool)
         raise

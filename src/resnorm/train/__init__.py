@@ -9,6 +9,7 @@ from .distributed import LaunchError, init_distributed, launch, shutdown_distrib
 from .loop import FitResult, RunFiles, evaluate, fit
 from .optim import augment_images, make_optimizer, make_scheduler
 from .run import RunMismatchError, identity_hash, provenance, run_identity
+from .stacked import fit_stacked, stack_refusal
 
 __all__ = [
     "CheckpointDir",
@@ -24,6 +25,7 @@ __all__ = [
     "augment_images",
     "evaluate",
     "fit",
+    "fit_stacked",
     "identity_hash",
     "init_distributed",
     "launch",
@@ -35,5 +37,6 @@ __all__ = [
     "provenance",
     "run_identity",
     "shutdown_distributed",
+    "stack_refusal",
     "train_named",
 ]

@@ -200,6 +200,9 @@ class _Trainer:
         self.identity = run_identity(config, meta, model, data, self.world_size)
         self.meta = meta
         self.data_summary = data.summary()
+        # The random-number state a checkpoint records when it is not this process's
+        # (runs trained stacked, which draw no random numbers: see fit_stacked).
+        self.rng_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ start or resume
     def start_or_resume(self, resume: bool) -> None:
@@ -259,7 +262,8 @@ class _Trainer:
     def save(self, epoch_done: int, next_step: int) -> None:
         if self.run is None:
             return
-        device, rng = self.device, {"torch": torch.get_rng_state(), "cuda": None}
+        device = self.device
+        rng = {"torch": self.rng_state or torch.get_rng_state(), "cuda": None}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.world_size > 1:  # every process's generator state, for an exact resume
@@ -351,8 +355,7 @@ class _Trainer:
         return step_loss, step_correct, step_seen, nonfinite == 0
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward (scaled under float16 autocast), gradient clipping, the optimizer's and
-        the scheduler's step."""
+        """Backward (scaled under float16 autocast), then :meth:`apply_gradients`."""
         optimizer, scaler = self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -360,6 +363,12 @@ class _Trainer:
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        self.apply_gradients()
+
+    def apply_gradients(self) -> None:
+        """Gradient clipping, the optimizer's and the scheduler's step, on the gradients
+        the parameters hold."""
+        optimizer, scaler = self.optimizer, self.scaler
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if scaler is not None:
@@ -371,12 +380,15 @@ class _Trainer:
         self.global_step += 1
 
     # ------------------------------------------------------------------ end of epoch
-    def end_epoch(self, epoch_start: float, on_epoch) -> None:
-        """Evaluate, record the epoch's row, checkpoint, rewrite the metrics files. A test
+    def end_epoch(self, epoch_start: float, on_epoch, evaluated=None) -> None:
+        """Evaluate (or take ``evaluated``, the ``(test loss, test accuracy)`` measured by
+        the caller), record the epoch's row, checkpoint, rewrite the metrics files. A test
         loss that is not finite (weights or running statistics gone to NaN/Inf) ends the
         run as diverged, with the row recorded (its non-finite values written as null)."""
         config = self.config
-        if self.world_size > 1:
+        if evaluated is not None:
+            test_loss, test_acc = evaluated
+        elif self.world_size > 1:
             test_loss, test_acc = _evaluate_shared(
                 self.model,
                 self.x_test,
@@ -412,6 +424,11 @@ class _Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool | None, description: str, on_epoch) -> FitResult:
+        self.run_epochs(progress, description, on_epoch)
+        return self.finish()
+
+    def run_epochs(self, progress: bool | None, description: str, on_epoch) -> None:
+        """Train until the last epoch ends or the run diverges."""
         config, result = self.config, self.result
         train_model = self.model
         if self.world_size > 1:
@@ -453,7 +470,6 @@ class _Trainer:
                 if result.diverged:
                     break
                 self.end_epoch(epoch_start, on_epoch)
-        return self.finish()
 
     def finish(self) -> FitResult:
         result = self.result

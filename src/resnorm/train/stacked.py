@@ -1,0 +1,337 @@
+"""``fit_stacked``: several runs of one architecture trained together, as one computation.
+
+Runs that share a model's structure and a data set and differ only in their seed (hence
+initialization and data order), learning rate or weight decay are trained in one process
+by one batched forward and backward: the runs' parameters are stacked along a new leading
+dimension and the model is evaluated over them with :func:`torch.func.vmap` and
+:func:`torch.func.functional_call`, so every layer does one batched operation for all runs
+(a ``bmm`` in place of R ``mm``). Everything else stays per run, exactly as :func:`fit`
+does it, because it *is* :func:`fit`'s code (the same ``_Trainer`` per run): the
+optimizer and its state, the schedule, the batches, gradient clipping, the evaluation
+after every epoch, divergence (a run whose loss is not finite stops; the others go on),
+the run folder, its metrics files and checkpoints (the format of a run trained alone, so
+a run checkpointed stacked resumes alone and the other way round). Batch norm's running
+statistics are per run (the buffers are stacked too).
+
+What stacking changes is the order of floating-point operations inside the batched
+kernels: a run trained stacked ends with the weights of the same run trained alone to
+float32 rounding, growing with the steps taken (the tests hold 20 steps to 1e-4, and
+float64 to 1e-10).
+
+Not stacked (the runs train alone, one after the other): models that draw random numbers
+in training (dropout, drop-path: vmap would need one mask stream per run, which training
+alone does not draw), mixed precision, ``torch.compile``, synchronized batch norm and
+process groups. A model that ``vmap`` cannot batch (a custom autograd function without a
+batching rule) is found on the first step and its runs train alone, with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..blocks import DropPath
+from ..data import DataSplit
+from ..errors import UsageError
+from .batches import _batches
+from .config import TrainConfig
+from .distributed import world
+from .evaluate import _full_precision
+from .loop import FitResult, _check_fit_arguments, _Trainer, resolve_device
+from .optim import augment_images
+from .run import RunMismatchError, model_structure
+
+# The TrainConfig fields that may differ between runs trained together.
+STACKABLE_FIELDS = ("seed", "lr", "weight_decay")
+
+
+def stack_refusal(models: Sequence[nn.Module], configs: Sequence[TrainConfig]) -> str | None:
+    """Why these runs cannot be trained stacked, in words, or ``None`` when they can."""
+    if world()[1] > 1:
+        return "a process group trains one run at a time"
+    first = configs[0].to_dict()
+    for name, value in first.items():
+        if name not in STACKABLE_FIELDS and any(c.to_dict()[name] != value for c in configs):
+            return f"their TrainConfig differs in {name} (only {', '.join(STACKABLE_FIELDS)} may)"
+    for flag in ("amp", "compile", "sync_bn"):
+        if first[flag]:
+            return f"{flag}=True is not stacked"
+    structure = model_structure(models[0])
+    if any(model_structure(m) != structure for m in models[1:]):
+        return "their models differ in structure (parameter names, shapes or dtypes)"
+    if any(_draws_random_numbers(m) for m in models):
+        return "the model draws random numbers in training (dropout or drop-path)"
+    return None
+
+
+def _draws_random_numbers(model: nn.Module) -> bool:
+    """Whether a dropout or drop-path layer of ``model`` drops anything in training (other
+    random layers are found by vmap on the first step)."""
+    random_layers = (nn.modules.dropout._DropoutNd, DropPath)
+    return any(isinstance(m, random_layers) and m.p > 0 for m in model.modules())
+
+
+def fit_stacked(
+    models: Sequence[nn.Module],
+    data: DataSplit,
+    configs: Sequence[TrainConfig],
+    *,
+    outs: Sequence | None = None,
+    metas: Sequence[dict] | None = None,
+    resume: bool = True,
+    restart_mismatched: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> list[FitResult]:
+    """Train ``models[i]`` with ``configs[i]`` (into the run folder ``outs[i]``), all of
+    them together (see the module's docstring); return their :class:`FitResult` in order.
+
+    What each run does, and what its folder holds, is what :func:`fit` does and writes
+    for it alone (``resume``: a run folder with a checkpoint continues from it;
+    ``restart_mismatched``: a folder holding another run starts over instead of raising
+    :class:`~resnorm.train.RunMismatchError`). ``on_epoch(i, row)`` is called with run
+    ``i``'s row after each of its epochs. Runs that cannot be stacked
+    (:func:`stack_refusal`) raise :class:`~resnorm.errors.UsageError`.
+    """
+    if not models or len(configs) != len(models):
+        raise UsageError(
+            f"fit_stacked takes one config per model: got {len(models)} model(s) and "
+            f"{len(configs)} config(s)"
+        )
+    outs = list(outs) if outs is not None else [None] * len(models)
+    metas = list(metas) if metas is not None else [{}] * len(models)
+    for model, config in zip(models, configs):
+        _check_fit_arguments(model, data, config)
+    refusal = stack_refusal(models, configs)
+    if refusal is not None:
+        raise UsageError(f"these {len(models)} runs cannot be trained stacked: {refusal}")
+    threads = torch.get_num_threads()
+    if configs[0].threads:
+        torch.set_num_threads(configs[0].threads)
+    try:
+        device = resolve_device(configs[0].device)
+        trainers = [
+            _Trainer(m, data, c, device, o, None, meta)
+            for m, c, o, meta in zip(models, configs, outs, metas)
+        ]
+        for trainer in trainers:
+            _start(trainer, resume, restart_mismatched)
+        for group in _by_position(trainers):
+            _Stack(group, trainers).train(on_epoch)
+        return [trainer.finish() for trainer in trainers]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _start(trainer: _Trainer, resume: bool, restart_mismatched: bool) -> None:
+    """Start or resume one run, keeping the random-number state a run trained alone would
+    have (its seed's, or its checkpoint's): stacked runs draw none, and a checkpoint
+    records it."""
+    try:
+        trainer.start_or_resume(resume)
+    except RunMismatchError:
+        if not restart_mismatched:
+            raise
+        trainer.start_or_resume(False)
+    trainer.rng_state = torch.get_rng_state()
+
+
+def _unfinished(trainer: _Trainer) -> bool:
+    return trainer.epoch < trainer.config.epochs and not trainer.result.diverged
+
+
+def _by_position(trainers: list[_Trainer]) -> list[list[_Trainer]]:
+    """The unfinished runs grouped by where they resume (epoch, step): the runs of one
+    group take their steps together."""
+    groups: dict[tuple[int, int], list[_Trainer]] = {}
+    for trainer in trainers:
+        if _unfinished(trainer):
+            groups.setdefault((trainer.epoch, trainer.step_in_epoch), []).append(trainer)
+    return list(groups.values())
+
+
+class _Stack:
+    """Runs at the same position trained together until each has finished or diverged."""
+
+    def __init__(self, trainers: list[_Trainer], everyone: list[_Trainer]) -> None:
+        self.everyone = everyone  # for the run numbers on_epoch reports
+        self.skeleton = copy.deepcopy(trainers[0].model).to("meta")
+        self.param_names = [name for name, _ in trainers[0].model.named_parameters()]
+        self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
+        first = trainers[0].config
+        self.label_smoothing = first.label_smoothing
+        self._set_active(trainers)
+
+    # ------------------------------------------------------------------ the runs' state
+    def _set_active(self, trainers: list[_Trainer]) -> None:
+        """Train ``trainers`` from now on, with their buffers stacked."""
+        self.active = trainers
+        self.params = [dict(t.model.named_parameters()) for t in trainers]
+        self.buffers = {
+            name: torch.stack([dict(t.model.named_buffers())[name] for t in trainers])
+            for name in (self.buffer_names if trainers else ())
+        }
+
+    def _unstack_buffers(self) -> None:
+        """Copy the stacked buffers (running statistics) back into each run's model."""
+        with torch.no_grad():
+            for i, trainer in enumerate(self.active):
+                for name, buffer in trainer.model.named_buffers():
+                    buffer.copy_(self.buffers[name][i])
+
+    def _stacked_params(self) -> dict[str, torch.Tensor]:
+        """Each parameter of every run stacked (differentiable: the gradients reach each
+        run's own parameters, which its own optimizer steps)."""
+        return {name: torch.stack([p[name] for p in self.params]) for name in self.param_names}
+
+    def _drop_ended(self) -> None:
+        if any(not _unfinished(t) for t in self.active):
+            self._unstack_buffers()
+            self._set_active([t for t in self.active if _unfinished(t)])
+
+    # ------------------------------------------------------------------ computations
+    def _loss_and_logits(self, params, buffers, x, y):
+        logits = _full_precision(functional_call(self.skeleton, (params, buffers), (x,)))
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+
+    def step(self, batches: list[torch.Tensor]) -> list[tuple[float, int, int] | None]:
+        """One step of every active run on its batch: ``(summed loss, correct, samples)``
+        per run, ``None`` for a run whose loss is not finite (its step not taken)."""
+        xs, ys = [], []
+        for trainer, index in zip(self.active, batches):
+            index = index.to(trainer.device)
+            xb, yb = trainer.x_train[index], trainer.y_train[index]
+            if trainer.config.augment:
+                seed = trainer.config.seed * 7919 + trainer.global_step
+                xb = augment_images(
+                    xb, trainer.config.crop_padding, torch.Generator().manual_seed(seed)
+                )
+            xs.append(xb)
+            ys.append(yb)
+        y = torch.stack(ys)
+        for trainer in self.active:
+            trainer.optimizer.zero_grad(set_to_none=True)
+        self.skeleton.train()
+        losses, logits = vmap(self._loss_and_logits, randomness="error")(
+            self._stacked_params(), self.buffers, torch.stack(xs), y
+        )
+        losses.sum().backward()
+        values = losses.detach().tolist()
+        correct = (logits.detach().argmax(-1) == y).sum(-1).tolist()
+        taken = []
+        for trainer, value, right, yb in zip(self.active, values, correct, ys):
+            if not math.isfinite(value):
+                taken.append(None)
+                continue
+            trainer.apply_gradients()
+            taken.append((value * len(yb), int(right), len(yb)))
+        return taken
+
+    @torch.no_grad()
+    def evaluate(self) -> list[tuple[float, float]]:
+        """``(mean test loss, test accuracy)`` of every active run, in eval mode, summed
+        per chunk as :func:`resnorm.train.evaluate` sums them."""
+        first = self.active[0]
+        x, y, size = first.x_test, first.y_test, first.config.eval_batch_size
+        params = self._stacked_params()
+        self.skeleton.eval()
+        losses, correct = [0.0] * len(self.active), [0] * len(self.active)
+
+        def sums(p, b, xb, yb):
+            logits = _full_precision(functional_call(self.skeleton, (p, b), (xb,)))
+            return (
+                F.cross_entropy(logits, yb, reduction="sum"),
+                (logits.argmax(1) == yb).sum(),
+            )
+
+        batched = vmap(sums, in_dims=(0, 0, None, None), randomness="error")
+        for start in range(0, len(x), size):
+            chunk_loss, chunk_correct = batched(
+                params, self.buffers, x[start : start + size], y[start : start + size]
+            )
+            for i, (value, right) in enumerate(zip(chunk_loss.tolist(), chunk_correct.tolist())):
+                losses[i] += value
+                correct[i] += right
+        self.skeleton.train()
+        return [(loss / len(x), right / len(x)) for loss, right in zip(losses, correct)]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, on_epoch) -> None:
+        first_step = True
+        while self.active:
+            epoch_start = time.perf_counter()
+            epoch_batches = [
+                _batches(t.n, t.config.batch_size, t.config.seed, t.epoch) for t in self.active
+            ]
+            steps = len(epoch_batches[0])
+            for k in range(self.active[0].step_in_epoch, steps):
+                try:
+                    taken = self.step([batches[k] for batches in epoch_batches])
+                except Exception as exc:  # noqa: BLE001 - only before any step was taken
+                    if not first_step:
+                        raise
+                    return self._train_alone(exc, on_epoch)
+                first_step = False
+                self._account(taken, k, steps)
+                keep = [i for i, t in enumerate(self.active) if _unfinished(t)]
+                if len(keep) < len(self.active):  # diverged: the others go on
+                    self._unstack_buffers()
+                    epoch_batches = [epoch_batches[i] for i in keep]
+                    self._set_active([self.active[i] for i in keep])
+                if not self.active:
+                    return
+            self._end_epoch(epoch_start, on_epoch)
+
+    def _account(self, taken, k: int, steps: int) -> None:
+        """Record each run's step (or its divergence, as :func:`fit` records it) and
+        checkpoint the runs that go on where due."""
+        for trainer, step in zip(self.active, taken):
+            if step is None:
+                trainer.result.diverged_at_step = trainer.global_step + 1
+                trainer.result.diverged_in = "train"
+                trainer.step_in_epoch = k
+                continue
+            loss, right, seen = step
+            trainer.sums["loss"] += loss
+            trainer.sums["correct"] += right
+            trainer.sums["seen"] += seen
+        every = self.active[0].config.checkpoint_every
+        due = [t for t in self.active if _unfinished(t) and every and t.global_step % every == 0]
+        if due and k + 1 < steps:
+            self._unstack_buffers()
+            for trainer in due:
+                trainer.save(trainer.epoch, k + 1)
+
+    def _end_epoch(self, epoch_start: float, on_epoch) -> None:
+        self._unstack_buffers()
+        evaluated = self.evaluate()
+        for trainer, result in zip(self.active, evaluated):
+            trainer.end_epoch(epoch_start, self._report(trainer, on_epoch), evaluated=result)
+        self._set_active([t for t in self.active if _unfinished(t)])
+
+    def _report(self, trainer: _Trainer, on_epoch):
+        """``on_epoch`` for one run: ``on_epoch(i, row)`` with the run's number."""
+        if on_epoch is None:
+            return None
+        index = self.everyone.index(trainer)
+        return lambda row: on_epoch(index, row)
+
+    def _train_alone(self, exc: Exception, on_epoch) -> None:
+        """The model cannot be batched (found on the first step, before any was taken):
+        each run trains alone, as :func:`fit` trains it."""
+        warnings.warn(
+            f"the runs train one after the other, not stacked: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+            stacklevel=4,
+        )
+        for trainer in self.active:
+            torch.set_rng_state(trainer.rng_state)  # the generator it would train with
+            trainer.rng_state = None
+            trainer.run_epochs(False, "train", self._report(trainer, on_epoch))
