@@ -263,7 +263,8 @@ class _Trainer:
         if self.run is None:
             return
         device = self.device
-        rng = {"torch": self.rng_state or torch.get_rng_state(), "cuda": None}
+        own = self.rng_state is not None
+        rng = {"torch": self.rng_state if own else torch.get_rng_state(), "cuda": None}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.world_size > 1:  # every process's generator state, for an exact resume

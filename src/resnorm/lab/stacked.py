@@ -1,0 +1,93 @@
+"""A unit of the lab's runs trained stacked: the runs of one grid point, one per seed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .runner import _new_summary, _prepare, _record_error, _write_summary, execute_run
+from .study import RunSpec, Study
+from .summary import _record_training
+
+
+def execute_stacked(
+    unit: tuple[RunSpec, ...],
+    study: Study,
+    out: Path,
+    device: str,
+    threads: int,
+    on_epoch: Callable[[str, dict], None] | None = None,
+) -> list[dict]:
+    """Build and diagnose each run of ``unit`` as :func:`~resnorm.lab.runner.execute_run`
+    does, train them together with :func:`resnorm.train.fit_stacked` and write each
+    run's summary. A run that fails to build is recorded as failed and the others train;
+    runs that cannot be stacked (:func:`resnorm.train.stack_refusal`) train alone, one
+    after the other. A run's ``seconds`` are the unit's, shared out evenly."""
+    import torch
+
+    from ..train import stack_refusal
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        summaries, prepared = {}, []
+        for spec in unit:
+            run_dir = out / "runs" / spec.run_id
+            summary = summaries[spec.run_id] = _new_summary(spec, study, device, 1)
+            try:
+                prepared.append((spec, _prepare(spec, study, device, run_dir, summary, 1)))
+            except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
+                _record_error(summary, run_dir, exc)
+        runs = [run for _, run in prepared]
+        if len(runs) > 1 and stack_refusal([r.model for r in runs], [r.config for r in runs]):
+            return [
+                execute_run(
+                    spec,
+                    study,
+                    str(out / "runs" / spec.run_id),
+                    device,
+                    threads,
+                    on_epoch=_for_run(on_epoch, spec.run_id),
+                )
+                for spec in unit
+            ]
+        _train(prepared, summaries, on_epoch)
+        seconds = (time.perf_counter() - start) / len(unit)
+        return [
+            _write_summary(summaries[spec.run_id], out / "runs" / spec.run_id, seconds)
+            for spec in unit
+        ]
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _for_run(on_epoch, run_id: str):
+    return None if on_epoch is None else lambda row: on_epoch(run_id, row)
+
+
+def _train(prepared: list, summaries: dict, on_epoch) -> None:
+    """Train the prepared runs stacked, recording each result (or the error, in each)."""
+    from ..train import fit_stacked
+
+    if not prepared:
+        return
+    specs = [spec for spec, _ in prepared]
+    runs = [run for _, run in prepared]
+    try:
+        results = fit_stacked(
+            [r.model for r in runs],
+            runs[0].data,
+            [r.config for r in runs],
+            outs=[r.out for r in runs],
+            metas=[r.meta for r in runs],
+            restart_mismatched=True,
+            on_epoch=None if on_epoch is None else lambda i, row: on_epoch(specs[i].run_id, row),
+        )
+    except Exception as exc:  # noqa: BLE001 - recorded in every run of the unit
+        for spec, run in prepared:
+            _record_error(summaries[spec.run_id], run.out, exc)
+        return
+    for spec, result in zip(specs, results):
+        _record_training(summaries[spec.run_id], result)
