@@ -1,0 +1,285 @@
+"""Stacked training (resnorm.train.fit_stacked) against the same runs trained alone by fit:
+the weights, running statistics, metrics and run folders agree, in float64 to 1e-12
+(1e-6 with batch norm) and in float32 to 1e-4 after 24 steps; divergence, resume and the refusals."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from resnorm import create_model
+from resnorm.data import DataSplit
+from resnorm.errors import UsageError
+from resnorm.lab import parse_study, run_study
+from resnorm.lab.runner import plan_units
+from resnorm.train import TrainConfig, fit, fit_stacked, load_checkpoint, stack_refusal
+
+
+def _blobs(dtype=torch.float64, n=256, classes=3, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = (centers[y] + torch.randn(n, dim, generator=g)).to(dtype)
+    cut = n * 3 // 4
+    return DataSplit("blobs", x[:cut], y[:cut], x[cut:], y[cut:], classes)
+
+
+def _model(seed, norm="batch", dtype=torch.float64, **kwargs):
+    torch.manual_seed(seed)
+    options = {"in_features": 8, "num_classes": 3, "depth": 2, "width": 16, **kwargs}
+    return create_model("mlp", norm=norm, **options).to(dtype)
+
+
+# Three runs that differ in seed, learning rate and weight decay (and so in init and order).
+CONFIGS = [
+    TrainConfig(epochs=3, batch_size=32, seed=0, lr=3e-3),
+    TrainConfig(epochs=3, batch_size=32, seed=1, lr=1e-2, weight_decay=0.1),
+    TrainConfig(epochs=3, batch_size=32, seed=7, lr=1e-3, weight_decay=0.0),
+]
+
+
+def _relative_gap(a: nn.Module, b: nn.Module) -> float:
+    gaps = [
+        ((x - y).abs().max() / y.abs().max().clamp_min(1e-3)).item()
+        for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        if x.is_floating_point()
+    ]
+    ints_equal = all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        if not x.is_floating_point()
+    )
+    assert ints_equal  # num_batches_tracked: the same steps taken
+    return max(gaps)
+
+
+def _rows(result):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+
+
+def _assert_rows_close(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=tol, abs=tol), key
+
+
+# Float64 bounds after 18 AdamW steps. Batch norm's: the gradient of a norm's shift is a
+# sum over the batch that nearly cancels, and Adam divides it by its own running scale,
+# so the last bits of the batched statistics grow to ~1e-7 of the shift.
+@pytest.mark.parametrize("norm, tol", [("batch", 1e-6), ("layer", 1e-12), ("none", 1e-12)])
+def test_stacked_runs_equal_the_runs_trained_alone_in_float64(norm, tol):
+    data = _blobs()
+    alone = []
+    for config in CONFIGS:
+        model = _model(config.seed, norm)
+        alone.append((model, fit(model, data, config, progress=False)))
+    models = [_model(c.seed, norm) for c in CONFIGS]
+    results = fit_stacked(models, data, CONFIGS)
+    for (solo, solo_result), model, result in zip(alone, models, results):
+        assert _relative_gap(model, solo) < tol
+        _assert_rows_close(_rows(result), _rows(solo_result), tol)
+        assert not result.diverged
+
+
+def _trained_float32(norm, configs, data, stacked):
+    models = [_model(c.seed, norm, dtype=torch.float32) for c in configs]
+    if stacked:
+        fit_stacked(models, data, configs)
+    else:
+        for model, config in zip(models, configs):
+            fit(model, data, config, progress=False)
+    return models
+
+
+def _logit_gap(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        return ((a(x) - b(x)).abs().max() / b(x).abs().max()).item()
+
+
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_stacked_float32_agrees_to_1e_5_after_24_steps(norm):
+    data = _blobs(torch.float32)
+    configs = [dataclasses.replace(c, epochs=4) for c in CONFIGS]  # 6 steps an epoch
+    alone = _trained_float32(norm, configs, data, stacked=False)
+    for model, solo in zip(_trained_float32(norm, configs, data, stacked=True), alone):
+        assert _relative_gap(model, solo) < 1e-5
+
+
+def test_stacked_float32_batch_norm_differs_no_more_than_rounding_does():
+    """With batch norm, float32 rounding alone moves a run: a norm's shift gets a gradient
+    that nearly cancels, which Adam scales up. Training alone on inputs changed by one ulp
+    gives the yardstick; the stacked runs stay within 10x of it (measured: about 1x)."""
+    data = _blobs(torch.float32)
+    configs = [dataclasses.replace(c, epochs=4) for c in CONFIGS]
+    alone = _trained_float32("batch", configs, data, stacked=False)
+    nudged = dataclasses.replace(data, x_train=data.x_train * (1 + 2**-23))
+    yardstick = _trained_float32("batch", configs, nudged, stacked=False)
+    stacked = _trained_float32("batch", configs, data, stacked=True)
+    x = data.x_test
+    for model, solo, other in zip(stacked, alone, yardstick):
+        assert _logit_gap(model, solo, x) < 10 * max(_logit_gap(other, solo, x), 1e-6)
+
+
+def test_a_diverging_run_stops_and_the_others_go_on(tmp_path):
+    data = _blobs(torch.float32)
+    too_large = TrainConfig(epochs=3, batch_size=32, seed=1, optimizer="sgd", lr=1e12)
+    configs = [dataclasses.replace(too_large, seed=0, lr=1e-2), too_large]
+    solo = [_model(c.seed, "none", torch.float32) for c in configs]
+    solo_results = [fit(m, data, c, progress=False) for m, c in zip(solo, configs)]
+    assert solo_results[1].diverged and not solo_results[0].diverged
+    models = [_model(c.seed, "none", torch.float32) for c in configs]
+    results = fit_stacked(models, data, configs, outs=[tmp_path / "a", tmp_path / "b"])
+    assert results[1].diverged_at_step == solo_results[1].diverged_at_step
+    assert results[1].diverged_in == solo_results[1].diverged_in
+    assert not results[0].diverged
+    assert _relative_gap(models[0], solo[0]) < 1e-5
+    assert _relative_gap(models[1], solo[1]) < 1e-5  # the last finite weights
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["status"] == "diverged"
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_interrupted_stack_resumes_to_the_uninterrupted_result(tmp_path):
+    data = _blobs()
+    outs = [tmp_path / str(i) for i in range(3)]
+    whole = [_model(c.seed) for c in CONFIGS]
+    whole_results = fit_stacked(whole, data, CONFIGS)
+
+    def stop_after_first_epoch_of_run_1(i, row):
+        if i == 1 and row["epoch"] == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit_stacked(
+            [_model(c.seed) for c in CONFIGS],
+            data,
+            CONFIGS,
+            outs=outs,
+            on_epoch=stop_after_first_epoch_of_run_1,
+        )
+    # Runs 0 and 1 checkpointed epoch 1; run 2 did not: they resume from two positions.
+    assert [
+        load_checkpoint(out / "checkpoint.pt")["epoch"] if (out / "checkpoint.pt").exists() else 0
+        for out in outs
+    ][:2] == [1, 1]
+    resumed = [_model(c.seed) for c in CONFIGS]  # weights replaced by the checkpoints
+    results = fit_stacked(resumed, data, CONFIGS, outs=outs)
+    for model, result, reference, ref_result in zip(resumed, results, whole, whole_results):
+        assert _relative_gap(model, reference) < 1e-6
+        _assert_rows_close(_rows(result), _rows(ref_result), 1e-6)
+
+
+def test_a_run_checkpointed_stacked_resumes_alone(tmp_path):
+    data = _blobs()
+    outs = [tmp_path / "a", tmp_path / "b"]
+
+    def stop_after_first_epoch(i, row):
+        if i == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit_stacked(
+            [_model(c.seed) for c in CONFIGS[:2]],
+            data,
+            CONFIGS[:2],
+            outs=outs,
+            on_epoch=stop_after_first_epoch,
+        )
+    resumed = _model(CONFIGS[0].seed)
+    result = fit(resumed, data, CONFIGS[0], out=outs[0], progress=False)
+    assert result.resumed_from_step == 6  # 192 samples in batches of 32: one epoch
+    alone = _model(CONFIGS[0].seed)
+    alone_result = fit(alone, data, CONFIGS[0], progress=False)
+    assert _relative_gap(resumed, alone) < 1e-6
+    _assert_rows_close(_rows(result), _rows(alone_result), 1e-6)
+
+
+def test_stack_refusal_names_what_differs():
+    models = [_model(0), _model(1)]
+    assert stack_refusal(models, CONFIGS[:2]) is None
+    other_batch = [CONFIGS[0], dataclasses.replace(CONFIGS[1], batch_size=16)]
+    assert "batch_size" in stack_refusal(models, other_batch)
+    assert "structure" in stack_refusal([_model(0), _model(1, width=8)], CONFIGS[:2])
+    dropout = [_model(0, dropout=0.5), _model(1, dropout=0.5)]
+    assert "random" in stack_refusal(dropout, CONFIGS[:2])
+    with pytest.raises(UsageError, match="batch_size"):
+        fit_stacked(models, _blobs(), other_batch)
+    with pytest.raises(UsageError, match="one config per model"):
+        fit_stacked(models, _blobs(), CONFIGS)
+
+
+class _Cube(torch.autograd.Function):
+    """A custom autograd function without a vmap rule: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _CubeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(_Cube.apply(self.fc1(x) / 4))
+
+
+def _cube(seed):
+    torch.manual_seed(seed)
+    return _CubeNet().double()
+
+
+def test_a_model_vmap_cannot_batch_trains_alone_with_a_warning():
+    data = _blobs()
+    solo = [_cube(c.seed) for c in CONFIGS]
+    for model, config in zip(solo, CONFIGS):
+        fit(model, data, config, progress=False)
+    models = [_cube(c.seed) for c in CONFIGS]
+    with pytest.warns(UserWarning, match="not stacked"):
+        fit_stacked(models, data, CONFIGS)
+    for model, alone in zip(models, solo):
+        assert _relative_gap(model, alone) == 0.0  # trained by fit itself
+
+
+STUDY = """
+name = "tiny"
+dataset = "mnist1d"
+seeds = 2
+[dataset_options]
+num_samples = 300
+[train]
+epochs = 1
+[[grid]]
+models = ["mlp"]
+depths = [2]
+norms = ["batch", "none"]
+options = { width = 16 }
+"""
+
+
+def test_the_lab_stacks_the_seeds_of_a_grid_point_and_agrees_with_no_stack(tmp_path):
+    study = parse_study(STUDY)
+    units = plan_units(study.runs(), study)
+    assert [[s.seed for s in unit] for unit in units] == [[0, 1], [0, 1]]
+    assert all(len(u) == 1 for u in plan_units(study.runs(), study, stack=False))
+    stacked = run_study(study, tmp_path / "s", workers=1, progress=False)
+    alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
+    for s, a in zip(stacked, alone):
+        assert (s["run_id"], s["status"]) == (a["run_id"], "finished")
+        assert s["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+    again = run_study(study, tmp_path / "s", workers=1, progress=False)
+    assert all(r["reused"] for r in again)
