@@ -3,6 +3,11 @@ model on the same batch (the issue's budget: 3x), measured side by side in one r
 
     python bench/diagnose_cost.py [--repeats 7] [--threads 1] [--json out.json]
     python bench/diagnose_cost.py --trainability     # the 80 benchmark models instead
+    python bench/diagnose_cost.py --clock cpu        # this thread's CPU time, not wall time
+
+``--clock cpu`` times with ``time.thread_time`` (with ``--threads 1`` all of the work runs
+in this thread): on a shared machine it leaves out the time spent waiting for a core,
+which wall-clock medians do not.
 
 For each model: the median seconds of ``F.cross_entropy(model(x), y).backward()`` and of
 ``diagnose(model, x, y)`` (hooks and float64 statistics on every layer output, the
@@ -36,13 +41,16 @@ MODELS = (
 )
 
 
+CLOCK = time.perf_counter
+
+
 def _median(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times)
 
 
@@ -78,7 +86,7 @@ def trainability_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
@@ -89,7 +97,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="the 80 models of bench/trainability instead of the zoo's",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall-clock time (default) or this thread's CPU time",
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     rows = trainability_rows(args.repeats) if args.trainability else []
     for label, name, options, shape in () if args.trainability else MODELS:
@@ -125,7 +145,14 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=1
+                {
+                    "threads": args.threads,
+                    "clock": args.clock,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
             )
     return 0
 
