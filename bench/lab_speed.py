@@ -1,0 +1,190 @@
+"""The lab's training speed, side by side in one process: a grid of runs (MLPs of the depth
+study, seeds x learning rates per grid point) trained (a) by a plain PyTorch loop per run
+as a user would write it, (b) by resnorm's training loop one run at a time (the lab's path
+with stacking off), (c) stacked (resnorm.train.fit_stacked); runs per minute, GFLOP/s
+against torch.mm's and torch.bmm's rate at the same shapes measured in the same run, peak
+memory, and how far the stacked runs end from the same runs trained alone.
+
+    python bench/lab_speed.py [--epochs 1] [--seeds 4] [--lrs 1e-3,3e-3,1e-2] [--threads 1]
+                              [--points mlp:8:batch,mlp:24:none] [--json out.json]
+
+The loops train the same runs (same models, data order and optimizer: fused AdamW) on
+MNIST-1D (10,000 samples, 8,000 for training); each loop evaluates on the test set after
+every epoch as the lab does. Timings are one pass each, on the same machine, back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from resnorm.data import load_dataset
+from resnorm.train import TrainConfig, fit, fit_stacked, model_for_data
+from resnorm.train.batches import _batches
+
+
+def _models(name: str, depth: int, norm: str, seeds: list[int], data) -> list:
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(model_for_data(name, data, depth=depth, norm=norm, residual=True, width=128))
+    return models
+
+
+def _plain_loop(model, data, config: TrainConfig) -> None:
+    """What a user writes: AdamW, a shuffled batch at a time, an evaluation each epoch."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
+    for epoch in range(config.epochs):
+        model.train()
+        for index in _batches(len(data.x_train), config.batch_size, config.seed, epoch):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(data.x_train[index]), data.y_train[index]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            F.cross_entropy(model(data.x_test), data.y_test)
+
+
+def _linear_flops(model, data, config: TrainConfig) -> float:
+    """Forward + backward FLOPs of the model's matrix products for one run's training:
+    6 x samples x in x out per linear layer (the rest is a few percent)."""
+    per_sample = sum(
+        6 * m.in_features * m.out_features
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    return per_sample * len(data.x_train) * config.epochs
+
+
+def _rate(fn, flops: float, repeats: int = 50) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return flops / sorted(times)[len(times) // 2] / 1e9
+
+
+def _max_gap(a_models, b_models) -> float:
+    gaps = []
+    for a, b in zip(a_models, b_models):
+        for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+            if x.is_floating_point():
+                gaps.append(((x - y).abs().max() / y.abs().max().clamp_min(1e-3)).item())
+    return max(gaps)
+
+
+def _warm_up(name: str, depth: int, norm: str, data, configs) -> None:
+    """Each loop once on 256 samples, untimed: first-call costs are not training."""
+    import dataclasses
+
+    small = dataclasses.replace(data, x_train=data.x_train[:256], y_train=data.y_train[:256])
+    short = [dataclasses.replace(c, epochs=1) for c in configs]
+    models = _models(name, depth, norm, [c.seed for c in short], small)
+    _plain_loop(models[0], small, short[0])
+    fit(models[0], small, short[0], progress=False)
+    fit_stacked(models, small, short)
+
+
+def point_rows(point: str, data, seeds: list[int], lrs: list[float], epochs: int) -> dict:
+    name, depth, norm = point.split(":")
+    depth = int(depth)
+    configs = [
+        TrainConfig(epochs=epochs, seed=seed, lr=lr, warmup_epochs=0.0)
+        for seed in seeds
+        for lr in lrs
+    ]
+    runs = len(configs)
+    seeds_of = [c.seed for c in configs]
+    _warm_up(name, depth, norm, data, configs)
+    timings = {}
+    models = _models(name, depth, norm, seeds_of, data)
+    start = time.perf_counter()
+    for model, config in zip(models, configs):
+        _plain_loop(model, data, config)
+    timings["plain loop"] = time.perf_counter() - start
+    alone = _models(name, depth, norm, seeds_of, data)
+    start = time.perf_counter()
+    for model, config in zip(alone, configs):
+        fit(model, data, config, progress=False)
+    timings["resnorm, alone"] = time.perf_counter() - start
+    stacked = _models(name, depth, norm, seeds_of, data)
+    start = time.perf_counter()
+    fit_stacked(stacked, data, configs)
+    timings["resnorm, stacked"] = time.perf_counter() - start
+    flops = _linear_flops(models[0], data, configs[0]) * runs
+    return {
+        "point": point,
+        "runs": runs,
+        "seconds": timings,
+        "runs_per_minute": {k: 60 * runs / v for k, v in timings.items()},
+        "gflops": {k: flops / v / 1e9 for k, v in timings.items()},
+        "stacked_vs_alone_max_relative_gap": _max_gap(stacked, alone),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--points", default="mlp:8:batch,mlp:24:none")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_dataset("mnist1d", num_samples=10_000)
+    lrs = [float(v) for v in args.lrs.split(",")]
+    seeds = list(range(args.seeds))
+    runs = len(seeds) * len(lrs)
+    a, b = torch.randn(128, 128), torch.randn(128, 128)
+    sa, sb = torch.randn(runs, 128, 128), torch.randn(runs, 128, 128)
+    peers = {
+        "mm 128^3 GFLOP/s": _rate(lambda: torch.mm(a, b), 2 * 128**3, 300),
+        f"bmm {runs}x128^3 GFLOP/s": _rate(lambda: torch.bmm(sa, sb), runs * 2 * 128**3),
+    }
+    rows = [point_rows(p, data, seeds, lrs, args.epochs) for p in args.points.split(",")]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "peers": peers,
+        "rows": rows,
+        "peak_rss_mib": peak_mib,
+    }
+    _print(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _print(report: dict) -> None:
+    print(", ".join(f"{k} {v:.1f}" for k, v in report["peers"].items()))
+    mm = report["peers"]["mm 128^3 GFLOP/s"]
+    print(f"{'point':<16} {'loop':<18} {'runs/min':>9} {'GFLOP/s':>8} {'of mm':>6}  x vs alone")
+    for row in report["rows"]:
+        alone = row["runs_per_minute"]["resnorm, alone"]
+        for loop, per_minute in row["runs_per_minute"].items():
+            gflops = row["gflops"][loop]
+            print(
+                f"{row['point']:<16} {loop:<18} {per_minute:9.2f} {gflops:8.1f} "
+                f"{gflops / mm:6.0%}  {per_minute / alone:.2f}"
+            )
+        print(
+            f"{'':<16} stacked vs alone: weights within "
+            f"{row['stacked_vs_alone_max_relative_gap']:.1e} (relative to max(|w|, 1e-3))"
+        )
+    print(f"peak RSS of this process: {report['peak_rss_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
