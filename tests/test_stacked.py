@@ -13,8 +13,16 @@ from resnorm import create_model
 from resnorm.data import DataSplit
 from resnorm.errors import UsageError
 from resnorm.lab import parse_study, run_study
+from resnorm.lab import stacked as lab_stacked
 from resnorm.lab.runner import plan_units
-from resnorm.train import TrainConfig, fit, fit_stacked, load_checkpoint, stack_refusal
+from resnorm.train import (
+    TrainConfig,
+    fit,
+    fit_stacked,
+    load_checkpoint,
+    stack_refusal,
+    stacking_speedup,
+)
 
 
 def _blobs(dtype=torch.float64, n=256, classes=3, dim=8, seed=0):
@@ -271,15 +279,41 @@ options = { width = 16 }
 """
 
 
-def test_the_lab_stacks_the_seeds_of_a_grid_point_and_agrees_with_no_stack(tmp_path):
+def test_stacking_speedup_measures_and_is_zero_when_vmap_cannot_batch():
+    data = _blobs()
+    speedup = stacking_speedup([_model(c.seed) for c in CONFIGS], data, CONFIGS)
+    assert 0.0 < speedup < 1e3
+    assert stacking_speedup([_cube(c.seed) for c in CONFIGS], data, CONFIGS) == 0.0
+
+
+def test_the_lab_stacks_the_seeds_of_a_grid_point_and_agrees_with_no_stack(tmp_path, monkeypatch):
     study = parse_study(STUDY)
     units = plan_units(study.runs(), study)
     assert [[s.seed for s in unit] for unit in units] == [[0, 1], [0, 1]]
     assert all(len(u) == 1 for u in plan_units(study.runs(), study, stack=False))
+    trained_stacked = []
+    monkeypatch.setattr(lab_stacked, "MIN_SPEEDUP", 0.0)  # stack whatever it measures
+    monkeypatch.setattr(
+        lab_stacked,
+        "_train_stacked",
+        lambda *a, _real=lab_stacked._train_stacked: trained_stacked.append(1) or _real(*a),
+    )
     stacked = run_study(study, tmp_path / "s", workers=1, progress=False)
+    assert len(trained_stacked) == 2
     alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
     for s, a in zip(stacked, alone):
         assert (s["run_id"], s["status"]) == (a["run_id"], "finished")
         assert s["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
     again = run_study(study, tmp_path / "s", workers=1, progress=False)
     assert all(r["reused"] for r in again)
+
+
+def test_the_lab_trains_a_unit_alone_when_stacking_does_not_pay(tmp_path, monkeypatch):
+    study = parse_study(STUDY)
+    monkeypatch.setattr(lab_stacked, "MIN_SPEEDUP", float("inf"))
+    monkeypatch.setattr(lab_stacked, "_train_stacked", None)  # would raise if called
+    measured = run_study(study, tmp_path / "m", workers=1, progress=False)
+    alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
+    for m, a in zip(measured, alone):
+        assert m["status"] == "finished"
+        assert m["final_train_loss"] == a["final_train_loss"]  # the same code, alone

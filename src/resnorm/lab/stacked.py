@@ -6,9 +6,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .runner import _new_summary, _prepare, _record_error, _write_summary, execute_run
+from .runner import _new_summary, _prepare, _record_error, _write_summary
 from .study import RunSpec, Study
 from .summary import _record_training
+
+# Stack a unit when its steps measure at least this much faster stacked (the measuring
+# costs a few steps; below this the gain is within the machine's noise).
+MIN_SPEEDUP = 1.1
 
 
 def execute_stacked(
@@ -20,13 +24,12 @@ def execute_stacked(
     on_epoch: Callable[[str, dict], None] | None = None,
 ) -> list[dict]:
     """Build and diagnose each run of ``unit`` as :func:`~resnorm.lab.runner.execute_run`
-    does, train them together with :func:`resnorm.train.fit_stacked` and write each
-    run's summary. A run that fails to build is recorded as failed and the others train;
-    runs that cannot be stacked (:func:`resnorm.train.stack_refusal`) train alone, one
-    after the other. A run's ``seconds`` are the unit's, shared out evenly."""
+    does, then train them: together with :func:`resnorm.train.fit_stacked` when they can
+    be stacked (:func:`resnorm.train.stack_refusal`) and their steps measure at least
+    :data:`MIN_SPEEDUP` times faster so (:func:`resnorm.train.stacking_speedup`), else
+    one after the other; write each run's summary. A run that fails to build is recorded
+    as failed and the others train. A run's ``seconds`` are the unit's, shared out."""
     import torch
-
-    from ..train import stack_refusal
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -40,20 +43,10 @@ def execute_stacked(
                 prepared.append((spec, _prepare(spec, study, device, run_dir, summary, 1)))
             except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
                 _record_error(summary, run_dir, exc)
-        runs = [run for _, run in prepared]
-        if len(runs) > 1 and stack_refusal([r.model for r in runs], [r.config for r in runs]):
-            return [
-                execute_run(
-                    spec,
-                    study,
-                    str(out / "runs" / spec.run_id),
-                    device,
-                    threads,
-                    on_epoch=_for_run(on_epoch, spec.run_id),
-                )
-                for spec in unit
-            ]
-        _train(prepared, summaries, on_epoch)
+        if _stacking_pays([run for _, run in prepared]):
+            _train_stacked(prepared, summaries, on_epoch)
+        else:
+            _train_alone(prepared, summaries, on_epoch)
         seconds = (time.perf_counter() - start) / len(unit)
         return [
             _write_summary(summaries[spec.run_id], out / "runs" / spec.run_id, seconds)
@@ -63,16 +56,38 @@ def execute_stacked(
         torch.set_num_threads(previous_threads)
 
 
-def _for_run(on_epoch, run_id: str):
-    return None if on_epoch is None else lambda row: on_epoch(run_id, row)
+def _stacking_pays(runs: list) -> bool:
+    from ..train import stack_refusal, stacking_speedup
+
+    if len(runs) < 2:
+        return False
+    models, configs = [r.model for r in runs], [r.config for r in runs]
+    if stack_refusal(models, configs) is not None:
+        return False
+    return stacking_speedup(models, runs[0].data, configs) >= MIN_SPEEDUP
 
 
-def _train(prepared: list, summaries: dict, on_epoch) -> None:
+def _train_alone(prepared: list, summaries: dict, on_epoch) -> None:
+    """Train the prepared runs one after the other, as :func:`execute_run` trains one."""
+    from ..train import RunMismatchError
+
+    for spec, run in prepared:
+        summary = summaries[spec.run_id]
+        report = None if on_epoch is None else lambda row, i=spec.run_id: on_epoch(i, row)
+        try:
+            try:
+                result = run.fit(progress=False, on_epoch=report)
+            except RunMismatchError:  # the study was edited: this run starts over
+                result = run.fit(progress=False, on_epoch=report, restart=True)
+            _record_training(summary, result)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
+            _record_error(summary, run.out, exc)
+
+
+def _train_stacked(prepared: list, summaries: dict, on_epoch) -> None:
     """Train the prepared runs stacked, recording each result (or the error, in each)."""
     from ..train import fit_stacked
 
-    if not prepared:
-        return
     specs = [spec for spec, _ in prepared]
     runs = [run for _, run in prepared]
     try:

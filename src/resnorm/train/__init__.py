@@ -9,7 +9,7 @@ from .distributed import LaunchError, init_distributed, launch, shutdown_distrib
 from .loop import FitResult, RunFiles, evaluate, fit
 from .optim import augment_images, make_optimizer, make_scheduler
 from .run import RunMismatchError, identity_hash, provenance, run_identity
-from .stacked import fit_stacked, stack_refusal
+from .stacked import fit_stacked, stack_refusal, stacking_speedup
 
 __all__ = [
     "CheckpointDir",
@@ -38,5 +38,6 @@ __all__ = [
     "run_identity",
     "shutdown_distributed",
     "stack_refusal",
+    "stacking_speedup",
     "train_named",
 ]
