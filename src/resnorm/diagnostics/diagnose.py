@@ -161,12 +161,14 @@ def default_loss(output: torch.Tensor, targets: torch.Tensor | None) -> torch.Te
     )
 
 
-def _structure(net: nn.Module, zeros: list | None = None) -> dict:
+def _structure(net: nn.Module, zeros: list | None = None, modules: list | None = None) -> dict:
+    """What the model is built of (``modules``: its ``modules()`` when already listed)."""
     zeros = zero_parameters(net) if zeros is None else zeros
-    merges = [m for m in net.modules() if isinstance(m, ResidualAdd)]
+    modules = list(net.modules()) if modules is None else modules
+    merges = [m for m in modules if isinstance(m, ResidualAdd)]
     torch_layers = [
         m
-        for m in net.modules()
+        for m in modules
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
     ]
     has_skip = (
@@ -176,13 +178,13 @@ def _structure(net: nn.Module, zeros: list | None = None) -> dict:
         isinstance(m, (ResidualMLPBlock, TransformerBlock))
         and m.placement == "post"
         and any(c.residual for c in m.children() if isinstance(c, ResidualAdd))
-        for m in net.modules()
+        for m in modules
     )
     post = post or any(not m.norm_first for m in torch_layers)
-    kinds = sorted({type(m).__name__ for m in net.modules() if isinstance(m, NORM_CLASSES)})
+    kinds = sorted({type(m).__name__ for m in modules if isinstance(m, NORM_CLASSES)})
     closed = sum(
         1
-        for m in net.modules()
+        for m in modules
         if isinstance(m, (ScalarGain, LayerScale))
         and not bool(getattr(m, "gain", getattr(m, "gamma", None)).detach().any())
     )
@@ -253,7 +255,8 @@ def diagnose(
     """
     thresholds, steps = _checked(model, thresholds, optimizer, steps)
     net = unwrap(model)
-    layers = parameterized_layers(net)
+    named = list(net.named_modules())  # listed once: every pass below reads this list
+    layers = parameterized_layers(net, named)
     if not layers:
         raise UsageError("the model has no layer with a weight parameter to measure")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -262,46 +265,37 @@ def diagnose(
     def step_loss() -> torch.Tensor:
         return _loss(model(*args), targets, loss_fn, evidence)
 
-    with _state_restored(model, net):
-        model.train(train_mode)
+    with _state_restored(model, net, train_mode):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
-        with ForwardRecorder(net, find_blocks(net, blocks), channel_dim, compiled) as recorder:
+        found = find_blocks(net, blocks, named)
+        with ForwardRecorder(net, found, channel_dim, compiled, named, layers) as recorder:
             loss_value = _backward(step_loss)
         grads = _layer_grads(layers, recorder.layer_order)
-        _gather_evidence(
-            model,
-            net,
-            args,
-            dict(layers),
-            grads,
-            step_loss,
-            evidence,
-            train_mode,
-            nonlinear=recorder.activation_calls > 0,
-        )
+        by_name = dict(layers)
+        nonlinear = recorder.activation_calls > 0
+        _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, nonlinear)
         if steps:
-            order = [(g.name, dict(layers)[g.name]) for g in grads]
+            order = [(g.name, by_name[g.name]) for g in grads]
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
-    return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name)
+    return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, named)
 
 
-def _gather_evidence(
-    model, net, args, by_name, grads, step_loss, evidence, train_mode, nonlinear
-) -> None:
+def _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, nonlinear) -> None:
     """What the verdict needs beyond the gradients: the first layer and depth, the zero
     gates and what stays silent behind them, and whether the model is affine."""
     evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
     _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, step_loss, evidence)
     # A nonlinearity module that ran settles it; only models without one are checked
-    # (a stack of linear layers, or activations called as functions).
-    if not nonlinear:
+    # (a stack of linear layers, or activations called as functions), and only where the
+    # verdict reads it: two weight layers or more, and no zero gates.
+    if not nonlinear and evidence.depth >= 2 and not evidence.gates:
         evidence.affine = affine_deviation(model, args)
 
 
-def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name) -> Diagnosis:
+def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, named) -> Diagnosis:
     """Judge the measurements and bundle them as a :class:`Diagnosis`."""
     block_stats = _block_stats(recorder)
-    structure = _structure(net, evidence.zeros)
+    structure = _structure(net, evidence.zeros, [m for _, m in named])
     verdict = judge(
         grads, block_stats, recorder.activations, loss_value, thresholds, structure, evidence
     )
@@ -378,11 +372,12 @@ def _is_class_targets(logits: torch.Tensor, targets) -> bool:
     )
 
 
-def _backward(step_loss: Callable[[], torch.Tensor]) -> float:
-    """One forward pass and, if the loss has a graph, one backward pass; the loss's value."""
+def _backward(step_loss: Callable[[], torch.Tensor], inputs: list | None = None) -> float:
+    """One forward pass and, if the loss has a graph, one backward pass (into the ``.grad``
+    of ``inputs`` only, when given); the loss's value."""
     loss = step_loss()
     if loss.requires_grad:
-        loss.backward()
+        loss.backward(inputs=inputs)
     return float(loss.detach())
 
 
@@ -396,17 +391,17 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
     if gates and evidence.silent:
         silent = [(n, m) for n, m in layers if n in set(evidence.silent)]
         evidence.stuck = stuck_after_gates_open(
-            net, [p for _, p in gates], silent, lambda: _backward(step_loss)
+            net, [p for _, p in gates], silent, lambda inputs: _backward(step_loss, inputs)
         )
         for p in net.parameters():  # the measured gradients are read; clear the probe's
             p.grad = None
 
 
 @contextmanager
-def _state_restored(model: nn.Module, net: nn.Module):
+def _state_restored(model: nn.Module, net: nn.Module, train_mode: bool):
     """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
     put back the gradients, the buffers (running statistics), every module's mode and the
-    random generators' states."""
+    random generators' states. In between, the model is in ``train_mode``."""
     params = list(net.parameters())
     saved_grads = [p.grad for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in net.buffers()]
@@ -418,6 +413,8 @@ def _state_restored(model: nn.Module, net: nn.Module):
     try:
         for p in params:
             p.grad = None
+        if any(mode != train_mode for _, mode in was_training):  # else train() is a no-op
+            model.train(train_mode)
         yield
     finally:
         torch.set_rng_state(rng)
@@ -436,17 +433,40 @@ def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list
     """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
     layers, in forward order; a layer whose weights got no gradient counts 0."""
     by_name = dict(layers)
+    order = _forward_order(called, layers)
+    weights = [layer_weights(by_name[layer_name]) for layer_name in order]
+    tensors = [[w.grad for w in ws if w.grad is not None] + list(ws) for ws in weights]
+    squares = iter(_squared_norms([t for ts in tensors for t in ts]))
     grads = []
-    for layer_name in _forward_order(called, layers):
-        weights = layer_weights(by_name[layer_name])
-        grad_sq = sum(
-            float(w.grad.detach().double().square().sum()) for w in weights if w.grad is not None
-        )
-        weight_sq = sum(float(w.detach().double().square().sum()) for w in weights)
+    for layer_name, ws, ts in zip(order, weights, tensors):
+        sq = [next(squares) for _ in ts]
+        grad_sq, weight_sq = sum(sq[: len(ts) - len(ws)]), sum(sq[len(ts) - len(ws) :])
         grads.append(
             LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_sq**0.5, weight_sq**0.5)
         )
     return grads
+
+
+def _squared_norms(tensors: list[torch.Tensor], chunk: int = 1 << 22) -> list[float]:
+    """Each tensor's sum of squares in float64: dense tensors of one shape stacked, up to
+    ``chunk`` elements at a time, into one reduction (the same sum, element for element,
+    as each one's ``.double().square().sum()``)."""
+    groups: dict[tuple, list[int]] = {}
+    out = [0.0] * len(tensors)
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided or t.dim() == 0 or not 0 < t.numel() <= chunk:
+            out[i] = float(t.detach().double().square().sum())
+        else:
+            groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    for (shape, _, _), members in groups.items():
+        step = max(1, chunk // shape.numel())
+        for start in range(0, len(members), step):
+            part = members[start : start + step]
+            stacked = torch.stack([tensors[i].detach() for i in part]).double()
+            values = stacked.square().sum(dim=list(range(1, stacked.dim()))).tolist()
+            for i, value in zip(part, values):
+                out[i] = value
+    return out
 
 
 def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:

@@ -33,13 +33,18 @@ def stuck_after_gates_open(
     net: nn.Module,
     gates: list[nn.Parameter],
     silent: list[tuple[str, nn.Module]],
-    backward: Callable[[], None],
+    backward: Callable[[list[torch.Tensor]], None],
 ) -> list[str]:
     """The ``silent`` layers (no gradient at all) that still get none once each gate (a
     zero parameter with a gradient) has taken a small step against its gradient, as the
     first optimizer step would. One chain link of zeros opens per step: a zero head or a
     zero gate per residual branch opens everything at once; a network whose every weight
-    is zero opens one layer per step. The gates are put back to zero."""
+    is zero opens one layer per step. The gates are put back to zero. ``backward(inputs)``
+    runs one forward and backward pass that fills in the gradients of ``inputs`` only (the
+    silent layers' weights: nothing else is read)."""
+    weights = [w for _, module in silent for w in layer_weights(module) if w.requires_grad]
+    if not weights:  # frozen weights get no gradient, gates open or not
+        return [name for name, _ in silent]
     saved = [p.detach().clone() for p in gates]
     try:
         with torch.no_grad():
@@ -48,7 +53,7 @@ def stuck_after_gates_open(
                 p.copy_(-1e-3 * g / g.norm().clamp_min(1e-30) * g.numel() ** 0.5)
         for p in net.parameters():
             p.grad = None
-        backward()
+        backward(weights)
         return [
             name
             for name, module in silent

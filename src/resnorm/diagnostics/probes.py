@@ -20,7 +20,7 @@ from torch import nn
 from ..blocks import ResidualAdd, TransformerBlock
 from ..errors import UsageError
 from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
-from .stats import ActivationSummary, channel_stats, summarize_activation
+from .stats import ActivationSummary, channel_stats_many, channel_sums, summarize_activation
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 ACTIVATIONS = RECTIFIERS + (
@@ -63,20 +63,27 @@ def layer_weights(module: nn.Module) -> list[nn.Parameter]:
     """The weights of one layer: its ``weight`` parameter, or, for modules that have none
     (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``), its own parameters named ``weight*``
     (``weight_ih_l0``, ``weight_hh_l0``, ...)."""
+    if not module._parameters:  # no parameters of its own (most modules: a quick no)
+        return []
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.Parameter):
         return [weight]
     return [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
 
 
-def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def parameterized_layers(
+    model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
     """Modules that own weights directly (see :func:`layer_weights`), in registration
-    order."""
-    return [(name, m) for name, m in model.named_modules() if layer_weights(m)]
+    order (out of ``modules``, the model's ``named_modules()`` when already listed)."""
+    modules = model.named_modules() if modules is None else modules
+    return [(name, m) for name, m in modules if layer_weights(m)]
 
 
 def find_blocks(
-    model: nn.Module, names: Iterable[str] | None = None
+    model: nn.Module,
+    names: Iterable[str] | None = None,
+    modules: list[tuple[str, nn.Module]] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """The blocks whose outputs the signal-propagation statistics are measured at.
 
@@ -85,9 +92,10 @@ def find_blocks(
     twins included); failing that, the children of the deepest container whose children
     repeat one class (``layer1.0``, ``layer1.1``, ... in torchvision's ResNets;
     ``encoder.layers.*`` in ``nn.TransformerEncoder``), preferring children that are
-    themselves containers over single layers.
+    themselves containers over single layers. ``modules``: the model's
+    ``named_modules()`` when already listed.
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules() if modules is None else modules)
     if names is not None:
         names = list(names)
         missing = [n for n in names if n not in modules]
@@ -137,6 +145,7 @@ class BlockRecord:
     branch_vars: list[float] = field(default_factory=list)
     skip_vars: list[float] = field(default_factory=list)
     residual: bool | None = None
+    cell: list | None = None  # the last output's statistics until they are settled
 
 
 class ForwardRecorder:
@@ -154,8 +163,13 @@ class ForwardRecorder:
         blocks: list[tuple[str, nn.Module]],
         channel_dim: int | None = None,
         compiled: bool = False,
+        modules: list[tuple[str, nn.Module]] | None = None,
+        layers: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         self.model = model
+        # The model's named_modules() and parameterized layers, when the caller has them.
+        self.modules = list(model.named_modules()) if modules is None else modules
+        self.layers = parameterized_layers(model, self.modules) if layers is None else layers
         # Under torch.compile the hooks are kept out of the graph (torch.compiler.disable);
         # the wrapper costs ~50 us a hook to build, so eager models get the bare hooks.
         self.compiled = compiled
@@ -167,6 +181,9 @@ class ForwardRecorder:
         self.activation_calls = 0  # outputs of nonlinearity modules (ReLU, GELU, ...) seen
         self._calls: dict[str, int] = defaultdict(int)
         self._handles: list = []
+        # Per-channel sums taken in the hooks, finished together after the pass:
+        # (channels, values per channel) -> [(sums, norms, cell)].
+        self._pending: dict[tuple, list] = defaultdict(list)
 
     def _block_channel_dim(self, module: nn.Module) -> int:
         if self.channel_dim is not None:
@@ -183,6 +200,7 @@ class ForwardRecorder:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+        self._settle()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -195,9 +213,9 @@ class ForwardRecorder:
         self._handles.append(module.register_forward_hook(hook))
 
     def _register(self) -> None:
-        for name, module in parameterized_layers(self.model):
+        for name, module in self.layers:
             self._hook(module, self._layer_hook(name, is_rectifier(module)))
-        for name, module in self.model.named_modules():
+        for name, module in self.modules:
             if isinstance(module, ACTIVATIONS):
                 self._hook(module, self._activation_hook(name, isinstance(module, RECTIFIERS)))
         for name, block in self.blocks:
@@ -222,6 +240,27 @@ class ForwardRecorder:
         count = self._calls[name]
         return name if count == 1 else f"{name}#{count}"
 
+    def _channel(self, x: torch.Tensor, channel_dim: int) -> list:
+        """A cell that will hold ``channel_stats(x, channel_dim)`` once settled."""
+        total, norm, n = channel_sums(x, channel_dim)
+        cell = []
+        self._pending[total.shape[0], n].append((total, norm, cell))
+        return cell
+
+    def _settle(self) -> None:
+        """Finish the channel statistics, all outputs of one shape at once, into cells."""
+        pending, self._pending = self._pending, defaultdict(list)
+        for (_, n), jobs in pending.items():
+            totals, norms, cells = zip(*jobs)
+            for cell, result in zip(cells, channel_stats_many(totals, norms, n)):
+                cell.append(result)
+        for record in self.block_records.values():
+            if record.cell is not None:
+                record.sq_mean, record.var = record.cell[0]
+                record.cell = None
+            record.branch_vars = [cell[0][1] for cell in record.branch_vars]
+            record.skip_vars = [cell[0][1] for cell in record.skip_vars]
+
     def _layer_hook(self, name: str, rectified: bool = False):
         def hook(module, inputs, output):
             if name not in self.layer_order:
@@ -245,15 +284,15 @@ class ForwardRecorder:
         def hook(module, inputs, output):
             out = self._first_tensor(output)
             if out is not None and out.dim() >= 2:
-                record.sq_mean, record.var = channel_stats(out, record.channel_dim)
+                record.cell = self._channel(out, record.channel_dim)
 
         return hook
 
     def _merge_hook(self, record: BlockRecord):
         def hook(module, inputs, output):
             branch, skip = inputs[0], inputs[1]
-            record.branch_vars.append(channel_stats(branch, record.channel_dim)[1])
+            record.branch_vars.append(self._channel(branch, record.channel_dim))
             if module.residual:
-                record.skip_vars.append(channel_stats(skip, record.channel_dim)[1])
+                record.skip_vars.append(self._channel(skip, record.channel_dim))
 
         return hook
