@@ -433,40 +433,17 @@ def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list
     """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
     layers, in forward order; a layer whose weights got no gradient counts 0."""
     by_name = dict(layers)
-    order = _forward_order(called, layers)
-    weights = [layer_weights(by_name[layer_name]) for layer_name in order]
-    tensors = [[w.grad for w in ws if w.grad is not None] + list(ws) for ws in weights]
-    squares = iter(_squared_norms([t for ts in tensors for t in ts]))
     grads = []
-    for layer_name, ws, ts in zip(order, weights, tensors):
-        sq = [next(squares) for _ in ts]
-        grad_sq, weight_sq = sum(sq[: len(ts) - len(ws)]), sum(sq[len(ts) - len(ws) :])
+    for layer_name in _forward_order(called, layers):
+        weights = layer_weights(by_name[layer_name])
+        grad_sq = sum(
+            float(w.grad.detach().double().square().sum()) for w in weights if w.grad is not None
+        )
+        weight_sq = sum(float(w.detach().double().square().sum()) for w in weights)
         grads.append(
             LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_sq**0.5, weight_sq**0.5)
         )
     return grads
-
-
-def _squared_norms(tensors: list[torch.Tensor], chunk: int = 1 << 22) -> list[float]:
-    """Each tensor's sum of squares in float64: dense tensors of one shape stacked, up to
-    ``chunk`` elements at a time, into one reduction (the same sum, element for element,
-    as each one's ``.double().square().sum()``)."""
-    groups: dict[tuple, list[int]] = {}
-    out = [0.0] * len(tensors)
-    for i, t in enumerate(tensors):
-        if t.layout != torch.strided or t.dim() == 0 or not 0 < t.numel() <= chunk:
-            out[i] = float(t.detach().double().square().sum())
-        else:
-            groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
-    for (shape, _, _), members in groups.items():
-        step = max(1, chunk // shape.numel())
-        for start in range(0, len(members), step):
-            part = members[start : start + step]
-            stacked = torch.stack([tensors[i].detach() for i in part]).double()
-            values = stacked.square().sum(dim=list(range(1, stacked.dim()))).tolist()
-            for i, value in zip(part, values):
-                out[i] = value
-    return out
 
 
 def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:
