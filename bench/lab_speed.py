@@ -6,7 +6,8 @@ against torch.mm's and torch.bmm's rate at the same shapes measured in the same 
 memory, and how far the stacked runs end from the same runs trained alone.
 
     python bench/lab_speed.py [--epochs 1] [--seeds 4] [--lrs 1e-3,3e-3,1e-2] [--threads 1]
-                              [--points mlp:8:batch,mlp:24:none] [--json out.json]
+                              [--points mlp:8:batch,mlp:24:none] [--device cuda]
+                              [--json out.json]
 
 The loops train the same runs (same models, data order and optimizer: fused AdamW) on
 MNIST-1D (10,000 samples, 8,000 for training); each loop evaluates on the test set after
@@ -16,6 +17,7 @@ every epoch as the lab does. Timings are one pass each, on the same machine, bac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -28,12 +30,24 @@ from resnorm.train import TrainConfig, fit, fit_stacked, model_for_data
 from resnorm.train.batches import _batches
 
 
-def _models(name: str, depth: int, norm: str, seeds: list[int], data) -> list:
+def _models(name: str, depth: int, norm: str, seeds: list[int], data, device="cpu") -> list:
     models = []
+    options = {"width": 128} if name == "mlp" else {}
     for seed in seeds:
         torch.manual_seed(seed)
-        models.append(model_for_data(name, data, depth=depth, norm=norm, residual=True, width=128))
+        model = model_for_data(name, data, depth=depth, norm=norm, residual=True, **options)
+        models.append(model.to(device))
     return models
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _on(data, device: str):
+    moved = {k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+    return dataclasses.replace(data, **moved)
 
 
 def _plain_loop(model, data, config: TrainConfig) -> None:
@@ -44,6 +58,7 @@ def _plain_loop(model, data, config: TrainConfig) -> None:
     for epoch in range(config.epochs):
         model.train()
         for index in _batches(len(data.x_train), config.batch_size, config.seed, epoch):
+            index = index.to(data.x_train.device)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(data.x_train[index]), data.y_train[index]).backward()
             optimizer.step()
@@ -63,12 +78,14 @@ def _linear_flops(model, data, config: TrainConfig) -> float:
     return per_sample * len(data.x_train) * config.epochs
 
 
-def _rate(fn, flops: float, repeats: int = 50) -> float:
+def _rate(fn, flops: float, device: str, repeats: int = 50) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return flops / sorted(times)[len(times) // 2] / 1e9
 
@@ -82,45 +99,63 @@ def _max_gap(a_models, b_models) -> float:
     return max(gaps)
 
 
-def _warm_up(name: str, depth: int, norm: str, data, configs) -> None:
+def _warm_up(name: str, depth: int, norm: str, data, configs, device: str) -> None:
     """Each loop once on 256 samples, untimed: first-call costs are not training."""
-    import dataclasses
-
     small = dataclasses.replace(data, x_train=data.x_train[:256], y_train=data.y_train[:256])
     short = [dataclasses.replace(c, epochs=1) for c in configs]
-    models = _models(name, depth, norm, [c.seed for c in short], small)
-    _plain_loop(models[0], small, short[0])
+    models = _models(name, depth, norm, [c.seed for c in short], small, device)
+    _plain_loop(models[0], _on(small, device), short[0])
     fit(models[0], small, short[0], progress=False)
     fit_stacked(models, small, short)
 
 
-def point_rows(point: str, data, seeds: list[int], lrs: list[float], epochs: int) -> dict:
+def _loops(name, depth, norm, data, configs, device):
+    """The three ways to train the runs, each on its own fresh copies of the models."""
+    seeds = [c.seed for c in configs]
+    plain, alone, stacked = (_models(name, depth, norm, seeds, data, device) for _ in range(3))
+    on_device = _on(data, device)
+
+    def plain_loops() -> None:
+        for model, config in zip(plain, configs):
+            _plain_loop(model, on_device, config)
+
+    def one_at_a_time() -> None:
+        for model, config in zip(alone, configs):
+            fit(model, data, config, progress=False)
+
+    loops = {
+        "plain loop": plain_loops,
+        "resnorm, alone": one_at_a_time,
+        "resnorm, stacked": lambda: fit_stacked(stacked, data, configs),
+    }
+    return loops, plain, alone, stacked
+
+
+def point_rows(
+    point: str, data, seeds: list[int], lrs: list[float], epochs: int, device: str = "cpu"
+) -> dict:
     name, depth, norm = point.split(":")
     depth = int(depth)
     configs = [
-        TrainConfig(epochs=epochs, seed=seed, lr=lr, warmup_epochs=0.0)
+        TrainConfig(epochs=epochs, seed=seed, lr=lr, warmup_epochs=0.0, device=device)
         for seed in seeds
         for lr in lrs
     ]
+    _warm_up(name, depth, norm, data, configs, device)
+    loops, plain, alone, stacked = _loops(name, depth, norm, data, configs, device)
+    timings, memory = {}, {}
+    for loop, train in loops.items():
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        train()
+        _sync(device)
+        timings[loop] = time.perf_counter() - start
+        if torch.device(device).type == "cuda":
+            memory[loop] = torch.cuda.max_memory_allocated() / 2**20
     runs = len(configs)
-    seeds_of = [c.seed for c in configs]
-    _warm_up(name, depth, norm, data, configs)
-    timings = {}
-    models = _models(name, depth, norm, seeds_of, data)
-    start = time.perf_counter()
-    for model, config in zip(models, configs):
-        _plain_loop(model, data, config)
-    timings["plain loop"] = time.perf_counter() - start
-    alone = _models(name, depth, norm, seeds_of, data)
-    start = time.perf_counter()
-    for model, config in zip(alone, configs):
-        fit(model, data, config, progress=False)
-    timings["resnorm, alone"] = time.perf_counter() - start
-    stacked = _models(name, depth, norm, seeds_of, data)
-    start = time.perf_counter()
-    fit_stacked(stacked, data, configs)
-    timings["resnorm, stacked"] = time.perf_counter() - start
-    flops = _linear_flops(models[0], data, configs[0]) * runs
+    flops = _linear_flops(plain[0], data, configs[0]) * runs
     return {
         "point": point,
         "runs": runs,
@@ -128,6 +163,7 @@ def point_rows(point: str, data, seeds: list[int], lrs: list[float], epochs: int
         "runs_per_minute": {k: 60 * runs / v for k, v in timings.items()},
         "gflops": {k: flops / v / 1e9 for k, v in timings.items()},
         "stacked_vs_alone_max_relative_gap": _max_gap(stacked, alone),
+        "peak_gpu_mib": memory,
     }
 
 
@@ -138,6 +174,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--points", default="mlp:8:batch,mlp:24:none")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,15 +182,17 @@ def main(argv=None) -> dict:
     lrs = [float(v) for v in args.lrs.split(",")]
     seeds = list(range(args.seeds))
     runs = len(seeds) * len(lrs)
-    a, b = torch.randn(128, 128), torch.randn(128, 128)
-    sa, sb = torch.randn(runs, 128, 128), torch.randn(runs, 128, 128)
+    device = args.device
+    a, b = (torch.randn(128, 128, device=device) for _ in range(2))
+    sa, sb = (torch.randn(runs, 128, 128, device=device) for _ in range(2))
     peers = {
-        "mm 128^3 GFLOP/s": _rate(lambda: torch.mm(a, b), 2 * 128**3, 300),
-        f"bmm {runs}x128^3 GFLOP/s": _rate(lambda: torch.bmm(sa, sb), runs * 2 * 128**3),
+        "mm 128^3 GFLOP/s": _rate(lambda: torch.mm(a, b), 2 * 128**3, device, 300),
+        f"bmm {runs}x128^3 GFLOP/s": _rate(lambda: torch.bmm(sa, sb), runs * 2 * 128**3, device),
     }
-    rows = [point_rows(p, data, seeds, lrs, args.epochs) for p in args.points.split(",")]
+    rows = [point_rows(p, data, seeds, lrs, args.epochs, device) for p in args.points.split(",")]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
+        "device": device,
         "threads": args.threads,
         "epochs": args.epochs,
         "peers": peers,
@@ -183,6 +222,10 @@ def _print(report: dict) -> None:
             f"{'':<16} stacked vs alone: weights within "
             f"{row['stacked_vs_alone_max_relative_gap']:.1e} (relative to max(|w|, 1e-3))"
         )
+    for row in report["rows"]:
+        if row["peak_gpu_mib"]:
+            peaks = ", ".join(f"{k} {v:.0f}" for k, v in row["peak_gpu_mib"].items())
+            print(f"{row['point']}: peak GPU memory (MiB): {peaks}")
     print(f"peak RSS of this process: {report['peak_rss_mib']:.0f} MiB")
 
 
