@@ -211,30 +211,43 @@ class _Stack:
 
     # ------------------------------------------------------------------ the runs' state
     def _set_active(self, trainers: list[_Trainer]) -> None:
-        """Train ``trainers`` from now on, with their buffers stacked."""
+        """Train ``trainers`` from now on: each parameter and buffer of theirs stacked into
+        one tensor (``self.params``, ``self.buffers``), and each run's own tensors made
+        views of their row of it, so that a run's optimizer steps its own parameters in
+        place and batch norm updates its running statistics in place, with no copy."""
         self.active = trainers
-        self.params = [dict(t.model.named_parameters()) for t in trainers]
-        self.buffers = {
-            name: torch.stack([dict(t.model.named_buffers())[name] for t in trainers])
-            for name in (self.buffer_names if trainers else ())
-        }
+        self.params, self.buffers, self.members = {}, {}, {}
+        if not trainers:
+            return
+        for kind, store in (("param", self.params), ("buffer", self.buffers)):
+            named = [
+                dict(t.model.named_parameters() if kind == "param" else t.model.named_buffers())
+                for t in trainers
+            ]
+            for name in self.param_names if kind == "param" else self.buffer_names:
+                members = [n[name] for n in named]
+                stacked = torch.stack([m.detach() for m in members])
+                for i, member in enumerate(members):
+                    member.data = stacked[i]
+                if kind == "param":
+                    stacked.requires_grad_(members[0].requires_grad)
+                store[name] = stacked
+                self.members[(kind, name)] = members
 
-    def _unstack_buffers(self) -> None:
-        """Copy the stacked buffers (running statistics) back into each run's model."""
-        with torch.no_grad():
-            for i, trainer in enumerate(self.active):
-                for name, buffer in trainer.model.named_buffers():
-                    buffer.copy_(self.buffers[name][i])
+    def _release(self) -> None:
+        """Each run's tensors back in storage of their own (before a checkpoint saves
+        them, or a run leaves the stack); :meth:`_set_active` stacks them again."""
+        for members in self.members.values():
+            for member in members:
+                member.data = member.data.clone()
+        self.members = {}
 
-    def _stacked_params(self) -> dict[str, torch.Tensor]:
-        """Each parameter of every run stacked (differentiable: the gradients reach each
-        run's own parameters, which its own optimizer steps)."""
-        return {name: torch.stack([p[name] for p in self.params]) for name in self.param_names}
-
-    def _drop_ended(self) -> None:
-        if any(not _unfinished(t) for t in self.active):
-            self._unstack_buffers()
-            self._set_active([t for t in self.active if _unfinished(t)])
+    def _hand_out_gradients(self) -> None:
+        """Each run's parameters get their row of the stacked gradient (a view)."""
+        for name, stacked in self.params.items():
+            grads = stacked.grad
+            for i, member in enumerate(self.members[("param", name)]):
+                member.grad = None if grads is None else grads[i]
 
     # ------------------------------------------------------------------ computations
     def _loss_and_logits(self, params, buffers, x, y):
@@ -256,13 +269,14 @@ class _Stack:
             xs.append(xb)
             ys.append(yb)
         y = torch.stack(ys)
-        for trainer in self.active:
-            trainer.optimizer.zero_grad(set_to_none=True)
+        for stacked in self.params.values():
+            stacked.grad = None
         self.skeleton.train()
         losses, logits = vmap(self._loss_and_logits, randomness="error")(
-            self._stacked_params(), self.buffers, torch.stack(xs), y
+            self.params, self.buffers, torch.stack(xs), y
         )
         losses.sum().backward()
+        self._hand_out_gradients()
         values = losses.detach().tolist()
         correct = (logits.detach().argmax(-1) == y).sum(-1).tolist()
         taken = []
@@ -280,7 +294,7 @@ class _Stack:
         per chunk as :func:`resnorm.train.evaluate` sums them."""
         first = self.active[0]
         x, y, size = first.x_test, first.y_test, first.config.eval_batch_size
-        params = self._stacked_params()
+        params = self.params
         self.skeleton.eval()
         losses, correct = [0.0] * len(self.active), [0] * len(self.active)
 
@@ -304,6 +318,12 @@ class _Stack:
 
     # ------------------------------------------------------------------ the loop
     def train(self, on_epoch) -> None:
+        try:
+            self._train(on_epoch)
+        finally:  # however it ends, each run's tensors are its own again
+            self._release()
+
+    def _train(self, on_epoch) -> None:
         first_step = True
         while self.active:
             epoch_start = time.perf_counter()
@@ -322,7 +342,7 @@ class _Stack:
                 self._account(taken, k, steps)
                 keep = [i for i, t in enumerate(self.active) if _unfinished(t)]
                 if len(keep) < len(self.active):  # diverged: the others go on
-                    self._unstack_buffers()
+                    self._release()
                     epoch_batches = [epoch_batches[i] for i in keep]
                     self._set_active([self.active[i] for i in keep])
                 if not self.active:
@@ -345,13 +365,14 @@ class _Stack:
         every = self.active[0].config.checkpoint_every
         due = [t for t in self.active if _unfinished(t) and every and t.global_step % every == 0]
         if due and k + 1 < steps:
-            self._unstack_buffers()
+            self._release()
             for trainer in due:
                 trainer.save(trainer.epoch, k + 1)
+            self._set_active(self.active)
 
     def _end_epoch(self, epoch_start: float, on_epoch) -> None:
-        self._unstack_buffers()
         evaluated = self.evaluate()
+        self._release()
         for trainer, result in zip(self.active, evaluated):
             trainer.end_epoch(epoch_start, self._report(trainer, on_epoch), evaluated=result)
         self._set_active([t for t in self.active if _unfinished(t)])
@@ -366,6 +387,7 @@ class _Stack:
     def _train_alone(self, exc: Exception, on_epoch) -> None:
         """The model cannot be batched (found on the first step, before any was taken):
         each run trains alone, as :func:`fit` trains it."""
+        self._release()
         warnings.warn(
             f"the runs train one after the other, not stacked: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
