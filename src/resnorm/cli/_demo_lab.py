@@ -73,7 +73,10 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     help="Seeds per grid point (at most 1000).",
 )
 @click.option(
-    "--workers", type=click.IntRange(min=1), help="Worker processes [default: one per core]."
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker processes [default: one per core]. With --executor ray or submitit, "
+    "each run's threads: this machine's cores / N, as a local lab would give it.",
 )
 @click.option(
     "--nproc",
@@ -108,15 +111,35 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     callback=_writable("dir"),
     help="Lab folder [default: runs/lab-STUDY]. Running again resumes it.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray", "submitit"]),
+    default="local",
+    show_default=True,
+    help="Where the runs train: local worker processes, a Ray cluster (a task per run, "
+    "or per stack of seeds) or a Slurm job array (submitit). --out must be a folder "
+    "every node sees. Ray and submitit are extras: pip install 'resnorm[ray]'.",
+)
+@click.option(
+    "--ray-address",
+    help="With --executor ray: the cluster to join (an address or 'auto') "
+    "[default: a local cluster started for the lab].",
+)
+@click.option("--slurm-partition", help="With --executor submitit: the Slurm partition.")
+@click.option(
+    "--slurm-time",
+    type=click.IntRange(min=1),
+    help="With --executor submitit: minutes each job may run; a job that runs out is "
+    "requeued and resumes [default: 60].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def lab(
-    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet
+    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, **engine
 ) -> None:
     """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
-    study TOML file, and
-    write report.html, figures, results.csv and results.json into the lab folder.
-    Finished runs are kept: running the same command again resumes an interrupted lab.
+    study TOML file, and write report.html, figures, results.csv and results.json into the
+    lab folder. Finished runs are kept: running the same command again resumes an interrupted lab.
     """
     from rich.console import Console
 
@@ -134,6 +157,7 @@ def lab(
         progress=False if (quiet or as_json) else None,
         nproc=nproc,
         sync_bn=sync_bn,
+        **_engine_options(**engine),
     )
     counts = result.counts
     if as_json:
@@ -170,3 +194,10 @@ def lab(
             err=True,
         )
         raise click.exceptions.Exit(1)
+
+
+def _engine_options(executor: str, **flags) -> dict:
+    """run_lab's ``executor`` and ``executor_options`` from ``lab``'s --executor,
+    --ray-address and --slurm-* flags (those given)."""
+    options = {key: value for key, value in flags.items() if value is not None}
+    return {"executor": executor, "executor_options": options}

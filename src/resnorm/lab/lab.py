@@ -75,6 +75,24 @@ def check_study(study: Study, device: str = "cpu", seeds: int | None = None) -> 
             pass
 
 
+def _prepared(study, out, quick: bool, sync_bn: bool, data_root) -> tuple[Study, Path]:
+    """The study as run_lab runs it (loaded, ``--quick``, ``--sync-bn``, ``--data-root``)
+    and its lab folder (by default ``runs/lab-<study>``, ``-quick`` appended)."""
+    if not isinstance(study, Study):
+        study = load_study(study)
+    if quick:
+        study = study.quick_version()
+    if sync_bn:
+        study = dataclasses.replace(study, train={**study.train, "sync_bn": True})
+    if data_root is not None:
+        study = dataclasses.replace(
+            study, dataset_options={**study.dataset_options, "root": str(data_root)}
+        )
+    if out is None:
+        out = Path("runs") / (f"lab-{study.name}" + ("-quick" if quick else ""))
+    return study, Path(out)
+
+
 def run_lab(
     study: str | Path | Study = "depth",
     out=None,
@@ -87,6 +105,8 @@ def run_lab(
     progress: bool | None = None,
     nproc: int | None = None,
     sync_bn: bool = False,
+    executor: str = "local",
+    executor_options: dict | None = None,
 ) -> LabResult:
     """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
 
@@ -98,37 +118,35 @@ def run_lab(
     DistributedDataParallel over that many processes (see
     :func:`~resnorm.lab.runner.run_study`); ``sync_bn``: with synchronized batch norm in
     the runs that have batch norm. :func:`check_study` runs first: a wrong device, data
-    folder or option is an error before anything runs.
+    folder or option is an error before anything runs. ``executor``, ``executor_options``:
+    where the runs train (local processes, Ray, Slurm: see :mod:`resnorm.lab.executors`).
     """
     from ..train import provenance
+    from .executors import check_executor
     from .report import write_report
 
     start = time.perf_counter()
-    if not isinstance(study, Study):
-        study = load_study(study)
-    if quick:
-        study = study.quick_version()
-    if sync_bn:
-        study = dataclasses.replace(study, train={**study.train, "sync_bn": True})
-    if data_root is not None:
-        study = dataclasses.replace(
-            study, dataset_options={**study.dataset_options, "root": str(data_root)}
-        )
+    check_executor(executor, executor_options, nproc)
+    study, out = _prepared(study, out, quick, sync_bn, data_root)
     check_run_count(study, seeds)
     check_study(study, device, seeds)
-    out = (
-        Path(out)
-        if out is not None
-        else Path("runs") / (f"lab-{study.name}" + ("-quick" if quick else ""))
-    )
     results = run_study(
-        study, out, seeds=seeds, workers=workers, device=device, progress=progress, nproc=nproc
+        study,
+        out,
+        seeds=seeds,
+        workers=workers,
+        device=device,
+        progress=progress,
+        nproc=nproc,
+        executor=executor,
+        executor_options=executor_options,
     )
     made = {
         **provenance(device),
         "seeds": seeds or study.seeds,
         "workers": workers,
         "nproc": nproc or 1,
+        "executor": executor,
     }
     with status_spinner(
         show_progress(progress), f"writing the report into {out} (figures, tables)..."

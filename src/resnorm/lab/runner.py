@@ -290,13 +290,20 @@ def run_study(
     progress: bool | None = None,
     nproc: int | None = None,
     stack: bool = True,
+    executor: str = "local",
+    executor_options: dict | None = None,
 ) -> list[dict]:
     """Run every run of ``study`` (those already done in ``out`` are reused) and return
     their summaries in grid order. ``nproc > 1``: each run is a torchrun launch of
     ``nproc`` processes (DistributedDataParallel), one run at a time; it cannot be combined
     with ``workers > 1``, and must divide the study's batch sizes (global batches).
     ``stack``: the runs that differ only in their seed train together, stacked (see
-    :func:`plan_units`); ``False`` trains every run alone."""
+    :func:`plan_units`); ``False`` trains every run alone. ``executor``: "local" (worker
+    processes), "ray" or "submitit" (each unit a Ray task or a Slurm array job; see
+    :mod:`resnorm.lab.executors`, which takes ``executor_options``)."""
+    from .executors import check_executor, run_units
+
+    check_executor(executor, executor_options, nproc)
     out = Path(out)
     specs = study.runs(seeds)
     results, todo = _reuse_done(specs, study, out, device, nproc or 1)
@@ -318,6 +325,8 @@ def run_study(
     with _LabProgress(show, len(specs), len(specs) - len(todo), epochs, n_workers) as bar:
         if todo and distributed:
             _run_launched(todo, study, out, device, nproc, bar, results)
+        elif todo and executor != "local":
+            run_units(executor, units, study, out, device, threads, bar, results, executor_options)
         elif todo and n_workers == 1:
             _run_here(units, study, out, device, threads, bar, results)
         elif todo:
