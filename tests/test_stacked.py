@@ -317,3 +317,17 @@ def test_the_lab_trains_a_unit_alone_when_stacking_does_not_pay(tmp_path, monkey
     for m, a in zip(measured, alone):
         assert m["status"] == "finished"
         assert m["final_train_loss"] == a["final_train_loss"]  # the same code, alone
+
+
+def test_the_cli_no_stack_flag_trains_alone_and_says_so(tmp_path, monkeypatch):
+    from resnorm.cli import main
+
+    study = tmp_path / "tiny.toml"
+    study.write_text(STUDY)
+    monkeypatch.setattr(lab_stacked, "_train_stacked", None)  # would raise if called
+    out = tmp_path / "lab"
+    code = main(["lab", str(study), "--no-stack", "--workers", "1", "-q", "--out", str(out)])
+    assert code == 0
+    made = json.loads((tmp_path / "lab" / "lab.json").read_text())["provenance"]
+    assert made["stack"] is False
+    assert len(list((tmp_path / "lab" / "runs").iterdir())) == 4

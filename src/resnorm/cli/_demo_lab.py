@@ -132,10 +132,28 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     help="With --executor submitit: minutes each job may run; a job that runs out is "
     "requeued and resumes [default: 60].",
 )
+@click.option(
+    "--no-stack",
+    is_flag=True,
+    help="Train every run alone. By default the seeds of a grid point train together as "
+    "one stacked computation where a few measured steps show it is faster.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def lab(
-    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, **engine
+    study,
+    quick,
+    seeds,
+    workers,
+    nproc,
+    sync_bn,
+    device,
+    data_root,
+    out,
+    no_stack,
+    as_json,
+    quiet,
+    **engine,
 ) -> None:
     """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
     study TOML file, and write report.html, figures, results.csv and results.json into the
@@ -157,6 +175,7 @@ def lab(
         progress=False if (quiet or as_json) else None,
         nproc=nproc,
         sync_bn=sync_bn,
+        stack=not no_stack,
         **_engine_options(**engine),
     )
     counts = result.counts

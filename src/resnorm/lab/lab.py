@@ -107,6 +107,7 @@ def run_lab(
     sync_bn: bool = False,
     executor: str = "local",
     executor_options: dict | None = None,
+    stack: bool = True,
 ) -> LabResult:
     """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
 
@@ -120,6 +121,8 @@ def run_lab(
     the runs that have batch norm. :func:`check_study` runs first: a wrong device, data
     folder or option is an error before anything runs. ``executor``, ``executor_options``:
     where the runs train (local processes, Ray, Slurm: see :mod:`resnorm.lab.executors`).
+    ``stack``: the seeds of a grid point train stacked where that measures faster
+    (see :func:`~resnorm.lab.runner.plan_units`); ``False`` trains every run alone.
     """
     from ..train import provenance
     from .executors import check_executor
@@ -140,6 +143,7 @@ def run_lab(
         nproc=nproc,
         executor=executor,
         executor_options=executor_options,
+        stack=stack,
     )
     made = {
         **provenance(device),
@@ -147,6 +151,7 @@ def run_lab(
         "workers": workers,
         "nproc": nproc or 1,
         "executor": executor,
+        "stack": stack,
     }
     with status_spinner(
         show_progress(progress), f"writing the report into {out} (figures, tables)..."
