@@ -232,10 +232,11 @@ def diagnose(
     whether it will train (the signals: :mod:`~resnorm.diagnostics.verdict`).
     One forward and backward pass (training mode by default: batch norm uses batch
     statistics, as in Brock et al.), an eval-mode forward on midpoints of the batch (is it
-    affine?), one more backward pass with zero parameters moved by a small step (if any),
-    and with ``optimizer`` ``steps`` optimizer steps on the batch (20 by default). The
-    model is left as found: parameters, mode, buffers, ``.grad``, the optimizer's state
-    and the random generator.
+    affine? asked only of a model of two weight layers or more, without zero gates, in
+    which no nonlinearity module ran), one more backward pass with zero parameters moved
+    by a small step (if any, and layers get no gradient), and with ``optimizer``
+    ``steps`` optimizer steps on the batch (20 by default). The model is left as found:
+    parameters, mode, buffers, ``.grad``, the optimizer's state and the random generator.
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
