@@ -246,13 +246,11 @@ def diagnose(
             model's logits (see :func:`~resnorm.diagnostics.outputs.read_output`), or the
             raw output when it has none. Without ``loss_fn`` or ``targets``, a loss the
             model returns itself (``output.loss``) is used.
-        blocks: names of the modules to measure signal propagation at (default: found
-            automatically, see :func:`~resnorm.diagnostics.probes.find_blocks`).
-        channel_dim: the channel axis of block outputs (default: 1, or -1 for
-            Transformer blocks).
-        thresholds: the verdict's thresholds (:class:`Thresholds`).
-        optimizer: the optimizer the model will be trained with (over its parameters).
-        steps: how many optimizer steps to take (needs ``optimizer``).
+        blocks: the modules to measure signal propagation at (default: found, see
+            :func:`~resnorm.diagnostics.probes.find_blocks`); ``channel_dim`` their
+            channel axis (default: 1, or -1 for Transformer blocks).
+        thresholds: the verdict's thresholds (:class:`Thresholds`). ``optimizer``: the
+            one the model will train with; ``steps``: how many steps it takes here.
     """
     thresholds, steps = _checked(model, thresholds, optimizer, steps)
     net = unwrap(model)
