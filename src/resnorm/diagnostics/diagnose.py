@@ -229,14 +229,13 @@ def diagnose(
     steps: int | None = None,
 ) -> Diagnosis:
     """Measure gradient flow and signal propagation of ``model`` on one batch and judge
-    whether it will train (the signals: :mod:`~resnorm.diagnostics.verdict`).
-    One forward and backward pass (training mode by default: batch norm uses batch
-    statistics, as in Brock et al.), an eval-mode forward on midpoints of the batch (is it
-    affine? asked only of a model of two weight layers or more, without zero gates, in
-    which no nonlinearity module ran), one more backward pass with zero parameters moved
-    by a small step (if any, and layers get no gradient), and with ``optimizer``
-    ``steps`` optimizer steps on the batch (20 by default). The model is left as found:
-    parameters, mode, buffers, ``.grad``, the optimizer's state and the random generator.
+    whether it will train (the signals: :mod:`~resnorm.diagnostics.verdict`): a forward
+    and backward pass (training mode by default: batch norm uses batch statistics, as in
+    Brock et al.), an eval-mode forward on midpoints of the batch (is it affine? asked of
+    two weight layers or more, no zero gates, no nonlinearity module run), a backward with
+    zero parameters moved a small step (if layers get no gradient), and ``steps`` steps of
+    ``optimizer`` (20 by default). The model is left as found (parameters, mode, buffers,
+    ``.grad``, the optimizer's state, the random generator).
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
@@ -249,8 +248,7 @@ def diagnose(
         blocks: the modules to measure signal propagation at (default: found, see
             :func:`~resnorm.diagnostics.probes.find_blocks`); ``channel_dim`` their
             channel axis (default: 1, or -1 for Transformer blocks).
-        thresholds: the verdict's thresholds (:class:`Thresholds`). ``optimizer``: the
-            one the model will train with; ``steps``: how many steps it takes here.
+        thresholds: the verdict's thresholds (:class:`Thresholds`).
     """
     thresholds, steps = _checked(model, thresholds, optimizer, steps)
     net = unwrap(model)
