@@ -245,9 +245,8 @@ def diagnose(
             model's logits (see :func:`~resnorm.diagnostics.outputs.read_output`), or the
             raw output when it has none. Without ``loss_fn`` or ``targets``, a loss the
             model returns itself (``output.loss``) is used.
-        blocks: the modules to measure signal propagation at (default: found, see
-            :func:`~resnorm.diagnostics.probes.find_blocks`); ``channel_dim`` their
-            channel axis (default: 1, or -1 for Transformer blocks).
+        blocks: where to measure signal propagation (default: :func:`find_blocks`);
+            ``channel_dim`` their channel axis (default: 1, -1 for Transformer blocks).
         thresholds: the verdict's thresholds (:class:`Thresholds`).
     """
     thresholds, steps = _checked(model, thresholds, optimizer, steps)
