@@ -141,19 +141,7 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def lab(
-    study,
-    quick,
-    seeds,
-    workers,
-    nproc,
-    sync_bn,
-    device,
-    data_root,
-    out,
-    no_stack,
-    as_json,
-    quiet,
-    **engine,
+    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, **how
 ) -> None:
     """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
     study TOML file, and write report.html, figures, results.csv and results.json into the
@@ -175,8 +163,7 @@ def lab(
         progress=False if (quiet or as_json) else None,
         nproc=nproc,
         sync_bn=sync_bn,
-        stack=not no_stack,
-        **_engine_options(**engine),
+        **_run_options(**how),
     )
     counts = result.counts
     if as_json:
@@ -215,8 +202,8 @@ def lab(
         raise click.exceptions.Exit(1)
 
 
-def _engine_options(executor: str, **flags) -> dict:
-    """run_lab's ``executor`` and ``executor_options`` from ``lab``'s --executor,
-    --ray-address and --slurm-* flags (those given)."""
+def _run_options(executor: str, no_stack: bool, **flags) -> dict:
+    """run_lab's ``stack``, ``executor`` and ``executor_options`` from ``lab``'s
+    --no-stack, --executor, --ray-address and --slurm-* flags (those given)."""
     options = {key: value for key, value in flags.items() if value is not None}
-    return {"executor": executor, "executor_options": options}
+    return {"stack": not no_stack, "executor": executor, "executor_options": options}

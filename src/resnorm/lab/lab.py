@@ -145,14 +145,8 @@ def run_lab(
         executor_options=executor_options,
         stack=stack,
     )
-    made = {
-        **provenance(device),
-        "seeds": seeds or study.seeds,
-        "workers": workers,
-        "nproc": nproc or 1,
-        "executor": executor,
-        "stack": stack,
-    }
+    made = {**provenance(device), "seeds": seeds or study.seeds, "workers": workers}
+    made.update(nproc=nproc or 1, executor=executor, stack=stack)
     with status_spinner(
         show_progress(progress), f"writing the report into {out} (figures, tables)..."
     ):
