@@ -14,7 +14,7 @@ from resnorm.data import DataSplit
 from resnorm.errors import UsageError
 from resnorm.lab import parse_study, run_study
 from resnorm.lab import stacked as lab_stacked
-from resnorm.lab.runner import plan_units
+from resnorm.lab.runner import plan_units, resolve_stack
 from resnorm.train import (
     TrainConfig,
     fit,
@@ -292,31 +292,33 @@ def test_the_lab_stacks_the_seeds_of_a_grid_point_and_agrees_with_no_stack(tmp_p
     assert [[s.seed for s in unit] for unit in units] == [[0, 1], [0, 1]]
     assert all(len(u) == 1 for u in plan_units(study.runs(), study, stack=False))
     trained_stacked = []
-    monkeypatch.setattr(lab_stacked, "MIN_SPEEDUP", 0.0)  # stack whatever it measures
     monkeypatch.setattr(
         lab_stacked,
         "_train_stacked",
         lambda *a, _real=lab_stacked._train_stacked: trained_stacked.append(1) or _real(*a),
     )
-    stacked = run_study(study, tmp_path / "s", workers=1, progress=False)
+    stacked = run_study(study, tmp_path / "s", workers=1, progress=False, stack=True)
     assert len(trained_stacked) == 2
     alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
     for s, a in zip(stacked, alone):
         assert (s["run_id"], s["status"]) == (a["run_id"], "finished")
         assert s["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
-    again = run_study(study, tmp_path / "s", workers=1, progress=False)
+    again = run_study(study, tmp_path / "s", workers=1, progress=False, stack=True)
     assert all(r["reused"] for r in again)
 
 
-def test_the_lab_trains_a_unit_alone_when_stacking_does_not_pay(tmp_path, monkeypatch):
+def test_the_lab_stacks_on_cuda_and_not_on_the_cpu_unless_asked(tmp_path, monkeypatch):
+    assert resolve_stack(None, "cpu") is False
+    assert resolve_stack(True, "cpu") is True and resolve_stack(False, "cpu") is False
+    if torch.cuda.is_available():
+        assert resolve_stack(None, "cuda") is True
     study = parse_study(STUDY)
-    monkeypatch.setattr(lab_stacked, "MIN_SPEEDUP", float("inf"))
     monkeypatch.setattr(lab_stacked, "_train_stacked", None)  # would raise if called
-    measured = run_study(study, tmp_path / "m", workers=1, progress=False)
+    default = run_study(study, tmp_path / "d", workers=1, progress=False)
     alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
-    for m, a in zip(measured, alone):
-        assert m["status"] == "finished"
-        assert m["final_train_loss"] == a["final_train_loss"]  # the same code, alone
+    for d, a in zip(default, alone):
+        assert d["status"] == "finished"
+        assert d["final_train_loss"] == a["final_train_loss"]  # the same code, alone
 
 
 def test_the_cli_no_stack_flag_trains_alone_and_says_so(tmp_path, monkeypatch):

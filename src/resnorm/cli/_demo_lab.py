@@ -133,10 +133,10 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     "requeued and resumes [default: 60].",
 )
 @click.option(
-    "--no-stack",
-    is_flag=True,
-    help="Train every run alone. By default the seeds of a grid point train together as "
-    "one stacked computation where a few measured steps show it is faster.",
+    "--stack/--no-stack",
+    default=None,
+    help="Train the seeds of a grid point together as one stacked computation, or every "
+    "run alone [default: stacked on CUDA, alone on the CPU, where it measured no faster].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
@@ -202,8 +202,8 @@ def lab(
         raise click.exceptions.Exit(1)
 
 
-def _run_options(executor: str, no_stack: bool, **flags) -> dict:
+def _run_options(executor: str, stack: bool | None, **flags) -> dict:
     """run_lab's ``stack``, ``executor`` and ``executor_options`` from ``lab``'s
-    --no-stack, --executor, --ray-address and --slurm-* flags (those given)."""
+    --stack/--no-stack, --executor, --ray-address and --slurm-* flags (those given)."""
     options = {key: value for key, value in flags.items() if value is not None}
-    return {"stack": not no_stack, "executor": executor, "executor_options": options}
+    return {"stack": stack, "executor": executor, "executor_options": options}

@@ -11,7 +11,7 @@ from pathlib import Path
 from .._progress import show_progress
 from .._progress import status as status_spinner
 from ..errors import UsageError
-from .runner import run_study
+from .runner import resolve_stack, run_study
 from .study import Study, check_run_count, load_study
 
 
@@ -107,7 +107,7 @@ def run_lab(
     sync_bn: bool = False,
     executor: str = "local",
     executor_options: dict | None = None,
-    stack: bool = True,
+    stack: bool | None = None,
 ) -> LabResult:
     """Run a study (built-in name, TOML path or :class:`Study`) and write its report.
 
@@ -121,8 +121,8 @@ def run_lab(
     the runs that have batch norm. :func:`check_study` runs first: a wrong device, data
     folder or option is an error before anything runs. ``executor``, ``executor_options``:
     where the runs train (local processes, Ray, Slurm: see :mod:`resnorm.lab.executors`).
-    ``stack``: the seeds of a grid point train stacked where that measures faster
-    (see :func:`~resnorm.lab.runner.plan_units`); ``False`` trains every run alone.
+    ``stack``: the seeds of a grid point train stacked (``None``: on CUDA, see
+    :func:`~resnorm.lab.runner.resolve_stack`); ``False`` trains every run alone.
     """
     from ..train import provenance
     from .executors import check_executor
@@ -146,7 +146,7 @@ def run_lab(
         stack=stack,
     )
     made = {**provenance(device), "seeds": seeds or study.seeds, "workers": workers}
-    made.update(nproc=nproc or 1, executor=executor, stack=stack)
+    made.update(nproc=nproc or 1, executor=executor, stack=resolve_stack(stack, device))
     with status_spinner(
         show_progress(progress), f"writing the report into {out} (figures, tables)..."
     ):

@@ -10,10 +10,6 @@ from .runner import _new_summary, _prepare, _record_error, _write_summary
 from .study import RunSpec, Study
 from .summary import _record_training
 
-# Stack a unit when its steps measure at least this much faster stacked (the measuring
-# costs a few steps; below this the gain is within the machine's noise).
-MIN_SPEEDUP = 1.1
-
 
 def execute_stacked(
     unit: tuple[RunSpec, ...],
@@ -25,10 +21,9 @@ def execute_stacked(
 ) -> list[dict]:
     """Build and diagnose each run of ``unit`` as :func:`~resnorm.lab.runner.execute_run`
     does, then train them: together with :func:`resnorm.train.fit_stacked` when they can
-    be stacked (:func:`resnorm.train.stack_refusal`) and their steps measure at least
-    :data:`MIN_SPEEDUP` times faster so (:func:`resnorm.train.stacking_speedup`), else
-    one after the other; write each run's summary. A run that fails to build is recorded
-    as failed and the others train. A run's ``seconds`` are the unit's, shared out."""
+    be stacked (:func:`resnorm.train.stack_refusal`), else one after the other; write
+    each run's summary. A run that fails to build is recorded as failed and the others
+    train. A run's ``seconds`` are the unit's, shared out."""
     import torch
 
     previous_threads = torch.get_num_threads()
@@ -43,7 +38,7 @@ def execute_stacked(
                 prepared.append((spec, _prepare(spec, study, device, run_dir, summary, 1)))
             except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
                 _record_error(summary, run_dir, exc)
-        if _stacking_pays([run for _, run in prepared]):
+        if _stackable([run for _, run in prepared]):
             _train_stacked(prepared, summaries, on_epoch)
         else:
             _train_alone(prepared, summaries, on_epoch)
@@ -56,15 +51,12 @@ def execute_stacked(
         torch.set_num_threads(previous_threads)
 
 
-def _stacking_pays(runs: list) -> bool:
-    from ..train import stack_refusal, stacking_speedup
+def _stackable(runs: list) -> bool:
+    from ..train import stack_refusal
 
-    if len(runs) < 2:
-        return False
-    models, configs = [r.model for r in runs], [r.config for r in runs]
-    if stack_refusal(models, configs) is not None:
-        return False
-    return stacking_speedup(models, runs[0].data, configs) >= MIN_SPEEDUP
+    return (
+        len(runs) > 1 and stack_refusal([r.model for r in runs], [r.config for r in runs]) is None
+    )
 
 
 def _train_alone(prepared: list, summaries: dict, on_epoch) -> None:
