@@ -183,7 +183,6 @@ def _execute(
     device: str,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
-    from ..train import RunMismatchError
     from ..train.distributed import world
 
     rank, world_size = world()
@@ -194,16 +193,23 @@ def _execute(
         if study.init_only:
             summary.status = "finished"
         else:
-            try:
-                result = run.fit(progress=False, on_epoch=on_epoch)
-            except RunMismatchError:  # the study was edited: this run starts over
-                result = run.fit(progress=False, on_epoch=on_epoch, restart=True)
-            _record_training(summary, result)
+            _record_training(summary, _fit(run, on_epoch))
     except Exception as exc:  # recorded, and the lab goes on
         _record_error(summary, run_dir, exc)
         if world_size > 1:
             raise
     return _write_summary(summary, run_dir, time.perf_counter() - start, rank)
+
+
+def _fit(run, on_epoch):
+    """Train (or resume) a prepared run; a folder whose run the study's edits changed
+    starts over."""
+    from ..train import RunMismatchError
+
+    try:
+        return run.fit(progress=False, on_epoch=on_epoch)
+    except RunMismatchError:
+        return run.fit(progress=False, on_epoch=on_epoch, restart=True)
 
 
 def _new_summary(spec: RunSpec, study: Study, device: str, world_size: int) -> RunSummary:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .runner import _new_summary, _prepare, _record_error, _write_summary
+from .runner import _fit, _new_summary, _prepare, _record_error, _write_summary
 from .study import RunSpec, Study
 from .summary import _record_training
 
@@ -61,17 +61,11 @@ def _stackable(runs: list) -> bool:
 
 def _train_alone(prepared: list, summaries: dict, on_epoch) -> None:
     """Train the prepared runs one after the other, as :func:`execute_run` trains one."""
-    from ..train import RunMismatchError
-
     for spec, run in prepared:
         summary = summaries[spec.run_id]
         report = None if on_epoch is None else lambda row, i=spec.run_id: on_epoch(i, row)
         try:
-            try:
-                result = run.fit(progress=False, on_epoch=report)
-            except RunMismatchError:  # the study was edited: this run starts over
-                result = run.fit(progress=False, on_epoch=report, restart=True)
-            _record_training(summary, result)
+            _record_training(summary, _fit(run, report))
         except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
             _record_error(summary, run.out, exc)
 
