@@ -119,16 +119,23 @@ def _loops(name, depth, norm, data, configs, device):
         for model, config in zip(plain, configs):
             _plain_loop(model, on_device, config)
 
+    finals: dict[str, list[dict]] = {}
+
     def one_at_a_time() -> None:
-        for model, config in zip(alone, configs):
-            fit(model, data, config, progress=False)
+        results = [
+            fit(model, data, config, progress=False) for model, config in zip(alone, configs)
+        ]
+        finals["alone"] = [r.final for r in results]
+
+    def together() -> None:
+        finals["stacked"] = [r.final for r in fit_stacked(stacked, data, configs)]
 
     loops = {
         "plain loop": plain_loops,
         "resnorm, alone": one_at_a_time,
-        "resnorm, stacked": lambda: fit_stacked(stacked, data, configs),
+        "resnorm, stacked": together,
     }
-    return loops, plain, alone, stacked
+    return loops, plain, (alone, stacked, finals)
 
 
 def point_rows(
@@ -142,7 +149,7 @@ def point_rows(
         for lr in lrs
     ]
     _warm_up(name, depth, norm, data, configs, device)
-    loops, plain, alone, stacked = _loops(name, depth, norm, data, configs, device)
+    loops, plain, (alone, stacked, finals) = _loops(name, depth, norm, data, configs, device)
     timings, memory = {}, {}
     for loop, train in loops.items():
         if torch.device(device).type == "cuda":
@@ -163,6 +170,10 @@ def point_rows(
         "runs_per_minute": {k: 60 * runs / v for k, v in timings.items()},
         "gflops": {k: flops / v / 1e9 for k, v in timings.items()},
         "stacked_vs_alone_max_relative_gap": _max_gap(stacked, alone),
+        "stacked_vs_alone_max_gap": {
+            key: max(abs(s[key] - a[key]) for s, a in zip(finals["stacked"], finals["alone"]))
+            for key in ("train_loss", "test_loss", "test_acc")
+        },
         "peak_gpu_mib": memory,
     }
 
@@ -220,7 +231,9 @@ def _print(report: dict) -> None:
             )
         print(
             f"{'':<16} stacked vs alone: weights within "
-            f"{row['stacked_vs_alone_max_relative_gap']:.1e} (relative to max(|w|, 1e-3))"
+            f"{row['stacked_vs_alone_max_relative_gap']:.1e} (relative to max(|w|, 1e-3)); "
+            f"final metrics within "
+            + ", ".join(f"{k} {v:.1e}" for k, v in row["stacked_vs_alone_max_gap"].items())
         )
     for row in report["rows"]:
         if row["peak_gpu_mib"]:
