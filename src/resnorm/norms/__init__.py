@@ -1,7 +1,8 @@
 """Normalization layers and the ``make_norm`` factory.
 
 Each layer's docstring states the formula it computes. Defaults are PyTorch's; Keras's
-are one ``convention="keras"`` away.
+are one ``convention="keras"`` away, and layer norm's epsilon-outside-the-root variants
+one ``convention="eps_outside"`` or ``convention="annotated_transformer"`` away.
 """
 
 from .base import RunningStatsNorm

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_float
+from .._checks import check_float
 from ..errors import UsageError
 from .base import RunningStatsNorm, apply_channels_at, channel_view
-from .conventions import CONVENTIONS, DEFAULT_MOMENTUM, resolve_eps
+from .conventions import DEFAULT_MOMENTUM, check_convention, resolve_eps
 
 _DEFAULT = object()  # sentinel: "the convention's default momentum" (None has a meaning)
 
@@ -53,7 +53,7 @@ class BatchNorm(RunningStatsNorm):
         device=None,
         dtype=None,
     ):
-        check_choice("convention", convention, CONVENTIONS)
+        check_convention("batch", convention)
         if momentum is _DEFAULT:
             momentum = DEFAULT_MOMENTUM[convention]
         elif momentum is None:

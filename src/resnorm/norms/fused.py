@@ -12,7 +12,9 @@ residual stream and can return the new one, as flash-attention's ``layer_norm_fn
 (Norm -> ReLU -> Linear): ``y = relu(norm(x + residual))``, in the same pass, forward and
 backward. The add, the normalization and the ReLU run as one pass of
 :func:`resnorm.kernels.add_norm` when the normalized dimension is the last one (tokens
-(N, T, C), features (N, C)); otherwise they run separately, with the same results.
+(N, T, C), features (N, C)); otherwise they run separately, with the same results. The
+kernels compute ``torch.nn``'s formula only: a layer norm with ``convention="eps_outside"``
+or ``"annotated_transformer"`` always runs separately (its own formula, unfused).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from .._checks import check_choice
 from ..errors import UsageError
 from ..kernels import ACTIVATIONS, add_norm, reference
+from .conventions import CONVENTION_TABLE
 from .layer import LayerNorm, RMSNorm
 
 # What `activation=` accepts: None (the norm alone) or what resnorm.kernels.add_norm fuses.
@@ -37,6 +40,10 @@ class _FusedAdd:
         self.activation = None if activation == "identity" else activation
 
     def _fusable(self, x: torch.Tensor) -> bool:
+        # add_norm computes torch.nn's formula only; the other conventions' formulas
+        # (epsilon outside the square root) run the add, then the parent class's forward.
+        if not CONVENTION_TABLE[self.convention].is_stock_formula:
+            return False
         last = self.channel_dim == -1 or x.dim() == 2
         return len(self.normalized_shape) == 1 and last
 
@@ -89,7 +96,8 @@ class FusedAddLayerNorm(_FusedAdd, LayerNorm):
 
     ``residual_in_fp32=True`` keeps the returned residual stream in float32 for bfloat16
     or float16 inputs; ``activation="relu"`` returns ``relu(y)`` (fused). Other arguments
-    are :class:`~resnorm.norms.LayerNorm`'s.
+    are :class:`~resnorm.norms.LayerNorm`'s; with ``convention="eps_outside"`` or
+    ``"annotated_transformer"`` the normalization is that convention's (not fused).
     """
 
     kind = "layer"
