@@ -3,6 +3,7 @@
 from .analyze import analyze, read_records
 from .callbacks import hf_callback, lightning_callback
 from .diagnose import BlockStat, Diagnosis, default_loss, diagnose
+from .landscape import LayerShift, LossLandscape, internal_covariate_shift, loss_landscape
 from .monitor import Monitor
 from .probes import find_blocks, unwrap
 from .stats import ActivationSummary, channel_stats, summarize_activation
@@ -16,6 +17,8 @@ __all__ = [
     "BlockStat",
     "Diagnosis",
     "LayerGrad",
+    "LayerShift",
+    "LossLandscape",
     "Monitor",
     "Thresholds",
     "Verdict",
@@ -24,7 +27,9 @@ __all__ = [
     "diagnose",
     "find_blocks",
     "hf_callback",
+    "internal_covariate_shift",
     "lightning_callback",
+    "loss_landscape",
     "summarize_activation",
     "unwrap",
 ]
