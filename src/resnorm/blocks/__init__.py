@@ -18,6 +18,13 @@ from .conv import (
 )
 from .dense import DenseBlock, DenseLayer, Transition
 from .mlp import PLACEMENTS, ResidualMLPBlock
+from .recurrent import (
+    RECURRENT_NORMS,
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+)
 from .residual import (
     SCALES,
     DropPath,
@@ -39,11 +46,16 @@ __all__ = [
     "DenseLayer",
     "DropPath",
     "FeedForward",
+    "LayerNormGRU",
+    "LayerNormGRUCell",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
     "LayerScale",
     "PLACEMENTS",
     "PadShortcut",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "RECURRENT_NORMS",
     "Residual",
     "ResidualAdd",
     "ResidualConfig",
