@@ -91,6 +91,7 @@ def test_stacked_runs_equal_the_runs_trained_alone_in_float64(norm, tol):
         assert _relative_gap(model, solo) < tol
         _assert_rows_close(_rows(result), _rows(solo_result), tol)
         assert not result.diverged
+        assert (result.stacked_with, solo_result.stacked_with) == (3, 1)
 
 
 def _trained_float32(norm, configs, data, stacked):
@@ -258,7 +259,8 @@ def test_a_model_vmap_cannot_batch_trains_alone_with_a_warning():
         fit(model, data, config, progress=False)
     models = [_cube(c.seed) for c in CONFIGS]
     with pytest.warns(UserWarning, match="not stacked"):
-        fit_stacked(models, data, CONFIGS)
+        results = fit_stacked(models, data, CONFIGS)
+    assert [r.stacked_with for r in results] == [1, 1, 1]
     for model, alone in zip(models, solo):
         assert _relative_gap(model, alone) == 0.0  # trained by fit itself
 
@@ -299,6 +301,7 @@ def test_the_lab_stacks_the_seeds_of_a_grid_point_and_agrees_with_no_stack(tmp_p
     )
     stacked = run_study(study, tmp_path / "s", workers=1, progress=False, stack=True)
     assert len(trained_stacked) == 2
+    assert [r["stacked_with"] for r in stacked] == [2, 2, 2, 2]
     alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
     for s, a in zip(stacked, alone):
         assert (s["run_id"], s["status"]) == (a["run_id"], "finished")
@@ -317,7 +320,7 @@ def test_the_lab_stacks_on_cuda_and_not_on_the_cpu_unless_asked(tmp_path, monkey
     default = run_study(study, tmp_path / "d", workers=1, progress=False)
     alone = run_study(study, tmp_path / "a", workers=1, progress=False, stack=False)
     for d, a in zip(default, alone):
-        assert d["status"] == "finished"
+        assert d["status"] == "finished" and d["stacked_with"] == a["stacked_with"] == 1
         assert d["final_train_loss"] == a["final_train_loss"]  # the same code, alone
 
 

@@ -16,8 +16,8 @@ from .study import RunSpec, Study
 class RunSummary:
     """What one lab run leaves in ``summary.json`` and what the report reads: the run's
     grid point, how it ended (``status``: finished, diverged or failed, with ``error``),
-    its numbers, its diagnosis at initialization and its configuration's hash (what
-    reuse compares). Runs record it through :meth:`to_dict` (strict JSON)."""
+    its numbers, its diagnosis at initialization, its configuration's hash (what reuse
+    compares) and how many runs it trained with, stacked (``stacked_with``; 1: alone). Runs record it through :meth:`to_dict` (strict JSON)."""
 
     run_id: str
     variant: str
@@ -45,6 +45,7 @@ class RunSummary:
     init: dict | None = None
     config_hash: str | None = None
     config: dict | None = None
+    stacked_with: int = 1
 
     @classmethod
     def of(cls, spec: RunSpec, study: Study, **fields) -> RunSummary:
@@ -89,6 +90,7 @@ def _record_training(summary: RunSummary, result) -> None:
     summary.diverged_at_step = result.diverged_at_step
     summary.diverged_in = result.diverged_in
     summary.history = history
+    summary.stacked_with = getattr(result, "stacked_with", 1)
     if history:
         summary.final_test_acc = history[-1]["test_acc"]
         summary.best_test_acc = max(finite_acc) if finite_acc else None

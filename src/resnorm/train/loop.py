@@ -39,8 +39,9 @@ class FitResult:
     ``train_acc``, ``test_loss``, ``test_acc`` (accuracies as fractions), ``lr`` at the
     epoch's end and ``seconds``), whether and at which step the run diverged and where
     it was seen (``diverged_in``: ``"train"``, a training loss not finite, the step not
-    taken; ``"eval"``, a test loss not finite at the end of an epoch), and the run
-    directory when there is one."""
+    taken; ``"eval"``, a test loss not finite at the end of an epoch), the run
+    directory when there is one, and ``stacked_with``: how many runs it took its steps
+    with in one stacked computation (:func:`~resnorm.train.fit_stacked`; 1: alone)."""
 
     history: list[dict] = field(default_factory=list)
     diverged_at_step: int | None = None
@@ -48,6 +49,7 @@ class FitResult:
     seconds: float = 0.0
     out: Path | None = None
     resumed_from_step: int | None = None
+    stacked_with: int = 1
 
     @property
     def diverged(self) -> bool:
@@ -66,6 +68,7 @@ class FitResult:
             "diverged_in": self.diverged_in,
             "seconds": self.seconds,
             "resumed_from_step": self.resumed_from_step,
+            "stacked_with": self.stacked_with,
             "history": self.history,
         }
 

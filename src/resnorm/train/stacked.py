@@ -356,6 +356,7 @@ class _Stack:
         """Record each run's step (or its divergence, as :func:`fit` records it) and
         checkpoint the runs that go on where due."""
         for trainer, step in zip(self.active, taken):
+            trainer.result.stacked_with = max(trainer.result.stacked_with, len(self.active))
             if step is None:
                 trainer.result.diverged_at_step = trainer.global_step + 1
                 trainer.result.diverged_in = "train"
