@@ -340,6 +340,21 @@ class _Trainer:
             self.monitor.step(loss)
         return step_loss, int(step_correct), int(step_seen)
 
+    def record_step(self, taken: tuple[float, int, int] | None, k: int) -> bool:
+        """Add step ``k``'s totals (from :meth:`train_step`) to the epoch's sums, or, when
+        its loss was not finite (``None``: the step not taken), record the divergence
+        there; whether the step was taken."""
+        if taken is None:
+            self.result.diverged_at_step = self.global_step + 1
+            self.result.diverged_in = "train"
+            self.step_in_epoch = k
+            return False
+        step_loss, step_correct, step_seen = taken
+        self.sums["loss"] += step_loss
+        self.sums["correct"] += step_correct
+        self.sums["seen"] += step_seen
+        return True
+
     def _shared_totals(
         self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor
     ) -> tuple[float, float, float, bool]:
@@ -453,15 +468,9 @@ class _Trainer:
                 )
                 for k in range(self.step_in_epoch, len(batches)):
                     taken = self.train_step(train_model, batches[k], len(batches[k]))
-                    if taken is None:
-                        result.diverged_at_step = self.global_step + 1
-                        result.diverged_in = "train"
-                        self.step_in_epoch = k
+                    if not self.record_step(taken, k):
                         break
                     step_loss, step_correct, step_seen = taken
-                    self.sums["loss"] += step_loss
-                    self.sums["correct"] += step_correct
-                    self.sums["seen"] += step_seen
                     bar.advance(
                         step_loss / step_seen, self.sums["correct"] / self.sums["seen"], step_seen
                     )

@@ -357,15 +357,7 @@ class _Stack:
         checkpoint the runs that go on where due."""
         for trainer, step in zip(self.active, taken):
             trainer.result.stacked_with = max(trainer.result.stacked_with, len(self.active))
-            if step is None:
-                trainer.result.diverged_at_step = trainer.global_step + 1
-                trainer.result.diverged_in = "train"
-                trainer.step_in_epoch = k
-                continue
-            loss, right, seen = step
-            trainer.sums["loss"] += loss
-            trainer.sums["correct"] += right
-            trainer.sums["seen"] += seen
+            trainer.record_step(step, k)
         every = self.active[0].config.checkpoint_every
         due = [t for t in self.active if _unfinished(t) and every and t.global_step % every == 0]
         if due and k + 1 < steps:
