@@ -133,14 +133,10 @@ def execute_run(
     init-only); write and return its summary. Runs in a worker process (or in the
     caller's with one worker: the thread count is restored afterwards). ``on_epoch`` is
     called with the row of every epoch trained (see :func:`resnorm.train.fit`)."""
-    import torch
+    from ..train.threads import intra_op_threads
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):  # restored: with one worker this is the lab's process
         return _execute(spec, study, Path(run_dir), device, on_epoch)
-    finally:  # with one worker the run happens in the caller's process
-        torch.set_num_threads(previous_threads)
 
 
 def execute_distributed_run(spec: RunSpec, study: Study, run_dir: str, device: str) -> dict:

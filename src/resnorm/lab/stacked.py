@@ -24,12 +24,10 @@ def execute_stacked(
     be stacked (:func:`resnorm.train.stack_refusal`), else one after the other; write
     each run's summary. A run that fails to build is recorded as failed and the others
     train. A run's ``seconds`` are the unit's, shared out."""
-    import torch
+    from ..train.threads import intra_op_threads
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     start = time.perf_counter()
-    try:
+    with intra_op_threads(threads):
         summaries, prepared = {}, []
         for spec in unit:
             run_dir = out / "runs" / spec.run_id
@@ -47,8 +45,6 @@ def execute_stacked(
             _write_summary(summaries[spec.run_id], out / "runs" / spec.run_id, seconds)
             for spec in unit
         ]
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _stackable(runs: list) -> bool:

@@ -104,10 +104,9 @@ def make_norm(
             Transformers and ConvNeXt), ``"batch"`` over the batch and positions, per channel.
         convention: ``"torch"`` (default) or ``"keras"``: the epsilon (and for batch norm
             the momentum meaning and running variance) of that library's layers. For
-            ``"layer"`` only, ``"eps_outside"`` (``(x - E[x]) / (sqrt(Var[x]) + eps)``,
-            biased variance, eps 1e-5) or ``"annotated_transformer"`` (the same with the
-            unbiased standard deviation, eps 1e-6); other kinds reject them (``ValueError``),
-            ``"dyt"`` (no eps) ignores the convention. See ``docs/conventions.md``.
+            ``"layer"`` only, ``"eps_outside"`` or ``"annotated_transformer"`` (eps outside
+            the square root; see ``docs/conventions.md``); other kinds reject them
+            (``ValueError``), ``"dyt"`` (no eps) ignores the convention.
         **options: passed to the layer (``eps``, ``momentum``, ``affine``, ``num_groups``,
             ``alpha_init``, ...). ``"group"`` defaults to ``default_num_groups(C)`` groups;
             ``"instance"`` defaults to ``affine=True`` (unlike ``torch.nn``), since inside

@@ -31,6 +31,7 @@ from .optim import augment_images, make_optimizer, make_scheduler
 from .progress import _Progress
 from .resume import _check_resumable, _restore_rng, _shared_checkpoint
 from .run import run_identity, run_record
+from .threads import intra_op_threads
 
 
 @dataclass
@@ -127,18 +128,15 @@ def fit(
     """
     _check_fit_arguments(model, data, config)
     device = resolve_device(config.device)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    net = _sync_batch_norm(model) if config.sync_bn else model
-    try:
-        trainer = _Trainer(net, data, config, device, out, monitor, meta or {})
-        trainer.start_or_resume(resume)
-        return trainer.train(progress, description, on_epoch)
-    finally:
-        torch.set_num_threads(threads)
-        if config.sync_bn:
-            revert_sync_batchnorm(net)
+    with intra_op_threads(config.threads):
+        net = _sync_batch_norm(model) if config.sync_bn else model
+        try:
+            trainer = _Trainer(net, data, config, device, out, monitor, meta or {})
+            trainer.start_or_resume(resume)
+            return trainer.train(progress, description, on_epoch)
+        finally:
+            if config.sync_bn:
+                revert_sync_batchnorm(net)
 
 
 def _check_fit_arguments(model, data, config) -> None:

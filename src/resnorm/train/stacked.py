@@ -51,6 +51,7 @@ from .evaluate import _full_precision
 from .loop import FitResult, _check_fit_arguments, _Trainer, resolve_device
 from .optim import augment_images
 from .run import RunMismatchError, model_structure
+from .threads import intra_op_threads
 
 # The TrainConfig fields that may differ between runs trained together.
 STACKABLE_FIELDS = ("seed", "lr", "weight_decay")
@@ -115,10 +116,7 @@ def fit_stacked(
     refusal = stack_refusal(models, configs)
     if refusal is not None:
         raise UsageError(f"these {len(models)} runs cannot be trained stacked: {refusal}")
-    threads = torch.get_num_threads()
-    if configs[0].threads:
-        torch.set_num_threads(configs[0].threads)
-    try:
+    with intra_op_threads(configs[0].threads):
         device = resolve_device(configs[0].device)
         trainers = [
             _Trainer(m, data, c, device, o, None, meta)
@@ -129,8 +127,6 @@ def fit_stacked(
         for group in _by_position(trainers):
             _Stack(group, trainers).train(on_epoch)
         return [trainer.finish() for trainer in trainers]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def stacking_speedup(
@@ -140,10 +136,7 @@ def stacking_speedup(
     other, measured here on copies of the models (their weights untouched): the median of
     ``steps`` timed steps each way, after one untimed step: whether stacking pays on this
     machine (the lab's default, :func:`resnorm.lab.runner.resolve_stack`, is a rule)."""
-    threads = torch.get_num_threads()
-    if configs[0].threads:
-        torch.set_num_threads(configs[0].threads)
-    try:
+    with intra_op_threads(configs[0].threads):
         device = resolve_device(configs[0].device)
         copies = [copy.deepcopy(m) for m in models]
         trainers = [_Trainer(m, data, c, device, None, None, {}) for m, c in zip(copies, configs)]
@@ -159,8 +152,6 @@ def stacking_speedup(
         except Exception:  # noqa: BLE001 - vmap cannot batch the model: not faster
             return 0.0
         return _median_seconds(alone, steps) / max(stacked_seconds, 1e-9)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
