@@ -247,8 +247,8 @@ def _cli(capsys, *argv):
             ["train", "--model", "mlp", "--samples", "100", "--norm", "layer", "--sync-bn"],
             "has no batch norm",
         ),
-        (["lab", "--nproc", "2", "--workers", "2"], "cannot be combined"),
-        (["lab", "--nproc", "100000"], "nproc=100000 is not possible here"),
+        (["lab", "depth", "--nproc", "2", "--workers", "2"], "cannot be combined"),
+        (["lab", "depth", "--nproc", "100000"], "nproc=100000 is not possible here"),
     ],
 )
 def test_distributed_bad_input_is_one_line_and_status_2(capsys, tmp_path, argv, fragment):

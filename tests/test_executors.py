@@ -224,7 +224,7 @@ def test_bad_flag_combinations_are_usage_errors(executor, options, nproc, messag
 
 def test_the_cli_refuses_a_bad_combination_in_one_line(capsys, tmp_path):
     code = main(
-        ["lab", "--quick", "--executor", "local", "--slurm-partition", "gpu"]
+        ["lab", "depth", "--quick", "--executor", "local", "--slurm-partition", "gpu"]
         + ["--out", str(tmp_path / "lab"), "--quiet"]
     )
     err = capsys.readouterr().err

@@ -63,9 +63,16 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
         console.print(line)
 
 
-@cli.command(short_help="Run a study (default: depth) and write a report with plots.")
-@click.argument("study", default="depth")
+@cli.command(
+    short_help="Test the seed texts' claims (default), or run a study, and write a report."
+)
+@click.argument("study", default="claims")
 @click.option("--quick", is_flag=True, help="A small version of the study (a smoke test).")
+@click.option(
+    "--size",
+    help="claims only: the study's size, default (~5 min on 2 cores), quick (= --quick) "
+    "or full (5 seeds, more data and epochs) [default: default].",
+)
 @click.option(
     "--seeds",
     type=click.IntRange(min=1),
@@ -141,13 +148,35 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def lab(
-    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, **how
+    study,
+    quick,
+    size,
+    seeds,
+    workers,
+    nproc,
+    sync_bn,
+    device,
+    data_root,
+    out,
+    as_json,
+    quiet,
+    **how,
 ) -> None:
-    """Run STUDY, a built-in study (depth, init, batch-size, placement, cifar10-resnet) or a
-    study TOML file, and write report.html, figures, results.csv and results.json into the
-    lab folder. Finished runs are kept: running the same command again resumes an interrupted lab.
+    """Run STUDY and write report.html, figures and the results (JSON, CSV) into the lab
+    folder. STUDY is claims (the default: every claim of the seed texts, with seeds, tuned
+    learning rates, intervals and a verdict each), a grid study (depth, init, batch-size,
+    placement, cifar10-resnet) or a study TOML file. Finished runs are kept: running the
+    same command again resumes an interrupted lab.
     """
     from rich.console import Console
+
+    if study == "claims":
+        _claims_only(nproc=nproc, sync_bn=sync_bn, data_root=data_root, **how)
+        return _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet)
+    if size is not None:
+        raise click.UsageError(
+            f"--size={size!r} applies to the claims study only, not to {study!r}"
+        )
 
     from ..lab import run_lab
     from ..lab.report import summarize_findings, summary_table
@@ -207,3 +236,65 @@ def _run_options(executor: str, stack: bool | None, **flags) -> dict:
     --stack/--no-stack, --executor, --ray-address and --slurm-* flags (those given)."""
     options = {key: value for key, value in flags.items() if value is not None}
     return {"stack": stack, "executor": executor, "executor_options": options}
+
+
+def _claims_only(nproc, sync_bn, data_root, executor, stack, **flags) -> None:
+    """What the claims study does not take, as a usage error naming the option."""
+    given = {
+        "--nproc": nproc != 1,
+        "--sync-bn": sync_bn,
+        "--data-root": data_root is not None,
+        "--executor": executor != "local",
+        "--stack/--no-stack": stack is not None,
+        **{f"--{k.replace('_', '-')}": v is not None for k, v in flags.items()},
+    }
+    for option, used in given.items():
+        if used:
+            raise click.UsageError(
+                f"{option} is not supported by the claims study (it trains on MNIST-1D in "
+                f"local worker processes); use it with a grid study (depth, init, batch-size, "
+                f"placement, cifar10-resnet or a study file)"
+            )
+
+
+def _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..lab.claims import run_claims
+    from ..lab.claims.report import claims_table
+
+    if quick and size not in (None, "quick"):
+        raise click.UsageError(f"--quick and --size={size!r} contradict each other; give one")
+    size = "quick" if quick else (size or "default")
+    results = run_claims(
+        size,
+        out,
+        workers=workers,
+        seeds=seeds,
+        device=device,
+        progress=False if (quiet or as_json) else None,
+    )
+    counts = results["counts"]
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+    else:
+        table = Table(title=f"claims ({size}): verdicts", show_lines=False)
+        for column in ("#", "claim", "verdict", "effect"):
+            table.add_column(column, overflow="fold")
+        for row in claims_table(results):
+            table.add_row(row["id"], row["title"], row["verdict"], row["effect"])
+        console = Console(soft_wrap=True)
+        console.print(table)
+        console.print(
+            f"{counts['jobs']} runs: {counts['reused']} reused, {counts['trained']} run now, "
+            f"{counts['diverged']} diverged, {counts['failed']} failed; {results['seconds']:.0f} s"
+        )
+        console.print(f"report: {results['report']}")
+    if counts["failed"]:
+        click.echo(
+            f"resnorm: error: {counts['failed']} of {counts['jobs']} runs failed (their errors "
+            f"are in claims.json); run the same command again to retry them",
+            err=True,
+        )
+        raise click.exceptions.Exit(1)

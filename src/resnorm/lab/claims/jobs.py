@@ -1,0 +1,285 @@
+"""One training run of the claims study (a *job*: a variant at one learning rate and one
+seed) and the measurements taken during it.
+
+A job trains with :func:`resnorm.train.fit` on the training split less a validation split
+(stratified, the same for every job), is evaluated on the validation split after every
+epoch (that is what picks each variant's learning rate) and on the test split once at the
+end. What it records (all plain JSON):
+
+- ``history``: per epoch ``train_loss``, ``train_acc`` (running, in training mode) and
+  ``val_acc``; ``steps_per_epoch``; ``diverged``;
+- ``val_acc``, ``test_acc`` at the end (fractions);
+- ``grad_first_over_last``: log10 of the gradient norm of the first weight layer over the
+  last hidden one (the one before the classifier), at initialization, on one batch;
+- ``change_first_over_last``: log10 of the same layers' relative weight change
+  ``||W_end - W_init|| / ||W_init||`` over training;
+- ``grad_variability``: the standard deviation over training steps of
+  ``log10(||g_t|| / ||g_t-1||)``, the global gradient norm's step-to-step change;
+- with residual blocks: ``branch_ratio``, per epoch (0 = at init) the mean over blocks of
+  ``log10(||branch|| / ||skip||)`` at each residual add, on one fixed batch;
+- with ``probes=("santurkar",)``: at three points of training (after the first epoch, the
+  middle one and the last) the internal covariate shift (mean over layers of
+  ``l2 / grad_norm``) and the loss landscape (loss variation, beta-smoothness) of
+  :mod:`resnorm.diagnostics.landscape`, measured with an SGD step of :data:`PROBE_LR`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+#: The SGD step size of the Santurkar measurements (the same for every variant).
+PROBE_LR = 0.1
+#: Samples of the fixed batch the probes use.
+PROBE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    """A variant of an experiment at one learning rate and seed. Two jobs with the same
+    configuration (whatever experiment or variant names them) are the same run."""
+
+    model: str
+    options: tuple
+    lr: float
+    seed: int
+    epochs: int
+    batch_size: int
+    num_samples: int
+    val_fraction: float
+    optimizer: str = "adamw"
+    probes: tuple = ()
+    dataset: str = "mnist1d"
+    device: str = "cpu"
+
+    def describe(self) -> dict:
+        """The run in a few fields, for error messages and the report."""
+        return {
+            "model": self.model,
+            "options": dict(self.options),
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def cost(self) -> float:
+        """A rough relative cost, to start the longest jobs first."""
+        options = dict(self.options)
+        depth = options.get("depth", 8)
+        per_step = depth * (8 if self.model == "resnet1d" else 1) + (
+            40 if self.model == "gru" else 0
+        )
+        return self.epochs * self.num_samples / self.batch_size * (per_step + 10)
+
+
+@lru_cache(maxsize=4)
+def job_data(dataset: str, num_samples: int, val_fraction: float):
+    """(train split less validation, test set): the first ``DataSplit`` trains and
+    validates, the second holds the test set. Loaded once per process."""
+    from ...data import load_dataset
+    from ...data.base import DataSplit, stratified_split
+
+    data = load_dataset(dataset, num_samples=num_samples)
+    keep, val = stratified_split(data.y_train.numpy(), 1 - val_fraction, seed=0)
+    keep, val = torch.from_numpy(keep), torch.from_numpy(val)
+    split = DataSplit(
+        data.name,
+        data.x_train[keep],
+        data.y_train[keep],
+        data.x_train[val],
+        data.y_train[val],
+        data.num_classes,
+        f"{data.name}: {len(keep)} train / {len(val)} validation samples",
+    )
+    return split, data
+
+
+def _weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices and kernels (2 or more dimensions) in registration order."""
+    return [p for name, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+
+
+def _log_ratio(a: float, b: float) -> float | None:
+    return math.log10(a / b) if a > 0 and b > 0 and math.isfinite(a / b) else None
+
+
+def _grad_first_over_last(model: nn.Module, x, y) -> float | None:
+    weights = _weights(model)
+    if len(weights) < 3:
+        return None
+    model.zero_grad(set_to_none=True)
+    with _buffers_kept(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    first, last = weights[0].grad, weights[-2].grad
+    ratio = _log_ratio(float(first.norm()), float(last.norm())) if first is not None else None
+    model.zero_grad(set_to_none=True)
+    return ratio
+
+
+class _buffers_kept:
+    """Run a probe forward in training mode and put the buffers (batch norm's running
+    statistics) back afterwards, so that probing does not change the run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [b.detach().clone() for b in self.model.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), self.saved, strict=True):
+                buffer.copy_(saved)
+
+
+def _branch_ratio(model: nn.Module, x) -> float | None:
+    """Mean over residual adds of log10(||branch|| / ||skip||) on ``x``."""
+    from ...blocks.residual import ResidualAdd
+
+    ratios = []
+
+    def hook(module, args, output):
+        branch, skip = args[0], args[1]
+        ratios.append(_log_ratio(float(branch.norm()), float(skip.norm())))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, ResidualAdd) and m.residual
+    ]
+    if not handles:
+        return None
+    try:
+        with torch.no_grad(), _buffers_kept(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    finite = [r for r in ratios if r is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _santurkar(model: nn.Module, x, y) -> dict:
+    from ...diagnostics.landscape import internal_covariate_shift, loss_landscape
+
+    shifts = internal_covariate_shift(model, x, y, lr=PROBE_LR)
+    relative = [s.l2 / s.grad_norm for s in shifts[1:] if s.grad_norm > 0 and math.isfinite(s.l2)]
+    land = loss_landscape(model, x, y, lr=PROBE_LR)
+    return {
+        "ics": math.log10(sum(relative) / len(relative))
+        if relative and sum(relative) > 0
+        else None,
+        "loss_variation": _log10(land.loss_variation),
+        "beta_smoothness": _log10(land.beta_smoothness),
+    }
+
+
+def _log10(value: float) -> float | None:
+    return math.log10(value) if value > 0 and math.isfinite(value) else None
+
+
+class _GradNorms:
+    """The fit loop's monitor: the global gradient norm after every step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.norms: list[float] = []
+
+    def step(self, loss) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    def variability(self) -> float | None:
+        logs = [math.log10(n) for n in self.norms if n > 0 and math.isfinite(n)]
+        steps = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+        if len(steps) < 2:
+            return None
+        mean = sum(steps) / len(steps)
+        return math.sqrt(sum((s - mean) ** 2 for s in steps) / (len(steps) - 1))
+
+
+def run_job(job: Job) -> dict:
+    """Train ``job`` and return its record (see the module's docstring)."""
+    from ...train import TrainConfig, fit
+    from .models import build_model
+
+    split, data = job_data(job.dataset, job.num_samples, job.val_fraction)
+    torch.manual_seed(job.seed)
+    model = build_model(job.model, data.x_train[0].numel(), data.num_classes, dict(job.options))
+    x, y = split.x_train[:PROBE_BATCH], split.y_train[:PROBE_BATCH]
+    start = [w.detach().clone() for w in _weights(model)]
+    record = {"grad_first_over_last": _grad_first_over_last(model, x, y)}
+    branch = [_branch_ratio(model, x)]
+    probe_epochs = sorted({1, (job.epochs + 1) // 2, job.epochs})
+    santurkar = []
+
+    def on_epoch(row: dict) -> None:
+        xd, yd = x.to(row_device(model)), y.to(row_device(model))
+        branch.append(_branch_ratio(model, xd))
+        if "santurkar" in job.probes and row["epoch"] in probe_epochs:
+            santurkar.append(_santurkar(model, xd, yd))
+
+    grads = _GradNorms(model)
+    config = TrainConfig(
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        optimizer=job.optimizer,
+        seed=job.seed,
+        device=job.device,
+        warmup_epochs=min(1.0, job.epochs / 2),
+        threads=1,
+    )
+    result = fit(model, split, config, progress=False, monitor=grads, on_epoch=on_epoch)
+    change = [
+        float((w.detach().cpu() - s).norm() / s.norm())
+        for w, s in zip(_weights(model), start, strict=True)
+    ]
+    record.update(_outcome(model, result, data, job))
+    record.update(
+        change_first_over_last=_log_ratio(change[0], change[-2]) if len(change) >= 3 else None,
+        grad_variability=grads.variability(),
+        branch_ratio=branch if branch[0] is not None else None,
+        santurkar=santurkar or None,
+    )
+    return record
+
+
+def row_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _outcome(model, result, data, job: Job) -> dict:
+    from ...train import evaluate
+
+    history = [
+        {
+            "epoch": r["epoch"],
+            "train_loss": r["train_loss"],
+            "train_acc": r["train_acc"],
+            "val_acc": r["test_acc"],
+        }
+        for r in result.history
+    ]
+    _, test_acc = evaluate(model, data.x_test, data.y_test)
+    steps = math.ceil(
+        len(job_data(job.dataset, job.num_samples, job.val_fraction)[0].x_train) / job.batch_size
+    )
+    return {
+        "history": history,
+        "steps_per_epoch": steps,
+        "diverged": result.diverged,
+        "val_acc": history[-1]["val_acc"] if history else None,
+        "test_acc": test_acc if math.isfinite(test_acc) else None,
+        "seconds": result.seconds,
+    }

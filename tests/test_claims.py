@@ -1,0 +1,305 @@
+"""The claims study: its protocol, statistics, measurements, learning-rate choice, the
+whole pipeline on a tiny protocol (with resume) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from resnorm.blocks.residual import ResidualAdd
+from resnorm.cli import main
+from resnorm.lab.claims import load_protocol, parse_protocol, run_claims
+from resnorm.lab.claims.engine import choose, judge
+from resnorm.lab.claims.experiments import EXPERIMENTS, _gaps, _spread, _steps_to
+from resnorm.lab.claims.jobs import _branch_ratio, _GradNorms
+from resnorm.lab.claims.models import NoisyBatchNorm, NormStack, SequenceGRU, build_model
+from resnorm.lab.claims.stats import combine, mean_interval, paired, verdict
+from resnorm.lab.study import StudyError
+
+TINY = """
+name = "tiny"
+dataset = "mnist1d"
+[sizes.default]
+seeds = 2
+num_samples = 400
+epochs = 2
+batch_size = 64
+lrs = [1e-3, 1e-2]
+val_fraction = 0.2
+[sizes.quick]
+seeds = 1
+num_samples = 400
+epochs = 1
+batch_size = 64
+lrs = [1e-2]
+val_fraction = 0.2
+[[claim]]
+id = "9"
+title = "Batch norm before the activation"
+seeds = ["000"]
+quote = "Use batch normalization ... before activation functions."
+experiment = "order"
+[[claim.criterion]]
+what = "before minus after"
+effect = "before.test_acc - after.test_acc"
+holds_if = "> 0"
+unit = "points"
+"""
+
+
+def test_the_built_in_protocol_has_the_fourteen_claims_and_valid_rules():
+    protocol = load_protocol()
+    ids = [c.id for c in protocol.claims if c.kind == "claim"]
+    assert ids == [str(i) for i in range(1, 15)]
+    assert {"default", "quick", "full"} <= set(protocol.sizes)
+    for claim in protocol.claims:
+        outputs = EXPERIMENTS[claim.experiment].outputs
+        for criterion in claim.criteria:
+            assert criterion.direction in "<>" and math.isfinite(criterion.margin)
+            for group, metric in criterion.terms:
+                assert metric in outputs[group]
+    # the depth claim goes to >= 100 layers at the default size
+    assert max(protocol.sizes["default"].of("depth")["depths"]) >= 100
+    assert protocol.sizes["default"].seeds >= 3
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (('experiment = "order"', 'experiment = "nope"'), "unknown experiment 'nope'"),
+        (
+            ('effect = "before.test_acc - after.test_acc"', 'effect = "before.acc"'),
+            "measures no before.acc",
+        ),
+        (
+            ('effect = "before.test_acc - after.test_acc"', 'effect = "x + y"'),
+            "must be 'group.metric'",
+        ),
+        (('holds_if = "> 0"', 'holds_if = ">= 0"'), "holds_if='>= 0'"),
+        (("[sizes.quick]", "[sizes.fast]"), "[sizes.quick] is required"),
+        (("seeds = 2", "seeds = 0"), "seeds must be >= 1"),
+        (
+            ("val_fraction = 0.2\n[sizes.quick]", "val_fraction = 0.7\n[sizes.quick]"),
+            "val_fraction",
+        ),
+        (("lrs = [1e-3, 1e-2]", "lrs = []"), "lrs must be a non-empty list"),
+    ],
+)
+def test_a_bad_protocol_is_refused_naming_what_is_wrong(edit, fragment):
+    text = TINY.replace(*edit)
+    assert text != TINY
+    with pytest.raises(StudyError, match=None) as info:
+        parse_protocol(text, "tiny.toml")
+    assert fragment in str(info.value) and "tiny.toml" in str(info.value)
+
+
+def test_an_override_for_an_unknown_setting_is_refused():
+    text = TINY.replace(
+        "[sizes.quick]", "[sizes.default.experiments]\norder = { depths = [2] }\n[sizes.quick]"
+    )
+    with pytest.raises(StudyError, match="experiments.order: unknown key.s. depths"):
+        parse_protocol(text)
+
+
+def test_mean_interval_is_the_student_t_interval():
+    got = mean_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert got["n"] == 3 and got["mean"] == pytest.approx(2.0)
+    assert got["low"] == pytest.approx(2.0 - half, rel=1e-9)
+    assert got["high"] == pytest.approx(2.0 + half, rel=1e-9)
+    assert mean_interval([5.0, None, float("nan")]) == {
+        "n": 1,
+        "mean": 5.0,
+        "low": None,
+        "high": None,
+    }
+    assert mean_interval([])["mean"] is None
+    assert paired([3.0, None, 1.0], [1.0, 2.0, 4.0]) == [2.0, None, -3.0]
+
+
+@pytest.mark.parametrize(
+    "low, high, direction, margin, expected",
+    [
+        (0.5, 2.0, ">", 0.0, "supported"),
+        (-2.0, -0.5, ">", 0.0, "not supported"),
+        (-0.5, 2.0, ">", 0.0, "inconclusive"),
+        (1.0, 3.0, ">", 2.0, "inconclusive"),
+        (-2.0, -0.5, "<", 0.0, "supported"),
+        (0.5, 2.0, "<", 0.0, "not supported"),
+        (-3.0, -1.5, "<", -1.0, "supported"),
+        (None, None, ">", 0.0, "not judged"),
+    ],
+)
+def test_verdict_rules(low, high, direction, margin, expected):
+    assert verdict({"low": low, "high": high}, direction, margin) == expected
+
+
+def test_a_claim_is_supported_only_when_every_criterion_is():
+    assert combine(["supported", "supported"]) == "supported"
+    assert combine(["supported", "inconclusive"]) == "inconclusive"
+    assert combine(["supported", "not supported", "inconclusive"]) == "not supported"
+    assert combine(["supported", "not judged"]) == "not judged"
+
+
+def test_judge_pairs_the_effect_by_seed():
+    claim = parse_protocol(TINY).claims[0]
+    groups = {"before": {"test_acc": [60.0, 62.0, 61.0]}, "after": {"test_acc": [50.0, 53.0, 51.0]}}
+    judged = judge(claim, groups)
+    (criterion,) = judged["criteria"]
+    assert criterion["values"] == [10.0, 9.0, 10.0]
+    assert criterion["mean"] == pytest.approx(29 / 3)
+    assert judged["verdict"] == "supported"
+
+
+def _record(val_acc, diverged=False):
+    return {"status": "finished", "val_acc": val_acc, "diverged": diverged, "test_acc": val_acc}
+
+
+def test_the_learning_rate_is_chosen_on_validation_accuracy_never_a_diverged_run():
+    variant = EXPERIMENTS["order"].variants({})[0]
+    jobs = {lr: [f"{lr}-{s}" for s in range(2)] for lr in (1e-3, 1e-2, 1e-1)}
+
+    class J(str):
+        key = property(lambda self: str(self))
+
+    planned = {
+        "order": {variant.name: (variant, {lr: [J(k) for k in ks] for lr, ks in jobs.items()})}
+    }
+    records = {
+        "0.001-0": _record(0.5), "0.001-1": _record(0.5),
+        "0.01-0": _record(0.7), "0.01-1": _record(0.6),
+        "0.1-0": _record(0.95, diverged=True), "0.1-1": _record(0.9),
+    }  # fmt: skip
+    chosen = choose(planned, records)["order"][variant.name]
+    assert chosen["lr"] == 1e-2 and [r["val_acc"] for r in chosen["runs"]] == [0.7, 0.6]
+    records["0.001-0"] = records["0.001-1"] = _record(0.65)  # a tie: the smaller rate
+    assert choose(planned, records)["order"][variant.name]["lr"] == 1e-3
+    records["0.001-1"] = {"status": "failed", "error": "boom"}  # a failed run has no value
+    chosen = choose(planned, records)["order"][variant.name]
+    assert chosen["lr"] == 1e-2 and chosen["runs"][1]["val_acc"] == 0.6
+
+
+def test_steps_to_target_interpolates_and_censors():
+    run = {"steps_per_epoch": 10, "history": [{"val_acc": 0.2}, {"val_acc": 0.6}]}
+    # 0.4 is halfway between epoch 1 (0.2) and epoch 2 (0.6): 15 steps
+    assert _steps_to(run, 0.4) == pytest.approx(math.log10(15))
+    # never reached: twice the run's 20 steps
+    assert _steps_to(run, 0.9) == pytest.approx(math.log10(40))
+    assert _steps_to(None, 0.4) is None
+
+
+def test_the_gap_is_taken_at_a_matched_training_loss():
+    def run(losses, train, val):
+        history = [
+            {"train_loss": a, "train_acc": b, "val_acc": c} for a, b, c in zip(losses, train, val)
+        ]
+        return {"history": history}
+
+    chosen = {
+        "a": {"runs": [run([1.0, 0.5, 0.2], [0.5, 0.8, 0.95], [0.5, 0.7, 0.7])]},
+        "b": {"runs": [run([1.0, 0.6, 0.4], [0.5, 0.7, 0.8], [0.5, 0.65, 0.75])]},
+    }
+    gaps = _gaps(chosen, ["a", "b"])
+    # both reach 0.4 (b's lowest): a first at epoch 3 (gap 25), b at epoch 3 (gap 5)
+    assert gaps["a"] == [pytest.approx(25.0)] and gaps["b"] == [pytest.approx(5.0)]
+    assert _spread([[50.0, 60.0], [70.0, None], [40.0, 65.0]]) == [30.0, None]
+
+
+class _KnownBranch(nn.Module):
+    """A residual add whose branch is exactly ``k`` times its skip input."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+        self.merge = ResidualAdd(channels=4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = self.bn(x)
+        return self.merge(self.k * x, x)
+
+
+def test_the_branch_ratio_is_exact_on_a_known_block_and_leaves_the_buffers():
+    model = _KnownBranch(0.1)
+    before = [b.clone() for b in model.buffers()]
+    ratio = _branch_ratio(model, torch.randn(16, 4))
+    assert ratio == pytest.approx(-1.0, abs=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert _branch_ratio(nn.Linear(4, 4), torch.randn(2, 4)) is None
+
+
+def test_gradient_norm_variability_is_the_spread_of_log_changes():
+    norms = _GradNorms(nn.Linear(2, 2))
+    norms.norms = [1.0, 10.0, 10.0, 1000.0]  # log changes 1, 0, 2: sd 1
+    assert norms.variability() == pytest.approx(1.0)
+
+
+def test_the_claims_models():
+    stack = NormStack(40, 10, depth=3, width=16, norm="batch", order="after", scale=2.0)
+    kinds = [type(m).__name__ for m in stack.body]
+    assert kinds == ["Linear", "ReLU", "BatchNorm"] * 3
+    torch.manual_seed(0)
+    reference = NormStack(40, 10, depth=3, width=16, norm="batch", order="after")
+    torch.manual_seed(0)
+    doubled = NormStack(40, 10, depth=3, width=16, norm="batch", order="after", scale=2.0)
+    assert torch.equal(doubled.body[0].weight, 2 * reference.body[0].weight)
+    noisy = NoisyBatchNorm(8).eval()
+    x = torch.randn(5, 8)
+    assert torch.equal(noisy(x), noisy.bn(x))
+    assert not torch.equal(noisy.train()(x), noisy.bn(x))
+    for norm in ("batch", "layer", "none"):
+        assert SequenceGRU(40, 10, hidden=8, steps=10, norm=norm)(torch.randn(3, 40)).shape == (
+            3,
+            10,
+        )
+    for kind, options in (
+        ("transformer", {"depth": 1, "dim": 8, "heads": 2}),
+        ("resnet1d", {"depth": 8}),
+    ):
+        assert build_model(kind, 40, 10, options)(torch.randn(2, 40)).shape == (2, 10)
+
+
+def test_a_tiny_claims_study_runs_judges_resumes_and_reports(tmp_path):
+    protocol = parse_protocol(TINY, "tiny.toml")
+    results = run_claims("default", tmp_path / "lab", protocol=protocol, workers=1, progress=False)
+    (claim,) = results["claims"]
+    assert claim["verdict"] in ("supported", "not supported", "inconclusive")
+    (criterion,) = claim["criteria"]
+    assert criterion["n"] == 2 and criterion["low"] <= criterion["mean"] <= criterion["high"]
+    assert set(claim["chosen_lr"].values()) <= {1e-3, 1e-2}
+    assert results["counts"] == {"jobs": 8, "reused": 0, "trained": 8, "diverged": 0, "failed": 0}
+    saved = json.loads((tmp_path / "lab" / "claims.json").read_text())
+    assert saved["claims"][0]["verdict"] == claim["verdict"]
+    assert (tmp_path / "lab" / "report.html").exists()
+    again = run_claims("default", tmp_path / "lab", protocol=protocol, workers=1, progress=False)
+    assert again["counts"]["reused"] == 8 and again["counts"]["trained"] == 0
+    assert again["claims"][0]["criteria"][0]["values"] == criterion["values"]
+
+
+def test_quick_draws_no_conclusions(tmp_path):
+    protocol = parse_protocol(TINY, "tiny.toml")
+    results = run_claims("quick", tmp_path / "q", protocol=protocol, workers=1, progress=False)
+    assert results["quick"] and results["claims"][0]["verdict"] == "not judged"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["lab", "claims", "--nproc", "2"], "--nproc is not supported by the claims study"),
+        (["lab", "--executor", "ray"], "--executor is not supported by the claims study"),
+        (["lab", "--size", "huge"], "size='huge' is not a size"),
+        (["lab", "--quick", "--size", "full"], "contradict"),
+        (["lab", "depth", "--size", "full"], "applies to the claims study only"),
+        (["lab", "--seeds", "0"], "--seeds"),
+    ],
+)
+def test_the_cli_refuses_what_the_claims_study_does_not_take(capsys, tmp_path, argv, fragment):
+    code = main(argv + ["--out", str(tmp_path / "lab"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+    assert not (tmp_path / "lab" / "runs").exists()
