@@ -14,7 +14,8 @@ from resnorm.blocks.residual import ResidualAdd
 from resnorm.cli import main
 from resnorm.lab.claims import load_protocol, parse_protocol, run_claims
 from resnorm.lab.claims.engine import choose, judge
-from resnorm.lab.claims.experiments import EXPERIMENTS, _gaps, _spread, _steps_to
+from resnorm.lab.claims.experiments import EXPERIMENTS
+from resnorm.lab.claims.measures import _gaps, _spread, _steps_to
 from resnorm.lab.claims.jobs import _branch_ratio, _GradNorms
 from resnorm.lab.claims.models import NoisyBatchNorm, NormStack, SequenceGRU, build_model
 from resnorm.lab.claims.stats import combine, mean_interval, paired, verdict
@@ -203,7 +204,7 @@ def test_the_gap_is_taken_at_a_matched_training_loss():
         "a": {"runs": [run([1.0, 0.5, 0.2], [0.5, 0.8, 0.95], [0.5, 0.7, 0.7])]},
         "b": {"runs": [run([1.0, 0.6, 0.4], [0.5, 0.7, 0.8], [0.5, 0.65, 0.75])]},
     }
-    gaps = _gaps(chosen, ["a", "b"])
+    gaps = _gaps(chosen, ["a", "b"], ["a", "b"])
     # both reach 0.4 (b's lowest): a first at epoch 3 (gap 25), b at epoch 3 (gap 5)
     assert gaps["a"] == [pytest.approx(25.0)] and gaps["b"] == [pytest.approx(5.0)]
     assert _spread([[50.0, 60.0], [70.0, None], [40.0, 65.0]]) == [30.0, None]
@@ -303,3 +304,32 @@ def test_the_cli_refuses_what_the_claims_study_does_not_take(capsys, tmp_path, a
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert fragment in err
     assert not (tmp_path / "lab" / "runs").exists()
+
+
+def test_he_init_and_the_cnn_layer_norm_over_all_units():
+    torch.manual_seed(0)
+    stack = NormStack(400, 10, depth=2, width=400, norm="none", init="he")
+    first = stack.body[0]
+    assert torch.count_nonzero(first.bias) == 0
+    assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 400), rel=0.02)
+    with pytest.raises(ValueError, match="init='xavier'"):
+        NormStack(40, 10, init="xavier")
+    cnn = build_model("resnet1d", 40, 10, {"depth": 8, "norm": "layer"})
+    norms = [m for m in cnn.modules() if type(m).__name__ == "GroupNorm"]
+    assert norms and all(m.num_groups == 1 for m in norms)
+
+
+def test_the_learning_rate_sweep_censors_a_variant_no_rate_trains():
+    from resnorm.lab.claims import measures
+
+    def rec(acc, diverged=False):
+        return {"val_acc": acc, "diverged": diverged}
+
+    chosen = {
+        "none": {"lr": None, "by_lr": {0.01: [rec(0.1)], 0.1: [rec(0.1)], 1.0: [rec(0.1, True)]}},
+        "batch": {"lr": None, "by_lr": {0.01: [rec(0.3)], 0.1: [rec(0.5)], 1.0: [rec(0.4)]}},
+    }
+    groups, _ = measures.lr_range(chosen, {"lrs": [0.01, 0.1, 1.0]})
+    assert groups["batch"]["max_lr"] == [pytest.approx(0.0)]  # 1.0 trains
+    assert groups["batch"]["best_lr"] == [pytest.approx(-1.0)]
+    assert groups["none"]["max_lr"] == [pytest.approx(-2.5)]  # none: half a decade below
