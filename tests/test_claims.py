@@ -333,3 +333,20 @@ def test_the_learning_rate_sweep_censors_a_variant_no_rate_trains():
     assert groups["batch"]["max_lr"] == [pytest.approx(0.0)]  # 1.0 trains
     assert groups["batch"]["best_lr"] == [pytest.approx(-1.0)]
     assert groups["none"]["max_lr"] == [pytest.approx(-2.5)]  # none: half a decade below
+
+
+def test_the_headline_names_the_deciding_criterion_and_follow_ups_read_as_questions():
+    from resnorm.lab.claims.engine import headline, sentences
+
+    text = TINY.replace('effect = "before.test_acc - after.test_acc"', 'effect = "after.test_acc"')
+    text = text.replace('experiment = "order"', 'experiment = "order"\nkind = "follow-up"')
+    text += text[text.index("[[claim.criterion]]") :].replace("> 0", "< 0")
+    claim = parse_protocol(text).claims[0]
+    groups = {"after": {"test_acc": [50.0, 52.0, 51.0]}, "before": {"test_acc": [0.0, 0.0, 0.0]}}
+    judged = judge(claim, groups)
+    assert [c["verdict"] for c in judged["criteria"]] == ["supported", "not supported"]
+    assert judged["verdict"] == "not supported"
+    assert headline(judged).startswith("before minus after: +51.00 points")
+    said = sentences(claim, judged, groups)
+    assert "after.test_acc 51 [" in said[0]
+    assert said[-1].startswith("The earlier result does not survive")

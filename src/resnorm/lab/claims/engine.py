@@ -272,13 +272,48 @@ _MEANING = {
 }
 
 
-def sentences(judged: dict) -> list[str]:
-    """Two or three sentences computed from the numbers."""
-    out = [
-        _criterion_text(c) + f" (rule: holds if {c['holds_if']}; {c['verdict']})."
-        for c in judged["criteria"]
-    ]
-    return out + [_MEANING[judged["verdict"]]]
+_FOLLOW_UP = {
+    "supported": "The earlier result survives: with tuned learning rates and several seeds "
+    "the effect is still there.",
+    "not supported": "The earlier result does not survive: with tuned learning rates and "
+    "several seeds the effect goes the other way.",
+    "inconclusive": "Inconclusive: with tuned learning rates and several seeds the interval "
+    "contains the threshold.",
+    "not judged": _MEANING["not judged"],
+}
+
+
+def _term_text(group: str, metric: str, groups: dict, unit: str) -> str:
+    i = mean_interval(groups[group][metric])
+    if i["mean"] is None:
+        return f"{group}.{metric}: no value"
+    spread = "" if i["low"] is None else f" [{i['low']:.3g}, {i['high']:.3g}]"
+    return f"{group}.{metric} {i['mean']:.3g}{spread}" + (f" {unit}" if unit else "")
+
+
+def sentences(claim: Claim, judged: dict, groups: dict) -> list[str]:
+    """Two or three sentences computed from the numbers: each criterion's effect, rule and
+    verdict with the values it compares, then what the verdict means."""
+    out = []
+    for criterion, c in zip(claim.criteria, judged["criteria"], strict=True):
+        terms = "; ".join(_term_text(g, m, groups, c["unit"]) for g, m in criterion.terms)
+        out.append(
+            f"{_criterion_text(c)} (rule: holds if {c['holds_if']}; {c['verdict']}). "
+            f"Compared: {terms}."
+        )
+    meaning = _FOLLOW_UP if claim.kind == "follow-up" else _MEANING
+    return out + [meaning[judged["verdict"]]]
+
+
+def headline(judged: dict) -> str:
+    """The criterion that decides the verdict (the first not supported, else the first
+    not judged or inconclusive, else the first), in a few words."""
+    criteria = judged["criteria"]
+    for wanted in ("not supported", "not judged", "inconclusive"):
+        deciding = [c for c in criteria if c["verdict"] == wanted]
+        if deciding:
+            return _criterion_text(deciding[0])
+    return _criterion_text(criteria[0])
 
 
 def _lr_table(chosen: dict) -> dict:
@@ -305,9 +340,9 @@ def assemble(protocol: Protocol, size: Size, planned: dict, records: dict) -> li
                 "experiment": claim.experiment,
                 "design": EXPERIMENTS[claim.experiment].design,
                 "verdict": judged["verdict"],
-                "headline": _criterion_text(judged["criteria"][0]),
+                "headline": headline(judged),
                 "criteria": judged["criteria"],
-                "sentences": sentences(judged),
+                "sentences": sentences(claim, judged, groups),
                 "figures": [{**f, "name": f"claim-{claim.id}-{f['name']}"} for f in shown],
                 "chosen_lr": _lr_table(chosen[claim.experiment]),
                 "groups": {g: groups[g] for g in {g for c in claim.criteria for g, _ in c.terms}},

@@ -124,7 +124,7 @@ def depth(chosen: dict, s: dict):
             "log10 ratio",
             grad,
             x_log=True,
-            metrics=["grad_first_over_last"],
+            metrics=["grad_first_over_last", "grad_imbalance"],
         ),
     ]
 
