@@ -15,8 +15,8 @@ from resnorm.cli import main
 from resnorm.lab.claims import load_protocol, parse_protocol, run_claims
 from resnorm.lab.claims.engine import choose, judge
 from resnorm.lab.claims.experiments import EXPERIMENTS
-from resnorm.lab.claims.measures import _gaps, _spread, _steps_to
 from resnorm.lab.claims.jobs import _branch_ratio, _GradNorms
+from resnorm.lab.claims.measures import _gaps, _spread, _steps_to
 from resnorm.lab.claims.models import NoisyBatchNorm, NormStack, SequenceGRU, build_model
 from resnorm.lab.claims.stats import combine, mean_interval, paired, verdict
 from resnorm.lab.study import StudyError

@@ -168,8 +168,6 @@ def lab(
     placement, cifar10-resnet) or a study TOML file. Finished runs are kept: running the
     same command again resumes an interrupted lab.
     """
-    from rich.console import Console
-
     if study == "claims":
         _claims_only(nproc=nproc, sync_bn=sync_bn, data_root=data_root, **how)
         return _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet)
@@ -177,6 +175,17 @@ def lab(
         raise click.UsageError(
             f"--size={size!r} applies to the claims study only, not to {study!r}"
         )
+
+    _lab_grid(
+        study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, how
+    )
+
+
+def _lab_grid(
+    study, quick, seeds, workers, nproc, sync_bn, device, data_root, out, as_json, quiet, how
+) -> None:
+    """``resnorm lab`` for a grid study (built-in or a TOML file)."""
+    from rich.console import Console
 
     from ..lab import run_lab
     from ..lab.report import summarize_findings, summary_table

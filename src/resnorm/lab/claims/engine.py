@@ -416,28 +416,30 @@ def run_claims(
     planned = plan(protocol, chosen_size, device)
     jobs = _unique_jobs(planned)
     records = train_jobs(jobs, out / "runs", n_workers, show_progress(progress))
-    claims = assemble(protocol, chosen_size, planned, records)
-    results = {
+    results = _results(protocol, size, chosen_size, planned, records, jobs)
+    results["provenance"].update(provenance(device), workers=n_workers)
+    results["seconds"] = time.perf_counter() - start
+    results["provenance"]["seconds"] = round(results["seconds"], 1)
+    results["report"] = str(write_claims_report(results, out))
+    return results
+
+
+def _results(protocol: Protocol, size: str, chosen: Size, planned, records, jobs) -> dict:
+    """The results object (``claims.json``) but its provenance and time."""
+    settings = {k: v for k, v in chosen.__dict__.items() if k not in ("name", "experiments")}
+    return {
         "name": protocol.name,
         "description": protocol.description,
         "size": size,
         "quick": size == "quick",
-        "settings": {
-            **{k: v for k, v in chosen_size.__dict__.items() if k not in ("name", "experiments")},
-            "dataset": protocol.dataset,
-            "experiments": chosen_size.experiments,
-        },
+        "settings": {**settings, "dataset": protocol.dataset, "experiments": chosen.experiments},
         "methodology": list(METHODOLOGY),
-        "provenance": {**provenance(device), "workers": n_workers, "protocol": protocol.source},
+        "provenance": {"protocol": protocol.source},
         "counts": _counts(records),
         "failures": [
             {"run": key, **jobs[key].describe(), "error": r["error"]}
             for key, r in records.items()
             if r.get("status") == "failed"
         ],
-        "claims": claims,
+        "claims": assemble(protocol, chosen, planned, records),
     }
-    results["seconds"] = time.perf_counter() - start
-    results["provenance"]["seconds"] = round(results["seconds"], 1)
-    results["report"] = str(write_claims_report(results, out))
-    return results

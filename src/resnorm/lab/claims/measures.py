@@ -219,6 +219,21 @@ def _mean_probe(runs: list[dict], key: str) -> list[float | None]:
     return out
 
 
+_LANDSCAPE_FIGURES = (  # name, title, y label, metric
+    ("ics", "Internal covariate shift (Santurkar et al.)", "log10 relative gradient change", "ics"),
+    ("loss-variation", "Loss variation along the gradient", "log10", "loss_variation"),
+    ("beta-smoothness", "Effective beta-smoothness", "log10", "beta_smoothness"),
+    ("gap", "Train - validation accuracy at matched training loss", "points", "gap"),
+    (
+        "grad-variability",
+        "Step-to-step variability of the gradient norm",
+        "log10",
+        "grad_variability",
+    ),
+    ("stack-accuracy", "Test accuracy (8-layer stack)", "test accuracy (%)", "test_acc"),
+)
+
+
 def landscape(chosen: dict, s: dict):
     gaps = _gaps(chosen, list(STACK_NORMS), ["none", "batch"])
     groups = {}
@@ -239,54 +254,8 @@ def landscape(chosen: dict, s: dict):
         "layer": "layer norm",
     }
     figures = [
-        bars(
-            "ics",
-            "Internal covariate shift (Santurkar et al.)",
-            "log10 relative gradient change",
-            groups,
-            "ics",
-            labels,
-        ),
-        bars(
-            "loss-variation",
-            "Loss variation along the gradient",
-            "log10",
-            groups,
-            "loss_variation",
-            labels,
-        ),
-        bars(
-            "beta-smoothness",
-            "Effective beta-smoothness",
-            "log10",
-            groups,
-            "beta_smoothness",
-            labels,
-        ),
-        bars(
-            "gap",
-            "Train - validation accuracy at matched training loss",
-            "points",
-            groups,
-            "gap",
-            labels,
-        ),
-        bars(
-            "grad-variability",
-            "Step-to-step variability of the gradient norm",
-            "log10",
-            groups,
-            "grad_variability",
-            labels,
-        ),
-        bars(
-            "stack-accuracy",
-            "Test accuracy (8-layer stack)",
-            "test accuracy (%)",
-            groups,
-            "test_acc",
-            labels,
-        ),
+        bars(name, title, unit, groups, metric, labels)
+        for name, title, unit, metric in _LANDSCAPE_FIGURES
     ]
     return groups, figures
 
