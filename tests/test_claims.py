@@ -350,3 +350,22 @@ def test_the_headline_names_the_deciding_criterion_and_follow_ups_read_as_questi
     said = sentences(claim, judged, groups)
     assert "after.test_acc 51 [" in said[0]
     assert said[-1].startswith("The earlier result does not survive")
+
+
+def test_the_cli_runs_a_claims_protocol_file_and_resumes_it(capsys, tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    argv = ["lab", str(tmp_path / "tiny.toml"), "--quick", "--workers", "1", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "lab")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["name"] == "tiny" and first["quick"] and first["counts"]["trained"] == 2
+    assert [c["verdict"] for c in first["claims"]] == ["not judged"]
+    assert main(argv + ["--out", str(tmp_path / "lab")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (
+        again["counts"]["reused"] == 2
+        and again["claims"][0]["groups"] == first["claims"][0]["groups"]
+    )
+    bad = TINY.replace('name = "tiny"', 'name = "../up"')
+    (tmp_path / "bad.toml").write_text(bad)
+    assert main(["lab", str(tmp_path / "bad.toml"), "--quick", "--out", str(tmp_path / "b")]) == 2
+    assert "name='../up'" in capsys.readouterr().err

@@ -168,9 +168,12 @@ def lab(
     placement, cifar10-resnet) or a study TOML file. Finished runs are kept: running the
     same command again resumes an interrupted lab.
     """
-    if study == "claims":
+    from ..lab.claims.protocol import is_protocol_file
+
+    if study == "claims" or is_protocol_file(study):
         _claims_only(nproc=nproc, sync_bn=sync_bn, data_root=data_root, **how)
-        return _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet)
+        protocol = None if study == "claims" else study
+        return _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet, protocol)
     if size is not None:
         raise click.UsageError(
             f"--size={size!r} applies to the claims study only, not to {study!r}"
@@ -266,7 +269,7 @@ def _claims_only(nproc, sync_bn, data_root, executor, stack, **flags) -> None:
             )
 
 
-def _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet) -> None:
+def _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet, protocol) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -279,6 +282,7 @@ def _lab_claims(quick, size, seeds, workers, device, out, as_json, quiet) -> Non
     results = run_claims(
         size,
         out,
+        protocol=protocol,
         workers=workers,
         seeds=seeds,
         device=device,

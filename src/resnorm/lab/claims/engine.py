@@ -388,7 +388,8 @@ def run_claims(
 ) -> dict:
     """Run the claims study at ``size`` (``"default"``, ``"quick"``, ``"full"``, or a
     size of a custom ``protocol`` file), write its report into ``out`` (default
-    ``runs/lab-claims``, ``-<size>`` appended for other sizes) and return its results
+    ``runs/lab-<protocol name>``, e.g. ``runs/lab-claims``, ``-<size>`` appended for other
+    sizes) and return its results
     (the ``claims.json`` object). Runs already on disk there are reused."""
     from ...train import provenance
     from .report import write_claims_report
@@ -407,11 +408,11 @@ def run_claims(
     out = (
         Path(out)
         if out is not None
-        else Path("runs") / ("lab-claims" + ("" if size == "default" else f"-{size}"))
+        else Path("runs") / (f"lab-{protocol.name}" + ("" if size == "default" else f"-{size}"))
     )
-    n_workers = workers or min(2, os.cpu_count() or 1)
     from ...train.loop import resolve_device
 
+    n_workers = workers or os.cpu_count() or 1
     resolve_device(device)
     planned = plan(protocol, chosen_size, device)
     jobs = _unique_jobs(planned)

@@ -224,7 +224,7 @@ def run_job(job: Job) -> dict:
     santurkar = []
 
     def on_epoch(row: dict) -> None:
-        xd, yd = x.to(row_device(model)), y.to(row_device(model))
+        xd, yd = x.to(model_device(model)), y.to(model_device(model))
         branch.append(_branch_ratio(model, xd))
         if "santurkar" in job.probes and row["epoch"] in probe_epochs:
             santurkar.append(_santurkar(model, xd, yd))
@@ -255,7 +255,7 @@ def run_job(job: Job) -> dict:
     return record
 
 
-def row_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -271,7 +271,8 @@ def _outcome(model, result, data, job: Job) -> dict:
         }
         for r in result.history
     ]
-    _, test_acc = evaluate(model, data.x_test, data.y_test)
+    device = model_device(model)
+    _, test_acc = evaluate(model, data.x_test.to(device), data.y_test.to(device))
     steps = math.ceil(
         len(job_data(job.dataset, job.num_samples, job.val_fraction)[0].x_train) / job.batch_size
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomllib
 
-from ..study import StudyError
+from ..study import _NAME, StudyError
 
 VERDICTS = ("supported", "not supported", "inconclusive", "not judged")
 _EFFECT = re.compile(r"\s*([a-z_]+)\.([a-z_]+)\s*(?:-\s*([a-z_]+)\.([a-z_]+)\s*)?")
@@ -221,8 +221,14 @@ def parse_protocol(text: str, source: str = "<claims>") -> Protocol:
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids):
         raise StudyError(f"{where}: claim ids must be unique, got {ids}")
+    name = _need(where, raw, "name", str)
+    if not _NAME.fullmatch(name):
+        raise StudyError(
+            f"{where}: name={name!r} must be 1-64 letters, digits, '.', '_' or '-', not "
+            f"starting with '.' (it names the lab's folder)"
+        )
     return Protocol(
-        _need(where, raw, "name", str),
+        name,
         raw.get("description", ""),
         _need(where, raw, "dataset", str),
         parsed,
@@ -231,12 +237,27 @@ def parse_protocol(text: str, source: str = "<claims>") -> Protocol:
     )
 
 
+def is_protocol_file(path) -> bool:
+    """Whether ``path`` is a TOML file of at most 1 MiB with ``[[claim]]`` tables (a claims
+    protocol rather than a grid study); ``False`` for anything else."""
+    try:
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        return "claim" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def load_protocol(path=None) -> Protocol:
     """The built-in claims protocol, or the one in the TOML file ``path``."""
     if path is None:
         text = resources.files("resnorm.lab.studies").joinpath("claims.toml").read_text()
         return parse_protocol(text, "claims (built in)")
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"claims protocol {str(path)!r} is not a file")
+    if not is_protocol_file(path):
+        raise StudyError(
+            f"claims protocol {str(path)!r} is not a TOML file of at most 1 MiB with "
+            f"[[claim]] tables"
+        )
     return parse_protocol(path.read_text(encoding="utf-8"), str(path))
