@@ -20,7 +20,7 @@ from torch import nn
 from ..blocks import ResidualAdd, TransformerBlock
 from ..errors import UsageError
 from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
-from .stats import ActivationSummary, channel_stats_many, channel_sums, summarize_activation
+from .stats import ActivationSummary, channel_moments, channel_stats_many, summarize_activation
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 ACTIVATIONS = RECTIFIERS + (
@@ -176,6 +176,7 @@ class ForwardRecorder:
         self.blocks = blocks
         self.channel_dim = channel_dim
         self.layer_order: list[str] = []
+        self._seen: set[str] = set()  # the names in layer_order
         self.activations: dict[str, ActivationSummary] = {}
         self.block_records: dict[str, BlockRecord] = {}
         self.activation_calls = 0  # outputs of nonlinearity modules (ReLU, GELU, ...) seen
@@ -213,19 +214,29 @@ class ForwardRecorder:
         self._handles.append(module.register_forward_hook(hook))
 
     def _register(self) -> None:
+        """One hook per module, doing all of its roles: a layer's or an activation's
+        summary, a block's output statistics, a merge's branch and skip variances (one
+        pass over an output that is both a layer's and a block's)."""
+        roles: dict[int, tuple[nn.Module, list, list, list]] = {}
+
+        def role(module: nn.Module) -> tuple[nn.Module, list, list, list]:
+            return roles.setdefault(id(module), (module, [], [], []))
+
         for name, module in self.layers:
-            self._hook(module, self._layer_hook(name, is_rectifier(module)))
+            role(module)[1].append((name, is_rectifier(module), True))
         for name, module in self.modules:
             if isinstance(module, ACTIVATIONS):
-                self._hook(module, self._activation_hook(name, isinstance(module, RECTIFIERS)))
+                role(module)[1].append((name, isinstance(module, RECTIFIERS), False))
         for name, block in self.blocks:
             record = BlockRecord(name, self._block_channel_dim(block))
             self.block_records[name] = record
-            self._hook(block, self._block_hook(record))
+            role(block)[2].append(record)
             for child in block.children():
                 if isinstance(child, ResidualAdd):
                     record.residual = child.residual
-                    self._hook(child, self._merge_hook(record))
+                    role(child)[3].append(record)
+        for module, summaries, records, merges in roles.values():
+            self._hook(module, self._module_hook(summaries, records, merges))
 
     @staticmethod
     def _first_tensor(output):
@@ -240,19 +251,20 @@ class ForwardRecorder:
         count = self._calls[name]
         return name if count == 1 else f"{name}#{count}"
 
-    def _channel(self, x: torch.Tensor, channel_dim: int) -> list:
-        """A cell that will hold ``channel_stats(x, channel_dim)`` once settled."""
-        total, norm, n = channel_sums(x, channel_dim)
+    def _channel(self, x: torch.Tensor, channel_dim: int) -> tuple[list, tuple]:
+        """A cell that will hold ``channel_stats(x, channel_dim)`` once settled, and the
+        per-channel float64 sums and sums of squares it is finished from."""
+        total, squares, n = channel_moments(x, channel_dim)
         cell = []
-        self._pending[total.shape[0], n].append((total, norm, cell))
-        return cell
+        self._pending[total.shape[0], n].append((total, squares, cell))
+        return cell, (total, squares)
 
     def _settle(self) -> None:
         """Finish the channel statistics, all outputs of one shape at once, into cells."""
         pending, self._pending = self._pending, defaultdict(list)
         for (_, n), jobs in pending.items():
-            totals, norms, cells = zip(*jobs)
-            for cell, result in zip(cells, channel_stats_many(totals, norms, n)):
+            totals, squares, cells = zip(*jobs)
+            for cell, result in zip(cells, channel_stats_many(totals, squares, n)):
                 cell.append(result)
         for record in self.block_records.values():
             if record.cell is not None:
@@ -261,38 +273,33 @@ class ForwardRecorder:
             record.branch_vars = [cell[0][1] for cell in record.branch_vars]
             record.skip_vars = [cell[0][1] for cell in record.skip_vars]
 
-    def _layer_hook(self, name: str, rectified: bool = False):
+    def _module_hook(self, summaries: list, records: list, merges: list):
+        seen = self._seen
+
         def hook(module, inputs, output):
-            if name not in self.layer_order:
-                self.layer_order.append(name)
+            for record in merges:
+                self._merge(module, inputs, record)
+            if not summaries and not records:
+                return
             out = self._first_tensor(output)
-            if out is not None:
-                self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
-
-        return hook
-
-    def _activation_hook(self, name: str, rectified: bool):
-        def hook(module, inputs, output):
-            self.activation_calls += 1
-            out = self._first_tensor(output)
-            if out is not None:
-                self.activations[self._key(name)] = summarize_activation(out, rectified=rectified)
-
-        return hook
-
-    def _block_hook(self, record: BlockRecord):
-        def hook(module, inputs, output):
-            out = self._first_tensor(output)
+            moments = None
             if out is not None and out.dim() >= 2:
-                record.cell = self._channel(out, record.channel_dim)
+                for record in records:
+                    record.cell, moments = self._channel(out, record.channel_dim)
+            for name, rectified, is_layer in summaries:
+                if is_layer and name not in seen:
+                    seen.add(name)
+                    self.layer_order.append(name)
+                elif not is_layer:
+                    self.activation_calls += 1
+                if out is not None:
+                    summary = summarize_activation(out, rectified=rectified, moments=moments)
+                    self.activations[self._key(name)] = summary
 
         return hook
 
-    def _merge_hook(self, record: BlockRecord):
-        def hook(module, inputs, output):
-            branch, skip = inputs[0], inputs[1]
-            record.branch_vars.append(self._channel(branch, record.channel_dim))
-            if module.residual:
-                record.skip_vars.append(self._channel(skip, record.channel_dim))
-
-        return hook
+    def _merge(self, module: nn.Module, inputs: tuple, record: BlockRecord) -> None:
+        branch, skip = inputs[0], inputs[1]
+        record.branch_vars.append(self._channel(branch, record.channel_dim)[0])
+        if module.residual:
+            record.skip_vars.append(self._channel(skip, record.channel_dim)[0])

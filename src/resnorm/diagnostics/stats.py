@@ -16,50 +16,69 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _channels_first_2d(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(C, everything else) view of ``x`` (no copy when the layout allows)."""
-    if x.dim() == 1:
-        x = x.unsqueeze(1)
-    x = x.detach().movedim(channel_dim, 0)
-    return x.reshape(x.shape[0], -1)
+# Up to this many values, statistics are summed on a float64 copy (a conversion, then
+# plain float64 reductions and a BLAS dot product: 2-4x fewer microseconds than reducing
+# float32 with dtype=float64, on CPU); above it, without a copy (no transient memory).
+COPY_LIMIT = 1 << 22
 
 
-def _moments(x: torch.Tensor, dim=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, population variance) of ``x`` over ``dim`` (all of it by default), summed in
-    float64 without a float64 copy of ``x``: the mean and the mean square each in one
-    pass. A NaN or Inf in ``x`` makes both non-finite."""
-    n = x.numel() if dim is None else x.shape[dim]
-    total = x.sum(dim=dim, dtype=torch.float64)
-    squares = torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64).square()
-    mean = total / n
-    return mean, (squares / n - mean.square()).clamp_min(0.0)
+def _as_float64(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous float64 copy of ``x`` (never ``x`` itself: callers square it in place)."""
+    return x.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
 
 
 def _scalar_moments(x: torch.Tensor) -> tuple[float, float]:
-    """:func:`_moments` over all of ``x`` as Python floats: two reductions and the rest in
-    Python (each tensor op costs a dispatch; a diagnosis summarizes every layer output)."""
+    """(mean, population variance) over all of ``x`` as Python floats, from its float64
+    sum and sum of squares (one read of both). A NaN or Inf in ``x`` makes both
+    non-finite."""
     n = x.numel()
-    mean = float(x.sum(dtype=torch.float64)) / n
-    mean_square = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 / n
-    return mean, max(mean_square - mean * mean, 0.0)
+    if n <= COPY_LIMIT:
+        flat = _as_float64(x).view(-1)
+        sums = torch.stack([flat.sum(), torch.dot(flat, flat)])
+    else:
+        norm = torch.linalg.vector_norm(x, dtype=torch.float64)
+        sums = torch.stack([x.sum(dtype=torch.float64), norm.square()])
+    return _finish_moments(sums, n)
 
 
-def channel_sums(x: torch.Tensor, channel_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per channel of ``x``: the float64 sum and 2-norm, and how many values each has
-    (what :func:`channel_stats` is finished from)."""
-    x = _channels_first_2d(x, channel_dim)
-    total = x.sum(dim=1, dtype=torch.float64)
-    return total, torch.linalg.vector_norm(x, dim=1, dtype=torch.float64), x.shape[1]
+def _finish_moments(sums: torch.Tensor, n: int) -> tuple[float, float]:
+    """(mean, population variance) from ``[sum, sum of squares]`` of ``n`` values."""
+    total, squares = sums.tolist()
+    mean = total / n
+    return mean, max(squares / n - mean * mean, 0.0)
+
+
+def channel_moments(
+    x: torch.Tensor, channel_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per channel of ``x`` (at ``channel_dim``; a 1-D ``x`` is one column): the float64
+    sum and sum of squares, and how many values each has (what :func:`channel_stats` is
+    finished from; their totals are those of all of ``x``)."""
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    dim = channel_dim % x.dim()
+    channels = x.shape[dim]
+    before, after = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
+    if x.numel() > COPY_LIMIT:
+        x = x.detach().movedim(dim, 0).reshape(channels, -1)
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        return x.sum(dim=1, dtype=torch.float64), norms.square(), x.shape[1]
+    values = _as_float64(x).view(before, channels, after)
+    if after == 1:  # (N, C): one reduction over the rows
+        values = values.view(before, channels)
+        return values.sum(0), values.square_().sum(0), before
+    # Summing the contiguous last axis first is 1.5x faster than both axes at once.
+    sums = values.sum(2).sum(0)
+    return sums, values.square_().sum(2).sum(0), before * after
 
 
 def channel_stats_many(
-    totals: list[torch.Tensor], norms: list[torch.Tensor], n: int
+    totals: list[torch.Tensor], squares: list[torch.Tensor], n: int
 ) -> list[tuple[float, float]]:
-    """:func:`channel_stats` finished from the :func:`channel_sums` of outputs of one
+    """:func:`channel_stats` finished from the :func:`channel_moments` of outputs of one
     shape, all at once (a few dispatches for all of them, not a few for each)."""
     mean = torch.stack(totals) / n
-    var = (torch.stack(norms).square() / n - mean.square()).clamp_min(0.0)
+    var = (torch.stack(squares) / n - mean.square()).clamp_min(0.0)
     sq_means, variances = torch.stack([mean.square().mean(1), var.mean(1)]).tolist()
     nan = float("nan")
     return [
@@ -71,8 +90,8 @@ def channel_stats_many(
 def channel_stats(x: torch.Tensor, channel_dim: int = 1) -> tuple[float, float]:
     """``(average channel squared mean, average channel variance)`` of ``x`` (NaN when
     ``x`` holds a NaN or Inf: they reach the per-channel statistics)."""
-    total, norm, n = channel_sums(x, channel_dim)
-    return channel_stats_many([total], [norm], n)[0]
+    total, squares, n = channel_moments(x, channel_dim)
+    return channel_stats_many([total], [squares], n)[0]
 
 
 @dataclass(frozen=True)
@@ -89,11 +108,22 @@ class ActivationSummary:
     numel: int
 
 
-def summarize_activation(x: torch.Tensor, *, rectified: bool) -> ActivationSummary:
+def summarize_activation(
+    x: torch.Tensor,
+    *,
+    rectified: bool,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> ActivationSummary:
+    """The :class:`ActivationSummary` of ``x``; ``moments``: its per-channel float64 sums
+    and sums of squares (:func:`channel_moments`) when already taken, whose totals give
+    the mean and variance without another pass over ``x``."""
     x = x.detach()
     nonfinite = 0
     if x.numel():
-        mean, var = _scalar_moments(x)
+        if moments is not None:
+            mean, var = _finish_moments(torch.stack([m.sum() for m in moments]), x.numel())
+        else:
+            mean, var = _scalar_moments(x)
         if not math.isfinite(mean) or not math.isfinite(var):
             # Only then are NaN and Inf counted and left out.
             finite = torch.isfinite(x)
