@@ -19,7 +19,7 @@ from ..errors import UsageError, UsageTypeError
 from .evidence import affine_deviation, stuck_after_gates_open, zero_parameters
 from .outputs import read_output
 from .probes import ForwardRecorder, find_blocks, layer_weights, parameterized_layers, unwrap
-from .stats import ActivationSummary
+from .stats import COPY_LIMIT, ActivationSummary
 from .training import TrainingTrace, run_steps
 from .verdict import Evidence, LayerGrad, Signal, Thresholds, Verdict, judge
 
@@ -429,17 +429,37 @@ def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list
     """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
     layers, in forward order; a layer whose weights got no gradient counts 0."""
     by_name = dict(layers)
+    order = _forward_order(called, layers)
+    weights = [layer_weights(by_name[name]) for name in order]
+    tensors = [w.detach() for ws in weights for w in ws]
+    tensors += [w.grad.detach() for ws in weights for w in ws if w.grad is not None]
+    squares = iter(_squared_norms(tensors))
+    weight_sq = [[next(squares) for _ in ws] for ws in weights]
     grads = []
-    for layer_name in _forward_order(called, layers):
-        weights = layer_weights(by_name[layer_name])
-        grad_sq = sum(
-            float(w.grad.detach().double().square().sum()) for w in weights if w.grad is not None
-        )
-        weight_sq = sum(float(w.detach().double().square().sum()) for w in weights)
-        grads.append(
-            LayerGrad(layer_name, type(by_name[layer_name]).__name__, grad_sq**0.5, weight_sq**0.5)
-        )
+    for name, ws, w_sq in zip(order, weights, weight_sq):
+        grad_sq = sum(next(squares) for w in ws if w.grad is not None)
+        grads.append(LayerGrad(name, type(by_name[name]).__name__, grad_sq**0.5, sum(w_sq) ** 0.5))
     return grads
+
+
+def _squared_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """The float64 sum of squares of every tensor: one stacked pass per group of tensors
+    of one size, dtype and device (a deep stack of equal layers: a few ops in all, not a
+    few per layer), one read for each group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.numel(), t.dtype, t.device), []).append(i)
+    squares = [0.0] * len(tensors)
+    for (numel, _, _), index in groups.items():
+        if numel * len(index) > COPY_LIMIT:  # no float64 copy of large tensors
+            sums = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in index]
+            values = torch.stack(sums).square().tolist()
+        else:
+            rows = torch.stack([tensors[i].reshape(-1) for i in index]).to(torch.float64)
+            values = rows.square_().sum(1).tolist()
+        for i, value in zip(index, values):
+            squares[i] = value
+    return squares
 
 
 def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:
