@@ -266,7 +266,8 @@ def test_the_claims_models():
 
 def test_a_tiny_claims_study_runs_judges_resumes_and_reports(tmp_path):
     protocol = parse_protocol(TINY, "tiny.toml")
-    results = run_claims("default", tmp_path / "lab", protocol=protocol, workers=1, progress=False)
+    # two worker processes (the pool), then one (in process): the same records
+    results = run_claims("default", tmp_path / "lab", protocol=protocol, workers=2, progress=False)
     (claim,) = results["claims"]
     assert claim["verdict"] in ("supported", "not supported", "inconclusive")
     (criterion,) = claim["criteria"]

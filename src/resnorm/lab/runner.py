@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -402,16 +402,10 @@ def _run_in_pool(
     """Run ``units`` in ``n_workers`` spawned worker processes, which die with this one
     (see :func:`_init_worker`). On Ctrl-C, or any other exception here, the workers are
     ended at once (:func:`_stop_workers`) before the exception goes on."""
-    context = multiprocessing.get_context("spawn")
     # A SimpleQueue's put is written before it returns: a run's last epoch arrives
     # before its result does (a Queue's feeder thread could deliver it after).
-    reports = context.SimpleQueue() if bar.show else None
-    pool = ProcessPoolExecutor(
-        n_workers,
-        mp_context=context,
-        initializer=workers._init_worker,
-        initargs=(os.getpid(), reports),
-    )
+    reports = multiprocessing.get_context("spawn").SimpleQueue() if bar.show else None
+    pool = workers.spawn_pool(n_workers, reports)
     try:
         pending = {
             pool.submit(_run_in_worker, unit, study, str(out), device, threads): unit

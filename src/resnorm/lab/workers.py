@@ -60,6 +60,15 @@ def _watch_parent() -> None:
     threading.Thread(target=wait_then_exit, name="resnorm-exit-with-parent", daemon=True).start()
 
 
+def spawn_pool(n_workers: int, reports=None) -> ProcessPoolExecutor:
+    """``n_workers`` spawned worker processes that die with this one and leave Ctrl-C to
+    it (see :func:`_init_worker`); ``reports``: a queue of the spawn context, or ``None``."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(
+        n_workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(), reports)
+    )
+
+
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """End ``pool``'s worker processes now, without waiting for their runs: the queued
     runs are cancelled, the running ones killed (they resume from their checkpoints when

@@ -5,10 +5,9 @@ claim by its rule."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 from ..._io import atomic_open, json_safe
@@ -165,13 +164,7 @@ def _finish(folder: Path, job: Job, record: dict) -> dict:
 
 
 def _in_pool(todo: list[Job], folder: Path, n_workers: int, records: dict, advance) -> None:
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        n_workers,
-        mp_context=context,
-        initializer=pool_workers._init_worker,
-        initargs=(os.getpid(), None),
-    )
+    pool = pool_workers.spawn_pool(n_workers)
     try:
         pending = {pool.submit(_run_job_safely, job): job for job in todo}
         while pending:
