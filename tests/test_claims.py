@@ -370,3 +370,19 @@ def test_the_cli_runs_a_claims_protocol_file_and_resumes_it(capsys, tmp_path):
     (tmp_path / "bad.toml").write_text(bad)
     assert main(["lab", str(tmp_path / "bad.toml"), "--quick", "--out", str(tmp_path / "b")]) == 2
     assert "name='../up'" in capsys.readouterr().err
+
+
+def test_the_built_in_quick_study_runs_every_experiment(capsys, tmp_path):
+    """``resnorm lab --quick``: every experiment of the built-in protocol trains, measures
+    and draws its figures (one seed: every verdict "not judged"), no run fails."""
+    code = main(["lab", "--quick", "--workers", "2", "--json", "--out", str(tmp_path / "q")])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in results["claims"]] == [str(i) for i in range(1, 15)] + ["F1"]
+    assert {c["verdict"] for c in results["claims"]} == {"not judged"}
+    assert results["counts"]["failed"] == 0 and results["failures"] == []
+    assert set(EXPERIMENTS) == {c["experiment"] for c in results["claims"]}
+    for claim in results["claims"]:
+        assert claim["figures"], claim["id"]
+        for figure in claim["figures"]:
+            assert (tmp_path / "q" / "figures" / f"{figure['name']}.png").exists()
