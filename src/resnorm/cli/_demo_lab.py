@@ -77,7 +77,7 @@ def demo(depths, epochs, samples, width, seed, as_json, quiet) -> None:
     "--seeds",
     type=click.IntRange(min=1),
     callback=_check_seeds,
-    help="Seeds per grid point (at most 1000).",
+    help="Seeds per grid point (at most 1000); for claims, per variant (at most 100).",
 )
 @click.option(
     "--workers",

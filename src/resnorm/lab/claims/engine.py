@@ -396,7 +396,7 @@ def run_claims(
     chosen_size = protocol.sizes[size]
     if seeds is not None:
         if not 1 <= seeds <= 100:
-            raise UsageError(f"seeds={seeds} must be between 1 and 100")
+            raise UsageError(f"seeds={seeds} must be between 1 and 100 for the claims study")
         chosen_size = Size(**{**chosen_size.__dict__, "seeds": seeds})
     out = (
         Path(out)
