@@ -83,6 +83,7 @@ def test_the_built_in_protocol_has_the_fourteen_claims_and_valid_rules():
         (('holds_if = "> 0"', 'holds_if = ">= 0"'), "holds_if='>= 0'"),
         (("[sizes.quick]", "[sizes.fast]"), "[sizes.quick] is required"),
         (("seeds = 2", "seeds = 0"), "seeds must be >= 1"),
+        (('dataset = "mnist1d"', 'dataset = "digits"'), "dataset='digits' is not supported"),
         (
             ("val_fraction = 0.2\n[sizes.quick]", "val_fraction = 0.7\n[sizes.quick]"),
             "val_fraction",

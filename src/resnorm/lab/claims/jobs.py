@@ -38,6 +38,9 @@ from torch import nn
 PROBE_LR = 0.1
 #: Samples of the fixed batch the probes use.
 PROBE_BATCH = 256
+#: Part of every run's key: raise it when what a run records changes, so that records
+#: written by an earlier version are trained again instead of read.
+RECORD_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Job:
 
     @property
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        text = json.dumps([RECORD_VERSION, asdict(self)], sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def cost(self) -> float:

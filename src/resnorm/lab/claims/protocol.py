@@ -221,6 +221,12 @@ def parse_protocol(text: str, source: str = "<claims>") -> Protocol:
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids):
         raise StudyError(f"{where}: claim ids must be unique, got {ids}")
+    dataset = _need(where, raw, "dataset", str)
+    if dataset != "mnist1d":
+        raise StudyError(
+            f"{where}: dataset={dataset!r} is not supported; accepted: mnist1d (the "
+            f"experiments read the data as a 40-sample signal: patches, 1-D convolutions)"
+        )
     name = _need(where, raw, "name", str)
     if not _NAME.fullmatch(name):
         raise StudyError(
@@ -230,7 +236,7 @@ def parse_protocol(text: str, source: str = "<claims>") -> Protocol:
     return Protocol(
         name,
         raw.get("description", ""),
-        _need(where, raw, "dataset", str),
+        dataset,
         parsed,
         claims,
         source,
