@@ -192,6 +192,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "ics",
                     "loss_variation",
                     "beta_smoothness",
+                    "grad_predictiveness",
                     "gap",
                     "grad_variability",
                     "test_acc",

@@ -19,7 +19,8 @@ end. What it records (all plain JSON):
   ``log10(||branch|| / ||skip||)`` at each residual add, on one fixed batch;
 - with ``probes=("santurkar",)``: at three points of training (after the first epoch, the
   middle one and the last) the internal covariate shift (mean over layers of
-  ``l2 / grad_norm``) and the loss landscape (loss variation, beta-smoothness) of
+  ``l2 / grad_norm``) and the loss landscape (loss variation, beta-smoothness, and the
+  gradient's predictiveness as the largest change of the gradient along the step) of
   :mod:`resnorm.diagnostics.landscape`, measured with an SGD step of :data:`PROBE_LR`.
 """
 
@@ -40,7 +41,7 @@ PROBE_LR = 0.1
 PROBE_BATCH = 256
 #: Part of every run's key: raise it when what a run records changes, so that records
 #: written by an earlier version are trained again instead of read.
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ def _santurkar(model: nn.Module, x, y) -> dict:
         else None,
         "loss_variation": _log10(land.loss_variation),
         "beta_smoothness": _log10(land.beta_smoothness),
+        "grad_predictiveness": _log10(land.grad_change_range[1]),
     }
 
 

@@ -223,6 +223,12 @@ _LANDSCAPE_FIGURES = (  # name, title, y label, metric
     ("ics", "Internal covariate shift (Santurkar et al.)", "log10 relative gradient change", "ics"),
     ("loss-variation", "Loss variation along the gradient", "log10", "loss_variation"),
     ("beta-smoothness", "Effective beta-smoothness", "log10", "beta_smoothness"),
+    (
+        "gradient-predictiveness",
+        "Largest change of the gradient along the gradient step",
+        "log10 l2 change",
+        "grad_predictiveness",
+    ),
     ("gap", "Train - validation accuracy at matched training loss", "points", "gap"),
     (
         "grad-variability",
@@ -243,6 +249,7 @@ def landscape(chosen: dict, s: dict):
             "ics": _mean_probe(runs, "ics"),
             "loss_variation": _mean_probe(runs, "loss_variation"),
             "beta_smoothness": _mean_probe(runs, "beta_smoothness"),
+            "grad_predictiveness": _mean_probe(runs, "grad_predictiveness"),
             "gap": gaps[g],
             "grad_variability": values(runs, "grad_variability"),
             "test_acc": points(runs),
