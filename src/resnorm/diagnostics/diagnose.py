@@ -261,7 +261,7 @@ def diagnose(
     def step_loss() -> torch.Tensor:
         return _loss(model(*args), targets, loss_fn, evidence)
 
-    with _state_restored(model, net, train_mode):
+    with state_restored(model, net, train_mode):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         found = find_blocks(net, blocks, named)
         with ForwardRecorder(net, found, channel_dim, compiled, named, layers) as recorder:
@@ -394,7 +394,7 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
 
 
 @contextmanager
-def _state_restored(model: nn.Module, net: nn.Module, train_mode: bool):
+def state_restored(model: nn.Module, net: nn.Module, train_mode: bool):
     """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
     put back the gradients, the buffers (running statistics), every module's mode and the
     random generators' states. In between, the model is in ``train_mode``."""

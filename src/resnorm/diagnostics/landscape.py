@@ -30,7 +30,7 @@ from torch import nn
 
 from .._checks import check_float
 from ..errors import UsageError, UsageTypeError
-from .diagnose import _loss, _state_restored
+from .diagnose import _loss, state_restored
 from .probes import unwrap
 from .signals import Evidence
 
@@ -302,7 +302,7 @@ def internal_covariate_shift(
     """
     lr = _checked_lr(model, lr)
     probe = _Probe(model, inputs, targets, loss_fn)
-    with _state_restored(model, probe.net, train_mode), _parameters_restored(probe.params):
+    with state_restored(model, probe.net, train_mode), _parameters_restored(probe.params):
         grads, order = probe.ordered_gradient()
         grad_of = dict(zip(map(id, probe.params), _filled(probe.params, grads)))
         groups = {name: (module, params) for name, module, params in probe.groups}
@@ -350,7 +350,7 @@ def loss_landscape(
     etas = _checked_etas(etas, lr)
     probe = _Probe(model, inputs, targets, loss_fn)
     params = probe.params
-    with _state_restored(model, probe.net, train_mode), _parameters_restored(params) as theta:
+    with state_restored(model, probe.net, train_mode), _parameters_restored(params) as theta:
         loss, grads = probe.gradient(params)
         grads = _filled(params, grads)
         g = _flat(grads)

@@ -85,14 +85,12 @@ def _run_job_safely(job: Job) -> dict:
     try:
         return {"status": "finished", **run_job(job)}
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the study
-        return {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "diverged": False,
-            "history": [],
-            "val_acc": None,
-            "test_acc": None,
-        }
+        return _failed(f"{type(exc).__name__}: {exc}")
+
+
+def _failed(error: str) -> dict:
+    """A failed run's record: no value, its error kept (see :func:`_usable`)."""
+    return {"status": "failed", "error": error}
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -174,14 +172,7 @@ def _in_pool(todo: list[Job], folder: Path, n_workers: int, records: dict, advan
                 try:
                     record = future.result()
                 except Exception as exc:  # the worker process itself died
-                    record = {
-                        "status": "failed",
-                        "error": f"worker process died: {exc}",
-                        "diverged": False,
-                        "history": [],
-                        "val_acc": None,
-                        "test_acc": None,
-                    }
+                    record = _failed(f"worker process died: {exc}")
                 records[job.key] = _finish(folder, job, record)
                 advance()
     except BaseException:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from .stats import mean_interval
 
 
-def _chosen(chosen: dict, name: str) -> list[dict]:
+def runs_of(chosen: dict, name: str) -> list[dict]:
+    """The runs (one per seed) of variant ``name`` at its chosen learning rate."""
     return chosen[name]["runs"]
 
 
@@ -47,7 +48,7 @@ def bars(name: str, title: str, y_label: str, groups: dict, metric: str, labels:
 def val_curves(chosen: dict, names: dict) -> list[dict]:
     lines = []
     for name, label in names.items():
-        runs = _chosen(chosen, name)
+        runs = runs_of(chosen, name)
         epochs = max((len(r["history"]) for r in runs if r), default=0)
         per_epoch = [
             [

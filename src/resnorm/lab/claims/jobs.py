@@ -121,29 +121,19 @@ def _grad_first_over_last(model: nn.Module, x, y) -> float | None:
     weights = _weights(model)
     if len(weights) < 3:
         return None
-    model.zero_grad(set_to_none=True)
-    with _buffers_kept(model):
+    with probing(model):
         nn.functional.cross_entropy(model(x), y).backward()
-    first, last = weights[0].grad, weights[-2].grad
-    ratio = _log_ratio(float(first.norm()), float(last.norm())) if first is not None else None
-    model.zero_grad(set_to_none=True)
-    return ratio
+        first, last = weights[0].grad, weights[-2].grad
+        return _log_ratio(float(first.norm()), float(last.norm())) if first is not None else None
 
 
-class _buffers_kept:
-    """Run a probe forward in training mode and put the buffers (batch norm's running
-    statistics) back afterwards, so that probing does not change the run."""
+def probing(model: nn.Module):
+    """Run a probe in training mode and leave the run as found: gradients, buffers (batch
+    norm's running statistics), modes and the random generators' states
+    (:func:`resnorm.diagnostics.diagnose.state_restored`)."""
+    from ...diagnostics.diagnose import state_restored
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.saved = [b.detach().clone() for b in self.model.buffers()]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for buffer, saved in zip(self.model.buffers(), self.saved, strict=True):
-                buffer.copy_(saved)
+    return state_restored(model, model, True)
 
 
 def _branch_ratio(model: nn.Module, x) -> float | None:
@@ -164,7 +154,7 @@ def _branch_ratio(model: nn.Module, x) -> float | None:
     if not handles:
         return None
     try:
-        with torch.no_grad(), _buffers_kept(model):
+        with torch.no_grad(), probing(model):
             model(x)
     finally:
         for h in handles:
@@ -202,7 +192,7 @@ class _GradNorms:
 
     def step(self, loss) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
 
     def variability(self) -> float | None:
         logs = [math.log10(n) for n in self.norms if n > 0 and math.isfinite(n)]

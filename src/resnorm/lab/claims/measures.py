@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .figspecs import bars, figure, series, val_curves
+from .figspecs import bars, figure, runs_of, series, val_curves
 from .stats import finite
 
 STACK_NORMS = {"none": "none", "batch": "batch", "noisy_batch": "noisy-batch", "layer": "layer"}
@@ -35,10 +35,6 @@ def values(runs: list[dict], key: str) -> list[float | None]:
     return [None if r is None else r.get(key) for r in runs]
 
 
-def _chosen(chosen: dict, name: str) -> list[dict]:
-    return chosen[name]["runs"]
-
-
 def _spread(per_setting: list[list[float | None]]) -> list[float | None]:
     """Per seed: the largest minus the smallest value over the settings."""
     out = []
@@ -51,7 +47,7 @@ def _spread(per_setting: list[list[float | None]]) -> list[float | None]:
 def first_layers(chosen: dict, s: dict):
     groups = {}
     for group, name in (("plain", "plain_none"), ("residual", "residual_none")):
-        runs = _chosen(chosen, name)
+        runs = runs_of(chosen, name)
         groups[group] = {
             "grad_first_over_last": values(runs, "grad_first_over_last"),
             "change_first_over_last": values(runs, "change_first_over_last"),
@@ -84,7 +80,7 @@ def depth(chosen: dict, s: dict):
     groups = {}
     for kind in ("residual", "plain"):
         for end, depth in (("deep", max(depths)), ("shallow", min(depths))):
-            runs = _chosen(chosen, f"{kind}_d{depth}")
+            runs = runs_of(chosen, f"{kind}_d{depth}")
             ratio = values(runs, "grad_first_over_last")
             groups[f"{kind}_{end}"] = {
                 "test_acc": points(runs),
@@ -92,14 +88,14 @@ def depth(chosen: dict, s: dict):
                 "grad_imbalance": [None if v is None else abs(v) for v in ratio],
             }
     acc = [
-        series(k, depths, [points(_chosen(chosen, f"{k}_d{d}")) for d in depths])
+        series(k, depths, [points(runs_of(chosen, f"{k}_d{d}")) for d in depths])
         for k in ("residual", "plain")
     ]
     grad = [
         series(
             k,
             depths,
-            [values(_chosen(chosen, f"{k}_d{d}"), "grad_first_over_last") for d in depths],
+            [values(runs_of(chosen, f"{k}_d{d}"), "grad_first_over_last") for d in depths],
         )
         for k in ("residual", "plain")
     ]
@@ -132,11 +128,11 @@ def depth(chosen: dict, s: dict):
 def depth_mlp(chosen: dict, s: dict):
     depths = s["depths"]
     groups = {
-        "deep": {"test_acc": points(_chosen(chosen, f"d{max(depths)}"))},
-        "shallow": {"test_acc": points(_chosen(chosen, f"d{min(depths)}"))},
+        "deep": {"test_acc": points(runs_of(chosen, f"d{max(depths)}"))},
+        "shallow": {"test_acc": points(runs_of(chosen, f"d{min(depths)}"))},
     }
     line = series(
-        "residual MLP, batch norm", depths, [points(_chosen(chosen, f"d{d}")) for d in depths]
+        "residual MLP, batch norm", depths, [points(runs_of(chosen, f"d{d}")) for d in depths]
     )
     return groups, [
         figure(
@@ -154,7 +150,7 @@ def depth_mlp(chosen: dict, s: dict):
 
 
 def branch(chosen: dict, s: dict):
-    runs = _chosen(chosen, "residual_batch")
+    runs = runs_of(chosen, "residual_batch")
     init = [r["branch_ratio"][0] if r and r.get("branch_ratio") else None for r in runs]
     end = [r["branch_ratio"][-1] if r and r.get("branch_ratio") else None for r in runs]
     growth = [
@@ -163,7 +159,7 @@ def branch(chosen: dict, s: dict):
     groups = {"residual": {"ratio_init": init, "ratio_end": end, "ratio_growth": growth}}
     lines = []
     for name, label in (("residual_batch", "batch norm"), ("residual_none", "no norm")):
-        rs = _chosen(chosen, name)
+        rs = runs_of(chosen, name)
         n = max((len(r["branch_ratio"]) for r in rs if r and r.get("branch_ratio")), default=0)
         per_epoch = [
             [
@@ -193,7 +189,7 @@ def _gaps(chosen: dict, names: list[str], matched: list[str]) -> dict:
     whose training loss is at or below the loss every ``matched`` group reaches (the
     largest of their lowest losses), so that the gap is compared at a matched training
     loss (``None`` where a group never gets that low)."""
-    runs = {g: _chosen(chosen, g) for g in names}
+    runs = {g: runs_of(chosen, g) for g in names}
     seeds = len(next(iter(runs.values())))
     out = {g: [] for g in names}
     for i in range(seeds):
@@ -244,7 +240,7 @@ def landscape(chosen: dict, s: dict):
     gaps = _gaps(chosen, list(STACK_NORMS), ["none", "batch"])
     groups = {}
     for g in STACK_NORMS:
-        runs = _chosen(chosen, g)
+        runs = runs_of(chosen, g)
         groups[g] = {
             "ics": _mean_probe(runs, "ics"),
             "loss_variation": _mean_probe(runs, "loss_variation"),
@@ -309,7 +305,7 @@ def init(chosen: dict, s: dict):
     scales = s["scales"]
     groups, lines = {}, []
     for g, label in (("none", "no norm"), ("batch", "batch norm")):
-        per_scale = [points(_chosen(chosen, f"{g}_x{k:g}")) for k in scales]
+        per_scale = [points(runs_of(chosen, f"{g}_x{k:g}")) for k in scales]
         groups[g] = {"spread": _spread(per_scale)}
         lines.append(series(label, scales, per_scale))
     return groups, [
@@ -329,7 +325,7 @@ def init(chosen: dict, s: dict):
 
 
 def order(chosen: dict, s: dict):
-    groups = {o: {"test_acc": points(_chosen(chosen, o))} for o in ("before", "after")}
+    groups = {o: {"test_acc": points(runs_of(chosen, o))} for o in ("before", "after")}
     labels = {"before": "Linear-BN-ReLU", "after": "Linear-ReLU-BN"}
     return groups, [
         bars(
@@ -347,7 +343,7 @@ def batch_size(chosen: dict, s: dict):
     sizes = s["batch_sizes"]
     groups, lines = {}, []
     for g in ("batch", "layer", "group"):
-        per_size = [points(_chosen(chosen, f"{g}_b{b}")) for b in sizes]
+        per_size = [points(runs_of(chosen, f"{g}_b{b}")) for b in sizes]
         groups[g] = {"spread": _spread(per_size)}
         lines.append(series(f"{g} norm", sizes, per_size))
     return groups, [
@@ -368,7 +364,7 @@ def batch_size(chosen: dict, s: dict):
 
 def cnn_rnn(chosen: dict, s: dict):
     groups = {
-        f"{k}_{n}": {"test_acc": points(_chosen(chosen, f"{k}_{n}"))}
+        f"{k}_{n}": {"test_acc": points(runs_of(chosen, f"{k}_{n}"))}
         for k in ("cnn", "rnn")
         for n in NORM3
     }
@@ -419,7 +415,7 @@ def combos(chosen: dict, s: dict):
         "plain_batch": "plain + batch norm",
         "plain_none": "plain, no norm",
     }
-    groups = {g: {"steps": [_steps_to(r, target) for r in _chosen(chosen, g)]} for g in names}
+    groups = {g: {"steps": [_steps_to(r, target) for r in runs_of(chosen, g)]} for g in names}
     return groups, [
         figure(
             "combos",
@@ -436,7 +432,7 @@ def combos(chosen: dict, s: dict):
 
 
 def transformer(chosen: dict, s: dict):
-    groups = {g: {"test_acc": points(_chosen(chosen, g))} for g in ("residual", "plain")}
+    groups = {g: {"test_acc": points(runs_of(chosen, g))} for g in ("residual", "plain")}
     names = {"residual": "with residual connections", "plain": "without"}
     return groups, [
         figure(
