@@ -16,10 +16,17 @@ from .._checks import check_int
 from .._io import json_safe
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..errors import UsageError, UsageTypeError
-from .evidence import affine_deviation, stuck_after_gates_open, zero_parameters
+from .evidence import affine_deviation, is_zero_candidate, stuck_after_gates_open, zero_parameters
 from .outputs import read_output
-from .probes import ForwardRecorder, find_blocks, layer_weights, parameterized_layers, unwrap
-from .stats import COPY_LIMIT, ActivationSummary
+from .probes import (
+    ForwardRecorder,
+    find_blocks,
+    layer_weights,
+    named_parameters,
+    parameterized_layers,
+    unwrap,
+)
+from .stats import ActivationSummary, squared_norms
 from .training import TrainingTrace, run_steps
 from .verdict import Evidence, LayerGrad, Signal, Thresholds, Verdict, judge
 
@@ -266,7 +273,7 @@ def diagnose(
         found = find_blocks(net, blocks, named)
         with ForwardRecorder(net, found, channel_dim, compiled, named, layers) as recorder:
             loss_value = _backward(step_loss)
-        grads = _layer_grads(layers, recorder.layer_order)
+        grads, evidence.zeros = _layer_grads(layers, recorder.layer_order, named)
         by_name = dict(layers)
         nonlinear = recorder.activation_calls > 0
         _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, nonlinear)
@@ -314,11 +321,14 @@ def _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, name
     )
 
 
+DEFAULT_THRESHOLDS = Thresholds()  # frozen: one instance serves every call
+
+
 def _checked(model, thresholds, optimizer, steps) -> tuple[Thresholds, int]:
     """The argument checks of :func:`diagnose`; the thresholds and the number of steps."""
     if not isinstance(model, nn.Module):
         raise UsageTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    thresholds = thresholds or Thresholds()
+    thresholds = thresholds or DEFAULT_THRESHOLDS
     if not isinstance(thresholds, Thresholds):
         raise UsageTypeError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -381,7 +391,7 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
     """Which parameters start at zero with a gradient (gates), which layers get no
     gradient at all (silent), and which of those stay silent once the gates move."""
     evidence.silent = [g.name for g in grads if g.grad_norm == 0]
-    zeros = evidence.zeros = zero_parameters(net)
+    zeros = evidence.zeros
     gates = [(n, p) for n, p in zeros if p.grad is not None and bool(p.grad.detach().any())]
     evidence.gates = [n for n, _ in gates]
     if gates and evidence.silent:
@@ -425,41 +435,29 @@ def state_restored(model: nn.Module, net: nn.Module, train_mode: bool):
             m.training = mode
 
 
-def _layer_grads(layers: list[tuple[str, nn.Module]], called: list[str]) -> list[LayerGrad]:
+def _layer_grads(
+    layers: list[tuple[str, nn.Module]], called: list[str], named: list[tuple[str, nn.Module]]
+) -> tuple[list[LayerGrad], list[tuple[str, nn.Parameter]]]:
     """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
-    layers, in forward order; a layer whose weights got no gradient counts 0."""
+    layers, in forward order (a layer whose weights got no gradient counts 0); and the
+    model's parameters that are exactly zero (see :func:`~.evidence.zero_parameters`),
+    found from the same float64 pass over every parameter."""
     by_name = dict(layers)
     order = _forward_order(called, layers)
     weights = [layer_weights(by_name[name]) for name in order]
-    tensors = [w.detach() for ws in weights for w in ws]
-    tensors += [w.grad.detach() for ws in weights for w in ws if w.grad is not None]
-    squares = iter(_squared_norms(tensors))
-    weight_sq = [[next(squares) for _ in ws] for ws in weights]
-    grads = []
-    for name, ws, w_sq in zip(order, weights, weight_sq):
-        grad_sq = sum(next(squares) for w in ws if w.grad is not None)
-        grads.append(LayerGrad(name, type(by_name[name]).__name__, grad_sq**0.5, sum(w_sq) ** 0.5))
-    return grads
-
-
-def _squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """The float64 sum of squares of every tensor: one stacked pass per group of tensors
-    of one size, dtype and device (a deep stack of equal layers: a few ops in all, not a
-    few per layer), one read for each group."""
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.numel(), t.dtype, t.device), []).append(i)
-    squares = [0.0] * len(tensors)
-    for (numel, _, _), index in groups.items():
-        if numel * len(index) > COPY_LIMIT:  # no float64 copy of large tensors
-            sums = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in index]
-            values = torch.stack(sums).square().tolist()
-        else:
-            rows = torch.stack([tensors[i].reshape(-1) for i in index]).to(torch.float64)
-            values = rows.square_().sum(1).tolist()
-        for i, value in zip(index, values):
-            squares[i] = value
-    return squares
+    params = named_parameters(named)
+    grads = [w.grad for ws in weights for w in ws if w.grad is not None]
+    with torch.no_grad():  # no graph and no detach() per tensor
+        squares = squared_norms([p for _, p in params] + grads)
+    square_of = {id(p): sq for (_, p), sq in zip(params, squares)}
+    grad_squares = iter(squares[len(params) :])
+    result = []
+    for name, ws in zip(order, weights):
+        grad_sq = sum(next(grad_squares) for w in ws if w.grad is not None)
+        weight_sq = sum(square_of[id(w)] for w in ws)
+        result.append(LayerGrad(name, type(by_name[name]).__name__, grad_sq**0.5, weight_sq**0.5))
+    zeros = [(n, p) for n, p in params if is_zero_candidate(n, p) and square_of[id(p)] == 0]
+    return result, zeros
 
 
 def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:

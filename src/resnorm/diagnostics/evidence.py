@@ -8,6 +8,7 @@ change (a zero parameter, ``.grad``, the mode) is put back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,8 +26,13 @@ def zero_parameters(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [
         (name, p)
         for name, p in net.named_parameters()
-        if p.numel() and not name.rsplit(".", 1)[-1].startswith("bias") and not p.detach().any()
+        if is_zero_candidate(name, p) and not p.detach().any()
     ]
+
+
+def is_zero_candidate(name: str, p: nn.Parameter) -> bool:
+    """Whether :func:`zero_parameters` looks at the parameter: not empty, not a bias."""
+    return bool(p.numel()) and not name.rsplit(".", 1)[-1].startswith("bias")
 
 
 def stuck_after_gates_open(
@@ -91,8 +97,9 @@ def affine_deviation(model: nn.Module, args: tuple, samples: int = 8) -> float |
             m.training = mode
     if out is None or out.shape[0] != 3 * n:
         return None
-    f1, f2, fm = out.double().reshape(3, n, -1).unbind(0)
-    spread = (f1 - f2).norm() / 2
-    if not torch.isfinite(spread) or spread == 0:
+    # Rows: fm - (f1 + f2) / 2 and (f1 - f2) / 2, from one product; then both norms.
+    mix = torch.tensor([[-0.5, -0.5, 1.0], [0.5, -0.5, 0.0]], dtype=torch.float64)
+    deviation, spread = (mix.to(out.device) @ out.double().reshape(3, -1)).norm(dim=1).tolist()
+    if not math.isfinite(spread) or spread == 0:
         return None
-    return float((fm - (f1 + f2) / 2).norm() / spread)
+    return deviation / spread

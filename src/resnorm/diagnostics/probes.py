@@ -1,8 +1,9 @@
 """Finding the layers and blocks of any ``nn.Module`` and recording what flows through them.
 
-Statistics are computed inside forward hooks, the moment a module returns, so later
-in-place operations (``nn.ReLU(inplace=True)``, ``out += identity``) cannot change what was
-measured; no tensor is kept. Gradients are read from ``.grad`` after ``backward()``, never
+Forward hooks measure each output the moment its module returns, so later in-place
+operations (``nn.ReLU(inplace=True)``, ``out += identity``) cannot change what was
+measured; no tensor is kept. A hook takes a few unit moments (:class:`~.stats.MomentBatch`);
+the statistics of all outputs of one shape are finished together after the pass. Gradients are read from ``.grad`` after ``backward()``, never
 through module backward hooks, which in-place operations break. Hooks are always removed.
 Under ``torch.compile`` the hooks run eagerly, outside the graph: traced, each one would
 break the graph at ``.item()`` and be recompiled for every layer it is registered on.
@@ -20,7 +21,7 @@ from torch import nn
 from ..blocks import ResidualAdd, TransformerBlock
 from ..errors import UsageError
 from ..norms import FusedAddLayerNorm, FusedAddRMSNorm
-from .stats import ActivationSummary, channel_moments, channel_stats_many, summarize_activation
+from .stats import ActivationSummary, Measured, MomentBatch
 
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 ACTIVATIONS = RECTIFIERS + (
@@ -69,6 +70,18 @@ def layer_weights(module: nn.Module) -> list[nn.Parameter]:
     if isinstance(weight, nn.Parameter):
         return [weight]
     return [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
+
+
+def named_parameters(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Parameter]]:
+    """``named_parameters()`` from the listed ``named_modules()`` (each parameter once)."""
+    seen: set[int] = set()
+    params = []
+    for module_name, module in named:
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append((f"{module_name}.{name}" if module_name else name, p))
+    return params
 
 
 def parameterized_layers(
@@ -182,9 +195,9 @@ class ForwardRecorder:
         self.activation_calls = 0  # outputs of nonlinearity modules (ReLU, GELU, ...) seen
         self._calls: dict[str, int] = defaultdict(int)
         self._handles: list = []
-        # Per-channel sums taken in the hooks, finished together after the pass:
-        # (channels, values per channel) -> [(sums, norms, cell)].
-        self._pending: dict[tuple, list] = defaultdict(list)
+        # The hooks take unit moments; the statistics are finished together after the pass.
+        self._batch = MomentBatch()
+        self._summaries: list[tuple[str, Measured, bool]] = []  # (key, entry, rectified)
 
     def _block_channel_dim(self, module: nn.Module) -> int:
         if self.channel_dim is not None:
@@ -251,27 +264,19 @@ class ForwardRecorder:
         count = self._calls[name]
         return name if count == 1 else f"{name}#{count}"
 
-    def _channel(self, x: torch.Tensor, channel_dim: int) -> tuple[list, tuple]:
-        """A cell that will hold ``channel_stats(x, channel_dim)`` once settled, and the
-        per-channel float64 sums and sums of squares it is finished from."""
-        total, squares, n = channel_moments(x, channel_dim)
-        cell = []
-        self._pending[total.shape[0], n].append((total, squares, cell))
-        return cell, (total, squares)
-
     def _settle(self) -> None:
-        """Finish the channel statistics, all outputs of one shape at once, into cells."""
-        pending, self._pending = self._pending, defaultdict(list)
-        for (_, n), jobs in pending.items():
-            totals, squares, cells = zip(*jobs)
-            for cell, result in zip(cells, channel_stats_many(totals, squares, n)):
-                cell.append(result)
+        """Finish the statistics of everything the hooks measured, into the records."""
+        self._batch.settle()
+        for key, entry, rectified in self._summaries:
+            self.activations[key] = entry.summary_as(rectified)
+        self._summaries.clear()
         for record in self.block_records.values():
             if record.cell is not None:
-                record.sq_mean, record.var = record.cell[0]
+                entry, dim = record.cell
+                record.sq_mean, record.var = entry.channel[dim]
                 record.cell = None
-            record.branch_vars = [cell[0][1] for cell in record.branch_vars]
-            record.skip_vars = [cell[0][1] for cell in record.skip_vars]
+            record.branch_vars = [entry.channel[dim][1] for entry, dim in record.branch_vars]
+            record.skip_vars = [entry.channel[dim][1] for entry, dim in record.skip_vars]
 
     def _module_hook(self, summaries: list, records: list, merges: list):
         seen = self._seen
@@ -282,24 +287,28 @@ class ForwardRecorder:
             if not summaries and not records:
                 return
             out = self._first_tensor(output)
-            moments = None
-            if out is not None and out.dim() >= 2:
-                for record in records:
-                    record.cell, moments = self._channel(out, record.channel_dim)
+            entry = None
+            if out is not None:
+                dims = tuple(r.channel_dim for r in records) if out.dim() >= 2 else ()
+                rectified = any(r for _, r, _ in summaries)
+                entry = self._batch.add(
+                    out, summary=bool(summaries), rectified=rectified, channel_dims=dims
+                )
+                for record in records if dims else ():
+                    record.cell = (entry, record.channel_dim)
             for name, rectified, is_layer in summaries:
                 if is_layer and name not in seen:
                     seen.add(name)
                     self.layer_order.append(name)
                 elif not is_layer:
                     self.activation_calls += 1
-                if out is not None:
-                    summary = summarize_activation(out, rectified=rectified, moments=moments)
-                    self.activations[self._key(name)] = summary
+                if entry is not None:
+                    self._summaries.append((self._key(name), entry, rectified))
 
         return hook
 
     def _merge(self, module: nn.Module, inputs: tuple, record: BlockRecord) -> None:
-        branch, skip = inputs[0], inputs[1]
-        record.branch_vars.append(self._channel(branch, record.channel_dim)[0])
+        branch, skip, dim = inputs[0], inputs[1], record.channel_dim
+        record.branch_vars.append((self._batch.add(branch, channel_dims=(dim,)), dim))
         if module.residual:
-            record.skip_vars.append(self._channel(skip, record.channel_dim)[0])
+            record.skip_vars.append((self._batch.add(skip, channel_dims=(dim,)), dim))
