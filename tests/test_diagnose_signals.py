@@ -459,3 +459,40 @@ def test_cli_judges_a_training_run(tmp_path, capsys):
     assert main(["diagnose", "mlp", "--run", str(run)]) == 2
     assert "give no MODEL" in capsys.readouterr().err
     assert main(["diagnose", "--run", str(tmp_path / "missing")]) != 0
+
+
+class FixedBatchNet(nn.Module):
+    """A model written for one batch size (``view(256, ...)``), with a zero head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, x):
+        return self.head(self.body(x).view(256, 32))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ZeroHeadMixer(),
+        lambda: _mlp(6, nn.ReLU, init=lambda m: nn.init.zeros_(m.weight)),
+        lambda: FixedBatchNet(),
+    ],
+    ids=["zero-head", "all-zero", "fixed-batch"],
+)
+def test_gate_probe_on_part_of_the_batch_agrees_with_the_whole(monkeypatch, build):
+    """The gate probe runs on the first PROBE_BATCH samples (the whole batch for a model
+    that runs at its batch size only): the same layers stay silent as with all of them."""
+    diagnose_module = __import__("sys").modules["resnorm.diagnostics.diagnose"]
+    x, y = _batch(n=256)
+    found = []
+    for probe in (diagnose_module.PROBE_BATCH, 10**9):
+        monkeypatch.setattr(diagnose_module, "PROBE_BATCH", probe)
+        torch.manual_seed(0)
+        d = diagnose(build(), x, y)
+        found.append((d.verdict, [s.name for s in d.fired], d.findings))
+    assert found[0] == found[1]
+    assert any("start at zero" in f for f in found[0][2])

@@ -268,6 +268,13 @@ def diagnose(
     def step_loss() -> torch.Tensor:
         return _loss(model(*args), targets, loss_fn, evidence)
 
+    def probe_loss() -> torch.Tensor:  # the gate probe's pass (see _probe_batch)
+        probe_args, probe_targets = _probe_batch(args, targets)
+        try:
+            return _loss(model(*probe_args), probe_targets, loss_fn, evidence)
+        except RuntimeError:  # a model that runs at its batch size only
+            return step_loss()
+
     with state_restored(model, net, train_mode):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         found = find_blocks(net, blocks, named)
@@ -276,18 +283,19 @@ def diagnose(
         grads, evidence.zeros = _layer_grads(layers, recorder.layer_order, named)
         by_name = dict(layers)
         nonlinear = recorder.activation_calls > 0
-        _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, nonlinear)
+        _gather_evidence(model, net, args, by_name, grads, probe_loss, evidence, nonlinear)
         if steps:
             order = [(g.name, by_name[g.name]) for g in grads]
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
     return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, named)
 
 
-def _gather_evidence(model, net, args, by_name, grads, step_loss, evidence, nonlinear) -> None:
+def _gather_evidence(model, net, args, by_name, grads, probe_loss, evidence, nonlinear) -> None:
     """What the verdict needs beyond the gradients: the first layer and depth, the zero
-    gates and what stays silent behind them, and whether the model is affine."""
+    gates and what stays silent behind them (``probe_loss``: the pass that asks), and
+    whether the model is affine."""
     evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
-    _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, step_loss, evidence)
+    _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, probe_loss, evidence)
     # A nonlinearity module that ran settles it; only models without one are checked
     # (a stack of linear layers, or activations called as functions), and only where the
     # verdict reads it: two weight layers or more, and no zero gates.
@@ -387,9 +395,10 @@ def _backward(step_loss: Callable[[], torch.Tensor], inputs: list | None = None)
     return float(loss.detach())
 
 
-def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evidence) -> None:
+def _gate_evidence(net, layers, grads: list[LayerGrad], probe_loss, evidence: Evidence) -> None:
     """Which parameters start at zero with a gradient (gates), which layers get no
-    gradient at all (silent), and which of those stay silent once the gates move."""
+    gradient at all (silent), and which of those stay silent once the gates move
+    (``probe_loss``: one forward pass whose backward fills in their gradients)."""
     evidence.silent = [g.name for g in grads if g.grad_norm == 0]
     zeros = evidence.zeros
     gates = [(n, p) for n, p in zeros if p.grad is not None and bool(p.grad.detach().any())]
@@ -397,10 +406,30 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], step_loss, evidence: Evi
     if gates and evidence.silent:
         silent = [(n, m) for n, m in layers if n in set(evidence.silent)]
         evidence.stuck = stuck_after_gates_open(
-            net, [p for _, p in gates], silent, lambda inputs: _backward(step_loss, inputs)
+            net, [p for _, p in gates], silent, lambda inputs: _backward(probe_loss, inputs)
         )
         for p in net.parameters():  # the measured gradients are read; clear the probe's
             p.grad = None
+
+
+# The gate probe asks whether any gradient reaches the silent layers once the gates open:
+# a question of the network's structure, asked of this many samples of the batch.
+PROBE_BATCH = 64
+
+
+def _probe_batch(args: tuple, targets) -> tuple[tuple, torch.Tensor | None]:
+    """The first :data:`PROBE_BATCH` samples when the input is one tensor whose first axis
+    is the targets' (the batch axis, known for sure); else the whole batch."""
+    x = args[0] if len(args) == 1 else None
+    if (
+        isinstance(x, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and x.dim() >= 1
+        and targets.dim() >= 1
+        and x.shape[0] == targets.shape[0] > PROBE_BATCH
+    ):
+        return (x[:PROBE_BATCH],), targets[:PROBE_BATCH]
+    return args, targets
 
 
 @contextmanager

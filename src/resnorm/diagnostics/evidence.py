@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import UsageTypeError
 from .outputs import read_output
 from .probes import layer_weights
+from .stats import squared_norms
 
 
 def zero_parameters(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -60,10 +61,12 @@ def stuck_after_gates_open(
         for p in net.parameters():
             p.grad = None
         backward(weights)
+        grads = [w.grad for w in weights if w.grad is not None]
+        reached = {id(g) for g, sq in zip(grads, squared_norms(grads)) if sq != 0}  # NaN: reached
         return [
             name
             for name, module in silent
-            if not any(w.grad is not None and w.grad.detach().any() for w in layer_weights(module))
+            if not any(w.grad is not None and id(w.grad) in reached for w in layer_weights(module))
         ]
     finally:
         with torch.no_grad():

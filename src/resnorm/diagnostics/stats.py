@@ -145,10 +145,6 @@ def summarize_activation(
     )
 
 
-# A MomentBatch holds float64 copies of up to this many values before it settles.
-HOLD_LIMIT = 1 << 22
-
-
 def _channel_view(shape: tuple, channel_dim: int) -> tuple[int, int, int]:
     """(values before, channels, values after) of ``shape`` around ``channel_dim``."""
     dim = channel_dim % len(shape)
@@ -160,14 +156,13 @@ class Measured:
     statistics at each of ``channel_dims``, there (``summary``, ``channel[dim]``) once the
     batch has settled."""
 
-    __slots__ = ("ref", "version", "shape", "copy", "sums", "squares", "peaks", "summary")
+    __slots__ = ("ref", "version", "shape", "sums", "squares", "peaks", "summary")
     __slots__ += ("wants_summary", "rectified", "channel_dims", "channel")
 
     def __init__(self, x: torch.Tensor) -> None:
         self.ref, self.version, self.shape = weakref.ref(x), x._version, tuple(x.shape)
-        self.copy = None  # the float64 copy, until settled (a NaN or Inf is read from it)
-        self.sums = self.squares = self.peaks = None  # per-unit sums, the sum of squares,
-        # and per-unit largest values (rectifier outputs), as float64 tensors
+        self.sums = self.peaks = None  # per unit: float64 sums, largest values (rectifiers)
+        self.squares = math.nan  # the float64 sum of squares of all values
         self.summary: ActivationSummary | None = None
         self.wants_summary = self.rectified = False
         self.channel_dims: set[int] = set()
@@ -187,21 +182,20 @@ class MomentBatch:
     read back per output shape.
 
     :meth:`add` takes, at once (before any later in-place operation can change the
-    tensor), a float64 copy, its sum over the batch axis for every unit (one feature at
-    one position), its sum of squares, and for rectifier outputs (never negative) each
-    unit's largest value. Everything asked follows from these: the mean and variance, the
-    fraction of dead units, and the channel statistics at any axis but the batch axis (a
-    channel's sum is the sum of its units'; the average channel variance is the mean
-    square less the average squared channel mean). A tensor added again unchanged (the
-    same object, not modified since) is measured once. :meth:`settle` finishes the
-    statistics of all outputs of one shape together; an output with a NaN or Inf is then
-    measured from its copy as :func:`summarize_activation` does (counted, left out).
-    The copies held are bounded: past :data:`HOLD_LIMIT` values the batch settles."""
+    tensor), from a float64 copy: the sum over the batch axis for every unit (one feature
+    at one position), the sum of squares of all values, and for rectifier outputs (never
+    negative) each unit's largest value. Everything asked follows from these: the mean and
+    variance, the fraction of dead units, and the channel statistics at any axis but the
+    batch axis (a channel's sum is the sum of its units'; the average channel variance is
+    the mean square less the average squared channel mean). A tensor added again unchanged
+    (the same object, not modified since) is measured once. :meth:`settle` finishes the
+    statistics of all outputs of one shape together, with one read back. An output with a
+    NaN or Inf (a sum of squares that is not finite) is measured at once as
+    :func:`summarize_activation` does (counted, left out)."""
 
     def __init__(self) -> None:
         self._pending: list[Measured] = []
         self._seen: dict[int, Measured] = {}
-        self._held = 0
 
     def add(
         self,
@@ -229,33 +223,31 @@ class MomentBatch:
                 entry.channel[dim] = channel_stats(x, dim)  # the batch axis: by itself
             else:
                 entry.channel_dims.add(dim)
-        if self._held > HOLD_LIMIT:
-            self.settle()
         return entry
 
     def _moments(self, entry: Measured, x: torch.Tensor) -> None:
         """The unit sums and the sum of squares; left unset (the statistics are then taken
-        from ``x`` at once) for an empty tensor, one not of floats, and a large one with a
-        NaN or Inf."""
+        from ``x`` at once) for an empty tensor, one not of floats, and one with a NaN or
+        Inf (its sum of squares is not finite: squares of floats never overflow float64).
+        The float64 copy is dropped at once, so the next output's reuses its memory."""
         if not x.numel() or not x.is_floating_point():
             return
         rows = x.reshape(-1, 1) if x.dim() <= 1 else x
         if x.numel() <= COPY_LIMIT:
-            entry.copy = rows.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-            flat = entry.copy.view(-1)
-            entry.squares, entry.sums = torch.dot(flat, flat), entry.copy.sum(0)
-            self._held += x.numel()
-        else:  # no float64 copy of a large tensor (its finiteness is read at once)
-            squares = torch.linalg.vector_norm(rows, dtype=torch.float64).square()
-            if not math.isfinite(squares.item()):
-                return
-            entry.squares, entry.sums = squares, rows.sum(0, dtype=torch.float64)
-        self._pending.append(entry)
+            values = rows.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+            flat = values.view(-1)
+            squares, sums = torch.dot(flat, flat).item(), values.sum(0)
+        else:  # no float64 copy of a large tensor
+            squares = torch.linalg.vector_norm(rows, dtype=torch.float64).item() ** 2
+            sums = rows.sum(0, dtype=torch.float64)
+        if math.isfinite(squares):
+            entry.sums, entry.squares = sums, squares
+            self._pending.append(entry)
 
     def settle(self) -> None:
         """Finish every statistic asked so far: one group of operations and one read back
         per output shape."""
-        pending, self._pending, self._held = self._pending, [], 0
+        pending, self._pending = self._pending, []
         self._seen.clear()
         groups: dict[tuple, list[Measured]] = {}
         for entry in pending:
@@ -263,14 +255,14 @@ class MomentBatch:
         for (shape, _), entries in groups.items():
             _settle_group(shape, entries)
             for entry in entries:
-                entry.copy = entry.sums = entry.squares = entry.peaks = None
+                entry.sums = entry.peaks = None
 
 
 def _settle_group(shape: tuple, entries: list[Measured]) -> None:
     """The statistics of ``entries``, outputs of one ``shape``, from their moments."""
     k = len(entries)
     sums = torch.stack([e.sums for e in entries])  # (k, *unit shape)
-    parts = [sums.flatten(1).sum(1), torch.stack([e.squares for e in entries])]
+    parts = [sums.flatten(1).sum(1)]
     peaked = [i for i, e in enumerate(entries) if e.peaks is not None]
     if peaked:  # a unit is dead when its largest value over the batch is 0
         peaks = torch.stack([entries[i].peaks for i in peaked]).flatten(1)
@@ -287,55 +279,37 @@ def _settle_group(shape: tuple, entries: list[Measured]) -> None:
         parts.append(channel_sums.square().sum(1))
     values = iter(torch.cat(parts).tolist())  # one read back for the group
     totals = [next(values) for _ in range(k)]
-    squares = [next(values) for _ in range(k)]
+    squares = [e.squares for e in entries]
     alive = {i: next(values) for i in peaked}
-    numel, finite = math.prod(rows), [math.isfinite(q) for q in squares]
+    numel = math.prod(rows)
     for axis, index in axes.items():
         channels = rows[axis]
         n = numel // channels  # values per channel
         for i, squared in zip(index, [next(values) for _ in index]):
             sq_mean = squared / (n * n * channels)
             var = max(squares[i] / numel - sq_mean, 0.0)
-            result = (sq_mean, var) if finite[i] else (math.nan, math.nan)
             entries[i].channel.update(
-                {d: result for d in entries[i].channel_dims if d % len(rows) == axis}
+                {d: (sq_mean, var) for d in entries[i].channel_dims if d % len(rows) == axis}
             )
     units = numel // rows[0]
     for i, entry in enumerate(entries):
-        if not entry.wants_summary:
-            continue
-        if not finite[i]:  # NaN or Inf: counted and left out, from the copy
-            entry.summary = summarize_activation(
-                entry.copy.view(entry.shape), rectified=entry.rectified
-            )
-            continue
-        mean = totals[i] / numel
-        var = max(squares[i] / numel - mean * mean, 0.0)
-        dead = (units - alive[i]) / units if i in alive else None
-        entry.summary = ActivationSummary(mean, math.sqrt(var), dead, 0, numel)
+        if entry.wants_summary:
+            mean = totals[i] / numel
+            var = max(squares[i] / numel - mean * mean, 0.0)
+            dead = (units - alive[i]) / units if i in alive else None
+            entry.summary = ActivationSummary(mean, math.sqrt(var), dead, 0, numel)
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """The float64 sum of squares of every tensor, read back once. Consecutive tensors of
-    one device, up to :data:`COPY_LIMIT` values together, are summed from one float64
-    copy of all of them (a few operations per chunk, not a few per tensor); a larger
-    tensor by itself, in float64, without a copy."""
-    sums: list[torch.Tensor] = []
-    chunk: list[torch.Tensor] = []
-    for t in [*tensors, None]:
-        if chunk and (
-            t is None or t.device != chunk[0].device or _numel(chunk) + t.numel() > COPY_LIMIT
-        ):
-            flat = torch.cat([c.reshape(-1) for c in chunk]).to(torch.float64)
-            lengths = torch.tensor([c.numel() for c in chunk], device=flat.device)
-            sums.append(torch.segment_reduce(flat.square_(), "sum", lengths=lengths, initial=0))
-            chunk = []
-        if t is not None and t.numel() > COPY_LIMIT:
-            sums.append(torch.linalg.vector_norm(t, dtype=torch.float64).square().reshape(1))
-        elif t is not None:
-            chunk.append(t)
-    return torch.cat([s.to(sums[0].device) for s in sums]).tolist() if sums else []
-
-
-def _numel(tensors: list[torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors)
+    """The float64 sum of squares of every tensor, read back once: one fused norm call per
+    device (``torch._foreach_norm`` in float64, what ``clip_grad_norm_`` uses; no copy,
+    no Python per tensor), squared."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    squares = [0.0] * len(tensors)
+    for index in by_device.values():
+        norms = torch._foreach_norm([tensors[i] for i in index], 2, dtype=torch.float64)
+        for i, value in zip(index, torch.stack(norms).square().tolist()):
+            squares[i] = value
+    return squares
