@@ -12,8 +12,10 @@ which wall-clock medians do not; ``--stat min`` keeps the fastest repeat of each
 least disturbed by other work.
 
 For each model: the median seconds of ``F.cross_entropy(model(x), y).backward()`` and of
-``diagnose(model, x, y)`` (hooks and float64 statistics on every layer output, the
-affine check, the zero-gate probe when the model has zero parameters), and their ratio.
+``diagnose(model, x, y)`` (hooks and float64 statistics on every layer output, the affine
+check, the zero-gate probe when the model has zero parameters), and their ratio. The two
+are measured in turns, at least ``--repeats`` pairs, and fast models more, until their
+diagnoses add up to 0.3 s: one repeat of a 1 ms model is mostly noise on a shared machine.
 """
 
 from __future__ import annotations
@@ -47,14 +49,18 @@ CLOCK = time.perf_counter
 STAT = statistics.median
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = CLOCK()
-        fn()
-        times.append(CLOCK() - start)
-    return STAT(times)
+def _paired(step, diag, repeats: int, budget: float = 0.3) -> tuple[float, float]:
+    """The plain step's and diagnose's times, measured in turns (a drift in the machine's
+    speed touches both alike): at least ``repeats`` pairs, more for fast models until the
+    diagnoses add up to ``budget`` seconds (at most 200 pairs); the statistic of each."""
+    step(), diag()  # warm-up
+    plain, diagnosed = [], []
+    while len(plain) < repeats or (sum(diagnosed) < budget and len(plain) < 200):
+        for fn, times in ((step, plain), (diag, diagnosed)):
+            start = CLOCK()
+            fn()
+            times.append(CLOCK() - start)
+    return STAT(plain), STAT(diagnosed)
 
 
 def trainability_rows(repeats: int) -> list[dict]:
@@ -76,8 +82,7 @@ def trainability_rows(repeats: int) -> list[dict]:
             F.cross_entropy(model(x), y).backward()
             model.zero_grad(set_to_none=True)
 
-        plain = _median(step, repeats)
-        diag = _median(lambda: diagnose(model, x, y), repeats)
+        plain, diag = _paired(step, lambda: diagnose(model, x, y), repeats)
         rows.append(
             {
                 "model": name,
@@ -128,8 +133,7 @@ def main(argv=None) -> int:
             F.cross_entropy(model(x), y).backward()
             model.zero_grad(set_to_none=True)
 
-        plain = _median(step, args.repeats)
-        diag = _median(lambda: diagnose(model, x, y), args.repeats)
+        plain, diag = _paired(step, lambda: diagnose(model, x, y), args.repeats)
         rows.append(
             {
                 "model": label,
