@@ -275,7 +275,7 @@ def diagnose(
         except RuntimeError:  # a model that runs at its batch size only
             return step_loss()
 
-    with state_restored(model, net, train_mode):
+    with state_restored(model, net, train_mode, named):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         found = find_blocks(net, blocks, named)
         with ForwardRecorder(net, found, channel_dim, compiled, named, layers) as recorder:
@@ -433,15 +433,25 @@ def _probe_batch(args: tuple, targets) -> tuple[tuple, torch.Tensor | None]:
 
 
 @contextmanager
-def state_restored(model: nn.Module, net: nn.Module, train_mode: bool):
+def state_restored(
+    model: nn.Module,
+    net: nn.Module,
+    train_mode: bool,
+    named: list[tuple[str, nn.Module]] | None = None,
+):
     """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
     put back the gradients, the buffers (running statistics), every module's mode and the
-    random generators' states. In between, the model is in ``train_mode``."""
-    params = list(net.parameters())
+    random generators' states. In between, the model is in ``train_mode``. ``named``:
+    ``net.named_modules()`` when the caller has listed them."""
+    modules = [m for _, m in (net.named_modules() if named is None else named)]
+    params = list(
+        {id(p): p for m in modules for p in m._parameters.values() if p is not None}.values()
+    )
     saved_grads = [p.grad for p in params]
-    saved_buffers = [(b, b.detach().clone()) for b in net.buffers()]
+    buffers = {id(b): b for m in modules for b in m._buffers.values() if b is not None}
+    saved_buffers = [(b, b.detach().clone()) for b in buffers.values()]
     # The wrapper's modules too: DDP keeps a training flag of its own.
-    was_training = [(m, m.training) for m in model.modules()]
+    was_training = [(m, m.training) for m in (modules if model is net else model.modules())]
     # Dropout draws from the generator: being diagnosed leaves the caller's stream as it was.
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
