@@ -2,8 +2,9 @@
 
 Forward hooks measure each output the moment its module returns, so later in-place
 operations (``nn.ReLU(inplace=True)``, ``out += identity``) cannot change what was
-measured; no tensor is kept. A hook takes a few unit moments (:class:`~.stats.MomentBatch`);
-the statistics of all outputs of one shape are finished together after the pass. Gradients are read from ``.grad`` after ``backward()``, never
+measured; no tensor is kept. A hook takes a few moments of the output (a
+:class:`~.stats.MomentBatch`); the statistics of all outputs of one shape are finished
+together after the pass. Gradients are read from ``.grad`` after ``backward()``, never
 through module backward hooks, which in-place operations break. Hooks are always removed.
 Under ``torch.compile`` the hooks run eagerly, outside the graph: traced, each one would
 break the graph at ``.item()`` and be recompiled for every layer it is registered on.
