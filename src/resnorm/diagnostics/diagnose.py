@@ -239,8 +239,9 @@ def diagnose(
     whether it will train (the signals: :mod:`~resnorm.diagnostics.verdict`): a forward
     and backward pass (training mode by default: batch norm uses batch statistics, as in
     Brock et al.), an eval-mode forward on midpoints of the batch (is it affine? asked of
-    two weight layers or more, no zero gates, no nonlinearity module run), a backward with
-    zero parameters moved a small step (if layers get no gradient), and ``steps`` steps of
+    two weight layers or more, no zero gates, no nonlinearity module run), a forward and
+    backward with zero parameters moved a small step (if layers get no gradient; on the
+    first :data:`PROBE_BATCH` samples when that is unambiguous), and ``steps`` steps of
     ``optimizer`` (20 by default). The model is left as found (parameters, mode, buffers,
     ``.grad``, the optimizer's state, the random generator).
 
