@@ -486,11 +486,12 @@ class FixedBatchNet(nn.Module):
 def test_gate_probe_on_part_of_the_batch_agrees_with_the_whole(monkeypatch, build):
     """The gate probe runs on the first PROBE_BATCH samples (the whole batch for a model
     that runs at its batch size only): the same layers stay silent as with all of them."""
-    diagnose_module = __import__("sys").modules["resnorm.diagnostics.diagnose"]
+    import resnorm.diagnostics.evidence as evidence
+
     x, y = _batch(n=256)
     found = []
-    for probe in (diagnose_module.PROBE_BATCH, 10**9):
-        monkeypatch.setattr(diagnose_module, "PROBE_BATCH", probe)
+    for probe in (evidence.PROBE_BATCH, 10**9):
+        monkeypatch.setattr(evidence, "PROBE_BATCH", probe)
         torch.manual_seed(0)
         d = diagnose(build(), x, y)
         found.append((d.verdict, [s.name for s in d.fired], d.findings))

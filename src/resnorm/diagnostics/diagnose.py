@@ -16,7 +16,13 @@ from .._checks import check_int
 from .._io import json_safe
 from ..blocks import LayerScale, ResidualAdd, ResidualMLPBlock, ScalarGain, TransformerBlock
 from ..errors import UsageError, UsageTypeError
-from .evidence import affine_deviation, is_zero_candidate, stuck_after_gates_open, zero_parameters
+from .evidence import (
+    affine_deviation,
+    is_zero_candidate,
+    probe_batch,
+    stuck_after_gates_open,
+    zero_parameters,
+)
 from .outputs import read_output
 from .probes import (
     ForwardRecorder,
@@ -241,9 +247,9 @@ def diagnose(
     Brock et al.), an eval-mode forward on midpoints of the batch (is it affine? asked of
     two weight layers or more, no zero gates, no nonlinearity module run), a forward and
     backward with zero parameters moved a small step (if layers get no gradient; on the
-    first :data:`PROBE_BATCH` samples when that is unambiguous), and ``steps`` steps of
-    ``optimizer`` (20 by default). The model is left as found (parameters, mode, buffers,
-    ``.grad``, the optimizer's state, the random generator).
+    first :data:`~.evidence.PROBE_BATCH` samples when that is unambiguous), and ``steps``
+    steps of ``optimizer`` (20 by default). The model is left as found (parameters, mode,
+    buffers, ``.grad``, the optimizer's state, the random generator).
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
@@ -269,8 +275,8 @@ def diagnose(
     def step_loss() -> torch.Tensor:
         return _loss(model(*args), targets, loss_fn, evidence)
 
-    def probe_loss() -> torch.Tensor:  # the gate probe's pass (see _probe_batch)
-        probe_args, probe_targets = _probe_batch(args, targets)
+    def probe_loss() -> torch.Tensor:  # the gate probe's pass (see probe_batch)
+        probe_args, probe_targets = probe_batch(args, targets)
         try:
             return _loss(model(*probe_args), probe_targets, loss_fn, evidence)
         except RuntimeError:  # a model that runs at its batch size only
@@ -411,26 +417,6 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], probe_loss, evidence: Ev
         )
         for p in net.parameters():  # the measured gradients are read; clear the probe's
             p.grad = None
-
-
-# The gate probe asks whether any gradient reaches the silent layers once the gates open:
-# a question of the network's structure, asked of this many samples of the batch.
-PROBE_BATCH = 64
-
-
-def _probe_batch(args: tuple, targets) -> tuple[tuple, torch.Tensor | None]:
-    """The first :data:`PROBE_BATCH` samples when the input is one tensor whose first axis
-    is the targets' (the batch axis, known for sure); else the whole batch."""
-    x = args[0] if len(args) == 1 else None
-    if (
-        isinstance(x, torch.Tensor)
-        and isinstance(targets, torch.Tensor)
-        and x.dim() >= 1
-        and targets.dim() >= 1
-        and x.shape[0] == targets.shape[0] > PROBE_BATCH
-    ):
-        return (x[:PROBE_BATCH],), targets[:PROBE_BATCH]
-    return args, targets
 
 
 @contextmanager

@@ -106,3 +106,23 @@ def affine_deviation(model: nn.Module, args: tuple, samples: int = 8) -> float |
     if not math.isfinite(spread) or spread == 0:
         return None
     return deviation / spread
+
+
+# The gate probe asks whether any gradient reaches the silent layers once the gates open:
+# a question of the network's structure, asked of this many samples of the batch.
+PROBE_BATCH = 64
+
+
+def probe_batch(args: tuple, targets) -> tuple[tuple, torch.Tensor | None]:
+    """The first :data:`PROBE_BATCH` samples when the input is one tensor whose first axis
+    is the targets' (the batch axis, known for sure); else the whole batch."""
+    x = args[0] if len(args) == 1 else None
+    if (
+        isinstance(x, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and x.dim() >= 1
+        and targets.dim() >= 1
+        and x.shape[0] == targets.shape[0] > PROBE_BATCH
+    ):
+        return (x[:PROBE_BATCH],), targets[:PROBE_BATCH]
+    return args, targets
