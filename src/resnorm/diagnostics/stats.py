@@ -156,12 +156,12 @@ class Measured:
     statistics at each of ``channel_dims``, there (``summary``, ``channel[dim]``) once the
     batch has settled."""
 
-    __slots__ = ("ref", "version", "shape", "sums", "squares", "peaks", "summary")
+    __slots__ = ("ref", "version", "shape", "sums", "squares", "summary")
     __slots__ += ("wants_summary", "rectified", "channel_dims", "channel")
 
     def __init__(self, x: torch.Tensor) -> None:
         self.ref, self.version, self.shape = weakref.ref(x), x._version, tuple(x.shape)
-        self.sums = self.peaks = None  # per unit: float64 sums, largest values (rectifiers)
+        self.sums = None  # the float64 sum of every unit over the batch
         self.squares = math.nan  # the float64 sum of squares of all values
         self.summary: ActivationSummary | None = None
         self.wants_summary = self.rectified = False
@@ -183,11 +183,12 @@ class MomentBatch:
 
     :meth:`add` takes, at once (before any later in-place operation can change the
     tensor), from a float64 copy: the sum over the batch axis for every unit (one feature
-    at one position), the sum of squares of all values, and for rectifier outputs (never
-    negative) each unit's largest value. Everything asked follows from these: the mean and
-    variance, the fraction of dead units, and the channel statistics at any axis but the
-    batch axis (a channel's sum is the sum of its units'; the average channel variance is
-    the mean square less the average squared channel mean). A tensor added again unchanged
+    at one position) and the sum of squares of all values. Everything asked follows from
+    these: the mean and variance; the fraction of dead units of a rectifier's output
+    (never negative, so a unit is zero for every sample exactly when its sum is zero); and
+    the channel statistics at any axis but the batch axis (a channel's sum is the sum of
+    its units'; the average channel variance is the mean square less the average squared
+    channel mean). A tensor added again unchanged
     (the same object, not modified since) is measured once. :meth:`settle` finishes the
     statistics of all outputs of one shape together, with one read back. An output with a
     NaN or Inf (a sum of squares that is not finite) is measured at once as
@@ -216,8 +217,6 @@ class MomentBatch:
             entry.rectified |= rectified
             if entry.sums is None:  # measured at once (see _moments)
                 entry.summary = summarize_activation(x, rectified=entry.rectified)
-            elif rectified and entry.peaks is None and x.dim() >= 2 and x.shape[0] > 1:
-                entry.peaks = x.detach().amax(dim=0)
         for dim in channel_dims:
             if entry.sums is None or dim % max(x.dim(), 2) == 0:
                 entry.channel[dim] = channel_stats(x, dim)  # the batch axis: by itself
@@ -255,7 +254,7 @@ class MomentBatch:
         for (shape, _), entries in groups.items():
             _settle_group(shape, entries)
             for entry in entries:
-                entry.sums = entry.peaks = None
+                entry.sums = None
 
 
 def _settle_group(shape: tuple, entries: list[Measured]) -> None:
@@ -263,11 +262,12 @@ def _settle_group(shape: tuple, entries: list[Measured]) -> None:
     k = len(entries)
     sums = torch.stack([e.sums for e in entries])  # (k, *unit shape)
     parts = [sums.flatten(1).sum(1)]
-    peaked = [i for i, e in enumerate(entries) if e.peaks is not None]
-    if peaked:  # a unit is dead when its largest value over the batch is 0
-        peaks = torch.stack([entries[i].peaks for i in peaked]).flatten(1)
-        parts.append(peaks.count_nonzero(dim=1).to(sums.dtype))
     rows = shape if len(shape) >= 2 else (math.prod(shape), 1)  # a 1-D output: one column
+    counted = len(shape) >= 2 and shape[0] > 1  # dead units: of two samples or more
+    rectifiers = [i for i, e in enumerate(entries) if e.rectified] if counted else []
+    if rectifiers:  # a rectifier's unit is dead when its sum (of values >= 0) is 0
+        chosen = sums if len(rectifiers) == k else sums[rectifiers]
+        parts.append(chosen.flatten(1).count_nonzero(dim=1).to(sums.dtype))
     axes: dict[int, list[int]] = {}  # channel axis -> the entries asking for it
     for i, entry in enumerate(entries):
         for axis in {d % len(rows) for d in entry.channel_dims}:
@@ -280,7 +280,7 @@ def _settle_group(shape: tuple, entries: list[Measured]) -> None:
     values = iter(torch.cat(parts).tolist())  # one read back for the group
     totals = [next(values) for _ in range(k)]
     squares = [e.squares for e in entries]
-    alive = {i: next(values) for i in peaked}
+    alive = {i: next(values) for i in rectifiers}
     numel = math.prod(rows)
     for axis, index in axes.items():
         channels = rows[axis]
