@@ -104,6 +104,17 @@ def test_one_tensor_asked_twice_is_measured_once_and_a_changed_one_again():
     _close(first.channel[1], _oracle_channel(x / 2, 1))
 
 
+def test_inference_tensors_are_measured_each_time():
+    with torch.inference_mode():
+        x = torch.randn(8, 3)
+    batch = MomentBatch()
+    first, again = batch.add(x, summary=True), batch.add(x, summary=True)
+    batch.settle()
+    assert first is not again  # no version counter to tell that it is unchanged
+    _close((first.summary.mean, first.summary.std), _oracle_summary(x, False)[:2])
+    assert again.summary == first.summary
+
+
 def test_nonfinite_values_are_counted_and_left_out():
     x = torch.tensor([[1.0, float("nan")], [float("inf"), 3.0], [-float("inf"), 5.0]])
     batch = MomentBatch()

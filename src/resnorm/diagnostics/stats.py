@@ -159,8 +159,8 @@ class Measured:
     __slots__ = ("ref", "version", "shape", "sums", "squares", "summary")
     __slots__ += ("wants_summary", "rectified", "channel_dims", "channel")
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.ref, self.version, self.shape = weakref.ref(x), x._version, tuple(x.shape)
+    def __init__(self, x: torch.Tensor, version: int | None) -> None:
+        self.ref, self.version, self.shape = weakref.ref(x), version, tuple(x.shape)
         self.sums = None  # the float64 sum of every unit over the batch
         self.squares = math.nan  # the float64 sum of squares of all values
         self.summary: ActivationSummary | None = None
@@ -208,9 +208,11 @@ class MomentBatch:
     ) -> Measured:
         """Measure ``x`` for its summary (``rectified``: the output of a rectifier, with
         its fraction of dead units) and its channel statistics at ``channel_dims``."""
+        # Inference tensors (made under torch.inference_mode) keep no version: never reused.
+        version = None if x.is_inference() else x._version
         entry = self._seen.get(id(x))
-        if entry is None or entry.ref() is not x or entry.version != x._version:
-            entry = self._seen[id(x)] = Measured(x)
+        if entry is None or entry.ref() is not x or version is None or entry.version != version:
+            entry = self._seen[id(x)] = Measured(x, version)
             self._moments(entry, x.detach())
         if summary and entry.summary is None or rectified and not entry.rectified:
             entry.wants_summary = True
