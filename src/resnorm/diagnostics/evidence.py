@@ -54,10 +54,9 @@ def stuck_after_gates_open(
         return [name for name, _ in silent]
     saved = [p.detach().clone() for p in gates]
     try:
-        with torch.no_grad():
-            for p in gates:
-                g = p.grad
-                p.copy_(-1e-3 * g / g.norm().clamp_min(1e-30) * g.numel() ** 0.5)
+        with torch.no_grad():  # a step of 1e-3 per value (RMS) against the gradient
+            for p, sq in zip(gates, squared_norms([p.grad for p in gates])):
+                p.copy_(p.grad).mul_(-1e-3 * p.numel() ** 0.5 / max(math.sqrt(sq), 1e-30))
         for p in net.parameters():
             p.grad = None
         backward(weights)

@@ -260,45 +260,44 @@ class MomentBatch:
 
 
 def _settle_group(shape: tuple, entries: list[Measured]) -> None:
-    """The statistics of ``entries``, outputs of one ``shape``, from their moments."""
+    """The statistics of ``entries``, outputs of one ``shape``, from their moments: a few
+    operations on all of their unit sums at once (what an entry did not ask for is
+    computed too, and not read: cheaper than picking rows out)."""
     k = len(entries)
-    sums = torch.stack([e.sums for e in entries])  # (k, *unit shape)
-    parts = [sums.flatten(1).sum(1)]
     rows = shape if len(shape) >= 2 else (math.prod(shape), 1)  # a 1-D output: one column
-    counted = len(shape) >= 2 and shape[0] > 1  # dead units: of two samples or more
-    rectifiers = [i for i, e in enumerate(entries) if e.rectified] if counted else []
-    if rectifiers:  # a rectifier's unit is dead when its sum (of values >= 0) is 0
-        chosen = sums if len(rectifiers) == k else sums[rectifiers]
-        parts.append(chosen.flatten(1).count_nonzero(dim=1).to(sums.dtype))
-    axes: dict[int, list[int]] = {}  # channel axis -> the entries asking for it
-    for i, entry in enumerate(entries):
-        for axis in {d % len(rows) for d in entry.channel_dims}:
-            axes.setdefault(axis, []).append(i)
-    for axis, index in axes.items():
+    sums = torch.stack([e.sums for e in entries]).reshape(k, -1)  # (k, units)
+    parts = [sums.sum(1)]
+    # A rectifier's unit is dead when its sum (of values >= 0) is 0; of two samples or more.
+    counted = len(shape) >= 2 and shape[0] > 1 and any(e.rectified for e in entries)
+    if counted:
+        parts.append(sums.count_nonzero(dim=1).to(sums.dtype))
+    axes = sorted({d % len(rows) for e in entries for d in e.channel_dims})
+    for axis in axes:  # the sum of squared channel sums, per entry
         before, channels, after = _channel_view(rows[1:], axis - 1)
-        chosen = sums if len(index) == k else sums[index]
-        channel_sums = chosen.reshape(len(index), before, channels, after).sum(dim=(1, 3))
-        parts.append(channel_sums.square().sum(1))
-    values = iter(torch.cat(parts).tolist())  # one read back for the group
-    totals = [next(values) for _ in range(k)]
-    squares = [e.squares for e in entries]
-    alive = {i: next(values) for i in rectifiers}
+        if before == after == 1:  # (N, C): a unit is a channel
+            per_channel = sums
+        else:
+            per_channel = sums.reshape(k, before, channels, after).sum(dim=(1, 3))
+        parts.append(per_channel.square().sum(1))
+    values = torch.cat(parts).tolist()  # one read back for the group
+    totals, rest = values[:k], values[k:]
+    alive, rest = (rest[:k], rest[k:]) if counted else (None, rest)
     numel = math.prod(rows)
-    for axis, index in axes.items():
+    for j, axis in enumerate(axes):
         channels = rows[axis]
         n = numel // channels  # values per channel
-        for i, squared in zip(index, [next(values) for _ in index]):
+        for entry, squared in zip(entries, rest[j * k : (j + 1) * k]):
             sq_mean = squared / (n * n * channels)
-            var = max(squares[i] / numel - sq_mean, 0.0)
-            entries[i].channel.update(
-                {d: (sq_mean, var) for d in entries[i].channel_dims if d % len(rows) == axis}
+            var = max(entry.squares / numel - sq_mean, 0.0)
+            entry.channel.update(
+                {d: (sq_mean, var) for d in entry.channel_dims if d % len(rows) == axis}
             )
     units = numel // rows[0]
     for i, entry in enumerate(entries):
         if entry.wants_summary:
             mean = totals[i] / numel
-            var = max(squares[i] / numel - mean * mean, 0.0)
-            dead = (units - alive[i]) / units if i in alive else None
+            var = max(entry.squares / numel - mean * mean, 0.0)
+            dead = (units - alive[i]) / units if counted and entry.rectified else None
             entry.summary = ActivationSummary(mean, math.sqrt(var), dead, 0, numel)
 
 
