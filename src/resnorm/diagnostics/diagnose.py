@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,6 +31,7 @@ from .probes import (
     parameterized_layers,
     unwrap,
 )
+from .restore import state_restored
 from .stats import ActivationSummary, squared_norms
 from .training import TrainingTrace, run_steps
 from .verdict import Evidence, LayerGrad, Signal, Thresholds, Verdict, judge
@@ -272,16 +272,7 @@ def diagnose(
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     evidence = Evidence()
 
-    def step_loss() -> torch.Tensor:
-        return _loss(model(*args), targets, loss_fn, evidence)
-
-    def probe_loss() -> torch.Tensor:  # the gate probe's pass (see probe_batch)
-        probe_args, probe_targets = probe_batch(args, targets)
-        try:
-            return _loss(model(*probe_args), probe_targets, loss_fn, evidence)
-        except RuntimeError:  # a model that runs at its batch size only
-            return step_loss()
-
+    step_loss, probe_loss = _losses(model, args, targets, loss_fn, evidence)
     with state_restored(model, net, train_mode, named):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         found = find_blocks(net, blocks, named)
@@ -295,6 +286,24 @@ def diagnose(
             order = [(g.name, by_name[g.name]) for g in grads]
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
     return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, named)
+
+
+def _losses(model, args, targets, loss_fn, evidence) -> tuple[Callable, Callable]:
+    """The loss of one forward pass on the batch, and the gate probe's: on the first
+    samples (see probe_batch), or on the whole batch for a model that runs at its batch
+    size only."""
+
+    def step_loss() -> torch.Tensor:
+        return _loss(model(*args), targets, loss_fn, evidence)
+
+    def probe_loss() -> torch.Tensor:
+        probe_args, probe_targets = probe_batch(args, targets)
+        try:
+            return _loss(model(*probe_args), probe_targets, loss_fn, evidence)
+        except RuntimeError:
+            return step_loss()
+
+    return step_loss, probe_loss
 
 
 def _gather_evidence(model, net, args, by_name, grads, probe_loss, evidence, nonlinear) -> None:
@@ -417,48 +426,6 @@ def _gate_evidence(net, layers, grads: list[LayerGrad], probe_loss, evidence: Ev
         )
         for p in net.parameters():  # the measured gradients are read; clear the probe's
             p.grad = None
-
-
-@contextmanager
-def state_restored(
-    model: nn.Module,
-    net: nn.Module,
-    train_mode: bool,
-    named: list[tuple[str, nn.Module]] | None = None,
-):
-    """Clear every parameter's ``.grad`` for the measurement; afterwards (also on an error)
-    put back the gradients, the buffers (running statistics), every module's mode and the
-    random generators' states. In between, the model is in ``train_mode``. ``named``:
-    ``net.named_modules()`` when the caller has listed them."""
-    modules = [m for _, m in (net.named_modules() if named is None else named)]
-    params = list(
-        {id(p): p for m in modules for p in m._parameters.values() if p is not None}.values()
-    )
-    saved_grads = [p.grad for p in params]
-    buffers = {id(b): b for m in modules for b in m._buffers.values() if b is not None}
-    saved_buffers = [(b, b.detach().clone()) for b in buffers.values()]
-    # The wrapper's modules too: DDP keeps a training flag of its own.
-    was_training = [(m, m.training) for m in (modules if model is net else model.modules())]
-    # Dropout draws from the generator: being diagnosed leaves the caller's stream as it was.
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        for p in params:
-            p.grad = None
-        if any(mode != train_mode for _, mode in was_training):  # else train() is a no-op
-            model.train(train_mode)
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-        with torch.no_grad():
-            for buffer, saved in saved_buffers:
-                buffer.copy_(saved)
-        for m, mode in was_training:
-            m.training = mode
 
 
 def _layer_grads(

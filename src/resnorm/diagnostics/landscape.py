@@ -30,8 +30,9 @@ from torch import nn
 
 from .._checks import check_float
 from ..errors import UsageError, UsageTypeError
-from .diagnose import _loss, state_restored
+from .diagnose import _loss
 from .probes import unwrap
+from .restore import state_restored
 from .signals import Evidence
 
 #: The default step sizes of :func:`loss_landscape`: ``ETA_COUNT`` values spaced

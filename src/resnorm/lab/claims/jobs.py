@@ -130,8 +130,8 @@ def _grad_first_over_last(model: nn.Module, x, y) -> float | None:
 def probing(model: nn.Module):
     """Run a probe in training mode and leave the run as found: gradients, buffers (batch
     norm's running statistics), modes and the random generators' states
-    (:func:`resnorm.diagnostics.diagnose.state_restored`)."""
-    from ...diagnostics.diagnose import state_restored
+    (:func:`resnorm.diagnostics.restore.state_restored`)."""
+    from ...diagnostics.restore import state_restored
 
     return state_restored(model, model, True)
 
