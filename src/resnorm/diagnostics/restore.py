@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .probes import named_parameters
+
 
 @contextmanager
 def state_restored(
@@ -20,10 +22,9 @@ def state_restored(
     put back the gradients, the buffers (running statistics), every module's mode and the
     random generators' states. In between, the model is in ``train_mode``. ``named``:
     ``net.named_modules()`` when the caller has listed them."""
-    modules = [m for _, m in (net.named_modules() if named is None else named)]
-    params = list(
-        {id(p): p for m in modules for p in m._parameters.values() if p is not None}.values()
-    )
+    named = list(net.named_modules()) if named is None else named
+    modules = [m for _, m in named]
+    params = [p for _, p in named_parameters(named)]
     saved_grads = [p.grad for p in params]
     buffers = {id(b): b for m in modules for b in m._buffers.values() if b is not None}
     saved_buffers = [(b, b.detach().clone()) for b in buffers.values()]

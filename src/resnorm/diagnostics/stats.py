@@ -74,26 +74,16 @@ def channel_moments(
     return sums, values.square_().sum(2).sum(0), before * after
 
 
-def channel_stats_many(
-    totals: list[torch.Tensor], squares: list[torch.Tensor], n: int
-) -> list[tuple[float, float]]:
-    """:func:`channel_stats` finished from the :func:`channel_moments` of outputs of one
-    shape, all at once (a few dispatches for all of them, not a few for each)."""
-    mean = torch.stack(totals) / n
-    var = (torch.stack(squares) / n - mean.square()).clamp_min(0.0)
-    sq_means, variances = torch.stack([mean.square().mean(1), var.mean(1)]).tolist()
-    nan = float("nan")
-    return [
-        (a, b) if math.isfinite(a) and math.isfinite(b) else (nan, nan)
-        for a, b in zip(sq_means, variances)
-    ]
-
-
 def channel_stats(x: torch.Tensor, channel_dim: int = 1) -> tuple[float, float]:
     """``(average channel squared mean, average channel variance)`` of ``x`` (NaN when
     ``x`` holds a NaN or Inf: they reach the per-channel statistics)."""
     total, squares, n = channel_moments(x, channel_dim)
-    return channel_stats_many([total], [squares], n)[0]
+    mean = total / n
+    var = (squares / n - mean.square()).clamp_min(0.0)
+    sq_mean, variance = torch.stack([mean.square().mean(), var.mean()]).tolist()
+    if math.isfinite(sq_mean) and math.isfinite(variance):
+        return sq_mean, variance
+    return math.nan, math.nan
 
 
 @dataclass(frozen=True)
@@ -110,22 +100,13 @@ class ActivationSummary:
     numel: int
 
 
-def summarize_activation(
-    x: torch.Tensor,
-    *,
-    rectified: bool,
-    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> ActivationSummary:
-    """The :class:`ActivationSummary` of ``x``; ``moments``: its per-channel float64 sums
-    and sums of squares (:func:`channel_moments`) when already taken, whose totals give
-    the mean and variance without another pass over ``x``."""
+def summarize_activation(x: torch.Tensor, *, rectified: bool) -> ActivationSummary:
+    """The :class:`ActivationSummary` of ``x`` (one tensor at a time; the recorder takes
+    many together with :class:`MomentBatch`)."""
     x = x.detach()
     nonfinite = 0
     if x.numel():
-        if moments is not None:
-            mean, var = _finish_moments(torch.stack([m.sum() for m in moments]), x.numel())
-        else:
-            mean, var = _scalar_moments(x)
+        mean, var = _scalar_moments(x)
         if not math.isfinite(mean) or not math.isfinite(var):
             # Only then are NaN and Inf counted and left out.
             finite = torch.isfinite(x)
