@@ -34,6 +34,23 @@ def _oracle_channel(x: torch.Tensor, dim: int) -> tuple[float, float]:
     return means.square().mean().item(), variances.mean().item()
 
 
+@pytest.fixture(params=["stock", "compiled"])
+def kernel(request):
+    """None (PyTorch ops) or the compiled kernel's statistics: both paths are tested."""
+    if request.param == "stock":
+        return None
+    return _compiled()
+
+
+def _compiled():
+    from resnorm.diagnostics.norm_stats import compiled_norms
+
+    compiled = compiled_norms(None)
+    if compiled is None:
+        pytest.skip("the compiled CPU kernel is unavailable here")
+    return compiled
+
+
 def _close(a, b, rel=1e-9):
     for u, w in zip(a, b):
         if u is None or w is None:
@@ -53,11 +70,11 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape,dims", SHAPES)
-def test_batch_matches_one_by_one_and_the_float64_oracle(shape, dims):
+def test_batch_matches_one_by_one_and_the_float64_oracle(shape, dims, kernel):
     g = torch.Generator().manual_seed(len(shape))
     tensors = [(torch.randn(*shape, generator=g) * 3 + 1.5).relu() for _ in range(3)]
     tensors.append(torch.randn(*shape, generator=g) + 100.0)  # large mean, small spread
-    batch = MomentBatch()
+    batch = MomentBatch(kernel)
     entries = [
         batch.add(t, summary=True, rectified=i % 2 == 0, channel_dims=dims)
         for i, t in enumerate(tensors)
@@ -115,9 +132,9 @@ def test_inference_tensors_are_measured_each_time():
     assert again.summary == first.summary
 
 
-def test_nonfinite_values_are_counted_and_left_out():
+def test_nonfinite_values_are_counted_and_left_out(kernel):
     x = torch.tensor([[1.0, float("nan")], [float("inf"), 3.0], [-float("inf"), 5.0]])
-    batch = MomentBatch()
+    batch = MomentBatch(kernel)
     entry = batch.add(x, summary=True, rectified=True, channel_dims=(1,))
     batch.settle()
     assert entry.summary == summarize_activation(x, rectified=True)
@@ -179,3 +196,53 @@ def test_squared_norms_match_float64():
     want = [float(t.double().square().sum()) for t in tensors]
     assert got[:4] == pytest.approx(want[:4], rel=1e-12)
     assert got[3] > 0 and got[1] == 0 and math.isnan(got[4])
+
+
+# (256, 64): an MLP layer; 4-D and 3-D; one axis and none (one unit); one sample; one
+# unit per sample; 2,500 units (three chunks of the kernel's 1,024).
+UNIT_SHAPES = [(256, 64), (8, 6, 5, 3), (4, 7, 10), (33,), (), (1, 9), (300, 1), (3, 2500)]
+
+
+@pytest.mark.parametrize("shape", UNIT_SHAPES)
+def test_compiled_unit_moments_match_float64(shape):
+    compiled = _compiled()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 3 + 1.5
+    sums, squares = compiled.unit_moments(x)
+    values = x.double()
+    rows = values.reshape(-1, 1) if values.dim() <= 1 else values
+    assert sums.dtype == torch.float64 and sums.shape == rows.shape[1:]
+    torch.testing.assert_close(sums, rows.sum(0), rtol=1e-12, atol=1e-12)
+    assert squares == pytest.approx(values.square().sum().item(), rel=1e-13)
+
+
+def test_compiled_unit_moments_are_the_same_on_any_number_of_threads():
+    compiled = _compiled()
+    x = torch.randn(64, 3000, generator=torch.Generator().manual_seed(8))  # split: 3 chunks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.unit_moments(x)
+        torch.set_num_threads(2)
+        two = compiled.unit_moments(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and one[1] == two[1]
+
+
+def test_compiled_unit_moments_refuse_what_they_do_not_take():
+    compiled = _compiled()
+    for x in (torch.ones(4, 3).t(), torch.ones(4, 3, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="contiguous float32"):
+            compiled.unit_moments(x)
+
+
+def test_squared_norms_with_the_kernel_match_float64():
+    compiled = _compiled()
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(40, 30, generator=g), torch.randn(5, 6, generator=g).t()]
+    tensors += [torch.randn(9, generator=g, dtype=torch.float64), torch.zeros(0)]
+    tensors += [torch.randn(30, generator=g) * 1e-20, torch.full((2,), float("nan"))]
+    got = squared_norms(tensors, compiled)  # kernel: 0, 3, 4, 5; PyTorch: 1 (strided), 2
+    want = [float(t.double().square().sum()) for t in tensors]
+    assert got[:5] == pytest.approx(want[:5], rel=1e-12)
+    assert got[3] == 0 and got[4] > 0 and math.isnan(got[5])

@@ -22,6 +22,7 @@ from .evidence import (
     stuck_after_gates_open,
     zero_parameters,
 )
+from .norm_stats import compiled_norms
 from .outputs import read_output
 from .probes import (
     ForwardRecorder,
@@ -276,14 +277,15 @@ def diagnose(
     with state_restored(model, net, train_mode, named):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
         found = find_blocks(net, blocks, named)
-        with ForwardRecorder(net, found, channel_dim, compiled, named, layers) as recorder:
+        kernel = compiled_norms(None)  # the compiled statistics, when they can be had
+        with ForwardRecorder(net, found, channel_dim, compiled, named, layers, kernel) as recorder:
             loss_value = _backward(step_loss)
-        grads, evidence.zeros = _layer_grads(layers, recorder.layer_order, named)
+        grads, evidence.zeros, gates = _layer_grads(layers, recorder.layer_order, named, kernel)
         by_name = dict(layers)
+        order = [(g.name, by_name[g.name]) for g in grads]
         nonlinear = recorder.activation_calls > 0
-        _gather_evidence(model, net, args, by_name, grads, probe_loss, evidence, nonlinear)
+        _gather_evidence(model, net, args, order, grads, gates, probe_loss, evidence, nonlinear)
         if steps:
-            order = [(g.name, by_name[g.name]) for g in grads]
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
     return _conclude(net, recorder, grads, loss_value, thresholds, evidence, name, named)
 
@@ -306,12 +308,12 @@ def _losses(model, args, targets, loss_fn, evidence) -> tuple[Callable, Callable
     return step_loss, probe_loss
 
 
-def _gather_evidence(model, net, args, by_name, grads, probe_loss, evidence, nonlinear) -> None:
-    """What the verdict needs beyond the gradients: the first layer and depth, the zero
-    gates and what stays silent behind them (``probe_loss``: the pass that asks), and
-    whether the model is affine."""
+def _gather_evidence(model, net, args, layers, grads, gates, probe_loss, evidence, nonlinear):
+    """What the verdict needs beyond the gradients of the ``layers`` (in forward order):
+    the first layer and depth, the zero ``gates`` and what stays silent behind them
+    (``probe_loss``: the pass that asks), and whether the model is affine."""
     evidence.first_layer, evidence.depth = grads[0].name if grads else None, len(grads)
-    _gate_evidence(net, [(g.name, by_name[g.name]) for g in grads], grads, probe_loss, evidence)
+    _gate_evidence(net, layers, grads, gates, probe_loss, evidence)
     # A nonlinearity module that ran settles it; only models without one are checked
     # (a stack of linear layers, or activations called as functions), and only where the
     # verdict reads it: two weight layers or more, and no zero gates.
@@ -411,46 +413,54 @@ def _backward(step_loss: Callable[[], torch.Tensor], inputs: list | None = None)
     return float(loss.detach())
 
 
-def _gate_evidence(net, layers, grads: list[LayerGrad], probe_loss, evidence: Evidence) -> None:
-    """Which parameters start at zero with a gradient (gates), which layers get no
-    gradient at all (silent), and which of those stay silent once the gates move
-    (``probe_loss``: one forward pass whose backward fills in their gradients)."""
+def _gate_evidence(net, layers, grads: list[LayerGrad], gates, probe_loss, evidence) -> None:
+    """Record the ``gates`` (parameters that start at zero with a gradient, with their
+    gradients' squared norms), which layers get no gradient at all (silent), and which of
+    those stay silent once the gates move (``probe_loss``: one forward pass whose backward
+    fills in their gradients)."""
     evidence.silent = [g.name for g in grads if g.grad_norm == 0]
-    zeros = evidence.zeros
-    gates = [(n, p) for n, p in zeros if p.grad is not None and bool(p.grad.detach().any())]
-    evidence.gates = [n for n, _ in gates]
+    evidence.gates = [n for n, _, _ in gates]
     if gates and evidence.silent:
         silent = [(n, m) for n, m in layers if n in set(evidence.silent)]
         evidence.stuck = stuck_after_gates_open(
-            net, [p for _, p in gates], silent, lambda inputs: _backward(probe_loss, inputs)
+            net,
+            [p for _, p, _ in gates],
+            silent,
+            lambda inputs: _backward(probe_loss, inputs),
+            [sq for _, _, sq in gates],
         )
-        for p in net.parameters():  # the measured gradients are read; clear the probe's
-            p.grad = None
 
 
 def _layer_grads(
-    layers: list[tuple[str, nn.Module]], called: list[str], named: list[tuple[str, nn.Module]]
-) -> tuple[list[LayerGrad], list[tuple[str, nn.Parameter]]]:
+    layers: list[tuple[str, nn.Module]],
+    called: list[str],
+    named: list[tuple[str, nn.Module]],
+    kernel=None,
+) -> tuple[list[LayerGrad], list[tuple[str, nn.Parameter]], list[tuple]]:
     """Gradient and weight norms (in float64, over :func:`~.probes.layer_weights`) of the
-    layers, in forward order (a layer whose weights got no gradient counts 0); and the
-    model's parameters that are exactly zero (see :func:`~.evidence.zero_parameters`),
-    found from the same float64 pass over every parameter."""
+    layers, in forward order (a layer whose weights got no gradient counts 0); the model's
+    parameters that are exactly zero (see :func:`~.evidence.zero_parameters`); and the
+    gates among them, ``(name, parameter, squared gradient norm)`` of those with a
+    gradient that is not zero. All from one float64 pass over every parameter and
+    gradient (``kernel``: see :func:`~.stats.squared_norms`)."""
     by_name = dict(layers)
     order = _forward_order(called, layers)
     weights = [layer_weights(by_name[name]) for name in order]
     params = named_parameters(named)
-    grads = [w.grad for ws in weights for w in ws if w.grad is not None]
+    every = [w for ws in weights for w in ws] + [p for _, p in params]
+    grads = list({id(w.grad): w.grad for w in every if w.grad is not None}.values())
     with torch.no_grad():  # no graph and no detach() per tensor
-        squares = squared_norms([p for _, p in params] + grads)
+        squares = squared_norms([p for _, p in params] + grads, kernel)
     square_of = {id(p): sq for (_, p), sq in zip(params, squares)}
-    grad_squares = iter(squares[len(params) :])
+    square_of.update((id(g), sq) for g, sq in zip(grads, squares[len(params) :]))
     result = []
     for name, ws in zip(order, weights):
-        grad_sq = sum(next(grad_squares) for w in ws if w.grad is not None)
+        grad_sq = sum(square_of[id(w.grad)] for w in ws if w.grad is not None)
         weight_sq = sum(square_of[id(w)] for w in ws)
         result.append(LayerGrad(name, type(by_name[name]).__name__, grad_sq**0.5, weight_sq**0.5))
     zeros = [(n, p) for n, p in params if is_zero_candidate(n, p) and square_of[id(p)] == 0]
-    return result, zeros
+    gates = [(n, p, square_of[id(p.grad)]) for n, p in zeros if p.grad is not None]
+    return result, zeros, [gate for gate in gates if gate[2] != 0]  # NaN: a gate
 
 
 def _block_stats(recorder: ForwardRecorder) -> list[BlockStat]:

@@ -41,6 +41,8 @@ def stuck_after_gates_open(
     gates: list[nn.Parameter],
     silent: list[tuple[str, nn.Module]],
     backward: Callable[[list[torch.Tensor]], None],
+    grad_squares: list[float] | None = None,
+    kernel=None,
 ) -> list[str]:
     """The ``silent`` layers (no gradient at all) that still get none once each gate (a
     zero parameter with a gradient) has taken a small step against its gradient, as the
@@ -48,21 +50,25 @@ def stuck_after_gates_open(
     zero gate per residual branch opens everything at once; a network whose every weight
     is zero opens one layer per step. The gates are put back to zero. ``backward(inputs)``
     runs one forward and backward pass that fills in the gradients of ``inputs`` only (the
-    silent layers' weights: nothing else is read)."""
+    silent layers' weights: nothing else is read; their gradients are cleared before and
+    after). ``grad_squares``: the gates' squared gradient norms, when the caller has them;
+    ``kernel``: see :func:`~.stats.squared_norms`."""
     weights = [w for _, module in silent for w in layer_weights(module) if w.requires_grad]
     if not weights:  # frozen weights get no gradient, gates open or not
         return [name for name, _ in silent]
+    if grad_squares is None:
+        grad_squares = squared_norms([p.grad for p in gates], kernel)
     saved = [p.detach().clone() for p in gates]
     try:
         with torch.no_grad():  # a step of 1e-3 per value (RMS) against the gradient
-            for p, sq in zip(gates, squared_norms([p.grad for p in gates])):
-                p.copy_(p.grad).mul_(-1e-3 * p.numel() ** 0.5 / max(math.sqrt(sq), 1e-30))
-        for p in net.parameters():
-            p.grad = None
+            for p, sq in zip(gates, grad_squares):
+                torch.mul(p.grad, -1e-3 * p.numel() ** 0.5 / max(math.sqrt(sq), 1e-30), out=p)
+        for w in weights:  # the only gradients the pass fills in
+            w.grad = None
         backward(weights)
         grads = [w.grad for w in weights if w.grad is not None]
-        reached = {id(g) for g, sq in zip(grads, squared_norms(grads)) if sq != 0}  # NaN: reached
-        return [
+        reached = {id(g) for g, sq in zip(grads, squared_norms(grads, kernel)) if sq != 0}
+        return [  # a NaN gradient counts as reached
             name
             for name, module in silent
             if not any(w.grad is not None and id(w.grad) in reached for w in layer_weights(module))
@@ -71,6 +77,8 @@ def stuck_after_gates_open(
         with torch.no_grad():
             for p, value in zip(gates, saved):
                 p.copy_(value)
+        for w in weights:
+            w.grad = None
 
 
 def affine_deviation(model: nn.Module, args: tuple, samples: int = 8) -> float | None:

@@ -1,5 +1,6 @@
 """The :class:`~resnorm.diagnostics.Monitor`'s norm statistics: the gradient norm of every
-weight, and the norms of the sampled weight rows and of their change over a step.
+weight, and the norms of the sampled weight rows and of their change over a step; and the
+unit moments :func:`~resnorm.diagnostics.diagnose`'s hooks take of every module output.
 
 Stock PyTorch ops compute them for any tensors. For contiguous float32 CPU tensors the
 compiled CPU kernel of :mod:`resnorm.kernels` computes each for the whole model in one call,
@@ -31,6 +32,14 @@ class CompiledNorms:
             t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
             for t in tensors
         )
+
+    def unit_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The float64 sum over axis 0 of every unit of ``x`` (shaped ``x.shape[1:]``;
+        ``(1,)`` for ``x`` of one axis or none) and the float64 sum of squares of all of
+        its values, in one pass without a float64 copy (see
+        :class:`~resnorm.diagnostics.stats.MomentBatch`); RuntimeError if ``x`` is not
+        :meth:`takes`."""
+        return self._module.unit_moments(x)
 
     def norms(self, tensors: list[torch.Tensor]) -> list[float]:
         """``||t||`` of every tensor, in one call; RuntimeError if one is not :meth:`takes`."""

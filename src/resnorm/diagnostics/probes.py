@@ -179,6 +179,7 @@ class ForwardRecorder:
         compiled: bool = False,
         modules: list[tuple[str, nn.Module]] | None = None,
         layers: list[tuple[str, nn.Module]] | None = None,
+        kernel=None,
     ) -> None:
         self.model = model
         # The model's named_modules() and parameterized layers, when the caller has them.
@@ -196,8 +197,9 @@ class ForwardRecorder:
         self.activation_calls = 0  # outputs of nonlinearity modules (ReLU, GELU, ...) seen
         self._calls: dict[str, int] = defaultdict(int)
         self._handles: list = []
-        # The hooks take unit moments; the statistics are finished together after the pass.
-        self._batch = MomentBatch()
+        # The hooks take unit moments (``kernel``: see MomentBatch); the statistics are
+        # finished together after the pass.
+        self._batch = MomentBatch(kernel)
         self._summaries: list[tuple[str, Measured, bool]] = []  # (key, entry, rectified)
 
     def _block_channel_dim(self, module: nn.Module) -> int:
@@ -281,6 +283,9 @@ class ForwardRecorder:
 
     def _module_hook(self, summaries: list, records: list, merges: list):
         seen = self._seen
+        # What the hook asks of every output, decided once.
+        wants_summary, any_rectifier = bool(summaries), any(r for _, r, _ in summaries)
+        record_dims = tuple(r.channel_dim for r in records)
 
         def hook(module, inputs, output):
             for record in merges:
@@ -290,10 +295,9 @@ class ForwardRecorder:
             out = self._first_tensor(output)
             entry = None
             if out is not None:
-                dims = tuple(r.channel_dim for r in records) if out.dim() >= 2 else ()
-                rectified = any(r for _, r, _ in summaries)
+                dims = record_dims if out.dim() >= 2 else ()
                 entry = self._batch.add(
-                    out, summary=bool(summaries), rectified=rectified, channel_dims=dims
+                    out, summary=wants_summary, rectified=any_rectifier, channel_dims=dims
                 )
                 for record in records if dims else ():
                     record.cell = (entry, record.channel_dim)

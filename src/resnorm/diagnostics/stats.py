@@ -163,8 +163,10 @@ class MomentBatch:
     read back per output shape.
 
     :meth:`add` takes, at once (before any later in-place operation can change the
-    tensor), from a float64 copy: the sum over the batch axis for every unit (one feature
-    at one position) and the sum of squares of all values. Everything asked follows from
+    tensor), in float64: the sum over the batch axis for every unit (one feature
+    at one position) and the sum of squares of all values (``kernel``, a
+    :class:`~resnorm.diagnostics.norm_stats.CompiledNorms`: in one pass of the compiled
+    kernel for contiguous float32 CPU tensors; else from a float64 copy). Everything asked follows from
     these: the mean and variance; the fraction of dead units of a rectifier's output
     (never negative, so a unit is zero for every sample exactly when its sum is zero); and
     the channel statistics at any axis but the batch axis (a channel's sum is the sum of
@@ -175,7 +177,10 @@ class MomentBatch:
     NaN or Inf (a sum of squares that is not finite) is measured at once as
     :func:`summarize_activation` does (counted, left out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel=None) -> None:
+        # A CompiledNorms (resnorm.diagnostics.norm_stats): its unit_moments takes the
+        # moments of contiguous float32 CPU outputs in one call; else PyTorch ops.
+        self._kernel = kernel
         self._pending: list[Measured] = []
         self._seen: dict[int, Measured] = {}
 
@@ -215,7 +220,9 @@ class MomentBatch:
         if not x.numel() or not x.is_floating_point():
             return
         rows = x.reshape(-1, 1) if x.dim() <= 1 else x
-        if x.numel() <= COPY_LIMIT:
+        if self._kernel is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+            sums, squares = self._kernel.unit_moments(x)  # one pass, no copy
+        elif x.numel() <= COPY_LIMIT:
             values = rows.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
             flat = values.view(-1)
             squares, sums = torch.dot(flat, flat).item(), values.sum(0)
@@ -282,16 +289,24 @@ def _settle_group(shape: tuple, entries: list[Measured]) -> None:
             entry.summary = ActivationSummary(mean, math.sqrt(var), dead, 0, numel)
 
 
-def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """The float64 sum of squares of every tensor, read back once: one fused norm call per
-    device (``torch._foreach_norm`` in float64, what ``clip_grad_norm_`` uses; no copy,
-    no Python per tensor), squared."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+def squared_norms(tensors: list[torch.Tensor], kernel=None) -> list[float]:
+    """The float64 sum of squares of every tensor, read back once, with no copy and no
+    Python per tensor: with ``kernel`` (a
+    :class:`~resnorm.diagnostics.norm_stats.CompiledNorms`), its norms of the contiguous
+    float32 CPU tensors in one call; the others with one fused norm call per device
+    (``torch._foreach_norm`` in float64, what ``clip_grad_norm_`` uses, about ten times
+    slower on small tensors); squared."""
     squares = [0.0] * len(tensors)
-    for index in by_device.values():
-        norms = torch._foreach_norm([tensors[i] for i in index], 2, dtype=torch.float64)
-        for i, value in zip(index, torch.stack(norms).square().tolist()):
-            squares[i] = value
+    by_device: dict[torch.device | None, list[int]] = {}
+    for i, t in enumerate(tensors):
+        taken = kernel is not None and t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+        by_device.setdefault(None if taken else t.device, []).append(i)
+    for device, index in by_device.items():
+        chosen = [tensors[i] for i in index]
+        if device is None:
+            norms = kernel.norms(chosen)
+        else:
+            norms = torch.stack(torch._foreach_norm(chosen, 2, dtype=torch.float64)).tolist()
+        for i, value in zip(index, norms):
+            squares[i] = value * value
     return squares

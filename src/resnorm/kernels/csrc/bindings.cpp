@@ -16,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_stats", &pool_stats, "output pool counters");
   m.def("pool_empty_cache", &pool_empty_cache, "return the pool's free blocks to the OS");
   m.def("update_norms", &update_norms, "Monitor update norms against a snapshot, in one pass");
+  m.def("unit_moments", &unit_moments, "unit sums over axis 0 and the sum of squares, float64");
 }

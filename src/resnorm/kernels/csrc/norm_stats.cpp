@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -83,6 +84,64 @@ at::Tensor update_norms(const std::vector<at::Tensor>& samples, at::Tensor snaps
     }
   });
   return out;
+}
+
+// Unit sums over axis 0 and the sum of squares, in float64. The units are split into fixed
+// chunks (the same partial sums whatever the number of threads: reproducible), each chunk
+// read row by row, its sums kept in cache.
+std::tuple<at::Tensor, double> unit_moments(const at::Tensor& x) {
+  check_float_contiguous(x);
+  const bool rows = x.dim() >= 2;
+  const int64_t n = rows ? x.size(0) : 1;
+  const int64_t units = rows ? (n ? x.numel() / n : 0) : x.numel();
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor sums = rows ? at::zeros(x.sizes().slice(1), options) : at::zeros({1}, options);
+  const float* p = x.data_ptr<float>();
+  if (!rows) {  // one unit: its values summed in lanes
+    double* s = sums.data_ptr<double>();
+    constexpr int64_t lanes = 16;
+    double acc[lanes] = {0.0}, sq[lanes] = {0.0};
+    int64_t j = 0;
+    for (; j + lanes <= units; j += lanes) {
+#pragma omp simd
+      for (int64_t k = 0; k < lanes; ++k) {
+        const double v = p[j + k];
+        acc[k] += v;
+        sq[k] += v * v;
+      }
+    }
+    double total = 0.0, squares = 0.0;
+    for (; j < units; ++j) {
+      total += p[j];
+      squares += static_cast<double>(p[j]) * p[j];
+    }
+    for (int64_t k = 0; k < lanes; ++k) total += acc[k], squares += sq[k];
+    s[0] = total;
+    return {sums, squares};
+  }
+  constexpr int64_t chunk = 1024;  // units per chunk: 8 KiB of sums
+  const int64_t chunks = (units + chunk - 1) / chunk;
+  std::vector<double> partial(chunks, 0.0);
+  double* s = sums.data_ptr<double>();
+  at::parallel_for(0, chunks, n * chunk >= (1 << 16) ? 1 : chunks, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
+      double squares = 0.0;
+      for (int64_t r = 0; r < n; ++r) {
+        const float* row = p + r * units;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t u = u0; u < u1; ++u) {
+          const double v = row[u];
+          s[u] += v;
+          squares += v * v;
+        }
+      }
+      partial[c] = squares;
+    }
+  });
+  double squares = 0.0;
+  for (double v : partial) squares += v;
+  return {sums, squares};
 }
 
 }  // namespace resnorm
