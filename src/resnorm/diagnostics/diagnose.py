@@ -250,7 +250,10 @@ def diagnose(
     backward with zero parameters moved a small step (if layers get no gradient; on the
     first :data:`~.evidence.PROBE_BATCH` samples when that is unambiguous), and ``steps``
     steps of ``optimizer`` (20 by default). The model is left as found (parameters, mode,
-    buffers, ``.grad``, the optimizer's state, the random generator).
+    buffers, ``.grad``, the optimizer's state, the random generator). Statistics are
+    summed in float64: for float32 CPU tensors by the compiled kernel of
+    :mod:`resnorm.kernels` when it can be had (built once per machine, about 30 s, said on
+    stderr; ``RESNORM_KERNELS=reference`` turns it off), else by PyTorch ops.
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).

@@ -49,4 +49,5 @@ def state_restored(
             for buffer, saved in saved_buffers:
                 buffer.copy_(saved)
         for m, mode in was_training:
-            m.training = mode
+            if m.training != mode:  # nn.Module's __setattr__ is slow; most are unchanged
+                m.training = mode

@@ -124,18 +124,22 @@ std::tuple<at::Tensor, double> unit_moments(const at::Tensor& x) {
   std::vector<double> partial(chunks, 0.0);
   double* s = sums.data_ptr<double>();
   at::parallel_for(0, chunks, n * chunk >= (1 << 16) ? 1 : chunks, [&](int64_t begin, int64_t end) {
+    double q[chunk];  // per-unit sums of squares: the row loop stays a vertical one
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t u0 = c * chunk, u1 = std::min(units, u0 + chunk);
-      double squares = 0.0;
+      const int64_t u0 = c * chunk, width = std::min(units, u0 + chunk) - u0;
+      double* __restrict su = s + u0;
+      std::fill(q, q + width, 0.0);
       for (int64_t r = 0; r < n; ++r) {
-        const float* row = p + r * units;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t u = u0; u < u1; ++u) {
+        const float* __restrict row = p + r * units + u0;
+#pragma omp simd
+        for (int64_t u = 0; u < width; ++u) {
           const double v = row[u];
-          s[u] += v;
-          squares += v * v;
+          su[u] += v;
+          q[u] += v * v;
         }
       }
+      double squares = 0.0;
+      for (int64_t u = 0; u < width; ++u) squares += q[u];
       partial[c] = squares;
     }
   });
