@@ -250,10 +250,8 @@ def diagnose(
     backward with zero parameters moved a small step (if layers get no gradient; on the
     first :data:`~.evidence.PROBE_BATCH` samples when that is unambiguous), and ``steps``
     steps of ``optimizer`` (20 by default). The model is left as found (parameters, mode,
-    buffers, ``.grad``, the optimizer's state, the random generator). Statistics are
-    summed in float64: for float32 CPU tensors by the compiled kernel of
-    :mod:`resnorm.kernels` when it can be had (built once per machine, about 30 s, said on
-    stderr; ``RESNORM_KERNELS=reference`` turns it off), else by PyTorch ops.
+    buffers, ``.grad``, the optimizer's state, the random generator). Sums are float64: of
+    float32 CPU tensors by :mod:`resnorm.kernels`' compiled kernel when it can be had.
 
     Args:
         model: any ``nn.Module`` (also inside ``torch.compile`` or DDP).
@@ -275,7 +273,6 @@ def diagnose(
         raise UsageError("the model has no layer with a weight parameter to measure")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     evidence = Evidence()
-
     step_loss, probe_loss = _losses(model, args, targets, loss_fn, evidence)
     with state_restored(model, net, train_mode, named):
         compiled = any(hasattr(m, "_orig_mod") for m in (model, getattr(model, "module", None)))
@@ -286,7 +283,7 @@ def diagnose(
         grads, evidence.zeros, gates = _layer_grads(layers, recorder.layer_order, named, kernel)
         by_name = dict(layers)
         order = [(g.name, by_name[g.name]) for g in grads]
-        nonlinear = recorder.activation_calls > 0
+        nonlinear = recorder.activation_calls > 0  # a nonlinearity module ran
         _gather_evidence(model, net, args, order, grads, gates, probe_loss, evidence, nonlinear)
         if steps:
             evidence.training = run_steps(model, step_loss, optimizer, steps, order)
