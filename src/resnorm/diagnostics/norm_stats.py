@@ -14,8 +14,8 @@ off (the kernel: 1e-13). ``diagnose`` uses the kernel the same way, when it can 
 its unit moments (:meth:`CompiledNorms.unit_moments`, one call per module output instead
 of a float64 copy and three ops) and its squared norms
 (:func:`~resnorm.diagnostics.stats.squared_norms`: one call where ``torch._foreach_norm``
-in float64 takes about ten times as long on small tensors); on the benchmark's small
-models that is a third of diagnose's overhead over a forward+backward.
+in float64 takes about ten times as long on small tensors); on the trainability
+benchmark's small models that is 15-30% of diagnose's cost over a forward+backward.
 """
 
 from __future__ import annotations

@@ -163,16 +163,16 @@ class MomentBatch:
     read back per output shape.
 
     :meth:`add` takes, at once (before any later in-place operation can change the
-    tensor), in float64: the sum over the batch axis for every unit (one feature
-    at one position) and the sum of squares of all values (``kernel``, a
+    tensor), in float64: the sum over the batch axis for every unit (one feature at one
+    position) and the sum of squares of all values (with ``kernel``, a
     :class:`~resnorm.diagnostics.norm_stats.CompiledNorms`: in one pass of the compiled
-    kernel for contiguous float32 CPU tensors; else from a float64 copy). Everything asked follows from
-    these: the mean and variance; the fraction of dead units of a rectifier's output
-    (never negative, so a unit is zero for every sample exactly when its sum is zero); and
-    the channel statistics at any axis but the batch axis (a channel's sum is the sum of
-    its units'; the average channel variance is the mean square less the average squared
-    channel mean). A tensor added again unchanged
-    (the same object, not modified since) is measured once. :meth:`settle` finishes the
+    kernel for contiguous float32 CPU tensors; else from a float64 copy). Everything
+    asked follows from these: the mean and variance; the fraction of dead units of a
+    rectifier's output (never negative, so a unit is zero for every sample exactly when its
+    sum is zero); and the channel statistics at any axis but the batch axis (a channel's
+    sum is the sum of its units'; the average channel variance is the mean square less the
+    average squared channel mean). A tensor added again unchanged (the same object, not
+    modified since) is measured once. :meth:`settle` finishes the
     statistics of all outputs of one shape together, with one read back. An output with a
     NaN or Inf (a sum of squares that is not finite) is measured at once as
     :func:`summarize_activation` does (counted, left out)."""
