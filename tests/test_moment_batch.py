@@ -246,3 +246,35 @@ def test_squared_norms_with_the_kernel_match_float64():
     want = [float(t.double().square().sum()) for t in tensors]
     assert got[:5] == pytest.approx(want[:5], rel=1e-12)
     assert got[3] == 0 and got[4] > 0 and math.isnan(got[5])
+
+
+def test_diagnose_gives_the_same_with_and_without_the_compiled_kernel(monkeypatch):
+    """A residual model with a zero-initialized head (so the gate probe runs): every
+    statistic with the kernel equals the PyTorch ops' to rounding, the verdict is the same."""
+    _compiled()
+    import importlib
+
+    from resnorm import create_model
+
+    diagnose_module = importlib.import_module("resnorm.diagnostics.diagnose")
+    torch.manual_seed(0)
+    model = create_model("mlp", depth=6, width=32, in_features=10, num_classes=4)
+    torch.nn.init.zeros_(model.head.weight)
+    x, y = torch.randn(96, 10), torch.randint(0, 4, (96,))
+    with_kernel = diagnose(model, x, y)
+    monkeypatch.setattr(diagnose_module, "compiled_norms", lambda compiled: None)
+    without = diagnose(model, x, y)
+    assert with_kernel.verdict == without.verdict and with_kernel.findings == without.findings
+    assert [s.name for s in with_kernel.fired] == [s.name for s in without.fired]
+    assert with_kernel.structure == without.structure
+    assert with_kernel.activations.keys() == without.activations.keys()
+    for key, got in with_kernel.activations.items():
+        want = without.activations[key]
+        _close(
+            (got.mean, got.std, got.dead_fraction, got.nonfinite, got.numel),
+            (want.mean, want.std, want.dead_fraction, want.nonfinite, want.numel),
+            rel=1e-12,
+        )
+    for got, want in zip(with_kernel.layers, without.layers, strict=True):
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12, abs=0)
+        assert got.weight_norm == pytest.approx(want.weight_norm, rel=1e-12)
