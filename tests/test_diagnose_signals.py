@@ -497,3 +497,43 @@ def test_gate_probe_on_part_of_the_batch_agrees_with_the_whole(monkeypatch, buil
         found.append((d.verdict, [s.name for s in d.fired], d.findings))
     assert found[0] == found[1]
     assert any("start at zero" in f for f in found[0][2])
+
+
+def _growth(blocks):
+    from resnorm.diagnostics.signals import Evidence, forward_signals
+    from resnorm.diagnostics.verdict import Thresholds
+
+    signals = forward_signals(blocks, 2.3, Thresholds(), Evidence())
+    return next((s for s in signals if s.name == "activation_growth"), None)
+
+
+def test_a_variance_at_the_rounding_level_is_reported_as_a_bound_not_a_number():
+    from resnorm.diagnostics.diagnose import BlockStat
+    from resnorm.diagnostics.stats import VARIANCE_RESOLUTION
+
+    def block(sq_mean, var):
+        return BlockStat("b", sq_mean, var, None, None, None)
+
+    measured = _growth([block(1.0, 2e-3), block(1.0, 1e-6)])  # resolved: the ratio itself
+    assert measured.value == pytest.approx(5e-4) and "(1.00e-06)" in measured.text
+    # The last block's samples agree to rounding: its variance is rounding noise.
+    collapsed = _growth([block(1.0, 2e-3), block(4.0, 3e-17)])
+    bound = VARIANCE_RESOLUTION * (4.0 + 3e-17) / 2e-3
+    assert collapsed.value == pytest.approx(bound) and not collapsed.fired
+    assert "below" in collapsed.text and "3.00e-17" not in collapsed.text
+    # A first block at the rounding level says nothing about growth.
+    assert _growth([block(1.0, 1e-16), block(1.0, 1e-3)]) is None
+
+
+def test_a_collapsed_plain_network_reads_the_same_with_and_without_the_kernel(monkeypatch):
+    import importlib
+
+    diagnose_module = importlib.import_module("resnorm.diagnostics.diagnose")
+    torch.manual_seed(0)
+    model = create_model("mlp", depth=48, residual=False, norm="none")
+    x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
+    with_kernel = diagnose(model, x, y)
+    monkeypatch.setattr(diagnose_module, "compiled_norms", lambda compiled: None)
+    without = diagnose(model, x, y)
+    assert with_kernel.verdict == without.verdict == Verdict.VANISHING
+    assert with_kernel.findings == without.findings

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from .stats import VARIANCE_RESOLUTION
+
 if TYPE_CHECKING:
     from .verdict import LayerGrad, Thresholds
 
@@ -171,25 +173,9 @@ def forward_signals(blocks: list, loss: float, t: Thresholds, evidence: Evidence
                 f" = {chance:.3g}).",
             )
         )
-    # A block whose output is exactly zero starts at zero by design (a zero head or gate).
-    variances = [b.var for b in blocks if _finite(b.var) and b.var > 0]
-    if len(variances) >= 2:
-        growth = variances[-1] / variances[0]
-        up = growth > t.signal_growth
-        # Shrinking activations are a finding, not a verdict: networks at PyTorch's
-        # default init shrink them 1e-8x over 8 GELU layers and still train.
-        out.append(
-            _signal(
-                "activation_growth",
-                growth,
-                f"<= {t.signal_growth:.0e}",
-                up,
-                Verdict.EXPLODING,
-                _decades(growth, t.signal_growth),
-                f"Activation variance {'grows' if growth > 1 else 'shrinks'} {growth:.1e}x from "
-                f"the first block ({variances[0]:.2e}) to the last ({variances[-1]:.2e}).",
-            )
-        )
+    growth_signal = _activation_growth(blocks, t)
+    if growth_signal is not None:
+        out.append(growth_signal)
     # One linear layer is meant to be one; a model with zero gates is the identity per
     # block at initialization, and stops being affine once they open.
     if evidence.affine is not None and evidence.depth >= 2 and not evidence.gates:
@@ -207,6 +193,41 @@ def forward_signals(blocks: list, loss: float, t: Thresholds, evidence: Evidence
             )
         )
     return out
+
+
+def _activation_growth(blocks: list, t: Thresholds) -> Signal | None:
+    """The activation variance from the first block to the last. A block whose output is
+    exactly zero starts at zero by design (a zero head or gate) and is left out; a variance
+    under :data:`~.stats.VARIANCE_RESOLUTION` of its block's mean square is rounding, not a
+    measurement: the last block's is then an upper bound, the first block's says nothing."""
+    measured = [b for b in blocks if _finite(b.var) and b.var > 0]
+    if len(measured) < 2 or _unresolved(measured[0]):
+        return None
+    first, last = measured[0].var, measured[-1].var
+    if _unresolved(measured[-1]):
+        bound = VARIANCE_RESOLUTION * (measured[-1].sq_mean + last) / first
+        text = (
+            f"Activation variance shrinks below {bound:.1e}x from the first block "
+            f"({first:.2e}) to the last (under {bound * first:.1e}: the rounding level of its "
+            "mean square, where the samples no longer differ)."
+        )
+        growth, up = bound, False
+    else:
+        growth = last / first
+        up = growth > t.signal_growth
+        text = (
+            f"Activation variance {'grows' if growth > 1 else 'shrinks'} {growth:.1e}x from "
+            f"the first block ({first:.2e}) to the last ({last:.2e})."
+        )
+    # Shrinking activations are a finding, not a verdict: networks at PyTorch's
+    # default init shrink them 1e-8x over 8 GELU layers and still train.
+    limit = f"<= {t.signal_growth:.0e}"
+    strength = _decades(growth, t.signal_growth)
+    return _signal("activation_growth", growth, limit, up, Verdict.EXPLODING, strength, text)
+
+
+def _unresolved(block) -> bool:
+    return not block.var >= VARIANCE_RESOLUTION * (block.sq_mean + block.var)
 
 
 def training_signals(trace, t: Thresholds) -> list[Signal]:

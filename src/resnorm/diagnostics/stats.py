@@ -21,6 +21,11 @@ import torch
 # plain float64 reductions and a BLAS dot product: 2-4x fewer microseconds than reducing
 # float32 with dtype=float64, on CPU); above it, without a copy (no transient memory).
 COPY_LIMIT = 1 << 22
+# A variance under this fraction of its tensor's mean square is rounding, not a measurement:
+# float32 values that differ by a few units in the last place (relative 6e-8) have a
+# variance of ~1e-14 of their mean square, and the float64 difference E[x^2] - E[x]^2
+# cancels to about 1e-15 of it.
+VARIANCE_RESOLUTION = 1e-13
 
 
 def _as_float64(x: torch.Tensor) -> torch.Tensor:

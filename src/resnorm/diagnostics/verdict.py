@@ -20,7 +20,9 @@ The signals (thresholds in :class:`Thresholds`, overridable), at initialization:
   chance, log(C) for C classes: the output is far off scale (weights drawn too large).
 - ``activation_growth``: the activation variance from the first block to the last grows
   beyond ``signal_growth`` (1e3). Shrinking below ``signal_decay`` (1e-3) is reported as
-  a finding only: default-initialized GELU stacks shrink it 1e-8x and still train.
+  a finding only: default-initialized GELU stacks shrink it 1e-8x and still train. A
+  variance under ``VARIANCE_RESOLUTION`` (1e-13) of its block's mean square is rounding:
+  the last block's then gives an upper bound, the first block's no signal.
 - ``affine``: a model of two weight layers or more is an affine map of its input
   (checked at midpoints of the batch in eval mode; not while zero gates make its blocks
   identities): however deep, it learns what one linear layer learns.
