@@ -41,7 +41,7 @@ def stuck_after_gates_open(
     gates: list[nn.Parameter],
     silent: list[tuple[str, nn.Module]],
     backward: Callable[[list[torch.Tensor]], None],
-    grad_squares: list[float] | None = None,
+    grad_squares: list[float],
     kernel=None,
 ) -> list[str]:
     """The ``silent`` layers (no gradient at all) that still get none once each gate (a
@@ -51,13 +51,11 @@ def stuck_after_gates_open(
     is zero opens one layer per step. The gates are put back to zero. ``backward(inputs)``
     runs one forward and backward pass that fills in the gradients of ``inputs`` only (the
     silent layers' weights: nothing else is read; their gradients are cleared before and
-    after). ``grad_squares``: the gates' squared gradient norms, when the caller has them;
-    ``kernel``: see :func:`~.stats.squared_norms`."""
+    after). ``grad_squares``: the gates' squared gradient norms (the caller has them from
+    its pass over every gradient); ``kernel``: see :func:`~.stats.squared_norms`."""
     weights = [w for _, module in silent for w in layer_weights(module) if w.requires_grad]
     if not weights:  # frozen weights get no gradient, gates open or not
         return [name for name, _ in silent]
-    if grad_squares is None:
-        grad_squares = squared_norms([p.grad for p in gates], kernel)
     saved = [p.detach().clone() for p in gates]
     try:
         with torch.no_grad():  # a step of 1e-3 per value (RMS) against the gradient

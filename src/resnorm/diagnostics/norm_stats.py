@@ -31,19 +31,21 @@ class CompiledNorms:
         self._module = module
 
     @staticmethod
+    def accepts(t: torch.Tensor) -> bool:
+        """Whether the kernel takes this tensor: contiguous float32 on the CPU."""
+        return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+
+    @staticmethod
     def takes(tensors: list[torch.Tensor]) -> bool:
         """Whether the kernel computes the norms of these tensors."""
-        return all(
-            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-            for t in tensors
-        )
+        return all(CompiledNorms.accepts(t) for t in tensors)
 
     def unit_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The float64 sum over axis 0 of every unit of ``x`` (shaped ``x.shape[1:]``;
         ``(1,)`` for ``x`` of one axis or none) and the float64 sum of squares of all of
         its values, in one pass without a float64 copy (see
-        :class:`~resnorm.diagnostics.stats.MomentBatch`); RuntimeError if ``x`` is not
-        :meth:`takes`."""
+        :class:`~resnorm.diagnostics.stats.MomentBatch`); RuntimeError if the kernel does
+        not :meth:`accepts` it."""
         return self._module.unit_moments(x)
 
     def norms(self, tensors: list[torch.Tensor]) -> list[float]:

@@ -225,7 +225,7 @@ class MomentBatch:
         if not x.numel() or not x.is_floating_point():
             return
         rows = x.reshape(-1, 1) if x.dim() <= 1 else x
-        if self._kernel is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+        if self._kernel is not None and self._kernel.accepts(x):
             sums, squares = self._kernel.unit_moments(x)  # one pass, no copy
         elif x.numel() <= COPY_LIMIT:
             values = rows.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
@@ -304,7 +304,7 @@ def squared_norms(tensors: list[torch.Tensor], kernel=None) -> list[float]:
     squares = [0.0] * len(tensors)
     by_device: dict[torch.device | None, list[int]] = {}
     for i, t in enumerate(tensors):
-        taken = kernel is not None and t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+        taken = kernel is not None and kernel.accepts(t)
         by_device.setdefault(None if taken else t.device, []).append(i)
     for device, index in by_device.items():
         chosen = [tensors[i] for i in index]
