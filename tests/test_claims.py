@@ -387,3 +387,123 @@ def test_the_built_in_quick_study_runs_every_experiment(capsys, tmp_path):
         assert claim["figures"], claim["id"]
         for figure in claim["figures"]:
             assert (tmp_path / "q" / "figures" / f"{figure['name']}.png").exists()
+
+
+def _jobs(model="stack", options=(("depth", 3), ("norm", "batch"), ("width", 16)), **kwargs):
+    from resnorm.lab.claims.jobs import Job
+
+    settings = {"epochs": 2, "batch_size": 64, "num_samples": 400, "val_fraction": 0.2}
+    settings.update(kwargs)
+    return [Job(model, options, lr, seed, **settings) for lr in (1e-3, 1e-2) for seed in (0, 1)]
+
+
+def _assert_records_agree(stacked: dict, alone: dict, tol: float, job, flips: int = 1) -> None:
+    """Two records of ``job``: the measures at init equal, the rest to ``tol``, and the
+    accuracies to ``flips`` samples (a sample on the decision boundary may flip)."""
+    from resnorm.lab.claims.jobs import job_data
+
+    split, data = job_data(job.dataset, job.num_samples, job.val_fraction)
+    n_val, n_test = len(split.y_test), len(data.y_test)
+    assert stacked["grad_first_over_last"] == alone["grad_first_over_last"]
+    assert (stacked["branch_ratio"] is None) == (alone["branch_ratio"] is None)
+    if alone["branch_ratio"] is not None:
+        assert stacked["branch_ratio"][0] == alone["branch_ratio"][0]
+        assert stacked["branch_ratio"] == pytest.approx(alone["branch_ratio"], abs=tol)
+    assert stacked["diverged"] == alone["diverged"]
+    for a, b in zip(stacked["history"], alone["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=tol)
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=(flips + 0.01) / n_val)
+    assert stacked["test_acc"] == pytest.approx(alone["test_acc"], abs=(flips + 0.01) / n_test)
+    for key in ("change_first_over_last", "grad_variability"):
+        assert stacked[key] == pytest.approx(alone[key], abs=tol), key
+
+
+@pytest.mark.parametrize(
+    "model, options",
+    [
+        ("stack", (("depth", 3), ("norm", "batch"), ("width", 16))),
+        ("mlp", (("depth", 3), ("norm", "none"), ("residual", True), ("width", 16))),
+    ],
+)
+def test_jobs_trained_stacked_agree_with_the_jobs_trained_alone(model, options):
+    """Four jobs (two learning rates x two seeds, 10 AdamW steps each) trained as one
+    stacked computation: every record equals the job's record trained alone to 1e-5
+    (float32; measured: 1e-7), the measures at init exactly."""
+    from resnorm.lab.claims.jobs import run_job, run_jobs
+
+    jobs = _jobs(model, options)
+    stacked = run_jobs(jobs)
+    for job, record in zip(jobs, stacked, strict=True):
+        alone = run_job(job)
+        assert (record["stacked_with"], alone["stacked_with"]) == (4, 1)
+        _assert_records_agree(record, alone, 1e-5, job)
+
+
+def test_a_stacked_job_that_diverges_stops_and_the_others_go_on():
+    from resnorm.lab.claims.jobs import Job, run_job, run_jobs
+
+    good, bad = _jobs(optimizer="sgd")[:2]
+    bad = Job(**{**bad.__dict__, "lr": 1e12})
+    records = run_jobs([good, bad])
+    assert records[1]["diverged"] and not records[0]["diverged"]
+    _assert_records_agree(records[0], run_job(good), 1e-5, good)
+
+
+def test_jobs_that_cannot_stack_train_alone_or_are_refused():
+    from resnorm.lab.claims.jobs import run_job, run_jobs, stack_refusal
+
+    noisy = _jobs(options=(("depth", 2), ("norm", "noisy-batch"), ("width", 8)), epochs=1)[:2]
+    records = run_jobs(noisy)  # noise drawn in training: not stacked, nothing lost
+    assert [r["stacked_with"] for r in records] == [1, 1]
+    assert records[0]["history"] == run_job(noisy[0])["history"]
+    mixed = [_jobs()[0], _jobs(epochs=1)[0]]
+    assert "more than their learning rate and seed" in stack_refusal(mixed)
+    with pytest.raises(ValueError, match="cannot train stacked"):
+        run_jobs(mixed)
+
+
+def test_units_group_a_variant_s_rates_and_seeds_costliest_first(monkeypatch):
+    from resnorm.lab.claims import engine
+
+    small, large = _jobs(), _jobs(options=(("depth", 12), ("norm", "batch"), ("width", 16)))
+    units = engine.plan_units(small + large, stack=True)
+    assert [set(u) for u in units] == [set(large), set(small)]
+    assert engine.plan_units(small, stack=False) == [(job,) for job in small]
+    monkeypatch.setattr(engine, "MAX_STACK", 3)
+    assert [len(u) for u in engine.plan_units(small, stack=True)] == [3, 1]
+
+
+def test_a_unit_whose_stacked_training_fails_trains_alone_and_keeps_the_error(monkeypatch):
+    from resnorm.lab.claims import engine
+
+    def broken(jobs):
+        raise RuntimeError("stacking broke")
+
+    monkeypatch.setattr(engine, "run_jobs", broken)
+    jobs = tuple(_jobs(epochs=1)[:2])
+    with pytest.warns(UserWarning, match="trained alone, not stacked: RuntimeError"):
+        records = engine._run_unit_safely(jobs)
+    assert [r["status"] for r in records] == ["finished", "finished"]
+    assert all(r["stack_error"] == "RuntimeError: stacking broke" for r in records)
+
+
+def test_the_claims_study_stacks_by_default_and_no_stack_trains_alone(capsys, tmp_path):
+    """Same records to float32 rounding either way; the choice is in the provenance."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    argv = ["lab", str(tmp_path / "tiny.toml"), "--workers", "1", "--json", "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "s")]) == 0
+    stacked = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--no-stack", "--out", str(tmp_path / "a")]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert (stacked["provenance"]["stack"], alone["provenance"]["stack"]) == (True, False)
+    from resnorm.lab.claims.engine import _unique_jobs, plan
+
+    protocol = parse_protocol(TINY, "tiny.toml")
+    jobs = _unique_jobs(plan(protocol, protocol.sizes["default"]))
+    assert len(jobs) == 8
+    for key, job in jobs.items():
+        s, a = (json.loads((tmp_path / d / "runs" / f"{key}.json").read_text()) for d in "sa")
+        assert (s["stacked_with"], a["stacked_with"]) == (4, 1), key
+        # these runs sit near chance after 2 epochs, where the logits nearly tie: a few
+        # validation samples may flip
+        _assert_records_agree(s, a, 1e-5, job, flips=4)

@@ -224,6 +224,51 @@ def test_stack_refusal_names_what_differs():
         fit_stacked(models, _blobs(), CONFIGS)
 
 
+def test_a_model_with_forward_hooks_is_not_stacked():
+    """The stacked forward calls a skeleton of the model, so a hook on the model would see
+    nothing: such runs are refused (and train alone in the lab), never silently unhooked."""
+    models = [_model(0), _model(1)]
+    handle = models[1].blocks[0].register_forward_hook(lambda *args: None)
+    assert "forward hooks" in stack_refusal(models, CONFIGS[:2])
+    handle.remove()
+    models[0].register_forward_pre_hook(lambda *args: None)
+    assert "forward hooks" in stack_refusal(models, CONFIGS[:2])
+
+
+class _NormsMonitor:
+    """Records the global gradient norm, and the loss, after every step."""
+
+    def __init__(self, model):
+        self.model, self.norms, self.losses = model, [], []
+
+    def step(self, loss):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        self.losses.append(float(loss.detach()))
+
+
+def test_each_stacked_run_s_monitor_sees_its_own_gradients_after_each_step():
+    """fit_stacked calls run i's monitor as fit calls its monitor: after every step, with
+    the run's loss and its parameters holding its gradients (float64: equal to 1e-10)."""
+    data = _blobs()
+    alone = []
+    for config in CONFIGS:
+        model = _model(config.seed, "layer")
+        monitor = _NormsMonitor(model)
+        fit(model, data, config, progress=False, monitor=monitor)
+        alone.append(monitor)
+    models = [_model(c.seed, "layer") for c in CONFIGS]
+    monitors = [_NormsMonitor(m) for m in models]
+    fit_stacked(models, data, CONFIGS, monitors=monitors)
+    for stacked, solo in zip(monitors, alone):
+        assert len(stacked.norms) == len(solo.norms) == 3 * 6
+        assert stacked.norms == pytest.approx(solo.norms, rel=1e-10)
+        assert stacked.losses == pytest.approx(solo.losses, rel=1e-10)
+    assert len({id(m.norms) for m in monitors}) == 3
+    with pytest.raises(UsageError, match="one out, meta and monitor per model"):
+        fit_stacked(models, data, CONFIGS, monitors=monitors[:2])
+
+
 class _Cube(torch.autograd.Function):
     """A custom autograd function without a vmap rule: vmap cannot batch it."""
 

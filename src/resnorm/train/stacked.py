@@ -73,14 +73,27 @@ def stack_refusal(models: Sequence[nn.Module], configs: Sequence[TrainConfig]) -
         return "their models differ in structure (parameter names, shapes or dtypes)"
     if any(_draws_random_numbers(m) for m in models):
         return "the model draws random numbers in training (dropout or drop-path)"
+    if any(_has_forward_hooks(m) for m in models):
+        return "the model has forward hooks, which the stacked forward would not call"
     return None
 
 
+def _has_forward_hooks(model: nn.Module) -> bool:
+    """Whether a module of ``model`` has a forward or forward-pre hook: the stacked
+    forward calls a skeleton of the model (:func:`torch.func.functional_call`), so a hook
+    on the model itself (a Monitor's dead-unit counter, a user's probe) would see nothing."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _draws_random_numbers(model: nn.Module) -> bool:
-    """Whether a dropout or drop-path layer of ``model`` drops anything in training (other
-    random layers are found by vmap on the first step)."""
+    """Whether a dropout or drop-path layer of ``model`` drops anything in training, or a
+    module says it draws random numbers (a true ``draws_random_numbers`` attribute); other
+    random layers are found by vmap on the first step."""
     random_layers = (nn.modules.dropout._DropoutNd, DropPath)
-    return any(isinstance(m, random_layers) and m.p > 0 for m in model.modules())
+    return any(
+        (isinstance(m, random_layers) and m.p > 0) or getattr(m, "draws_random_numbers", False)
+        for m in model.modules()
+    )
 
 
 def fit_stacked(
@@ -93,6 +106,7 @@ def fit_stacked(
     resume: bool = True,
     restart_mismatched: bool = False,
     on_epoch: Callable[[int, dict], None] | None = None,
+    monitors: Sequence | None = None,
 ) -> list[FitResult]:
     """Train ``models[i]`` with ``configs[i]`` (into the run folder ``outs[i]``), all of
     them together (see the module's docstring); return their :class:`FitResult` in order.
@@ -101,8 +115,10 @@ def fit_stacked(
     for it alone (``resume``: a run folder with a checkpoint continues from it;
     ``restart_mismatched``: a folder holding another run starts over instead of raising
     :class:`~resnorm.train.RunMismatchError`). ``on_epoch(i, row)`` is called with run
-    ``i``'s row after each of its epochs. Runs that cannot be stacked
-    (:func:`stack_refusal`) raise :class:`~resnorm.errors.UsageError`.
+    ``i``'s row after each of its epochs. ``monitors[i]`` (anything with ``step(loss)``,
+    or ``None``) is called after each of run ``i``'s steps with its loss, its parameters
+    holding their gradients, as :func:`fit` calls its ``monitor``. Runs that cannot be
+    stacked (:func:`stack_refusal`) raise :class:`~resnorm.errors.UsageError`.
     """
     if not models or len(configs) != len(models):
         raise UsageError(
@@ -111,6 +127,12 @@ def fit_stacked(
         )
     outs = list(outs) if outs is not None else [None] * len(models)
     metas = list(metas) if metas is not None else [{}] * len(models)
+    monitors = list(monitors) if monitors is not None else [None] * len(models)
+    if len(outs) != len(models) or len(metas) != len(models) or len(monitors) != len(models):
+        raise UsageError(
+            f"fit_stacked takes one out, meta and monitor per model ({len(models)}): got "
+            f"{len(outs)}, {len(metas)} and {len(monitors)}"
+        )
     for model, config in zip(models, configs):
         _check_fit_arguments(model, data, config)
     refusal = stack_refusal(models, configs)
@@ -119,8 +141,8 @@ def fit_stacked(
     with intra_op_threads(configs[0].threads):
         device = resolve_device(configs[0].device)
         trainers = [
-            _Trainer(m, data, c, device, o, None, meta)
-            for m, c, o, meta in zip(models, configs, outs, metas)
+            _Trainer(m, data, c, device, o, monitor, meta)
+            for m, c, o, monitor, meta in zip(models, configs, outs, monitors, metas)
         ]
         for trainer in trainers:
             _start(trainer, resume, restart_mismatched)
@@ -271,14 +293,17 @@ class _Stack:
         )
         losses.sum().backward()
         self._hand_out_gradients()
-        values = losses.detach().tolist()
+        losses = losses.detach()
+        values = losses.tolist()
         correct = (logits.detach().argmax(-1) == y).sum(-1).tolist()
         taken = []
-        for trainer, value, right, yb in zip(self.active, values, correct, ys):
+        for i, (trainer, value, right, yb) in enumerate(zip(self.active, values, correct, ys)):
             if not math.isfinite(value):
                 taken.append(None)
                 continue
             trainer.apply_gradients()
+            if trainer.monitor is not None:
+                trainer.monitor.step(losses[i])
             taken.append((value * len(yb), int(right), len(yb)))
         return taken
 

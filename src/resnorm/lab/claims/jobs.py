@@ -1,14 +1,17 @@
 """One training run of the claims study (a *job*: a variant at one learning rate and one
 seed) and the measurements taken during it.
 
-A job trains with :func:`resnorm.train.fit` on the training split less a validation split
-(stratified, the same for every job), is evaluated on the validation split after every
+A job trains with :func:`resnorm.train.fit` (or, with the other learning rates and seeds
+of its variant, :func:`resnorm.train.fit_stacked`: :func:`run_jobs`) on the training
+split less a validation split (stratified, the same for every job), with one thread, is evaluated on the validation split after every
 epoch (that is what picks each variant's learning rate) and on the test split once at the
 end. What it records (all plain JSON):
 
 - ``history``: per epoch ``train_loss``, ``train_acc`` (running, in training mode) and
   ``val_acc``; ``steps_per_epoch``; ``diverged``;
-- ``val_acc``, ``test_acc`` at the end (fractions);
+- ``val_acc``, ``test_acc`` at the end (fractions); ``seconds`` of training (when the
+  job trained stacked, :func:`run_jobs`, the stack's time shared out) and
+  ``stacked_with``, the number of jobs trained together (1: alone);
 - ``grad_first_over_last``: log10 of the gradient norm of the first weight layer over the
   last hidden one (the one before the classifier), at initialization, on one batch;
 - ``change_first_over_last``: log10 of the same layers' relative weight change
@@ -29,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -39,6 +43,9 @@ from torch import nn
 PROBE_LR = 0.1
 #: Samples of the fixed batch the probes use.
 PROBE_BATCH = 256
+#: The intra-op threads of a job, for all of it (building, probes, training, evaluation):
+#: the lab runs one worker process per core.
+JOB_THREADS = 1
 #: Part of every run's key: raise it when what a run records changes, so that records
 #: written by an earlier version are trained again instead of read.
 RECORD_VERSION = 2
@@ -203,51 +210,139 @@ class _GradNorms:
         return math.sqrt(sum((s - mean) ** 2 for s in steps) / (len(steps) - 1))
 
 
+class _Measured:
+    """One job's model, training configuration and measurements, taken the same way
+    whether the job trains alone (:func:`run_job`) or stacked (:func:`run_jobs`): built
+    from the job's seed, probed at initialization, after every epoch (:meth:`on_epoch`)
+    and at the end (:meth:`record`)."""
+
+    def __init__(self, job: Job) -> None:
+        from ...train import TrainConfig
+        from .models import build_model
+
+        self.job = job
+        self.split, self.data = job_data(job.dataset, job.num_samples, job.val_fraction)
+        torch.manual_seed(job.seed)
+        model = build_model(
+            job.model, self.data.x_train[0].numel(), self.data.num_classes, dict(job.options)
+        )
+        self.model = model
+        self.x = self.split.x_train[:PROBE_BATCH]
+        self.y = self.split.y_train[:PROBE_BATCH]
+        self.start = [w.detach().clone() for w in _weights(model)]
+        self.first = {"grad_first_over_last": _grad_first_over_last(model, self.x, self.y)}
+        self.branch = [_branch_ratio(model, self.x)]
+        self.probe_epochs = sorted({1, (job.epochs + 1) // 2, job.epochs})
+        self.santurkar: list[dict] = []
+        self.grads = _GradNorms(model)
+        self.config = TrainConfig(
+            epochs=job.epochs,
+            batch_size=job.batch_size,
+            lr=job.lr,
+            optimizer=job.optimizer,
+            seed=job.seed,
+            device=job.device,
+            warmup_epochs=min(1.0, job.epochs / 2),
+            threads=JOB_THREADS,
+        )
+
+    def on_epoch(self, row: dict) -> None:
+        device = model_device(self.model)
+        xd, yd = self.x.to(device), self.y.to(device)
+        self.branch.append(_branch_ratio(self.model, xd))
+        if "santurkar" in self.job.probes and row["epoch"] in self.probe_epochs:
+            self.santurkar.append(_santurkar(self.model, xd, yd))
+
+    def record(self, result) -> dict:
+        """The job's record, from the trained model and ``fit``'s result."""
+        change = [
+            float((w.detach().cpu() - s).norm() / s.norm())
+            for w, s in zip(_weights(self.model), self.start, strict=True)
+        ]
+        record = dict(self.first)
+        record.update(_outcome(self.model, result, self.data, self.job))
+        record.update(
+            change_first_over_last=_log_ratio(change[0], change[-2]) if len(change) >= 3 else None,
+            grad_variability=self.grads.variability(),
+            branch_ratio=self.branch if self.branch[0] is not None else None,
+            santurkar=self.santurkar or None,
+            stacked_with=result.stacked_with,
+        )
+        return record
+
+
 def run_job(job: Job) -> dict:
-    """Train ``job`` and return its record (see the module's docstring)."""
-    from ...train import TrainConfig, fit
-    from .models import build_model
+    """Train ``job`` alone and return its record (see the module's docstring)."""
+    from ...train import fit
+    from ...train.threads import intra_op_threads
 
-    split, data = job_data(job.dataset, job.num_samples, job.val_fraction)
-    torch.manual_seed(job.seed)
-    model = build_model(job.model, data.x_train[0].numel(), data.num_classes, dict(job.options))
-    x, y = split.x_train[:PROBE_BATCH], split.y_train[:PROBE_BATCH]
-    start = [w.detach().clone() for w in _weights(model)]
-    record = {"grad_first_over_last": _grad_first_over_last(model, x, y)}
-    branch = [_branch_ratio(model, x)]
-    probe_epochs = sorted({1, (job.epochs + 1) // 2, job.epochs})
-    santurkar = []
+    with intra_op_threads(JOB_THREADS):
+        run = _Measured(job)
+        result = fit(
+            run.model,
+            run.split,
+            run.config,
+            progress=False,
+            monitor=run.grads,
+            on_epoch=run.on_epoch,
+        )
+        return run.record(result)
 
-    def on_epoch(row: dict) -> None:
-        xd, yd = x.to(model_device(model)), y.to(model_device(model))
-        branch.append(_branch_ratio(model, xd))
-        if "santurkar" in job.probes and row["epoch"] in probe_epochs:
-            santurkar.append(_santurkar(model, xd, yd))
 
-    grads = _GradNorms(model)
-    config = TrainConfig(
-        epochs=job.epochs,
-        batch_size=job.batch_size,
-        lr=job.lr,
-        optimizer=job.optimizer,
-        seed=job.seed,
-        device=job.device,
-        warmup_epochs=min(1.0, job.epochs / 2),
-        threads=1,
-    )
-    result = fit(model, split, config, progress=False, monitor=grads, on_epoch=on_epoch)
-    change = [
-        float((w.detach().cpu() - s).norm() / s.norm())
-        for w, s in zip(_weights(model), start, strict=True)
-    ]
-    record.update(_outcome(model, result, data, job))
-    record.update(
-        change_first_over_last=_log_ratio(change[0], change[-2]) if len(change) >= 3 else None,
-        grad_variability=grads.variability(),
-        branch_ratio=branch if branch[0] is not None else None,
-        santurkar=santurkar or None,
-    )
-    return record
+def stack_refusal(jobs: list[Job]) -> str | None:
+    """Why ``jobs`` cannot be given to :func:`run_jobs`, in words, or ``None`` when they
+    can: they must differ only in learning rate and seed (:func:`stack_key`). (Models
+    that :func:`resnorm.train.fit_stacked` does not stack, such as ones that draw noise
+    in training, then train one after the other.)"""
+    if len(jobs) < 2:
+        return "a single job"
+    if len({stack_key(j) for j in jobs}) > 1:
+        return "the jobs differ in more than their learning rate and seed"
+    return None
+
+
+def stack_key(job: Job) -> Job:
+    """The jobs that may train together (one stacked computation) share this key: the
+    job with its learning rate and seed blanked out."""
+    return replace(job, lr=0.0, seed=0)
+
+
+def run_jobs(jobs: list[Job]) -> list[dict]:
+    """Train ``jobs`` (which differ only in learning rate and seed) and return their
+    records in order: together as one stacked computation
+    (:func:`resnorm.train.fit_stacked`) when their models can be stacked, else one after
+    the other. Each record is what :func:`run_job` records for the job alone, to float32
+    rounding (the order of operations inside the batched kernels differs); its
+    ``stacked_with`` says how many runs trained together."""
+    from ...train.threads import intra_op_threads
+
+    refusal = stack_refusal(jobs)
+    if refusal is not None:
+        raise ValueError(f"these {len(jobs)} jobs cannot train stacked: {refusal}")
+    with intra_op_threads(JOB_THREADS):
+        return _run_stacked(jobs)
+
+
+def _run_stacked(jobs: list[Job]) -> list[dict]:
+    from ...train import fit_stacked
+    from ...train import stack_refusal as model_refusal
+
+    runs = [_Measured(job) for job in jobs]
+    models, configs = [r.model for r in runs], [r.config for r in runs]
+    if model_refusal(models, configs) is not None:
+        return [run_job(job) for job in jobs]
+    with warnings.catch_warnings():
+        # vmap runs attention's fused CPU kernel one run at a time (a PyTorch fallback);
+        # the stacked runs are still right, and the lab's timing says what it costs.
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        results = fit_stacked(
+            models,
+            runs[0].split,
+            configs,
+            monitors=[r.grads for r in runs],
+            on_epoch=lambda i, row: runs[i].on_epoch(row),
+        )
+    return [run.record(result) for run, result in zip(runs, results, strict=True)]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -277,5 +372,6 @@ def _outcome(model, result, data, job: Job) -> dict:
         "diverged": result.diverged,
         "val_acc": history[-1]["val_acc"] if history else None,
         "test_acc": test_acc if math.isfinite(test_acc) else None,
-        "seconds": result.seconds,
+        # trained stacked: the stack's time shared out, as the grid lab shares a unit's
+        "seconds": result.seconds / max(1, result.stacked_with),
     }

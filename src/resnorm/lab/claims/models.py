@@ -26,6 +26,12 @@ class NoisyBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(num_features)
         self.noise = float(noise)
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Noise is drawn in training (so its runs are not stacked: see
+        :func:`resnorm.train.stack_refusal`)."""
+        return self.noise > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
         if not self.training or self.noise == 0:
