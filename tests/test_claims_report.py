@@ -237,3 +237,27 @@ def test_claims_table_rows():
         "effect": "No difference.",
     }
     assert claims_table({}) == []
+
+
+def test_figures_drawn_in_worker_processes_are_the_ones_drawn_here(written, tmp_path):
+    """The lab hands the report its worker processes: the same PNGs (byte for byte) and
+    the same page; a pool that broke during the study (a worker died) draws them here."""
+    import multiprocessing
+    from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+
+    here, _, page = written
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        path = write_claims_report(_results(), tmp_path / "pool", pool)
+    assert path.read_text(encoding="utf-8") == page
+    names = sorted(p.name for p in (here / "figures").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "pool" / "figures").glob("*.png"))
+    for name in names:
+        drawn_there = (tmp_path / "pool" / "figures" / name).read_bytes()
+        assert drawn_there == (here / "figures" / name).read_bytes(), name
+
+    class Broken:
+        def submit(self, *args):
+            raise BrokenExecutor("a worker died")
+
+    path = write_claims_report(_results(), tmp_path / "broken", Broken())
+    assert path.read_text(encoding="utf-8") == page

@@ -4,6 +4,7 @@ claim by its rule."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -136,12 +137,12 @@ def plan_units(jobs: list[Job], stack: bool) -> list[tuple[Job, ...]]:
 
 
 def train_jobs(
-    jobs: dict[str, Job], folder: Path, n_workers: int, progress: bool, stack: bool = True
+    jobs: dict[str, Job], folder: Path, pool, progress: bool, stack: bool = True
 ) -> dict:
     """Every job's record: read from ``folder`` when a finished run wrote it there,
     trained otherwise (in units of work, :func:`plan_units`, the costliest first, in
-    ``n_workers`` processes) and written as its unit ends, so an interrupted study
-    resumes where it stopped."""
+    ``pool``'s worker processes, or here when ``None``) and written as its unit ends, so
+    an interrupted study resumes where it stopped."""
     folder.mkdir(parents=True, exist_ok=True)
     records, todo = {}, []
     for key, job in jobs.items():
@@ -153,13 +154,13 @@ def train_jobs(
     units = plan_units(todo, stack)
     with _JobBar(progress, len(jobs), len(records)) as bar:
         advance = bar.advance
-        if n_workers <= 1:
+        if pool is None:
             for unit in units:
                 for job, record in zip(unit, _run_unit_safely(unit), strict=True):
                     records[job.key] = _finish(folder, job, record)
                     advance()
         else:
-            _in_pool(units, folder, n_workers, records, advance)
+            _in_pool(units, folder, pool, records, advance)
     return records
 
 
@@ -201,21 +202,32 @@ def _finish(folder: Path, job: Job, record: dict) -> dict:
     return record
 
 
-def _in_pool(units: list[tuple], folder: Path, n_workers: int, records: dict, advance) -> None:
+def _in_pool(units: list[tuple], folder: Path, pool, records: dict, advance) -> None:
+    pending = {pool.submit(_run_unit_safely, unit): unit for unit in units}
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            unit = pending.pop(future)
+            try:
+                unit_records = future.result()
+            except Exception as exc:  # the worker process itself died
+                unit_records = [_failed(f"worker process died: {exc}")] * len(unit)
+            for job, record in zip(unit, unit_records, strict=True):
+                records[job.key] = _finish(folder, job, record)
+                advance()
+
+
+@contextlib.contextmanager
+def _workers(n_workers: int):
+    """The lab's worker processes (``None`` for one worker: all in this process), for
+    the training and then the report's figures; ended at once if the lab stops early
+    (Ctrl-C, an error), after their work otherwise."""
+    if n_workers <= 1:
+        yield None
+        return
     pool = pool_workers.spawn_pool(n_workers)
     try:
-        pending = {pool.submit(_run_unit_safely, unit): unit for unit in units}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                unit = pending.pop(future)
-                try:
-                    unit_records = future.result()
-                except Exception as exc:  # the worker process itself died
-                    unit_records = [_failed(f"worker process died: {exc}")] * len(unit)
-                for job, record in zip(unit, unit_records, strict=True):
-                    records[job.key] = _finish(folder, job, record)
-                    advance()
+        yield pool
     except BaseException:
         pool_workers._stop_workers(pool)
         raise
@@ -450,12 +462,13 @@ def run_claims(
     planned = plan(protocol, chosen_size, device)
     jobs = _unique_jobs(planned)
     stack = True if stack is None else bool(stack)
-    records = train_jobs(jobs, out / "runs", n_workers, show_progress(progress), stack)
-    results = _results(protocol, size, chosen_size, planned, records, jobs)
-    results["provenance"].update(provenance(device), workers=n_workers, stack=stack)
-    results["seconds"] = time.perf_counter() - start
-    results["provenance"]["seconds"] = round(results["seconds"], 1)
-    results["report"] = str(write_claims_report(results, out))
+    with _workers(n_workers) as pool:
+        records = train_jobs(jobs, out / "runs", pool, show_progress(progress), stack)
+        results = _results(protocol, size, chosen_size, planned, records, jobs)
+        results["provenance"].update(provenance(device), workers=n_workers, stack=stack)
+        results["seconds"] = time.perf_counter() - start
+        results["provenance"]["seconds"] = round(results["seconds"], 1)
+        results["report"] = str(write_claims_report(results, out, pool))
     return results
 
 
