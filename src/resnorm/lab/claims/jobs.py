@@ -3,9 +3,10 @@ seed) and the measurements taken during it.
 
 A job trains with :func:`resnorm.train.fit` (or, with the other learning rates and seeds
 of its variant, :func:`resnorm.train.fit_stacked`: :func:`run_jobs`) on the training
-split less a validation split (stratified, the same for every job), with one thread, is evaluated on the validation split after every
-epoch (that is what picks each variant's learning rate) and on the test split once at the
-end. What it records (all plain JSON):
+split less a validation split (stratified, the same for every job), with one thread
+(:data:`JOB_THREADS`), is evaluated on the validation split after every epoch (that is
+what picks each variant's learning rate) and on the test split once at the end. What it
+records (all plain JSON):
 
 - ``history``: per epoch ``train_loss``, ``train_acc`` (running, in training mode) and
   ``val_acc``; ``steps_per_epoch``; ``diverged``;
