@@ -72,7 +72,7 @@ def stack_refusal(models: Sequence[nn.Module], configs: Sequence[TrainConfig]) -
     if any(model_structure(m) != structure for m in models[1:]):
         return "their models differ in structure (parameter names, shapes or dtypes)"
     if any(_draws_random_numbers(m) for m in models):
-        return "the model draws random numbers in training (dropout or drop-path)"
+        return "the model draws random numbers in training (dropout, drop-path, noise)"
     if any(_has_forward_hooks(m) for m in models):
         return "the model has forward hooks, which the stacked forward would not call"
     return None

@@ -274,20 +274,20 @@ class _Measured:
 
 def run_job(job: Job) -> dict:
     """Train ``job`` alone and return its record (see the module's docstring)."""
-    from ...train import fit
     from ...train.threads import intra_op_threads
 
     with intra_op_threads(JOB_THREADS):
-        run = _Measured(job)
-        result = fit(
-            run.model,
-            run.split,
-            run.config,
-            progress=False,
-            monitor=run.grads,
-            on_epoch=run.on_epoch,
-        )
-        return run.record(result)
+        return _fit_alone(_Measured(job))
+
+
+def _fit_alone(run: _Measured) -> dict:
+    """Train one built job with :func:`resnorm.train.fit`; its record."""
+    from ...train import fit
+
+    result = fit(
+        run.model, run.split, run.config, progress=False, monitor=run.grads, on_epoch=run.on_epoch
+    )
+    return run.record(result)
 
 
 def stack_refusal(jobs: list[Job]) -> str | None:
@@ -331,7 +331,7 @@ def _run_stacked(jobs: list[Job]) -> list[dict]:
     runs = [_Measured(job) for job in jobs]
     models, configs = [r.model for r in runs], [r.config for r in runs]
     if model_refusal(models, configs) is not None:
-        return [run_job(job) for job in jobs]
+        return [_fit_alone(run) for run in runs]
     with warnings.catch_warnings():
         # vmap runs attention's fused CPU kernel one run at a time (a PyTorch fallback);
         # the stacked runs are still right, and the lab's timing says what it costs.
