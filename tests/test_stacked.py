@@ -4,6 +4,7 @@ the weights, running statistics, metrics and run folders agree, in float64 to 1e
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -161,8 +162,11 @@ def test_an_interrupted_stack_resumes_to_the_uninterrupted_result(tmp_path):
     whole = [_model(c.seed) for c in CONFIGS]
     whole_results = fit_stacked(whole, data, CONFIGS)
 
-    def stop_after_first_epoch_of_run_1(i, row):
-        if i == 1 and row["epoch"] == 1:
+    finished = []
+
+    def stop_after_first_epoch_of_the_second_run(i, row):
+        finished.append(i)
+        if len(finished) == 2:
             raise _Stop
 
     with pytest.raises(_Stop):
@@ -171,13 +175,14 @@ def test_an_interrupted_stack_resumes_to_the_uninterrupted_result(tmp_path):
             data,
             CONFIGS,
             outs=outs,
-            on_epoch=stop_after_first_epoch_of_run_1,
+            on_epoch=stop_after_first_epoch_of_the_second_run,
         )
-    # Runs 0 and 1 checkpointed epoch 1; run 2 did not: they resume from two positions.
-    assert [
+    # Two runs checkpointed epoch 1 and the third did not: they resume from two positions.
+    epochs = [
         load_checkpoint(out / "checkpoint.pt")["epoch"] if (out / "checkpoint.pt").exists() else 0
         for out in outs
-    ][:2] == [1, 1]
+    ]
+    assert sorted(epochs) == [0, 1, 1] and epochs[finished[0]] == epochs[finished[1]] == 1
     resumed = [_model(c.seed) for c in CONFIGS]  # weights replaced by the checkpoints
     results = fit_stacked(resumed, data, CONFIGS, outs=outs)
     for model, result, reference, ref_result in zip(resumed, results, whole, whole_results):
@@ -381,3 +386,129 @@ def test_the_cli_no_stack_flag_trains_alone_and_says_so(tmp_path, monkeypatch):
     made = json.loads((tmp_path / "lab" / "lab.json").read_text())["provenance"]
     assert made["stack"] is False
     assert len(list((tmp_path / "lab" / "runs").iterdir())) == 4
+
+
+# ---------------------------------------------------------------- the stacked optimizer
+OPTIMIZER_CASES = {
+    "adamw": {},
+    "adamw, clipped": {"grad_clip": 0.5},
+    "sgd, nesterov": {"optimizer": "sgd", "lr": 0.05, "nesterov": True},
+    "sgd, no momentum": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0},
+}
+
+
+def _trained_runs(configs, data, tmp_path, tag):
+    models = [_model(c.seed, "layer", torch.float32) for c in configs]
+    outs = [tmp_path / tag / str(i) for i in range(len(configs))]
+    results = fit_stacked(models, data, configs, outs=outs)
+    states = [load_checkpoint(out / "checkpoint.pt") for out in outs]
+    return models, results, states
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+def test_the_stacked_optimizer_steps_bitwise_as_each_run_s_own(case, tmp_path, monkeypatch):
+    """Runs of two learning rates, interleaved (four runs): their optimizers stepped as one
+    (StackedOptimizer, one call per learning rate) give, in float32, bitwise the weights,
+    metrics and checkpointed optimizer and scheduler states of the same runs whose
+    optimizers are stepped one by one, through warm-up and cosine decay."""
+    from resnorm.train import stacked_optim
+
+    data = _blobs(torch.float32)
+    base = TrainConfig(epochs=2, batch_size=32, weight_decay=0.05, **OPTIMIZER_CASES[case])
+    configs = [
+        dataclasses.replace(base, seed=seed, lr=base.lr * factor)
+        for seed, factor in [(0, 1.0), (1, 3.0), (2, 1.0), (3, 3.0)]
+    ]
+    calls = []
+    step = stacked_optim.StackedOptimizer.step
+    monkeypatch.setattr(
+        stacked_optim.StackedOptimizer, "step", lambda self: calls.append(self.rows) or step(self)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the schedulers' order check does not fire
+        together = _trained_runs(configs, data, tmp_path, "together")
+    assert len(calls) == 2 * 6  # every step, of the two groups of rows
+    assert calls[0] == [slice(0, 2), slice(2, 4)]
+    monkeypatch.setattr(stacked_optim.StackedOptimizer, "build", lambda *args: None)
+    one_by_one = _trained_runs(configs, data, tmp_path, "one by one")
+    for a, b in zip(together[0], one_by_one[0]):
+        assert all(
+            torch.equal(x, y) for x, y in zip(_tensors(a.state_dict()), _tensors(b.state_dict()))
+        )
+    for a, b in zip(together[1], one_by_one[1]):
+        assert _rows(a) == _rows(b)
+    for a, b in zip(together[2], one_by_one[2]):
+        for key in ("optimizer", "scheduler"):
+            x, y = _tensors(a[key]), _tensors(b[key])
+            assert len(x) == len(y)
+            assert x or key == "scheduler" or base.momentum == 0  # states to compare
+            assert all(torch.equal(u, v) for u, v in zip(x, y))
+        assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 12
+        assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def test_the_stacked_optimizer_takes_only_what_it_steps_exactly():
+    """build() says None (the runs are stepped one by one) for optimizers make_optimizer
+    does not build, and for runs whose states are at different steps."""
+    from resnorm.train.stacked_optim import StackedOptimizer
+
+    models = [_model(s, "none", torch.float32) for s in range(2)]
+    params = [dict(m.named_parameters()) for m in models]
+    stacked = {n: torch.stack([p[n].detach() for p in params]) for n in params[0]}
+    adam = [torch.optim.Adam(m.parameters(), fused=True) for m in models]
+    assert StackedOptimizer.build(adam, params, stacked) is None
+    unfused = [torch.optim.AdamW(m.parameters()) for m in models]
+    assert StackedOptimizer.build(unfused, params, stacked) is None
+    fused = [torch.optim.AdamW(m.parameters(), fused=True) for m in models]
+    assert StackedOptimizer.build(fused, params, stacked) is not None
+    loss = models[0](torch.randn(4, 8)).sum()
+    loss.backward()
+    fused[0].step()  # run 0 one step ahead of run 1
+    assert StackedOptimizer.build(fused, params, stacked) is None
+
+
+class _TinyConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_stacked_runs_crop_and_flip_each_its_own_images_as_alone():
+    """With augmentation, each stacked run crops and flips its batch with its own draws
+    (its seed and step), as fit does: float64 weights equal to 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (96,), generator=g)
+    data = DataSplit("images", x[:64], y[:64], x[64:], y[64:], 3)
+    configs = [dataclasses.replace(c, epochs=2, augment=True, crop_padding=2) for c in CONFIGS]
+
+    def models():
+        out = []
+        for c in configs:
+            torch.manual_seed(c.seed)
+            out.append(_TinyConvNet().double())
+        return out
+
+    alone = models()
+    for model, config in zip(alone, configs):
+        fit(model, data, config, progress=False)
+    stacked = models()
+    fit_stacked(stacked, data, configs)
+    plain = models()  # without augmentation the runs would end elsewhere
+    fit_stacked(plain, data, [dataclasses.replace(c, augment=False) for c in configs])
+    for a, s, p in zip(alone, stacked, plain):
+        assert _relative_gap(s, a) < 1e-12
+        assert _relative_gap(p, a) > 1e-3

@@ -384,15 +384,18 @@ class _Trainer:
 
     def apply_gradients(self) -> None:
         """Gradient clipping, the optimizer's and the scheduler's step, on the gradients
-        the parameters hold."""
-        optimizer, scaler = self.optimizer, self.scaler
+        the parameters hold (runs trained stacked step their optimizers as one)."""
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            optimizer.step()
+            self.optimizer.step()
+        self.advance()
+
+    def advance(self) -> None:
+        """After the optimizer's step: the schedule's step and the step count."""
         self.scheduler.step()
         self.global_step += 1
 

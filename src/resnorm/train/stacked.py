@@ -31,6 +31,7 @@ batching rule) is found on the first step and its runs train alone, with a warni
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -51,6 +52,7 @@ from .evaluate import _full_precision
 from .loop import FitResult, _check_fit_arguments, _Trainer, resolve_device
 from .optim import augment_images
 from .run import RunMismatchError, model_structure
+from .stacked_optim import StackedOptimizer, hyper_key
 from .threads import intra_op_threads
 
 # The TrainConfig fields that may differ between runs trained together.
@@ -140,6 +142,10 @@ def fit_stacked(
         raise UsageError(f"these {len(models)} runs cannot be trained stacked: {refusal}")
     with intra_op_threads(configs[0].threads):
         device = resolve_device(configs[0].device)
+        shared = {
+            k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")
+        }
+        data = dataclasses.replace(data, **shared)  # one copy on the device for all the runs
         trainers = [
             _Trainer(m, data, c, device, o, monitor, meta)
             for m, c, o, monitor, meta in zip(models, configs, outs, monitors, metas)
@@ -162,8 +168,9 @@ def stacking_speedup(
         device = resolve_device(configs[0].device)
         copies = [copy.deepcopy(m) for m in models]
         trainers = [_Trainer(m, data, c, device, None, None, {}) for m, c in zip(copies, configs)]
-        batches = [_batches(t.n, t.config.batch_size, t.config.seed, 0)[0] for t in trainers]
         stack = _Stack(trainers, trainers)
+        trainers = stack.active  # in the stack's order
+        batches = [_batches(t.n, t.config.batch_size, t.config.seed, 0)[0] for t in trainers]
 
         def alone() -> None:
             for trainer, batch in zip(trainers, batches):
@@ -218,6 +225,8 @@ class _Stack:
 
     def __init__(self, trainers: list[_Trainer], everyone: list[_Trainer]) -> None:
         self.everyone = everyone  # for the run numbers on_epoch reports
+        # Runs of equal hyper-parameters adjacent: one optimizer call steps them all.
+        trainers = sorted(trainers, key=lambda t: hyper_key(t.optimizer))
         self.skeleton = copy.deepcopy(trainers[0].model).to("meta")
         self.param_names = [name for name, _ in trainers[0].model.named_parameters()]
         self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
@@ -233,6 +242,7 @@ class _Stack:
         place and batch norm updates its running statistics in place, with no copy."""
         self.active = trainers
         self.params, self.buffers, self.members = {}, {}, {}
+        self.optimizer, self.grads_handed_out = None, True
         if not trainers:
             return
         for kind, store in (("param", self.params), ("buffer", self.buffers)):
@@ -249,10 +259,31 @@ class _Stack:
                     stacked.requires_grad_(members[0].requires_grad)
                 store[name] = stacked
                 self.members[(kind, name)] = members
+        self.optimizer = StackedOptimizer.build(
+            [t.optimizer for t in trainers], self._own_params(), self.params
+        )
+
+    def _own_params(self) -> list[dict[str, torch.Tensor]]:
+        """Each active run's parameters, by name."""
+        return [
+            {name: self.members[("param", name)][i] for name in self.param_names}
+            for i in range(len(self.active))
+        ]
+
+    def _release_optimizer(self) -> None:
+        """Each run's optimizer state back in its own optimizer (stepped run by run from
+        now on, until :meth:`_set_active` stacks it again)."""
+        if self.optimizer is not None:
+            self.optimizer.release(self._own_params())
+            self.optimizer = None
 
     def _release(self) -> None:
         """Each run's tensors back in storage of their own (before a checkpoint saves
-        them, or a run leaves the stack); :meth:`_set_active` stacks them again."""
+        them, or a run leaves the stack); :meth:`_set_active` stacks them again. Each
+        run's parameters hold their gradient of the last step, as after :func:`fit`."""
+        self._release_optimizer()
+        if not self.grads_handed_out:
+            self._hand_out_gradients()
         for members in self.members.values():
             for member in members:
                 member.data = member.data.clone()
@@ -260,6 +291,7 @@ class _Stack:
 
     def _hand_out_gradients(self) -> None:
         """Each run's parameters get their row of the stacked gradient (a view)."""
+        self.grads_handed_out = True
         for name, stacked in self.params.items():
             grads = stacked.grad
             for i, member in enumerate(self.members[("param", name)]):
@@ -273,39 +305,75 @@ class _Stack:
     def step(self, batches: list[torch.Tensor]) -> list[tuple[float, int, int] | None]:
         """One step of every active run on its batch: ``(summed loss, correct, samples)``
         per run, ``None`` for a run whose loss is not finite (its step not taken)."""
-        xs, ys = [], []
-        for trainer, index in zip(self.active, batches):
-            index = index.to(trainer.device)
-            xb, yb = trainer.x_train[index], trainer.y_train[index]
-            if trainer.config.augment:
-                seed = trainer.config.seed * 7919 + trainer.global_step
-                xb = augment_images(
-                    xb, trainer.config.crop_padding, torch.Generator().manual_seed(seed)
-                )
-            xs.append(xb)
-            ys.append(yb)
-        y = torch.stack(ys)
+        x, y = self._batch(batches)
         for stacked in self.params.values():
             stacked.grad = None
         self.skeleton.train()
         losses, logits = vmap(self._loss_and_logits, randomness="error")(
-            self.params, self.buffers, torch.stack(xs), y
+            self.params, self.buffers, x, y
         )
         losses.sum().backward()
-        self._hand_out_gradients()
         losses = losses.detach()
-        values = losses.tolist()
-        correct = (logits.detach().argmax(-1) == y).sum(-1).tolist()
-        taken = []
-        for i, (trainer, value, right, yb) in enumerate(zip(self.active, values, correct, ys)):
-            if not math.isfinite(value):
+        correct = (logits.detach().argmax(-1) == y).sum(-1)
+        values, rights = torch.stack([losses, correct.to(losses.dtype)]).tolist()  # one sync
+        finite = [math.isfinite(value) for value in values]
+        self._apply_gradients(finite)
+        taken, samples = [], y.shape[1]
+        for i, (trainer, value, right) in enumerate(zip(self.active, values, rights)):
+            if not finite[i]:
                 taken.append(None)
                 continue
-            trainer.apply_gradients()
             if trainer.monitor is not None:
                 trainer.monitor.step(losses[i])
-            taken.append((value * len(yb), int(right), len(yb)))
+            taken.append((value * samples, int(right), samples))
         return taken
+
+    def _batch(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The runs' batches stacked, ``(runs, batch, ...)``: one gather from the data the
+        runs share (:func:`fit_stacked` puts one copy on the device), augmented per run."""
+        first = self.active[0]
+        index = torch.stack(batches).to(first.device)
+        x, y = first.x_train[index], first.y_train[index]
+        if first.config.augment:
+            x = torch.stack(
+                [
+                    augment_images(
+                        xb,
+                        t.config.crop_padding,
+                        torch.Generator().manual_seed(t.config.seed * 7919 + t.global_step),
+                    )
+                    for t, xb in zip(self.active, x)
+                ]
+            )
+        return x, y
+
+    def _apply_gradients(self, finite: list[bool]) -> None:
+        """What :meth:`_Trainer.apply_gradients` does for each run whose loss is finite:
+        all runs' optimizers as one (:class:`StackedOptimizer`) when every loss is finite
+        and they can be, else run by run."""
+        self.grads_handed_out = False
+        if (
+            self.optimizer is None
+            or not all(finite)
+            or any(t.monitor is not None or t.config.grad_clip is not None for t in self.active)
+        ):
+            self._hand_out_gradients()
+        if self.optimizer is None or not all(finite):
+            self._release_optimizer()  # a diverged run leaves the stack after this step
+            for trainer, ok in zip(self.active, finite):
+                if ok:
+                    trainer.apply_gradients()
+            return
+        for trainer in self.active:
+            if trainer.config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
+        self.optimizer.step()
+        with warnings.catch_warnings():
+            # The schedulers' check that their optimizer stepped first cannot see the
+            # stacked step, which did.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            for trainer in self.active:
+                trainer.advance()
 
     @torch.no_grad()
     def evaluate(self) -> list[tuple[float, float]]:
