@@ -87,6 +87,10 @@ class BatchNorm(RunningStatsNorm):
             )
         return apply_channels_at(x, self.channel_dim, 1, self._forward_channels_first)
 
+    # True on the modules that fit_stacked calls under vmap, for many runs at once (see
+    # batch_norm_over_runs); a class attribute, so state dicts and copies are unchanged.
+    runs_batched = False
+
     def _forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         if self.convention == "keras" and self.training:
             return self._keras_train_forward(x)
@@ -99,6 +103,10 @@ class BatchNorm(RunningStatsNorm):
             else:
                 factor = self.momentum
         use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats and self.runs_batched:
+            return batch_norm_over_runs(
+                x, self.running_mean, self.running_var, self.weight, self.bias, factor, self.eps
+            )
         return F.batch_norm(
             x,
             self.running_mean,
@@ -134,3 +142,82 @@ class BatchNorm(RunningStatsNorm):
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text + (f", convention={self.convention!r}" if self.convention != "torch" else "")
+
+
+def batch_norm_over_runs(x, running_mean, running_var, weight, bias, momentum, eps):
+    """``F.batch_norm(x, ..., training=True, momentum, eps)``, for a module called under
+    :func:`torch.func.vmap` over runs (:func:`resnorm.train.fit_stacked`): the runs are
+    normalized as one batch norm over ``(N, runs x C, ...)``, each run's channels its own.
+
+    The result is F.batch_norm's, by the same kernel. PyTorch's own vmap rule for batch norm
+    hands the CPU kernel a transposed gradient: with 12 runs of a (128, 128) batch a
+    forward and backward took 4.6 ms there, against 2.0 ms here."""
+    return _BatchNormOverRuns.apply(x, running_mean, running_var, weight, bias, momentum, eps)[0]
+
+
+class _BatchNormOverRuns(torch.autograd.Function):
+    """Training-mode batch norm with a vmap rule that stacks the runs along the channels.
+    Outside vmap it is ``torch.native_batch_norm`` and its backward."""
+
+    @staticmethod
+    def forward(x, running_mean, running_var, weight, bias, momentum, eps):
+        return torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, _, _, ctx.eps = inputs
+        ctx.save_for_backward(x, weight, running_mean, running_var, output[1], output[2])
+        ctx.has_weight = weight is not None
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, weight, running_mean, running_var, mean, invstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(),
+            x,
+            weight,
+            running_mean,
+            running_var,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [ctx.needs_input_grad[0], ctx.has_weight, ctx.has_weight],
+        )
+        return dx, None, None, dw, db, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, running_mean, running_var, weight, bias, momentum, eps):
+        runs = info.batch_size
+        for name, stat, dim in (
+            ("mean", running_mean, in_dims[1]),
+            ("var", running_var, in_dims[2]),
+        ):
+            if stat is not None and (dim != 0 or not stat.is_contiguous()):
+                raise RuntimeError(
+                    f"batch_norm_over_runs updates each run's running_{name} in place: it must "
+                    f"be batched along its first dim and contiguous"
+                )
+
+        def first(t, dim):
+            return t.movedim(dim, 0) if dim is not None else t.expand(runs, *t.shape)
+
+        x = first(x, in_dims[0])  # (runs, N, C, ...)
+        n, c, rest = x.shape[1], x.shape[2], x.shape[3:]
+
+        def flat(t, dim):
+            return None if t is None else first(t, dim).reshape(runs * c)
+
+        out, mean, invstd = _BatchNormOverRuns.apply(
+            x.transpose(0, 1).reshape(n, runs * c, *rest),
+            flat(running_mean, in_dims[1]),
+            flat(running_var, in_dims[2]),
+            flat(weight, in_dims[3]),
+            flat(bias, in_dims[4]),
+            momentum,
+            eps,
+        )
+        return (out.view(n, runs, c, *rest), mean.view(runs, c), invstd.view(runs, c)), (1, 0, 0)

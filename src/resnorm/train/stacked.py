@@ -45,6 +45,7 @@ from torch.func import functional_call, vmap
 from ..blocks import DropPath
 from ..data import DataSplit
 from ..errors import UsageError
+from ..norms import BatchNorm
 from .batches import _batches
 from .config import TrainConfig
 from .distributed import world
@@ -228,6 +229,9 @@ class _Stack:
         # Runs of equal hyper-parameters adjacent: one optimizer call steps them all.
         trainers = sorted(trainers, key=lambda t: hyper_key(t.optimizer))
         self.skeleton = copy.deepcopy(trainers[0].model).to("meta")
+        for module in self.skeleton.modules():
+            if isinstance(module, BatchNorm):  # called under vmap: the runs as one norm
+                module.runs_batched = True
         self.param_names = [name for name, _ in trainers[0].model.named_parameters()]
         self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
         first = trainers[0].config
