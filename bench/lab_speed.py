@@ -9,6 +9,10 @@ memory, and how far the stacked runs end from the same runs trained alone.
                               [--points mlp:8:batch,mlp:24:none] [--device cuda]
                               [--json out.json]
 
+A point is ``model:depth:norm[:width]`` (width 128 unless given); ``of mm`` compares
+with ``torch.mm`` at 128^3. A narrow point (``mlp:8:batch:16``) shows the regime of a
+device whose steps are bound by per-operation overhead (a GPU on these small models).
+
 The loops train the same runs (same models, data order and optimizer: fused AdamW) on
 MNIST-1D (10,000 samples, 8,000 for training); each loop evaluates on the test set after
 every epoch as the lab does. Timings are one pass each, on the same machine, back to back.
@@ -30,9 +34,9 @@ from resnorm.train import TrainConfig, fit, fit_stacked, model_for_data
 from resnorm.train.batches import _batches
 
 
-def _models(name: str, depth: int, norm: str, seeds: list[int], data, device="cpu") -> list:
+def _models(name: str, depth: int, norm: str, seeds: list[int], data, device="cpu", width=128):
     models = []
-    options = {"width": 128} if name == "mlp" else {}
+    options = {"width": width} if name == "mlp" else {}
     for seed in seeds:
         torch.manual_seed(seed)
         model = model_for_data(name, data, depth=depth, norm=norm, residual=True, **options)
@@ -99,20 +103,22 @@ def _max_gap(a_models, b_models) -> float:
     return max(gaps)
 
 
-def _warm_up(name: str, depth: int, norm: str, data, configs, device: str) -> None:
+def _warm_up(name: str, depth: int, norm: str, data, configs, device: str, width: int) -> None:
     """Each loop once on 256 samples, untimed: first-call costs are not training."""
     small = dataclasses.replace(data, x_train=data.x_train[:256], y_train=data.y_train[:256])
     short = [dataclasses.replace(c, epochs=1) for c in configs]
-    models = _models(name, depth, norm, [c.seed for c in short], small, device)
+    models = _models(name, depth, norm, [c.seed for c in short], small, device, width)
     _plain_loop(models[0], _on(small, device), short[0])
     fit(models[0], small, short[0], progress=False)
     fit_stacked(models, small, short)
 
 
-def _loops(name, depth, norm, data, configs, device):
+def _loops(name, depth, norm, data, configs, device, width):
     """The three ways to train the runs, each on its own fresh copies of the models."""
     seeds = [c.seed for c in configs]
-    plain, alone, stacked = (_models(name, depth, norm, seeds, data, device) for _ in range(3))
+    plain, alone, stacked = (
+        _models(name, depth, norm, seeds, data, device, width) for _ in range(3)
+    )
     on_device = _on(data, device)
 
     def plain_loops() -> None:
@@ -141,15 +147,15 @@ def _loops(name, depth, norm, data, configs, device):
 def point_rows(
     point: str, data, seeds: list[int], lrs: list[float], epochs: int, device: str = "cpu"
 ) -> dict:
-    name, depth, norm = point.split(":")
-    depth = int(depth)
+    name, depth, norm, *rest = point.split(":")  # name:depth:norm[:width]
+    depth, width = int(depth), int(rest[0]) if rest else 128
     configs = [
         TrainConfig(epochs=epochs, seed=seed, lr=lr, warmup_epochs=0.0, device=device)
         for seed in seeds
         for lr in lrs
     ]
-    _warm_up(name, depth, norm, data, configs, device)
-    loops, plain, (alone, stacked, finals) = _loops(name, depth, norm, data, configs, device)
+    _warm_up(name, depth, norm, data, configs, device, width)
+    loops, plain, (alone, stacked, finals) = _loops(name, depth, norm, data, configs, device, width)
     timings, memory = {}, {}
     for loop, train in loops.items():
         if torch.device(device).type == "cuda":
