@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from resnorm.norms import BatchNorm
-from resnorm.norms.batch import batch_norm_over_runs
+from resnorm.norms.batch import OVER_RUNS_MIN_ELEMENTS, batch_norm_over_runs
 
 SHAPES = [(6, 4), (6, 4, 5), (5, 3, 4, 4)]
 
@@ -99,16 +99,20 @@ def test_running_statistics_shared_by_the_runs_are_refused():
         vmap(lambda x, w, b: batch_norm_over_runs(x, rm[0], rv[0], w, b, 0.1, 1e-5))(x, w, b)
 
 
-def test_the_batch_norm_layer_routes_to_it_only_when_asked():
-    """BatchNorm uses batch_norm_over_runs in training when its ``runs_batched`` is set (on
-    fit_stacked's copy of the model), and gives the same result as without."""
+def test_the_batch_norm_layer_routes_to_it_for_many_runs_on_the_cpu():
+    """BatchNorm uses batch_norm_over_runs in training when its ``vmapped_runs`` (set on
+    fit_stacked's copy of the model) times the input's size reaches
+    OVER_RUNS_MIN_ELEMENTS, and gives the same result as without."""
     torch.manual_seed(0)
-    layers = [BatchNorm(4).double() for _ in range(2)]
-    layers[1].runs_batched = True
-    assert not BatchNorm(4).runs_batched
-    x = torch.randn(8, 4, dtype=torch.float64)
-    outs = [layer(x) for layer in layers]
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layers[0].running_var, layers[1].running_var, rtol=1e-12, atol=1e-12)
-    assert outs[1].grad_fn.name().endswith("BatchNormOverRunsBackward")
-    assert "BatchNormOverRuns" not in outs[0].grad_fn.name()
+    assert BatchNorm(4).vmapped_runs == 0
+    x = torch.randn(256, 4, dtype=torch.float64)
+    for runs, routed in ((OVER_RUNS_MIN_ELEMENTS // x.numel(), True), (2, False)):
+        layers = [BatchNorm(4).double() for _ in range(2)]
+        layers[1].vmapped_runs = runs
+        outs = [layer(x) for layer in layers]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            layers[0].running_var, layers[1].running_var, rtol=1e-12, atol=1e-12
+        )
+        assert ("BatchNormOverRuns" in outs[1].grad_fn.name()) == routed
+        assert "BatchNormOverRuns" not in outs[0].grad_fn.name()

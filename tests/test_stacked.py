@@ -95,6 +95,30 @@ def test_stacked_runs_equal_the_runs_trained_alone_in_float64(norm, tol):
         assert (result.stacked_with, solo_result.stacked_with) == (3, 1)
 
 
+def test_stacked_batch_norm_over_runs_equals_the_runs_trained_alone(monkeypatch):
+    """With every stacked batch norm normalizing the runs as one (batch_norm_over_runs, the
+    size threshold lowered to 0 for these small runs): float64 to 1e-6, as above."""
+    from resnorm.norms import batch
+
+    calls = []
+    over_runs = batch.batch_norm_over_runs
+    monkeypatch.setattr(batch, "OVER_RUNS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(batch, "batch_norm_over_runs", lambda *a: calls.append(1) or over_runs(*a))
+    data = _blobs()
+    alone = []
+    for config in CONFIGS:
+        model = _model(config.seed, "batch")
+        alone.append((model, fit(model, data, config, progress=False)))
+    assert not calls  # fit does not use it
+    models = [_model(c.seed, "batch") for c in CONFIGS]
+    results = fit_stacked(models, data, CONFIGS)
+    norms = sum(isinstance(m, batch.BatchNorm) for m in models[0].modules())
+    assert norms > 0 and len(calls) == norms * 3 * 6  # each norm, 3 epochs of 6 steps
+    for (solo, solo_result), model, result in zip(alone, models, results):
+        assert _relative_gap(model, solo) < 1e-6
+        _assert_rows_close(_rows(result), _rows(solo_result), 1e-6)
+
+
 def _trained_float32(norm, configs, data, stacked):
     models = [_model(c.seed, norm, dtype=torch.float32) for c in configs]
     if stacked:

@@ -229,9 +229,6 @@ class _Stack:
         # Runs of equal hyper-parameters adjacent: one optimizer call steps them all.
         trainers = sorted(trainers, key=lambda t: hyper_key(t.optimizer))
         self.skeleton = copy.deepcopy(trainers[0].model).to("meta")
-        for module in self.skeleton.modules():
-            if isinstance(module, BatchNorm):  # called under vmap: the runs as one norm
-                module.runs_batched = True
         self.param_names = [name for name, _ in trainers[0].model.named_parameters()]
         self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
         first = trainers[0].config
@@ -245,6 +242,9 @@ class _Stack:
         views of their row of it, so that a run's optimizer steps its own parameters in
         place and batch norm updates its running statistics in place, with no copy."""
         self.active = trainers
+        for module in self.skeleton.modules():
+            if isinstance(module, BatchNorm):  # called under vmap: the runs as one norm
+                module.vmapped_runs = len(trainers)
         self.params, self.buffers, self.members = {}, {}, {}
         self.optimizer, self.grads_handed_out = None, True
         if not trainers:
