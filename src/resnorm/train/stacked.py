@@ -233,6 +233,7 @@ class _Stack:
         self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
         first = trainers[0].config
         self.label_smoothing = first.label_smoothing
+        self.schedulers_started = False
         self._set_active(trainers)
 
     # ------------------------------------------------------------------ the runs' state
@@ -372,12 +373,18 @@ class _Stack:
             if trainer.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
         self.optimizer.step()
+        if self.schedulers_started:
+            for trainer in self.active:
+                trainer.advance()
+            return
         with warnings.catch_warnings():
-            # The schedulers' check that their optimizer stepped first cannot see the
-            # stacked step, which did.
+            # A scheduler's first step checks that its optimizer stepped; it cannot see
+            # the stacked step, which did. (Only then: catch_warnings resets the registry
+            # of warnings already shown.)
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             for trainer in self.active:
                 trainer.advance()
+        self.schedulers_started = True
 
     @torch.no_grad()
     def evaluate(self) -> list[tuple[float, float]]:
