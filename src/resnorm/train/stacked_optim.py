@@ -47,6 +47,7 @@ class StackedOptimizer:
         self.kind = type(optimizers[0])
         self.stepped = False  # until then the runs' own states are still theirs
         self.detached = {name: tensor.detach() for name, tensor in stacked.items()}
+        self._views: dict[tuple, dict[str, list[torch.Tensor]]] = {}
 
     @classmethod
     def build(
@@ -100,54 +101,58 @@ class StackedOptimizer:
         for g, rows in enumerate(self.rows):
             leader = self.optimizers[rows.start]
             for group, names in zip(leader.param_groups, self.layout):
-                names = [n for n in names if self.stacked[n].grad is not None]
+                names = tuple(n for n in names if self.stacked[n].grad is not None)
                 if not names:
                     continue
-                params = [self.detached[n][rows] for n in names]
                 grads = [self.stacked[n].grad[rows] for n in names]
+                tensors = self._rows_of(g, names)
                 if self.kind is torch.optim.AdamW:
-                    self._adamw(group, g, rows, names, params, grads)
+                    beta1, beta2 = group["betas"]
+                    adam(
+                        tensors["params"],
+                        grads,
+                        tensors["exp_avg"],
+                        tensors["exp_avg_sq"],
+                        [],
+                        tensors["steps"],
+                        fused=True,
+                        decoupled_weight_decay=True,
+                        amsgrad=False,
+                        beta1=beta1,
+                        beta2=beta2,
+                        lr=group["lr"],
+                        weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                        maximize=group["maximize"],
+                    )
                 else:
-                    self._sgd(group, rows, names, params, grads)
+                    sgd(
+                        tensors["params"],
+                        grads,
+                        tensors.get("momentum_buffer", [None] * len(names)),
+                        fused=True,
+                        weight_decay=group["weight_decay"],
+                        momentum=group["momentum"],
+                        lr=group["lr"],
+                        dampening=group["dampening"],
+                        nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                    )
 
-    def _adamw(self, group, g, rows, names, params, grads) -> None:
-        beta1, beta2 = group["betas"]
-        adam(
-            params,
-            grads,
-            [self.state[n]["exp_avg"][rows] for n in names],
-            [self.state[n]["exp_avg_sq"][rows] for n in names],
-            [],
-            [self.steps[n][g] for n in names],
-            fused=True,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
-
-    def _sgd(self, group, rows, names, params, grads) -> None:
-        buffers = (
-            [self.state[n]["momentum_buffer"][rows] for n in names]
-            if group["momentum"] != 0
-            else [None] * len(names)
-        )
-        sgd(
-            params,
-            grads,
-            buffers,
-            fused=True,
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            lr=group["lr"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
+    def _rows_of(self, g: int, names: tuple[str, ...]) -> dict[str, list[torch.Tensor]]:
+        """Group ``g``'s rows of the parameters ``names`` and of their states (views, made
+        once: the tensors persist from step to step)."""
+        key = (g, names)
+        if key not in self._views:
+            rows = self.rows[g]
+            views = {"params": [self.detached[n][rows] for n in names]}
+            for state in _STATE[self.kind]:
+                if all(state in self.state[n] for n in names):
+                    views[state] = [self.state[n][state][rows] for n in names]
+            if self.kind is torch.optim.AdamW:
+                views["steps"] = [self.steps[n][g] for n in names]
+            self._views[key] = views
+        return self._views[key]
 
     def release(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
         """Write each run's state back into its own optimizer, in storage of its own
