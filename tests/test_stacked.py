@@ -536,3 +536,47 @@ def test_stacked_runs_crop_and_flip_each_its_own_images_as_alone():
     for a, s, p in zip(alone, stacked, plain):
         assert _relative_gap(s, a) < 1e-12
         assert _relative_gap(p, a) > 1e-3
+
+
+class _StopAtStep:
+    """A monitor that stops the training (raises) at its ``stop``-th step."""
+
+    def __init__(self, stop):
+        self.stop, self.steps = stop, 0
+
+    def step(self, loss):
+        self.steps += 1
+        if self.steps == self.stop:
+            raise _Stop
+
+
+def test_mid_epoch_checkpoints_of_the_stacked_optimizer_resume_bitwise(tmp_path):
+    """checkpoint_every hands the stacked optimizer's state back to each run's optimizer,
+    saves it and stacks it again: training with checkpoints every 4 steps gives bitwise
+    the weights of training without, and a stack stopped at step 9 resumes from its
+    step-8 checkpoint to them too (float32, AdamW, two learning rates)."""
+    data = _blobs(torch.float32)
+    configs = [dataclasses.replace(c, epochs=2, weight_decay=0.05) for c in CONFIGS[:2]]
+    configs.append(dataclasses.replace(configs[0], seed=5))  # two runs share a rate
+
+    def models():
+        return [_model(c.seed, "layer", torch.float32) for c in configs]
+
+    plain = models()
+    fit_stacked(plain, data, configs)
+    every = [dataclasses.replace(c, checkpoint_every=4) for c in configs]
+    checkpointed = models()
+    outs = [tmp_path / "whole" / str(i) for i in range(3)]
+    fit_stacked(checkpointed, data, every, outs=outs)
+    outs = [tmp_path / "stopped" / str(i) for i in range(3)]
+    with pytest.raises(_Stop):
+        fit_stacked(models(), data, every, outs=outs, monitors=[None, _StopAtStep(9), None])
+    assert load_checkpoint(outs[0] / "checkpoint.pt")["global_step"] == 8
+    resumed = models()
+    results = fit_stacked(resumed, data, every, outs=outs)
+    assert all(r.resumed_from_step == 8 for r in results)
+    for a, b, c in zip(plain, checkpointed, resumed):
+        for x, y, z in zip(
+            _tensors(a.state_dict()), _tensors(b.state_dict()), _tensors(c.state_dict())
+        ):
+            assert torch.equal(x, y) and torch.equal(x, z)
