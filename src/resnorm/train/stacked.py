@@ -11,7 +11,11 @@ optimizer and its state, the schedule, the batches, gradient clipping, the evalu
 after every epoch, divergence (a run whose loss is not finite stops; the others go on),
 the run folder, its metrics files and checkpoints (the format of a run trained alone, so
 a run checkpointed stacked resumes alone and the other way round). Batch norm's running
-statistics are per run (the buffers are stacked too).
+statistics are per run (the buffers are stacked too). Two things are batched for speed
+with the same arithmetic per run: the runs' optimizers are stepped as one
+(:class:`~resnorm.train.stacked_optim.StackedOptimizer`, bitwise each run's own step),
+and on the CPU the larger batch norms normalize the runs as one
+(:func:`~resnorm.norms.batch.batch_norm_over_runs`).
 
 What stacking changes is the order of floating-point operations inside the batched
 kernels: a run trained stacked ends with the weights of the same run trained alone to
