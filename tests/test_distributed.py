@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from stopping import StopAt
 from torch import nn
 
 from resnorm import create_model
@@ -396,18 +397,6 @@ class _Stop(Exception):
     pass
 
 
-class _StopAt:
-    """A monitor that interrupts training after its ``at``-th step."""
-
-    def __init__(self, at):
-        self.at, self.count = at, 0
-
-    def step(self, loss):
-        self.count += 1
-        if self.count == self.at:
-            raise _Stop
-
-
 def _worker(rank, store, out):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -455,7 +444,7 @@ def _worker(rank, store, out):
             _config(PER_PROCESS_BATCH, True, checkpoint_every=4),
             out=interrupted,
             progress=False,
-            monitor=_StopAt(6),
+            monitor=StopAt(6, _Stop),
         )
     dist.barrier()
     if rank == 0:
@@ -498,7 +487,9 @@ def two_processes(tmp_path_factory):
     expensive part): a folder of their results."""
     out = tmp_path_factory.mktemp("ddp")
     with pytest.raises(_Stop):  # a 1-process checkpoint (global batch 32) for them to resume
-        _single("batch", torch.float64, out=out / "interrupted-1", every=4, monitor=_StopAt(6))
+        _single(
+            "batch", torch.float64, out=out / "interrupted-1", every=4, monitor=StopAt(6, _Stop)
+        )
     context = mp.start_processes(
         _worker, args=(str(out / "store"), out), nprocs=WORLD, join=False, start_method="spawn"
     )

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from stopping import StopAt
 from torch import nn
 
 from resnorm import create_model
@@ -538,18 +539,6 @@ def test_stacked_runs_crop_and_flip_each_its_own_images_as_alone():
         assert _relative_gap(p, a) > 1e-3
 
 
-class _StopAtStep:
-    """A monitor that stops the training (raises) at its ``stop``-th step."""
-
-    def __init__(self, stop):
-        self.stop, self.steps = stop, 0
-
-    def step(self, loss):
-        self.steps += 1
-        if self.steps == self.stop:
-            raise _Stop
-
-
 def test_mid_epoch_checkpoints_of_the_stacked_optimizer_resume_bitwise(tmp_path):
     """checkpoint_every hands the stacked optimizer's state back to each run's optimizer,
     saves it and stacks it again: training with checkpoints every 4 steps gives bitwise
@@ -570,7 +559,7 @@ def test_mid_epoch_checkpoints_of_the_stacked_optimizer_resume_bitwise(tmp_path)
     fit_stacked(checkpointed, data, every, outs=outs)
     outs = [tmp_path / "stopped" / str(i) for i in range(3)]
     with pytest.raises(_Stop):
-        fit_stacked(models(), data, every, outs=outs, monitors=[None, _StopAtStep(9), None])
+        fit_stacked(models(), data, every, outs=outs, monitors=[None, StopAt(9, _Stop), None])
     assert load_checkpoint(outs[0] / "checkpoint.pt")["global_step"] == 8
     resumed = models()
     results = fit_stacked(resumed, data, every, outs=outs)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from stopping import StopAt
 from torch import nn
 
 from resnorm import create_model
@@ -288,18 +289,6 @@ def test_run_directory_files(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 3
 
 
-class _StopAt:
-    """A monitor that interrupts the run after a given number of steps."""
-
-    def __init__(self, steps):
-        self.steps, self.seen = steps, 0
-
-    def step(self, loss):
-        self.seen += 1
-        if self.seen == self.steps:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("stop_after", [7, 19, 20])  # mid-epoch, and around an epoch's end
 def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, stop_after):
     config = TrainConfig(epochs=3, batch_size=16, checkpoint_every=4, seed=3)
@@ -313,7 +302,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, stop_
             config,
             out=tmp_path / "b",
             progress=False,
-            monitor=_StopAt(stop_after),
+            monitor=StopAt(stop_after),
         )
     resumed_model = _small_model(dropout=0.2)
     resumed = fit(resumed_model, data, config, out=tmp_path / "b", progress=False)
@@ -362,7 +351,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     expected = fit(_small_model(), _blobs(), config, out=tmp_path / "ref", progress=False)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        fit(_small_model(), _blobs(), config, out=run, progress=False, monitor=_StopAt(22))
+        fit(_small_model(), _blobs(), config, out=run, progress=False, monitor=StopAt(22))
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="checkpoint.pt is corrupted or truncated"):
