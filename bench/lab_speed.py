@@ -49,11 +49,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _on(data, device: str):
-    moved = {k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
-    return dataclasses.replace(data, **moved)
-
-
 def _plain_loop(model, data, config: TrainConfig) -> None:
     """What a user writes: AdamW, a shuffled batch at a time, an evaluation each epoch."""
     optimizer = torch.optim.AdamW(
@@ -108,7 +103,7 @@ def _warm_up(name: str, depth: int, norm: str, data, configs, device: str, width
     small = dataclasses.replace(data, x_train=data.x_train[:256], y_train=data.y_train[:256])
     short = [dataclasses.replace(c, epochs=1) for c in configs]
     models = _models(name, depth, norm, [c.seed for c in short], small, device, width)
-    _plain_loop(models[0], _on(small, device), short[0])
+    _plain_loop(models[0], small.to(device), short[0])
     fit(models[0], small, short[0], progress=False)
     fit_stacked(models, small, short)
 
@@ -119,7 +114,7 @@ def _loops(name, depth, norm, data, configs, device, width):
     plain, alone, stacked = (
         _models(name, depth, norm, seeds, data, device, width) for _ in range(3)
     )
-    on_device = _on(data, device)
+    on_device = data.to(device)
 
     def plain_loops() -> None:
         for model, config in zip(plain, configs):

@@ -122,3 +122,16 @@ def test_mnist1d_too_large_for_memory_is_refused_before_generating(monkeypatch):
     # A size that fits still gets as far as generating.
     with pytest.raises(AssertionError, match="started generating"):
         load_mnist1d(1_000_000, cache=False)
+
+
+def test_a_split_moves_to_a_device_whole_and_stays_put_where_it_is():
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    split = DataSplit("tiny", x[:4], y[:4], x[4:], y[4:], 3, "about")
+    same = split.to("cpu")
+    assert same.x_train is split.x_train and same.y_test is split.y_test  # no copy
+    moved = split.to("meta")
+    assert {t.device.type for t in (moved.x_train, moved.y_train, moved.x_test, moved.y_test)} == {
+        "meta"
+    }
+    assert (moved.name, moved.num_classes, moved.description) == ("tiny", 3, "about")
+    assert split.x_train.device.type == "cpu"

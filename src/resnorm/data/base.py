@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,11 @@ class DataSplit:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> DataSplit:
+        """The same data set with its tensors on ``device`` (itself where they are)."""
+        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+        return replace(self, **moved)
 
     def summary(self) -> str:
         """One line: name, sizes, sample shape and classes."""

@@ -34,8 +34,8 @@ batching rule) is found on the first step and its runs train alone, with a warni
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import math
 import time
 import warnings
@@ -147,10 +147,7 @@ def fit_stacked(
         raise UsageError(f"these {len(models)} runs cannot be trained stacked: {refusal}")
     with intra_op_threads(configs[0].threads):
         device = resolve_device(configs[0].device)
-        shared = {
-            k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")
-        }
-        data = dataclasses.replace(data, **shared)  # one copy on the device for all the runs
+        data = data.to(device)  # one copy on the device for all the runs
         trainers = [
             _Trainer(m, data, c, device, o, monitor, meta)
             for m, c, o, monitor, meta in zip(models, configs, outs, monitors, metas)
@@ -268,22 +265,19 @@ class _Stack:
                     stacked.requires_grad_(members[0].requires_grad)
                 store[name] = stacked
                 self.members[(kind, name)] = members
-        self.optimizer = StackedOptimizer.build(
-            [t.optimizer for t in trainers], self._own_params(), self.params
-        )
-
-    def _own_params(self) -> list[dict[str, torch.Tensor]]:
-        """Each active run's parameters, by name."""
-        return [
+        own_params = [
             {name: self.members[("param", name)][i] for name in self.param_names}
-            for i in range(len(self.active))
+            for i in range(len(trainers))
         ]
+        self.optimizer = StackedOptimizer.build(
+            [t.optimizer for t in trainers], own_params, self.params
+        )
 
     def _release_optimizer(self) -> None:
         """Each run's optimizer state back in its own optimizer (stepped run by run from
         now on, until :meth:`_set_active` stacks it again)."""
         if self.optimizer is not None:
-            self.optimizer.release(self._own_params())
+            self.optimizer.release()
             self.optimizer = None
 
     def _release(self) -> None:
@@ -361,13 +355,12 @@ class _Stack:
         all runs' optimizers as one (:class:`StackedOptimizer`) when every loss is finite
         and they can be, else run by run."""
         self.grads_handed_out = False
-        if (
-            self.optimizer is None
-            or not all(finite)
-            or any(t.monitor is not None or t.config.grad_clip is not None for t in self.active)
+        as_one = self.optimizer is not None and all(finite)
+        if not as_one or any(
+            t.monitor is not None or t.config.grad_clip is not None for t in self.active
         ):
             self._hand_out_gradients()
-        if self.optimizer is None or not all(finite):
+        if not as_one:
             self._release_optimizer()  # a diverged run leaves the stack after this step
             for trainer, ok in zip(self.active, finite):
                 if ok:
@@ -377,15 +370,14 @@ class _Stack:
             if trainer.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
         self.optimizer.step()
-        if self.schedulers_started:
-            for trainer in self.active:
-                trainer.advance()
-            return
-        with warnings.catch_warnings():
-            # A scheduler's first step checks that its optimizer stepped; it cannot see
-            # the stacked step, which did. (Only then: catch_warnings resets the registry
-            # of warnings already shown.)
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        # A scheduler's first step checks that its optimizer stepped; it cannot see the
+        # stacked step, which did. Silenced on the first step only: catch_warnings resets
+        # the registry of warnings already shown.
+        with contextlib.nullcontext() if self.schedulers_started else warnings.catch_warnings():
+            if not self.schedulers_started:
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
             for trainer in self.active:
                 trainer.advance()
         self.schedulers_started = True

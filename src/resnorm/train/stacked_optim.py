@@ -41,8 +41,9 @@ class StackedOptimizer:
     ``g`` (equal hyper-parameters); their learning rate is read, each step, from the
     group's first run, whose scheduler has set it."""
 
-    def __init__(self, optimizers, layout, stacked, rows, state, steps) -> None:
-        self.optimizers, self.layout, self.stacked = optimizers, layout, stacked
+    def __init__(self, optimizers, params, layout, stacked, rows, state, steps) -> None:
+        self.optimizers, self.params = optimizers, params
+        self.layout, self.stacked = layout, stacked
         self.rows, self.state, self.steps = rows, state, steps
         self.kind = type(optimizers[0])
         self.stepped = False  # until then the runs' own states are still theirs
@@ -92,7 +93,7 @@ class StackedOptimizer:
                     else first.detach().clone()
                     for _ in rows
                 ]
-        return cls(list(optimizers), layout, stacked, rows, state, steps)
+        return cls(list(optimizers), list(params), layout, stacked, rows, state, steps)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -154,9 +155,8 @@ class StackedOptimizer:
             self._views[key] = views
         return self._views[key]
 
-    def release(self, params: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Write each run's state back into its own optimizer, in storage of its own
-        (``params[i]``: run ``i``'s parameters by name, as given to :meth:`build`). Only
+    def release(self) -> None:
+        """Write each run's state back into its own optimizer, in storage of its own. Only
         parameters that have been stepped get a state, as ``step()`` would give them."""
         if not self.stepped:
             return
@@ -165,7 +165,7 @@ class StackedOptimizer:
                 for name, keys in self.state.items():
                     if self.kind is torch.optim.AdamW and not float(self.steps[name][g]):
                         continue  # never stepped: no state, as torch.optim leaves it
-                    own = self.optimizers[i].state[params[i][name]]
+                    own = self.optimizers[i].state[self.params[i][name]]
                     for key, tensor in keys.items():
                         own[key] = tensor[i].clone()
                     if self.kind is torch.optim.AdamW:
@@ -222,7 +222,7 @@ def _layout(optimizers, params) -> list[list[str]] | None:
     return layout
 
 
-def _row_groups(keys: list[tuple]) -> list[slice] | None:
+def _row_groups(keys: list[tuple]) -> list[slice]:
     """Adjacent runs with equal keys, as row slices."""
     rows, start = [], 0
     for i in range(1, len(keys) + 1):

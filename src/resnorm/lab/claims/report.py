@@ -263,14 +263,12 @@ def _write_figures(claims: list[dict], figdir: Path, pool=None) -> list[list[dic
         drawn.append([])
         for figure in map(_dict, _list(claim.get("figures"))):
             name = _file_name(_text(figure.get("name")) or f"claim-{claim.get('id')}", used)
+            entry = {"name": name, "title": _text(figure.get("title")) or name}
             args = (figure, str(figdir), name)
-            pending.append((_submit(pool, args) if pool else None, args))
-            drawn[-1].append({"name": name, "title": _text(figure.get("title")) or name})
-    pngs = iter(pending)
-    for row in drawn:
-        for entry in row:
-            future, args = next(pngs)
-            entry["png"] = _result(future, args)
+            pending.append((entry, _submit(pool, args) if pool else None, args))
+            drawn[-1].append(entry)
+    for entry, future, args in pending:  # all submitted first, then collected
+        entry["png"] = _result(future, args)
     return drawn
 
 
