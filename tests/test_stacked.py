@@ -340,6 +340,31 @@ def test_a_model_vmap_cannot_batch_trains_alone_with_a_warning():
         assert _relative_gap(model, alone) == 0.0  # trained by fit itself
 
 
+def _cumulative_bn(seed):
+    """torch's batch norm with momentum=None (a cumulative average): it reads its batch
+    count as a Python number, which vmap cannot, after counting the batch in place."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16, momentum=None), nn.ReLU(), nn.Linear(16, 3)
+    ).double()
+
+
+def test_a_step_vmap_fails_leaves_no_trace_on_the_runs_trained_alone_after_it():
+    """The failed stacked step had counted a batch in every run's num_batches_tracked;
+    the runs then trained alone must not start from that count."""
+    data = _blobs()
+    solo = [_cumulative_bn(c.seed) for c in CONFIGS]
+    for model, config in zip(solo, CONFIGS):
+        fit(model, data, config, progress=False)
+    models = [_cumulative_bn(c.seed) for c in CONFIGS]
+    with pytest.warns(UserWarning, match="not stacked"):
+        results = fit_stacked(models, data, CONFIGS)
+    assert [r.stacked_with for r in results] == [1, 1, 1]
+    for model, alone in zip(models, solo):
+        for (name, a), b in zip(model.state_dict().items(), alone.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
 STUDY = """
 name = "tiny"
 dataset = "mnist1d"

@@ -426,11 +426,16 @@ class _Stack:
             ]
             steps = len(epoch_batches[0])
             for k in range(self.active[0].step_in_epoch, steps):
+                # The forward of a step vmap cannot batch may have updated buffers in
+                # place before failing (batch norm counts its batch first): kept to undo.
+                before = {n: b.clone() for n, b in self.buffers.items()} if first_step else {}
                 try:
                     taken = self.step([batches[k] for batches in epoch_batches])
                 except Exception as exc:  # noqa: BLE001 - only before any step was taken
                     if not first_step:
                         raise
+                    for name, buffer in before.items():
+                        self.buffers[name].copy_(buffer)
                     return self._train_alone(exc, on_epoch)
                 first_step = False
                 self._account(taken, k, steps)
