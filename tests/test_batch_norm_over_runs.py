@@ -4,12 +4,14 @@ fit_stacked calls). Outside vmap it is F.batch_norm (float64 gradcheck, and equa
 torch function); under vmap it equals torch's own vmap of F.batch_norm and a loop over the
 runs, in outputs, gradients and the running statistics updated in place."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from resnorm.norms import BatchNorm
+from resnorm.norms import BatchNorm, convert_torch_batchnorm
 from resnorm.norms.batch import OVER_RUNS_MIN_ELEMENTS, batch_norm_over_runs
 
 SHAPES = [(6, 4), (6, 4, 5), (5, 3, 4, 4)]
@@ -116,3 +118,45 @@ def test_the_batch_norm_layer_routes_to_it_for_many_runs_on_the_cpu():
         )
         assert ("BatchNormOverRuns" in outs[1].grad_fn.name()) == routed
         assert "BatchNormOverRuns" not in outs[0].grad_fn.name()
+
+
+class _OwnForward(torch.nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_convert_torch_batchnorm_keeps_the_tensors_and_the_torch_layers_results():
+    """torch.nn.BatchNorm1d/2d/3d become resnorm's BatchNorm holding the same tensors;
+    outputs, gradients and running statistics equal the torch layer's in float64, in
+    training and in eval; a subclass with its own forward is left; (N, C) inputs of the
+    converted layers keep torch's vmap rule (over_runs_2d)."""
+    torch.manual_seed(0)
+    cases = [
+        (torch.nn.BatchNorm1d(4), (8, 4)),
+        (torch.nn.BatchNorm1d(4, momentum=None), (8, 4, 5)),
+        (torch.nn.BatchNorm2d(4, affine=False), (8, 4, 3, 3)),
+        (torch.nn.BatchNorm3d(4, track_running_stats=False), (8, 4, 2, 3, 3)),
+    ]
+    for layer, shape in cases:
+        twin = copy.deepcopy(layer).double()
+        model = torch.nn.Sequential(torch.nn.Identity(), copy.deepcopy(twin))
+        tensors = [*model[1].parameters(), *model[1].buffers()]
+        converted = convert_torch_batchnorm(model)
+        assert converted is model and type(model[1]) is BatchNorm
+        assert model[1].over_runs_2d is False and BatchNorm(4).over_runs_2d is True
+        assert all(a is b for a, b in zip([*model[1].parameters(), *model[1].buffers()], tensors))
+        for training in (True, True, False):
+            model.train(training), twin.train(training)
+            x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+            x_twin = x.detach().clone().requires_grad_()
+            y, y_twin = model(x), twin(x_twin)
+            y.pow(3).sum().backward(), y_twin.pow(3).sum().backward()
+            assert torch.equal(y, y_twin) and torch.equal(x.grad, x_twin.grad)
+            for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+                assert torch.equal(a, b)
+    own = _OwnForward(4)
+    assert convert_torch_batchnorm(own) is own and type(own) is _OwnForward
+    root = torch.nn.BatchNorm2d(3)
+    assert type(convert_torch_batchnorm(root)) is BatchNorm and type(root) is torch.nn.BatchNorm2d
+    with pytest.raises(TypeError, match="module must be an nn.Module, got str"):
+        convert_torch_batchnorm("bn")

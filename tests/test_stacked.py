@@ -120,6 +120,45 @@ def test_stacked_batch_norm_over_runs_equals_the_runs_trained_alone(monkeypatch)
         _assert_rows_close(_rows(result), _rows(solo_result), 1e-6)
 
 
+def _torch_norms_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (2, 4)),
+        nn.Conv1d(2, 4, 3, padding=1),
+        nn.BatchNorm1d(4),  # (N, C, L): over the runs
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 8),
+        nn.BatchNorm1d(8),  # (N, C): torch's own vmap rule
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).double()
+
+
+def test_torch_nn_batch_norms_with_positions_normalize_the_stacked_runs_as_one(monkeypatch):
+    """A model of torch.nn layers: fit_stacked's copy converts its batch norms, and those
+    with positions go through batch_norm_over_runs (threshold lowered to 0); the runs end
+    as trained alone (float64, 1e-6 as above) and the user's models keep their classes."""
+    from resnorm.norms import batch
+
+    calls = []
+    over_runs = batch.batch_norm_over_runs
+    monkeypatch.setattr(batch, "OVER_RUNS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(batch, "batch_norm_over_runs", lambda *a: calls.append(1) or over_runs(*a))
+    data = _blobs()
+    alone = [_torch_norms_model(c.seed) for c in CONFIGS]
+    for model, config in zip(alone, CONFIGS):
+        fit(model, data, config, progress=False)
+    models = [_torch_norms_model(c.seed) for c in CONFIGS]
+    results = fit_stacked(models, data, CONFIGS)
+    assert len(calls) == 1 * 3 * 6  # the (N, C, L) norm only, 3 epochs of 6 steps
+    assert [r.stacked_with for r in results] == [3, 3, 3]
+    for model, solo in zip(models, alone):
+        assert [type(m) for m in model] == [type(m) for m in solo]
+        assert type(model[2]) is nn.BatchNorm1d
+        assert _relative_gap(model, solo) < 1e-6
+
+
 def _trained_float32(norm, configs, data, stacked):
     models = [_model(c.seed, norm, dtype=torch.float32) for c in configs]
     if stacked:

@@ -21,7 +21,13 @@ from .factory import (
 from .fused import FusedAddLayerNorm, FusedAddRMSNorm
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, LayerNorm2d, RMSNorm
-from .sync_batch import SyncBatchNorm, convert_sync_batchnorm, has_batch_norm, revert_sync_batchnorm
+from .sync_batch import (
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    convert_torch_batchnorm,
+    has_batch_norm,
+    revert_sync_batchnorm,
+)
 
 __all__ = [
     "BatchNorm",
@@ -42,6 +48,7 @@ __all__ = [
     "RunningStatsNorm",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "convert_torch_batchnorm",
     "default_num_groups",
     "has_batch_norm",
     "make_norm",

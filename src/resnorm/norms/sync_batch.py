@@ -300,6 +300,33 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def convert_torch_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by resnorm's
+    :class:`BatchNorm` with torch's convention, in place, and return the module (a new one
+    only when ``module`` itself is one). The same parameter and buffer tensors, options,
+    training flag, hooks and attributes are kept, as :func:`convert_sync_batchnorm` keeps
+    them; the outputs, gradients and running statistics are the torch layer's. A subclass
+    with a ``forward()`` of its own is left as it is.
+
+    :func:`resnorm.train.fit_stacked` does it to its own copy of the model, so that the
+    batch norms of any model, not only resnorm's, normalize the stacked runs as one on the
+    CPU (:func:`resnorm.norms.batch.batch_norm_over_runs`): inputs with positions, (N, C,
+    L) or (N, C, H, W), only (``over_runs_2d=False``: for (N, C) torch's rule measured
+    faster in plain Linear-BatchNorm1d stacks)."""
+    if not isinstance(module, nn.Module):
+        raise UsageTypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if (
+        isinstance(module, _TORCH_BATCH_NORMS)
+        and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+    ):
+        return _retyped(module, BatchNorm, convention="torch", channel_dim=1, over_runs_2d=False)
+    for name, child in module.named_children():
+        converted = convert_torch_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 def has_batch_norm(module: nn.Module) -> bool:
     """Whether ``module`` holds a batch norm that :func:`convert_sync_batchnorm` converts
     (or one already synchronized)."""

@@ -14,7 +14,8 @@ a run checkpointed stacked resumes alone and the other way round). Batch norm's 
 statistics are per run (the buffers are stacked too). Two things are batched for speed
 with the same arithmetic per run: the runs' optimizers are stepped as one
 (:class:`~resnorm.train.stacked_optim.StackedOptimizer`, bitwise each run's own step),
-and on the CPU the larger batch norms normalize the runs as one
+and on the CPU the larger batch norms (resnorm's, and torch.nn's, which the stacked copy
+of the model converts) normalize the runs as one
 (:func:`~resnorm.norms.batch.batch_norm_over_runs`).
 
 What stacking changes is the order of floating-point operations inside the batched
@@ -49,7 +50,7 @@ from torch.func import functional_call, vmap
 from ..blocks import DropPath
 from ..data import DataSplit
 from ..errors import UsageError
-from ..norms import BatchNorm
+from ..norms import BatchNorm, convert_torch_batchnorm
 from .batches import _batches
 from .config import TrainConfig
 from .distributed import world
@@ -229,7 +230,8 @@ class _Stack:
         self.everyone = everyone  # for the run numbers on_epoch reports
         # Runs of equal hyper-parameters adjacent: one optimizer call steps them all.
         trainers = sorted(trainers, key=lambda t: hyper_key(t.optimizer))
-        self.skeleton = copy.deepcopy(trainers[0].model).to("meta")
+        # torch.nn's batch norms as resnorm's: on the CPU they normalize the runs as one.
+        self.skeleton = convert_torch_batchnorm(copy.deepcopy(trainers[0].model).to("meta"))
         self.param_names = [name for name, _ in trainers[0].model.named_parameters()]
         self.buffer_names = [name for name, _ in trainers[0].model.named_buffers()]
         first = trainers[0].config
