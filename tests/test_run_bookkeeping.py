@@ -527,3 +527,26 @@ def test_provenance_names_the_command_the_user_typed(monkeypatch):
     assert command_line() == "resnorm lab --quick"
     monkeypatch.setenv("RESNORM_COMMAND", "resnorm train --nproc 2")  # set by the launcher
     assert command_line() == "resnorm train --nproc 2"
+
+
+def test_provenance_names_the_cpu_and_the_kernels_torch_uses(monkeypatch):
+    """The CPU and torch's vector instructions decide the rounding of a run, so a result
+    on the edge of a verdict can be traced to the machine that made it."""
+    import builtins
+
+    from resnorm.train.run import cpu_model, provenance
+
+    machine = provenance("cpu")["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu"] == cpu_model() and machine["cpu"]
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert cpu_model() == "x86_64"

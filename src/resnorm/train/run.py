@@ -157,6 +157,18 @@ def command_line() -> str:
     return " ".join([name, shlex.join(sys.argv[1:])]).strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(device=None) -> dict:
     """How and where something was made: the command line, versions, date and machine."""
     from .. import __version__
@@ -164,6 +176,10 @@ def provenance(device=None) -> dict:
     machine = {
         "hostname": platform.node(),
         "platform": platform.platform(),
+        # The CPU and the vector instructions torch's kernels use: they decide the order
+        # of float operations, so results that rounding moves can differ between machines.
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
