@@ -228,13 +228,19 @@ def _retyped(module: nn.Module, cls: type, **attributes) -> nn.Module:
     return new
 
 
+def _torch_forward(module: nn.Module) -> bool:
+    """Whether a torch.nn batch norm runs torch's own forward (a subclass may have its own,
+    which a conversion would lose)."""
+    return type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
 def _convertible(module: nn.Module) -> bool:
     if isinstance(module, SyncBatchNorm):
         return False
     if isinstance(module, BatchNorm):
         return True
     if isinstance(module, _TORCH_BATCH_NORMS):
-        if type(module).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        if not _torch_forward(module):
             raise UsageTypeError(
                 f"cannot synchronize {type(module).__name__}: it subclasses "
                 f"{type(module).__mro__[1].__name__} with a forward() of its own, which would "
@@ -315,10 +321,7 @@ def convert_torch_batchnorm(module: nn.Module) -> nn.Module:
     faster in plain Linear-BatchNorm1d stacks)."""
     if not isinstance(module, nn.Module):
         raise UsageTypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if (
-        isinstance(module, _TORCH_BATCH_NORMS)
-        and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
-    ):
+    if isinstance(module, _TORCH_BATCH_NORMS) and _torch_forward(module):
         return _retyped(module, BatchNorm, convention="torch", channel_dim=1, over_runs_2d=False)
     for name, child in module.named_children():
         converted = convert_torch_batchnorm(child)
